@@ -1,0 +1,46 @@
+# Every target sets up what it needs: the virtualenv, the Python packages and the Debian tools.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+SYSDEPS := mosquitto=mosquitto mosquitto_sub=mosquitto-clients
+
+.DEFAULT_GOAL := help
+.PHONY: help sim test bench soak fuzz lint sysdeps venv clean
+
+help: ## Show this help
+	@echo "SOS devices: firmware, simulator and control centre"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+sim: venv sysdeps ## Simulate a paramedic SOS and a pillar SOS end to end, print the timeline
+	$(VENV)/bin/sos-sim run paramedic-sos
+	$(VENV)/bin/sos-sim run pillar-sos
+
+test: venv sysdeps ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins)
+	$(PY) -m pytest -q
+
+bench: venv sysdeps ## Benchmarks: SOS trigger -> stored latency beside the raw MQTT floor
+	$(PY) -m bench
+
+soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
+	$(PY) -m pytest -q -m slow
+
+fuzz: soak ## Alias of soak: the long randomised runs
+
+lint: venv ## ruff check
+	$(VENV)/bin/ruff check .
+
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto)
+	@scripts/ensure-system-deps $(SYSDEPS)
+
+venv: $(STAMP) ## Create .venv and install the project with its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,126 @@
+"""`sos-center`: run the control centre and act as its operator from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict
+
+from control_center.config import CenterConfig, load_center_config
+from control_center.console import alert_line, record_line
+from control_center.service import CenterEvent, CenterService, CommandError
+from control_center.store import AmbiguousAlertId, Store
+from protocol.configfile import ConfigError
+
+DEFAULT_CONFIG = os.environ.get("SOS_CENTER_CONFIG", "/etc/sos-center/center.toml")
+
+
+def _print_event(event: CenterEvent) -> None:
+    m = event.message
+    if event.kind == "alert" and event.new:
+        print(alert_line(m), flush=True)
+    elif event.kind == "event" and event.new:
+        detail = m.get("reason") or m.get("command_id", "")[:8]
+        print(f"    {m['alert_id'][:8]} {event.device_id}: {m['type']} {detail}", flush=True)
+    elif event.kind == "status" and m["state"] == "offline":
+        print(f"OFFLINE {event.device_id}: the device vanished (last will)", flush=True)
+
+
+def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
+    store = Store(config.db)
+    service = CenterService(config.broker, store, client_id=config.client_id,
+                            group=config.group, on_event=_print_event)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start(wait_s=None)
+    print(f"sos-center serving: broker {config.broker.host}:{config.broker.port}, "
+          f"store {config.db}; Ctrl-C stops", flush=True)
+    stop.wait()
+    service.stop()
+    store.close()
+    return 0
+
+
+def cmd_alerts(config: CenterConfig, args: argparse.Namespace) -> int:
+    store = Store(config.db)
+    records = store.alerts(open_only=not args.all)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2))
+    elif not records:
+        print("no open alerts" if not args.all else "no alerts")
+    else:
+        for record in records:
+            print(record_line(record))
+    return 0
+
+
+def cmd_decide(config: CenterConfig, args: argparse.Namespace) -> int:
+    store = Store(config.db)
+    try:
+        alert_id = store.resolve_alert_id(args.alert_id)
+    except AmbiguousAlertId as exc:
+        print(f"error: {exc}; type more of it", file=sys.stderr)
+        return 2
+    if alert_id is None:
+        print(f"error: no alert '{args.alert_id}' (see: sos-center alerts)", file=sys.stderr)
+        return 2
+    service = CenterService(config.broker, store, client_id=f"{config.client_id}-cli-{os.getpid()}",
+                            consume=False)
+    try:
+        service.start()
+        service.send_command(alert_id, args.command, args.operator or config.operator)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        service.stop()
+    verb = "acknowledged" if args.command == "ack" else "closed"
+    print(f"{alert_id[:8]} {verb}; the device is told")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sos-center",
+        description="The SOS control centre: receive alerts from tokens and pillars, store them, "
+                    "and send the operator's acknowledgement and close back to the device.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="centre config TOML (default: $SOS_CENTER_CONFIG or %(default)s)")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="consume alerts and print one line per new alert, until Ctrl-C")
+    alerts = sub.add_parser("alerts", help="list open alerts (oldest first)")
+    alerts.add_argument("--all", action="store_true", help="include closed alerts")
+    alerts.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (("ack", "acknowledge an alert: the device shows that help is coming"),
+                       ("close", "close an alert: the device stops its SOS")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("alert_id", metavar="ID", help="alert id or a unique prefix of it")
+        p.add_argument("--operator", help="operator name to record (default: from the config)")
+        p.set_defaults(command=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_center_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    handlers = {"serve": cmd_serve, "alerts": cmd_alerts, "ack": cmd_decide,
+                "close": cmd_decide}
+    return handlers[args.action](config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

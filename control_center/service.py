@@ -1,0 +1,158 @@
+"""The control centre's MQTT side: consume alerts, updates and status; send operators' commands.
+
+Alerts, positions and events arrive through an MQTT 5 shared subscription
+(`$share/<group>/...`), so several centre instances split the load; status is subscribed by every
+instance so each knows who is online. The session is persistent (clean_start False plus a session
+expiry), so the broker queues what arrives while the centre restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from control_center.store import Store
+from protocol import MessageKind, ProtocolError, Topics, decode, encode, new_id, utc_iso
+from protocol.mqtt import BrokerConfig, make_client, session_properties
+from protocol.topics import all_devices, parse_device_topic
+
+log = logging.getLogger("sos.center")
+
+SHARED = ("alert", "position", "event")
+
+
+class CommandError(RuntimeError):
+    """The command could not be delivered to the broker; the text says why."""
+
+
+@dataclass(frozen=True)
+class CenterEvent:
+    """What the centre just learnt, for the console or an automatic operator."""
+
+    kind: str  # "alert" | "position" | "event" | "status"
+    device_id: str
+    message: dict[str, Any]
+    new: bool
+
+
+class CenterService:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        store: Store,
+        *,
+        client_id: str = "sos-center-1",
+        group: str = "sos-center",
+        on_event: Callable[[CenterEvent], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        consume: bool = True,
+    ) -> None:
+        """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
+        nothing and keeps no session, so it never takes alerts away from the serving instances."""
+        self.store = store
+        self._consume = consume
+        self._group = group
+        self._clock = clock
+        self._on_event = on_event or (lambda event: None)
+        self._ready = threading.Event()
+        self._client = make_client(client_id, broker)
+        self._client.on_connect = self._handle_connect
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_message = self._handle_message
+        self._broker = broker
+
+    def start(self, wait_s: float | None = 10.0) -> None:
+        """Connect in the background; wait until subscribed (or connected) if asked."""
+        self._client.connect_async(
+            self._broker.host, self._broker.port, keepalive=self._broker.keepalive_s,
+            clean_start=not self._consume,
+            properties=session_properties() if self._consume else None,
+        )
+        self._client.loop_start()
+        if wait_s is not None and not self._ready.wait(wait_s):
+            self.stop()
+            raise CommandError(f"could not reach the broker at {self._broker.host}:"
+                               f"{self._broker.port} within {wait_s:.0f} s")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- commands --------------------------------------------------------------------------------
+    def send_command(self, alert_id: str, decision: str, operator: str,
+                     timeout_s: float = 10.0) -> dict[str, Any]:
+        """Send `ack` or `close` for an alert to its device; record it once the broker has it."""
+        alert = self.store.alert(alert_id)
+        if alert is None:
+            raise CommandError(f"no alert {alert_id}")
+        command = {
+            "v": 1,
+            "command_id": new_id(),
+            "type": decision,
+            "alert_id": alert_id,
+            "issued_at": utc_iso(datetime.now(UTC)),
+            "operator": operator,
+        }
+        payload = encode(MessageKind.COMMAND, command)
+        self.store.add_command(command, alert.device_id)
+        info = self._client.publish(Topics(alert.device_id).command, payload, qos=1)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise CommandError(f"broker did not take the {decision}: {exc}") from None
+        if not info.is_published():
+            raise CommandError(f"broker did not acknowledge the {decision} within {timeout_s} s")
+        self.store.mark(alert_id, decision, operator, self._clock())
+        return command
+
+    # -- paho callbacks --------------------------------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the centre's connection: %s", reason_code)
+            return
+        if not self._consume:
+            self._ready.set()
+            return
+        topics = [(f"$share/{self._group}/{all_devices(leaf)}", 1) for leaf in SHARED]
+        topics.append((all_devices("status"), 1))
+        client.subscribe(topics)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("broker refused the centre's subscriptions: %s", ", ".join(failed))
+            return
+        self._ready.set()
+
+    def _handle_message(self, client, userdata, message) -> None:
+        parsed = parse_device_topic(message.topic)
+        if parsed is None:
+            log.warning("ignored a message on unexpected topic %s", message.topic)
+            return
+        device_id, kind = parsed
+        try:
+            body = decode(kind, bytes(message.payload))
+        except ProtocolError as exc:
+            log.error("rejected message from %s on %s: %s", device_id, message.topic, exc)
+            return
+        if body["device_id"] != device_id:
+            log.error("rejected message on %s: it claims to come from %s", message.topic,
+                      body["device_id"])
+            return
+        now = self._clock()
+        match kind:
+            case MessageKind.ALERT:
+                new = self.store.add_alert(body, now)
+                self._on_event(CenterEvent("alert", device_id, body, new))
+            case MessageKind.POSITION | MessageKind.EVENT:
+                leaf = "position" if kind is MessageKind.POSITION else "event"
+                new = self.store.add_update(leaf, body, now)
+                self._on_event(CenterEvent(leaf, device_id, body, new))
+            case MessageKind.STATUS:
+                self.store.set_device_status(device_id, body, now)
+                self._on_event(CenterEvent("status", device_id, body, True))

@@ -1,0 +1,255 @@
+"""The control centre's record: alerts, their updates, devices and operator commands, in SQLite.
+
+De-duplication: an alert is stored once per `alert_id`; updates and events once per
+(device_id, seq). A re-delivered message (a device that crashed before its PUBACK, a broker
+redelivery) only increments `alerts.duplicates`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id       TEXT PRIMARY KEY,
+    device_id      TEXT NOT NULL,
+    device_kind    TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    trigger        TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    position       TEXT NOT NULL,
+    battery        TEXT,
+    stored_at      REAL NOT NULL,
+    status         TEXT NOT NULL DEFAULT 'open',
+    device_offline INTEGER NOT NULL DEFAULT 0,
+    cancel_requested_at TEXT,
+    acked_at       REAL,
+    acked_by       TEXT,
+    closed_at      REAL,
+    closed_by      TEXT,
+    duplicates     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS updates (
+    device_id   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    alert_id    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    stored_at   REAL NOT NULL,
+    body        TEXT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS updates_by_alert ON updates(alert_id);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id   TEXT PRIMARY KEY,
+    device_kind TEXT,
+    state       TEXT NOT NULL,
+    last_seen   REAL NOT NULL,
+    status      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commands (
+    command_id  TEXT PRIMARY KEY,
+    alert_id    TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    operator    TEXT NOT NULL,
+    issued_at   TEXT NOT NULL,
+    result      TEXT,
+    result_at   REAL
+);
+"""
+
+ALERT_COLUMNS = (
+    "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
+    "stored_at", "status", "device_offline", "cancel_requested_at", "acked_at", "acked_by",
+    "closed_at", "closed_by", "duplicates",
+)
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    alert_id: str
+    device_id: str
+    device_kind: str
+    seq: int
+    trigger: str
+    created_at: str
+    position: dict[str, Any]
+    battery: dict[str, Any] | None
+    stored_at: float
+    status: str
+    device_offline: bool
+    cancel_requested_at: str | None
+    acked_at: float | None
+    acked_by: str | None
+    closed_at: float | None
+    closed_by: str | None
+    duplicates: int
+
+    @classmethod
+    def from_row(cls, row: tuple) -> AlertRecord:
+        values = dict(zip(ALERT_COLUMNS, row, strict=True))
+        values["position"] = json.loads(values["position"])
+        values["battery"] = json.loads(values["battery"]) if values["battery"] else None
+        values["device_offline"] = bool(values["device_offline"])
+        return cls(**values)
+
+
+class AmbiguousAlertId(LookupError):
+    pass
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writes from devices ---------------------------------------------------------------------
+    def add_alert(self, alert: dict[str, Any], stored_at: float) -> bool:
+        """Store a new alert; False (and a duplicate counted) if this alert id is known."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO alerts(alert_id, device_id, device_kind, seq, trigger, "
+                "created_at, position, battery, stored_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (alert["alert_id"], alert["device_id"], alert["device_kind"], alert["seq"],
+                 alert["trigger"], alert["created_at"], json.dumps(alert["position"]),
+                 json.dumps(alert["battery"]) if alert["battery"] is not None else None,
+                 stored_at),
+            )
+            if cur.rowcount == 1:
+                return True
+            self._db.execute("UPDATE alerts SET duplicates = duplicates + 1 WHERE alert_id = ?",
+                             (alert["alert_id"],))
+            return False
+
+    def add_update(self, kind: str, message: dict[str, Any], stored_at: float) -> bool:
+        """Store a position update or an event; False if this (device, seq) was seen before."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO updates(device_id, seq, alert_id, kind, created_at, "
+                "stored_at, body) VALUES (?,?,?,?,?,?,?)",
+                (message["device_id"], message["seq"], message["alert_id"], kind,
+                 message["created_at"], stored_at, json.dumps(message, sort_keys=True)),
+            )
+            if cur.rowcount != 1:
+                return False
+            if kind == "event" and message["type"] == "cancel_requested":
+                self._db.execute("UPDATE alerts SET cancel_requested_at = ? WHERE alert_id = ?",
+                                 (message["created_at"], message["alert_id"]))
+            if kind == "event" and message["type"] in ("command_applied", "command_rejected"):
+                self._db.execute(
+                    "UPDATE commands SET result = ?, result_at = ? WHERE command_id = ?",
+                    (message["type"], stored_at, message["command_id"]),
+                )
+            return True
+
+    def set_device_status(self, device_id: str, status: dict[str, Any], seen_at: float) -> None:
+        """Record online/offline; an offline device's open alerts are flagged for the operator."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices(device_id, device_kind, state, last_seen, status) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                "device_kind = coalesce(excluded.device_kind, devices.device_kind), "
+                "state = excluded.state, last_seen = excluded.last_seen, status = excluded.status",
+                (device_id, status.get("device_kind"), status["state"], seen_at,
+                 json.dumps(status, sort_keys=True)),
+            )
+            self._db.execute(
+                "UPDATE alerts SET device_offline = ? WHERE device_id = ? AND status != 'closed'",
+                (1 if status["state"] == "offline" else 0, device_id),
+            )
+
+    # -- operator decisions ----------------------------------------------------------------------
+    def add_command(self, command: dict[str, Any], device_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO commands(command_id, alert_id, device_id, type, operator, issued_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (command["command_id"], command["alert_id"], device_id, command["type"],
+                 command["operator"], command["issued_at"]),
+            )
+
+    def mark(self, alert_id: str, decision: str, operator: str, at: float) -> None:
+        """Record an operator's ack or close once the broker has accepted the command."""
+        with self._lock:
+            if decision == "ack":
+                self._db.execute(
+                    "UPDATE alerts SET status = CASE status WHEN 'open' THEN 'acknowledged' "
+                    "ELSE status END, acked_at = coalesce(acked_at, ?), "
+                    "acked_by = coalesce(acked_by, ?) WHERE alert_id = ?",
+                    (at, operator, alert_id),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE alerts SET status = 'closed', closed_at = ?, closed_by = ? "
+                    "WHERE alert_id = ?",
+                    (at, operator, alert_id),
+                )
+
+    # -- reads -----------------------------------------------------------------------------------
+    def alert(self, alert_id: str) -> AlertRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE alert_id = ?", (alert_id,)
+            ).fetchone()
+        return AlertRecord.from_row(row) if row else None
+
+    def resolve_alert_id(self, prefix: str) -> str | None:
+        """Operators type the first few characters of an id; refuse an ambiguous prefix."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT alert_id FROM alerts WHERE alert_id LIKE ? || '%' LIMIT 2",
+                (prefix.lower(),),
+            ).fetchall()
+        if len(rows) > 1:
+            raise AmbiguousAlertId(f"alert id prefix '{prefix}' matches more than one alert")
+        return rows[0][0] if rows else None
+
+    def alerts(self, *, open_only: bool = True) -> list[AlertRecord]:
+        where = "WHERE status != 'closed'" if open_only else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts {where} ORDER BY stored_at"
+            ).fetchall()
+        return [AlertRecord.from_row(r) for r in rows]
+
+    def updates(self, alert_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, body, stored_at FROM updates WHERE alert_id = ? ORDER BY seq",
+                (alert_id,),
+            ).fetchall()
+        return [{"kind": k, "stored_at": t, **json.loads(b)} for k, b, t in rows]
+
+    def commands(self, alert_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT command_id, type, operator, issued_at, result, result_at FROM commands "
+                "WHERE alert_id = ? ORDER BY issued_at", (alert_id,),
+            ).fetchall()
+        keys = ("command_id", "type", "operator", "issued_at", "result", "result_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, last_seen, status FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return {"state": row[0], "last_seen": row[1], "status": json.loads(row[2])}

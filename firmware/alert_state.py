@@ -1,0 +1,321 @@
+"""The device's SOS state machine: pure logic, no I/O, no clock of its own.
+
+Inputs are small event objects handed to `AlertCore.handle(event, now, readings)`; the result is a
+list of actions for the runtime to carry out in order (store messages durably, show feedback, log).
+The same code runs on the Pi and in the simulator, and tests drive it with exact times.
+
+Life of an alert:
+
+    idle --trigger--> sending --PUBACK--> delivered --ack--> acknowledged --close--> closed -> idle
+              (link down before PUBACK: retrying; cancel gesture on the token: cancelled)
+
+While an alert is active the device sends a position update every `position_interval_s` until the
+operator closes it. A cancel is a request reported to the operator, never a silent stop: position
+updates go on until the operator closes the alert.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from firmware.sos_button.feedback import FeedbackState
+from firmware.uplink.outbox import Outgoing
+from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
+
+CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
+REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
+
+
+class Stage(StrEnum):
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    CANCELLED = "cancelled"
+
+
+# -- inputs --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Trigger:
+    trigger: str  # "button_hold" (token) or "button_press" (pillar)
+
+
+@dataclass(frozen=True)
+class CancelGesture:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    pass
+
+
+@dataclass(frozen=True)
+class MessageDelivered:
+    kind: MessageKind
+    alert_id: str | None
+
+
+@dataclass(frozen=True)
+class CommandPayload:
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+CoreEvent = Trigger | CancelGesture | LinkUp | LinkDown | MessageDelivered | CommandPayload | Tick
+
+
+# -- context and outputs -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Now:
+    mono: float  # monotonic seconds, for scheduling
+    utc: datetime  # wall-clock UTC, only for timestamps in messages
+
+
+@dataclass(frozen=True)
+class Readings:
+    position: dict[str, Any]
+    battery: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Store:
+    """Append these messages to the outbox, with the device state, in one durable transaction."""
+
+    items: list[Outgoing]
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Show:
+    state: FeedbackState
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str  # "info" | "warning" | "error"
+    text: str
+
+
+Action = Store | Show | Log
+
+
+@dataclass
+class ActiveAlert:
+    alert_id: str
+    stage: Stage
+    next_position: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    device_id: str
+    device_kind: str  # "token" | "pillar"
+    position_interval_s: float = 5.0
+
+
+@dataclass
+class AlertCore:
+    identity: DeviceIdentity
+    new_alert_id: Callable[[], str] = new_id
+    active: ActiveAlert | None = None
+    link_up: bool = False
+    feedback: FeedbackState = FeedbackState.IDLE
+    _idle_at: float | None = None
+    _seen_commands: deque[str] = field(default_factory=lambda: deque(maxlen=REMEMBERED_COMMANDS))
+
+    def __post_init__(self) -> None:
+        self.topics = Topics(self.identity.device_id)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What must survive a crash or reboot (stored with the messages that change it)."""
+        active = None
+        if self.active is not None:
+            active = {"alert_id": self.active.alert_id, "stage": self.active.stage.value}
+        return {"active": active, "seen_commands": list(self._seen_commands)}
+
+    def restore(self, state: dict[str, Any] | None, now: Now) -> list[Action]:
+        """Resume after a restart: an alert that was active stays active."""
+        if not state:
+            return []
+        self._seen_commands.extend(state.get("seen_commands", []))
+        active = state.get("active")
+        if not active:
+            return []
+        self.active = ActiveAlert(active["alert_id"], Stage(active["stage"]), now.mono)
+        return [
+            Log("warning", f"resumed active SOS {self.active.alert_id} ({self.active.stage}) "
+                           "after a restart"),
+            *self._refresh_feedback(),
+        ]
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self._idle_at, self.active and self.active.next_position) if t]
+        return min(times) if times else None
+
+    # -- the transition function -----------------------------------------------------------------
+    def handle(self, event: CoreEvent, now: Now, readings: Readings) -> list[Action]:
+        match event:
+            case Trigger(trigger):
+                return self._on_trigger(trigger, now, readings)
+            case CancelGesture():
+                return self._on_cancel(now)
+            case LinkUp():
+                self.link_up = True
+                return self._refresh_feedback()
+            case LinkDown():
+                self.link_up = False
+                return self._refresh_feedback()
+            case MessageDelivered(kind, alert_id):
+                return self._on_delivered(kind, alert_id)
+            case CommandPayload(payload):
+                return self._on_command(payload, now)
+            case Tick():
+                return self._on_tick(now, readings)
+        raise TypeError(f"unknown event {event!r}")
+
+    def _on_trigger(self, trigger: str, now: Now, readings: Readings) -> list[Action]:
+        if self.active is not None:
+            return [Log("info", f"SOS already active ({self.active.alert_id}); press ignored"),
+                    Show(self.feedback)]
+        self._idle_at = None
+        alert_id = self.new_alert_id()
+        self.active = ActiveAlert(alert_id, Stage.SENDING,
+                                  now.mono + self.identity.position_interval_s)
+        message = {
+            "v": 1,
+            "alert_id": alert_id,
+            "device_id": self.identity.device_id,
+            "device_kind": self.identity.device_kind,
+            "trigger": trigger,
+            "created_at": utc_iso(now.utc),
+            "position": readings.position,
+            "battery": readings.battery,
+        }
+        return [
+            Store([Outgoing(MessageKind.ALERT, self.topics.alert, message)], self.state()),
+            Log("warning", f"SOS {alert_id} raised ({trigger}, position "
+                           f"{readings.position['source']})"),
+            *self._refresh_feedback(),
+        ]
+
+    def _on_cancel(self, now: Now) -> list[Action]:
+        if self.active is None or self.active.stage is Stage.CANCELLED:
+            return []
+        if self.identity.device_kind != "token":
+            return [Log("warning", "cancel gesture ignored: this device cannot be cancelled")]
+        self.active.stage = Stage.CANCELLED
+        event = self._event("cancel_requested", now)
+        return [
+            Store([event], self.state()),
+            Log("warning", f"SOS {self.active.alert_id}: cancel requested by the wearer; "
+                           "reported to the operator, who closes the alert"),
+            *self._refresh_feedback(),
+        ]
+
+    def _on_delivered(self, kind: MessageKind, alert_id: str | None) -> list[Action]:
+        active = self.active
+        if kind is MessageKind.ALERT and active is not None and active.alert_id == alert_id \
+                and active.stage is Stage.SENDING:
+            active.stage = Stage.DELIVERED
+            return self._refresh_feedback()
+        return []
+
+    def _on_command(self, payload: bytes, now: Now) -> list[Action]:
+        try:
+            command = decode(MessageKind.COMMAND, payload)
+        except ProtocolError as exc:
+            return [Log("error", f"rejected command: {exc}; nothing changed")]
+        command_id, kind, alert_id = command["command_id"], command["type"], command["alert_id"]
+        if command_id in self._seen_commands:
+            return [Log("info", f"command {command_id} ({kind}) already applied; ignored")]
+        if self.active is None or self.active.alert_id != alert_id:
+            reason = f"alert {alert_id} is not the active alert"
+            return [
+                Store([self._event("command_rejected", now, alert_id, command_id, reason)],
+                      self.state()),
+                Log("error", f"rejected {kind} command {command_id}: {reason}; nothing changed"),
+            ]
+        self._seen_commands.append(command_id)
+        actions: list[Action]
+        if kind == "ack":
+            self.active.stage = Stage.ACKNOWLEDGED
+            actions = [Log("info", f"SOS {alert_id} acknowledged by {command['operator']}")]
+        else:
+            self.active = None
+            self._idle_at = now.mono + CLOSED_DISPLAY_S
+            actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}")]
+        applied = self._event("command_applied", now, alert_id, command_id)
+        return [Store([applied], self.state()), *actions, *self._refresh_feedback()]
+
+    def _on_tick(self, now: Now, readings: Readings) -> list[Action]:
+        actions: list[Action] = []
+        if self._idle_at is not None and now.mono >= self._idle_at:
+            self._idle_at = None
+            actions += self._refresh_feedback()
+        active = self.active
+        if active is not None and now.mono >= active.next_position:
+            # After a long stall, skip the missed slots rather than sending a burst.
+            active.next_position = max(active.next_position + self.identity.position_interval_s,
+                                       now.mono + self.identity.position_interval_s / 2)
+            update = {
+                "v": 1,
+                "alert_id": active.alert_id,
+                "device_id": self.identity.device_id,
+                "created_at": utc_iso(now.utc),
+                "position": readings.position,
+                "battery": readings.battery,
+            }
+            actions.append(Store([Outgoing(MessageKind.POSITION, self.topics.position, update)],
+                                 self.state()))
+        return actions
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _event(self, kind: str, now: Now, alert_id: str | None = None,
+               command_id: str | None = None, reason: str | None = None) -> Outgoing:
+        message: dict[str, Any] = {
+            "v": 1,
+            "alert_id": alert_id or (self.active.alert_id if self.active else ""),
+            "device_id": self.identity.device_id,
+            "created_at": utc_iso(now.utc),
+            "type": kind,
+        }
+        if command_id is not None:
+            message["command_id"] = command_id
+        if reason is not None:
+            message["reason"] = reason
+        return Outgoing(MessageKind.EVENT, self.topics.event, message)
+
+    def _wanted_feedback(self) -> FeedbackState:
+        active = self.active
+        if active is None:
+            return FeedbackState.CLOSED if self._idle_at is not None else FeedbackState.IDLE
+        if active.stage is Stage.SENDING:
+            return FeedbackState.SENDING if self.link_up else FeedbackState.RETRYING
+        return {
+            Stage.DELIVERED: FeedbackState.DELIVERED,
+            Stage.ACKNOWLEDGED: FeedbackState.ACKNOWLEDGED,
+            Stage.CANCELLED: FeedbackState.CANCELLED,
+        }[active.stage]
+
+    def _refresh_feedback(self) -> list[Action]:
+        wanted = self._wanted_feedback()
+        if wanted is self.feedback:
+            return []
+        self.feedback = wanted
+        return [Show(wanted)]

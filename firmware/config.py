@@ -1,0 +1,126 @@
+"""The device's configuration: a TOML file plus the board profile it names (hw/profiles/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.configfile import ConfigError, check, load_schema, load_toml
+from protocol.mqtt import BrokerConfig
+
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "hw" / "profiles"
+
+
+@dataclass(frozen=True)
+class ButtonConfig:
+    pin: int | str
+    pull_up: bool
+    debounce_s: float
+    trigger_hold_s: float
+    cancellable: bool
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    led_pin: int | str
+    buzzer_pin: int | str | None
+    vibration_pin: int | str | None
+
+
+@dataclass(frozen=True)
+class GpsConfig:
+    port: str
+    baudrate: int
+    live_max_age_s: float
+    surveyed: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    kind: str
+    data_dir: Path
+    position_interval_s: float
+    heartbeat_s: float
+    broker: BrokerConfig
+    gps: GpsConfig
+    button: ButtonConfig
+    feedback: FeedbackConfig
+    pin_factory: str | None
+    battery_sysfs: str | None
+    source: str
+
+
+def _resolve_profile(name: str, base: Path) -> Path:
+    as_path = (base / name) if not Path(name).is_absolute() else Path(name)
+    if name.endswith(".toml") and as_path.exists():
+        return as_path
+    candidate = PROFILES_DIR / f"{name}.toml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
+    raise ConfigError(
+        f"key 'device.profile': no profile '{name}' (known: {known}, or a .toml path)"
+    )
+
+
+def load_device_config(path: str | Path) -> DeviceConfig:
+    """Load and validate; raise ConfigError naming the file and key when anything is wrong."""
+    path = Path(path)
+    data = load_toml(path, load_schema("firmware", "config.schema.json"))
+    base = path.parent
+    profile_path = _resolve_profile(data["device"]["profile"], base)
+    profile = load_toml(profile_path, load_schema("firmware", "profile.schema.json"))
+    return build_config(data, profile, source=str(path), base=base)
+
+
+def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
+                 base: Path) -> DeviceConfig:
+    check(data, load_schema("firmware", "config.schema.json"), source)
+    dev, brk, gps = data["device"], data["broker"], data["gps"]
+    button = {**profile["button"], **data.get("button", {})}
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str((base / p) if not Path(p).is_absolute() else Path(p))
+
+    surveyed = gps.get("surveyed")
+    if surveyed is not None:
+        surveyed = {"alt_m": None, "accuracy_m": 5.0, **surveyed}
+    return DeviceConfig(
+        device_id=dev["id"],
+        kind=profile["kind"],
+        data_dir=Path(rel(dev["data_dir"]) or "."),
+        position_interval_s=float(dev.get("position_interval_s", 5.0)),
+        heartbeat_s=float(dev.get("heartbeat_s", 30.0)),
+        broker=BrokerConfig(
+            host=brk["host"],
+            port=brk["port"],
+            ca_file=rel(brk["ca_file"]),
+            cert_file=rel(brk.get("cert_file")),
+            key_file=rel(brk.get("key_file")),
+            keepalive_s=brk.get("keepalive_s", 30),
+            reconnect_max_s=float(brk.get("reconnect_max_s", 8.0)),
+        ),
+        gps=GpsConfig(
+            port=gps["port"],
+            baudrate=gps.get("baudrate", 9600),
+            live_max_age_s=float(gps.get("live_max_age_s", 3.0)),
+            surveyed=surveyed,
+        ),
+        button=ButtonConfig(
+            pin=button["pin"],
+            pull_up=button.get("pull_up", True),
+            debounce_s=float(button.get("debounce_s", 0.030)),
+            trigger_hold_s=float(button["trigger_hold_s"]),
+            cancellable=bool(button["cancellable"]),
+        ),
+        feedback=FeedbackConfig(
+            led_pin=profile["feedback"]["led_pin"],
+            buzzer_pin=profile["feedback"].get("buzzer_pin"),
+            vibration_pin=profile["feedback"].get("vibration_pin"),
+        ),
+        pin_factory=profile.get("pin_factory"),
+        battery_sysfs=data.get("battery", {}).get("sysfs"),
+        source=source,
+    )

@@ -1,0 +1,238 @@
+"""The device process: wires the pure SOS core to the button, GPS, feedback outputs and uplink.
+
+Everything the outside world does (a button event, a PUBACK, a command, a lost link) is put on one
+queue and handled in one thread, in order, by `AlertCore`; the actions it returns are carried out
+here. The same runtime runs on the Pi and in the simulator: only the pin factory and the serial
+port differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from firmware.alert_state import (
+    Action,
+    AlertCore,
+    CancelGesture,
+    CommandPayload,
+    CoreEvent,
+    DeviceIdentity,
+    LinkDown,
+    LinkUp,
+    Log,
+    MessageDelivered,
+    Now,
+    Readings,
+    Show,
+    Store,
+    Tick,
+    Trigger,
+)
+from firmware.battery import BatterySource, NoBattery, SysfsBattery
+from firmware.config import DeviceConfig
+from firmware.gps.position import PositionProvider
+from firmware.gps.reader import GpsReader
+from firmware.sos_button.feedback import FeedbackOutputs, FeedbackState
+from firmware.sos_button.gpio import SosButton
+from firmware.sos_button.logic import ButtonProfile, CancelRequested, Triggered
+from firmware.uplink.mqtt import (
+    CommandReceived,
+    Connected,
+    Delivered,
+    Disconnected,
+    MqttUplink,
+    Refused,
+)
+from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
+from protocol import MessageKind, encode, utc_iso
+
+log = logging.getLogger("sos.device")
+
+FIRMWARE_VERSION = "0.1.0"
+
+# An observer sees what a person near the device would: the trigger and every feedback change.
+# The simulator records these; on the Pi it is unused.
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+class DeviceRuntime:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        *,
+        pin_factory: Any = None,
+        battery: BatterySource | None = None,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._utc = utc_clock
+        self._observe = observer or (lambda name, fields: None)
+        self._events: queue.Queue[object] = queue.Queue()
+        self._battery = battery or (
+            SysfsBattery(config.battery_sysfs) if config.battery_sysfs else NoBattery()
+        )
+        self.outbox = Outbox(config.data_dir / "outbox.sqlite")
+        self.core = AlertCore(
+            DeviceIdentity(config.device_id, config.kind, config.position_interval_s)
+        )
+        self.gps = GpsReader(config.gps.port, config.gps.baudrate, clock=clock)
+        self.position = PositionProvider(
+            self.gps.latest, clock=clock, live_max_age_s=config.gps.live_max_age_s,
+            surveyed=config.gps.surveyed,
+        )
+        self.feedback = FeedbackOutputs(
+            config.feedback.led_pin, config.feedback.buzzer_pin, config.feedback.vibration_pin,
+            pin_factory=pin_factory, on_change=self._feedback_changed,
+        )
+        self.button = SosButton(
+            config.button.pin,
+            ButtonProfile(
+                debounce_s=config.button.debounce_s,
+                trigger_hold_s=config.button.trigger_hold_s,
+                cancellable=config.button.cancellable,
+            ),
+            self._events.put,
+            pull_up=config.button.pull_up,
+            pin_factory=pin_factory,
+            clock=clock,
+        )
+        offline = {"v": 1, "device_id": config.device_id, "device_kind": config.kind,
+                   "state": "offline"}
+        self.uplink = MqttUplink(
+            config.device_id, config.broker, self.outbox, self._events.put,
+            will_payload=encode(MessageKind.STATUS, offline),
+            status_payload=self._status_payload,
+        )
+
+    # -- main loop -------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set."""
+        log.info("device %s (%s) starting; firmware %s; %d message(s) pending in the outbox",
+                 self.config.device_id, self.config.kind, FIRMWARE_VERSION, self.outbox.count())
+        self._execute(self.core.restore(self.outbox.load_state(), self._now()))
+        self._sync_button()
+        self.gps.start()
+        self.uplink.start()
+        next_heartbeat = self._clock() + self.config.heartbeat_s
+        stopper = threading.Thread(target=lambda: (stop.wait(), self._events.put(None)),
+                                   daemon=True)
+        stopper.start()
+        try:
+            while not stop.is_set():
+                deadline = min(d for d in (self.core.next_deadline(), next_heartbeat) if d)
+                try:
+                    item = self._events.get(timeout=max(0.0, deadline - self._clock()))
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self._dispatch(item)
+                now = self._clock()
+                core_deadline = self.core.next_deadline()
+                if core_deadline is not None and now >= core_deadline:
+                    self._handle(Tick())
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.config.heartbeat_s
+                    if self.uplink.connected:
+                        self.uplink.publish_status()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.button.close()
+        self.uplink.stop()
+        self.gps.stop()
+        self.feedback.close()
+        self.outbox.close()
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _dispatch(self, item: object) -> None:
+        match item:
+            case Triggered():
+                self._observe("trigger", {"wall": time.time()})
+                self._handle(Trigger("button_hold" if self.config.kind == "token"
+                                     else "button_press"))
+            case CancelRequested():
+                self._handle(CancelGesture())
+            case Connected():
+                self._handle(LinkUp())
+            case Disconnected():
+                self._handle(LinkDown())
+            case Delivered(row):
+                self._handle(MessageDelivered(row.kind, _alert_id_of(row)))
+            case Refused():
+                pass  # the uplink logged it and retries; feedback is driven by the link state
+            case CommandReceived(payload):
+                self._handle(CommandPayload(payload))
+            case _:
+                log.error("internal: unexpected event %r ignored", item)
+
+    def _handle(self, event: CoreEvent) -> None:
+        self._execute(self.core.handle(event, self._now(), self._readings()))
+        self._sync_button()
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Store(items, state):
+                    self._store(items, state)
+                case Show(state):
+                    self.feedback.show(state)
+                case Log(level, text):
+                    getattr(log, level)(text)
+
+    def _store(self, items: list[Outgoing], state: dict[str, Any]) -> None:
+        try:
+            rows = self.outbox.append(items, state=state)
+        except OutboxFull as exc:
+            # Still send it: the message lives in memory and paho retries while we run.
+            log.error("storage full, %d message(s) sent WITHOUT crash safety: %s; free space in "
+                      "%s", len(items), exc, self.config.data_dir)
+            rows = self.outbox.volatile_rows(items)
+        self.uplink.send(rows)
+
+    def _feedback_changed(self, state: FeedbackState) -> None:
+        self._observe("feedback", {"state": state.value, "wall": time.time()})
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _sync_button(self) -> None:
+        self.button.set_alert_active(self.core.active is not None)
+
+    def _now(self) -> Now:
+        return Now(self._clock(), self._utc())
+
+    def _readings(self) -> Readings:
+        return Readings(self.position.current(), self._battery.read())
+
+    def _status_payload(self) -> bytes:
+        status = {
+            "v": 1,
+            "device_id": self.config.device_id,
+            "device_kind": self.config.kind,
+            "state": "online",
+            "at": utc_iso(self._utc()),
+            "heartbeat_s": self.config.heartbeat_s,
+            "active_alert_id": self.core.active.alert_id if self.core.active else None,
+            "outbox_pending": self.outbox.count(),
+            "gps": self.position.current()["source"],
+            "battery": self._battery.read(),
+            "firmware": FIRMWARE_VERSION,
+        }
+        return encode(MessageKind.STATUS, status)
+
+
+def _alert_id_of(row: OutboxRow) -> str | None:
+    if row.kind is not MessageKind.ALERT:
+        return None
+    return json.loads(row.payload)["alert_id"]
+

@@ -1,0 +1,1 @@
+"""Uplink: the durable outbox and the MQTT 5 link to the control centre."""

@@ -1,0 +1,189 @@
+"""The device's MQTT 5 link: TLS, last will, commands in, outbox rows out.
+
+paho keeps QoS 1 messages only in memory (FIELD-NOTES), so durability is the outbox's job: every
+row is handed to paho once (at start-up for what a previous process left, then as it is appended);
+paho re-sends in-flight rows on reconnect, in order; a row leaves the outbox only when its PUBACK
+carries a success reason code. A refused PUBACK (MQTT 5 reason >= 0x80, e.g. 135 Not authorized)
+keeps the row and re-offers it after `refused_retry_s`.
+
+Limits: one broker; up to `max_inflight` (paho's 20) unacknowledged publishes in flight, the rest
+queue in paho's memory in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from paho.mqtt.reasoncodes import ReasonCode
+
+from firmware.uplink.outbox import Outbox, OutboxRow
+from protocol import Topics
+from protocol.mqtt import BrokerConfig, make_client, session_properties
+
+log = logging.getLogger("sos.uplink")
+
+@dataclass(frozen=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Delivered:
+    row: OutboxRow
+
+
+@dataclass(frozen=True)
+class Refused:
+    row: OutboxRow
+    reason: str
+
+
+@dataclass(frozen=True)
+class CommandReceived:
+    payload: bytes
+
+
+UplinkEvent = Connected | Disconnected | Delivered | Refused | CommandReceived
+
+
+class MqttUplink:
+    def __init__(
+        self,
+        device_id: str,
+        broker: BrokerConfig,
+        outbox: Outbox,
+        on_event: Callable[[UplinkEvent], None],
+        *,
+        will_payload: bytes,
+        status_payload: Callable[[], bytes],
+        refused_retry_s: float = 30.0,
+    ) -> None:
+        self.topics = Topics(device_id)
+        self._broker = broker
+        self._outbox = outbox
+        self._on_event = on_event
+        self._status_payload = status_payload
+        self._refused_retry_s = refused_retry_s
+        self._lock = threading.Lock()
+        self._rows_by_mid: dict[int, OutboxRow] = {}
+        self._early_acks: dict[int, ReasonCode] = {}
+        self._timers: set[threading.Timer] = set()
+        self._stopped = threading.Event()
+        self.connected = False
+
+        self._client = make_client(device_id, broker)
+        self._client.will_set(self.topics.status, will_payload, qos=1, retain=True)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_publish = self._handle_publish
+        self._client.on_message = self._handle_message
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background and offer every row a previous process left behind."""
+        self._client.connect_async(
+            self._broker.host,
+            self._broker.port,
+            keepalive=self._broker.keepalive_s,
+            clean_start=False,
+            properties=session_properties(),
+        )
+        self._client.loop_start()
+        self.send(self._outbox.pending())
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- outgoing ----------------------------------------------------------------------------
+    def send(self, rows: list[OutboxRow]) -> None:
+        """Hand stored rows to paho, in order. Safe to call while disconnected."""
+        for row in rows:
+            info = self._client.publish(row.topic, row.payload, qos=1)
+            with self._lock:
+                early = self._early_acks.pop(info.mid, None)
+                if early is None:
+                    self._rows_by_mid[info.mid] = row
+            if early is not None:
+                self._settle(row, early)
+
+    def publish_status(self) -> None:
+        """The retained online/heartbeat status.
+
+        QoS 0 and not in the outbox: a stale heartbeat is worth nothing, and the next one replaces
+        it. (The last will, published by the broker, is QoS 1.)
+        """
+        self._client.publish(self.topics.status, self._status_payload(), qos=0, retain=True)
+
+    # -- paho callbacks (paho's network thread) ------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self._broker.host,
+                      self._broker.port, reason_code)
+            return
+        self.connected = True
+        client.subscribe(self.topics.command, qos=1)
+        self.publish_status()
+        self._on_event(Connected())
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected, self.connected = self.connected, False
+        if was_connected and not self._stopped.is_set():
+            log.warning("lost the broker (%s); retrying, pending messages stay in the outbox",
+                        reason_code)
+        self._on_event(Disconnected(str(reason_code)))
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            row = self._rows_by_mid.pop(mid, None)
+            if row is None:  # the PUBACK beat send() to recording the mid
+                self._early_acks[mid] = reason_code
+                return
+        self._settle(row, reason_code)
+
+    def _handle_message(self, client, userdata, message) -> None:
+        if message.topic == self.topics.command:
+            self._on_event(CommandReceived(bytes(message.payload)))
+
+    # -- settlement ----------------------------------------------------------------------------
+    def _settle(self, row: OutboxRow, reason_code: ReasonCode) -> None:
+        if not reason_code.is_failure:
+            self._outbox.remove(row.seq)
+            self._on_event(Delivered(row))
+            return
+        log.error(
+            "broker refused %s seq=%d on %s: %s (reason %d); kept in the outbox, "
+            "retrying in %.0f s; check the broker ACL for this device",
+            row.kind.value, row.seq, row.topic, reason_code, reason_code.value,
+            self._refused_retry_s,
+        )
+        self._on_event(Refused(row, str(reason_code)))
+        self._schedule_retry(row)
+
+    def _schedule_retry(self, row: OutboxRow) -> None:
+        if self._stopped.is_set():
+            return
+        timer = threading.Timer(self._refused_retry_s, self._retry, args=(row,))
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _retry(self, row: OutboxRow) -> None:
+        with self._lock:
+            self._timers.discard(threading.current_thread())  # type: ignore[arg-type]
+        if not self._stopped.is_set() and self._outbox.contains(row.seq):
+            self.send([row])

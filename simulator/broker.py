@@ -1,0 +1,133 @@
+"""A private Mosquitto for the simulator and the tests: loopback only, TLS, a free port.
+
+It can be stopped and started again on the same port with its persistence intact, which is how
+the `outage` scenario and the outage tests take the broker away from devices.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+from control_center.pki import CertPair, issue_server_cert, make_ca
+from protocol.mqtt import BrokerConfig
+
+HOST = "127.0.0.1"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None,
+    )
+    if found is None:
+        raise BrokerError("mosquitto not found: run `make sysdeps` (or apt-get install mosquitto)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class PrivateBroker:
+    """`with PrivateBroker(workdir) as broker:` gives a running TLS broker on loopback."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.ca: CertPair = make_ca(self.workdir / "pki")
+        self.server = issue_server_cert(self.ca, self.workdir / "pki", "broker",
+                                        [HOST, "localhost"])
+        (self.workdir / "data").mkdir(exist_ok=True)
+        self.conf = self.workdir / "mosquitto.conf"
+        self.log_file = self.workdir / "mosquitto.log"
+        self.conf.write_text(self._config())
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> str:
+        return "\n".join([
+            f"user {getpass.getuser()}",  # do not drop to 'mosquitto': these files are ours
+            "per_listener_settings false",
+            "allow_anonymous true",  # identities and ACLs: see docs/PROTOCOL.md, 'Security'
+            "persistence true",
+            f"persistence_location {self.workdir / 'data'}/",
+            "autosave_interval 1",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages true",
+            "max_queued_messages 10000",
+            f"listener {self.port} {HOST}",
+            "protocol mqtt",
+            f"cafile {self.ca.cert_file}",
+            f"certfile {self.server.cert_file}",
+            f"keyfile {self.server.key_file}",
+            "tls_version tlsv1.2",
+            "",
+        ])
+
+    @property
+    def config(self) -> BrokerConfig:
+        """How a client reaches this broker (TLS against our CA), with a quick reconnect."""
+        return BrokerConfig(HOST, self.port, ca_file=str(self.ca.cert_file),
+                            reconnect_min_s=0.2, reconnect_max_s=1.0)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.running:
+            return
+        self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Poll until a TLS handshake succeeds: readiness has no event to wait on."""
+        ctx = ssl.create_default_context(cafile=str(self.ca.cert_file))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise BrokerError(f"mosquitto exited ({self._proc.returncode}): {err.strip()} "
+                                  f"(log: {self.log_file})")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=HOST):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise BrokerError(f"mosquitto did not listen on {HOST}:{self.port} within {timeout_s} s "
+                          f"(log: {self.log_file})")
+
+    def __enter__(self) -> PrivateBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

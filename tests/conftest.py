@@ -1,0 +1,53 @@
+"""Shared fixtures: a real Mosquitto over TLS on a free loopback port, and a centre on it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from control_center.service import CenterEvent, CenterService
+from control_center.store import Store
+from simulator.broker import PrivateBroker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    with PrivateBroker(tmp_path / "broker") as running:
+        yield running
+
+
+class CenterProbe:
+    """A running control centre plus a way to wait for what it stores."""
+
+    def __init__(self, service: CenterService, store: Store) -> None:
+        self.service = service
+        self.store = store
+        self.events: list[CenterEvent] = []
+        self._changed = threading.Condition()
+
+    def record(self, event: CenterEvent) -> None:
+        with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 15.0) -> object:
+        """Wait until predicate() is truthy (re-checked whenever the centre learns something)."""
+        with self._changed:
+            result = self._changed.wait_for(predicate, timeout)
+        assert result, f"timed out after {timeout} s waiting for {predicate}"
+        return result
+
+
+@pytest.fixture
+def center(broker: PrivateBroker, tmp_path: Path) -> Iterator[CenterProbe]:
+    store = Store(tmp_path / "center.sqlite")
+    probe: CenterProbe
+    service = CenterService(broker.config, store, on_event=lambda e: probe.record(e))
+    probe = CenterProbe(service, store)
+    service.start()
+    yield probe
+    service.stop()
+    store.close()

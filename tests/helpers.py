@@ -1,0 +1,67 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from protocol import new_id
+from protocol.mqtt import BrokerConfig, make_client
+
+NO_POSITION = {"source": "none", "lat": None, "lon": None, "alt_m": None, "accuracy_m": None,
+               "fix_time": None, "age_s": None}
+
+
+def alert_message(device_id: str = "tok-001", seq: int = 1, **overrides: Any) -> dict[str, Any]:
+    return {"v": 1, "alert_id": new_id(), "device_id": device_id, "device_kind": "token",
+            "seq": seq, "trigger": "button_hold", "created_at": "2026-11-23T10:00:00.000Z",
+            "position": NO_POSITION, "battery": {"percent": 80.0, "charging": False},
+            **overrides}
+
+
+class RawClient:
+    """A bare paho client: publishes, subscribes, and lets a test wait for messages."""
+
+    def __init__(self, broker: BrokerConfig, client_id: str = "raw-test",
+                 will: tuple[str, bytes] | None = None) -> None:
+        self.client = make_client(client_id, broker)
+        self.messages: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self._connected = threading.Event()
+        self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_message = self._on_message
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._connected.wait(10), "raw client could not connect"
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._cond:
+            self.messages.append((message.topic, bytes(message.payload)))
+            self._cond.notify_all()
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+
+    def wait_messages(self, n: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.messages) >= n, timeout), \
+                f"got {len(self.messages)} of {n} messages"
+            return list(self.messages)
+
+    def drop(self) -> None:
+        """Vanish without a DISCONNECT, as a crashed device does: the broker sends the will."""
+        self.client.loop_stop()
+        self.client.socket().close()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

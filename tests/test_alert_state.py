@@ -1,0 +1,193 @@
+"""The device's SOS state machine, driven with exact times and no I/O."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from itertools import count
+
+import pytest
+
+from firmware.alert_state import (
+    CLOSED_DISPLAY_S,
+    AlertCore,
+    CancelGesture,
+    CommandPayload,
+    DeviceIdentity,
+    LinkDown,
+    LinkUp,
+    Log,
+    MessageDelivered,
+    Now,
+    Readings,
+    Show,
+    Stage,
+    Store,
+    Tick,
+    Trigger,
+)
+from firmware.sos_button.feedback import FeedbackState
+from protocol import MessageKind, validate
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+READINGS = Readings(
+    {"source": "live", "lat": 52.37, "lon": 4.89, "alt_m": 2.0, "accuracy_m": 4.0,
+     "fix_time": "2026-11-23T10:00:00.000Z", "age_s": 0.4, "speed_mps": 0.0, "course_deg": None,
+     "satellites": 9, "hdop": 0.8},
+    {"percent": 81.0, "charging": False},
+)
+
+
+def at(seconds: float) -> Now:
+    return Now(1000.0 + seconds, T0 + timedelta(seconds=seconds))
+
+
+def make_core(kind: str = "token") -> AlertCore:
+    ids = (f"{n:032x}" for n in count(1))
+    core = AlertCore(DeviceIdentity(f"{kind[:3]}-001", kind, 5.0), new_alert_id=lambda: next(ids))
+    core.handle(LinkUp(), at(0), READINGS)
+    return core
+
+
+def stored(actions: list) -> list:
+    return [item for a in actions if isinstance(a, Store) for item in a.items]
+
+
+def shown(actions: list) -> list[FeedbackState]:
+    return [a.state for a in actions if isinstance(a, Show)]
+
+
+def command(core: AlertCore, kind: str, alert_id: str | None = None, cid: str = "c" * 32) -> bytes:
+    return json.dumps({"v": 1, "command_id": cid, "type": kind,
+                       "alert_id": alert_id or core.active.alert_id,
+                       "issued_at": "2026-11-23T10:00:03.000Z", "operator": "op-7"}).encode()
+
+
+def test_a_trigger_stores_a_valid_alert_and_shows_sending() -> None:
+    core = make_core()
+    actions = core.handle(Trigger("button_hold"), at(1), READINGS)
+    (item,) = stored(actions)
+    assert item.kind is MessageKind.ALERT
+    validate(MessageKind.ALERT, {**item.message, "seq": 1})
+    assert item.message["created_at"] == "2026-11-23T10:00:01.000Z"
+    assert item.message["position"]["source"] == "live"
+    assert shown(actions) == [FeedbackState.SENDING]
+
+
+def test_the_alert_and_the_active_state_are_stored_together() -> None:
+    core = make_core()
+    (store,) = [a for a in core.handle(Trigger("button_hold"), at(1), READINGS)
+                if isinstance(a, Store)]
+    assert store.state["active"] == {"alert_id": core.active.alert_id, "stage": "sending"}
+
+
+def test_a_trigger_while_the_link_is_down_shows_retrying() -> None:
+    core = make_core()
+    core.handle(LinkDown(), at(0.5), READINGS)
+    assert shown(core.handle(Trigger("button_hold"), at(1), READINGS)) == [FeedbackState.RETRYING]
+
+
+def test_puback_of_the_alert_shows_delivered_then_ack_shows_acknowledged() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(1), READINGS)
+    delivered = core.handle(MessageDelivered(MessageKind.ALERT, core.active.alert_id), at(1.1),
+                            READINGS)
+    assert shown(delivered) == [FeedbackState.DELIVERED]
+    acked = core.handle(CommandPayload(command(core, "ack")), at(3), READINGS)
+    assert shown(acked) == [FeedbackState.ACKNOWLEDGED]
+    (applied,) = stored(acked)
+    assert applied.message["type"] == "command_applied"
+
+
+def test_a_second_press_while_active_raises_no_second_alert() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(1), READINGS)
+    assert stored(core.handle(Trigger("button_hold"), at(2), READINGS)) == []
+
+
+def test_position_updates_every_interval_until_closed() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    assert core.next_deadline() == at(5).mono
+    assert stored(core.handle(Tick(), at(4.9), READINGS)) == []
+    (update,) = stored(core.handle(Tick(), at(5.0), READINGS))
+    assert update.kind is MessageKind.POSITION
+    assert core.next_deadline() == at(10).mono
+    core.handle(CommandPayload(command(core, "close")), at(7), READINGS)
+    assert stored(core.handle(Tick(), at(10), READINGS)) == []
+
+
+def test_close_shows_closed_then_idle_after_the_display_time() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    assert shown(core.handle(CommandPayload(command(core, "close")), at(2), READINGS)) == \
+        [FeedbackState.CLOSED]
+    assert core.active is None
+    assert shown(core.handle(Tick(), at(2 + CLOSED_DISPLAY_S), READINGS)) == [FeedbackState.IDLE]
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json", b"{}", b'{"v":1,"type":"ack"}', b"\xff\xfe",
+    b'{"v":1,"command_id":"' + b"a" * 32 + b'","type":"self-destruct","alert_id":"' + b"0" * 31
+    + b'1","issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}',
+    b'{"v":2,"command_id":"' + b"a" * 32 + b'","type":"close","alert_id":"' + b"0" * 31
+    + b'1","issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}',
+])
+def test_a_malformed_command_is_rejected_with_one_log_line_and_changes_nothing(
+        payload: bytes) -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    before = core.state()
+    actions = core.handle(CommandPayload(payload), at(1), READINGS)
+    assert [a.level for a in actions if isinstance(a, Log)] == ["error"]
+    assert stored(actions) == [] and shown(actions) == []
+    assert core.state() == before
+
+
+def test_a_command_for_another_alert_is_rejected_and_reported() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    actions = core.handle(CommandPayload(command(core, "close", alert_id="f" * 32)), at(1),
+                          READINGS)
+    (rejected,) = stored(actions)
+    assert rejected.message["type"] == "command_rejected"
+    assert core.active is not None and shown(actions) == []
+
+
+def test_a_redelivered_command_is_applied_once() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    core.handle(CommandPayload(command(core, "ack")), at(1), READINGS)
+    again = core.handle(CommandPayload(command(core, "ack")), at(2), READINGS)
+    assert stored(again) == []
+
+
+def test_cancel_on_the_token_is_reported_and_positions_continue() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    actions = core.handle(CancelGesture(), at(2), READINGS)
+    (event,) = stored(actions)
+    assert event.message["type"] == "cancel_requested"
+    assert shown(actions) == [FeedbackState.CANCELLED]
+    assert core.active.stage is Stage.CANCELLED
+    assert stored(core.handle(Tick(), at(5), READINGS))  # the operator still sees where
+
+
+def test_the_pillar_cannot_be_cancelled() -> None:
+    core = make_core("pillar")
+    core.handle(Trigger("button_press"), at(0), READINGS)
+    assert stored(core.handle(CancelGesture(), at(1), READINGS)) == []
+    assert core.active.stage is Stage.SENDING
+
+
+def test_an_active_alert_survives_a_restart() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    core.handle(CommandPayload(command(core, "ack")), at(1), READINGS)
+    saved = json.loads(json.dumps(core.state()))
+
+    reborn = AlertCore(DeviceIdentity("tok-001", "token", 5.0))
+    actions = reborn.restore(saved, at(100))
+    assert reborn.active.alert_id == core.active.alert_id
+    assert shown(actions) == [FeedbackState.ACKNOWLEDGED]
+    assert stored(reborn.handle(CommandPayload(command(core, "ack")), at(101), READINGS)) == []

@@ -1,0 +1,111 @@
+"""The control centre against a real Mosquitto over TLS."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+
+from control_center.service import CenterService
+from control_center.store import Store
+from protocol import Topics, encode
+from protocol.messages import MessageKind
+from tests.helpers import RawClient, alert_message
+
+
+@pytest.fixture
+def device(broker):
+    client = RawClient(broker.config, "tok-001")
+    yield client
+    client.close()
+
+
+def test_an_alert_is_stored_once_even_when_delivered_twice(center, device) -> None:
+    message = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+    center.wait_for(lambda: (a := center.store.alert(message["alert_id"])) and a.duplicates == 1)
+    assert len(center.store.alerts()) == 1
+    assert sum(1 for e in center.events if e.kind == "alert" and e.new) == 1
+
+
+def test_a_malformed_alert_is_rejected_with_a_log_line_and_not_stored(center, device,
+                                                                     caplog) -> None:
+    caplog.set_level(logging.ERROR, "sos.center")
+    device.publish(Topics("tok-001").alert, b'{"v":1,"alert_id":"nope"}')
+    good = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, good))
+    center.wait_for(lambda: center.store.alert(good["alert_id"]))
+    assert len(center.store.alerts()) == 1
+    assert any("rejected message from tok-001" in r.message for r in caplog.records)
+
+
+def test_a_message_claiming_another_device_is_rejected(center, device, caplog) -> None:
+    caplog.set_level(logging.ERROR, "sos.center")
+    forged = alert_message(device_id="tok-999")
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, forged))
+    good = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, good))
+    center.wait_for(lambda: center.store.alert(good["alert_id"]))
+    assert center.store.alert(forged["alert_id"]) is None
+    assert any("claims to come from tok-999" in r.message for r in caplog.records)
+
+
+def test_the_last_will_marks_the_devices_open_alert_offline(broker, center) -> None:
+    topics = Topics("tok-002")
+    will = encode(MessageKind.STATUS, {"v": 1, "device_id": "tok-002", "state": "offline"})
+    doomed = RawClient(broker.config, "tok-002", will=(topics.status, will))
+    message = alert_message(device_id="tok-002")
+    doomed.publish(topics.alert, encode(MessageKind.ALERT, message))
+    center.wait_for(lambda: center.store.alert(message["alert_id"]))
+    doomed.drop()
+    center.wait_for(lambda: center.store.alert(message["alert_id"]).device_offline)
+    assert center.store.device("tok-002")["state"] == "offline"
+
+
+def test_ack_reaches_the_device_command_topic_and_is_recorded(center, device) -> None:
+    device.subscribe(Topics("tok-001").command)
+    message = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+    center.wait_for(lambda: center.store.alert(message["alert_id"]))
+    center.service.send_command(message["alert_id"], "ack", "op-7")
+    ((topic, payload),) = device.wait_messages(1)
+    command = json.loads(payload)
+    assert topic == Topics("tok-001").command
+    assert (command["type"], command["alert_id"], command["operator"]) == \
+        ("ack", message["alert_id"], "op-7")
+    record = center.store.alert(message["alert_id"])
+    assert (record.status, record.acked_by) == ("acknowledged", "op-7")
+
+
+def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp_path,
+                                                                     device) -> None:
+    store = Store(tmp_path / "shared.sqlite")
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    changed = threading.Condition()
+
+    def record(name: str, event) -> None:
+        with changed:
+            seen[name].append(event.message["alert_id"])
+            changed.notify_all()
+
+    services = [CenterService(broker.config, store, client_id=f"center-{name}",
+                              on_event=lambda e, n=name: record(n, e))
+                for name in seen]
+    for service in services:
+        service.start()
+    try:
+        sent = [alert_message(seq=i + 1) for i in range(20)]
+        for message in sent:
+            device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+        with changed:
+            assert changed.wait_for(lambda: len(seen["a"]) + len(seen["b"]) >= 20, 15)
+        assert sorted(seen["a"] + seen["b"]) == sorted(m["alert_id"] for m in sent)
+        assert seen["a"] and seen["b"], "one instance took every alert"
+        assert len(store.alerts()) == 20
+    finally:
+        for service in services:
+            service.stop()
+        store.close()

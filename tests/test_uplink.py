@@ -1,0 +1,96 @@
+"""Outbox -> paho -> real Mosquitto (TLS) -> control centre."""
+
+from __future__ import annotations
+
+import json
+import queue
+from pathlib import Path
+
+from firmware.uplink.mqtt import Connected, Delivered, MqttUplink
+from firmware.uplink.outbox import Outbox, Outgoing
+from protocol import MessageKind, Topics, encode, new_id
+from tests.helpers import NO_POSITION
+
+DEVICE = "tok-001"
+TOPICS = Topics(DEVICE)
+STATUS = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
+OFFLINE = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "offline"})
+
+
+def new_alert() -> Outgoing:
+    return Outgoing(MessageKind.ALERT, TOPICS.alert, {
+        "v": 1, "alert_id": new_id(), "device_id": DEVICE, "device_kind": "token",
+        "trigger": "button_hold", "created_at": "2026-11-23T10:00:00.000Z",
+        "position": NO_POSITION, "battery": None})
+
+
+class Link:
+    def __init__(self, broker, path: Path) -> None:
+        self.events: queue.Queue = queue.Queue()
+        self.outbox = Outbox(path)
+        self.uplink = MqttUplink(DEVICE, broker.config, self.outbox, self.events.put,
+                                 will_payload=OFFLINE, status_payload=lambda: STATUS)
+
+    def wait_for(self, kind: type, timeout: float = 15.0):
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, kind):
+                return event
+
+    def close(self) -> None:
+        self.uplink.stop()
+        self.outbox.close()
+
+
+def test_a_stored_alert_reaches_the_centre_and_leaves_the_outbox_on_puback(broker, center,
+                                                                          tmp_path) -> None:
+    link = Link(broker, tmp_path / "o.sqlite")
+    try:
+        link.uplink.start()
+        rows = link.outbox.append([new_alert()])
+        link.uplink.send(rows)
+        delivered = link.wait_for(Delivered)
+        assert delivered.row.seq == rows[0].seq
+        assert link.outbox.pending() == []
+        alert_id = json.loads(rows[0].payload)["alert_id"]
+        center.wait_for(lambda: center.store.alert(alert_id))
+    finally:
+        link.close()
+
+
+def test_an_alert_raised_while_the_broker_is_down_is_stored_once_after_it_returns(
+        broker, center, tmp_path) -> None:
+    link = Link(broker, tmp_path / "o.sqlite")
+    try:
+        link.uplink.start()
+        link.wait_for(Connected)
+        broker.stop()
+        rows = link.outbox.append([new_alert()])
+        link.uplink.send(rows)
+        assert [r.seq for r in link.outbox.pending()] == [rows[0].seq]
+        broker.start()
+        link.wait_for(Delivered, timeout=30)
+        alert_id = json.loads(rows[0].payload)["alert_id"]
+        record = center.wait_for(lambda: center.store.alert(alert_id), timeout=30)
+        assert record.duplicates == 0
+        assert link.outbox.pending() == []
+    finally:
+        link.close()
+
+
+def test_rows_left_by_a_previous_process_are_sent_in_order_at_start(broker, center,
+                                                                   tmp_path) -> None:
+    previous = Outbox(tmp_path / "o.sqlite")
+    rows = previous.append([new_alert(), new_alert(), new_alert()])
+    previous.close()
+    link = Link(broker, tmp_path / "o.sqlite")
+    try:
+        link.uplink.start()
+        delivered = [link.wait_for(Delivered).row.seq for _ in rows]
+        assert delivered == [r.seq for r in rows]
+        ids = [json.loads(r.payload)["alert_id"] for r in rows]
+        center.wait_for(lambda: all(center.store.alert(i) for i in ids))
+        stored_order = [a.alert_id for a in center.store.alerts()]
+        assert stored_order == ids
+    finally:
+        link.close()
