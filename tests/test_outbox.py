@@ -81,7 +81,8 @@ def test_a_message_that_breaks_its_schema_is_refused_and_nothing_is_stored(tmp_p
     assert box.pending() == []
 
 
-def test_full_storage_raises_outbox_full_and_volatile_rows_keep_the_sequence(tmp_path: Path) -> None:
+def test_full_storage_raises_outbox_full_and_volatile_rows_keep_the_sequence(
+        tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite")
     box.append([alert()])
     # Freeze the database at its current size: SQLite then fails as on a full disk.

@@ -6,7 +6,9 @@ import json
 import queue
 from pathlib import Path
 
-from firmware.uplink.mqtt import Connected, Delivered, MqttUplink
+from control_center.service import CenterService
+from control_center.store import Store
+from firmware.uplink.mqtt import Connected, Delivered, MqttUplink, Refused
 from firmware.uplink.outbox import Outbox, Outgoing
 from protocol import MessageKind, Topics, encode, new_id
 from tests.helpers import NO_POSITION
@@ -94,3 +96,30 @@ def test_rows_left_by_a_previous_process_are_sent_in_order_at_start(broker, cent
         assert stored_order == ids
     finally:
         link.close()
+
+
+def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
+        broker, tmp_path) -> None:
+    """Mosquitto answers PUBACK 16 'No matching subscribers' and drops the message; after a broker
+    restart that is the normal state until the centre re-subscribes."""
+    link = Link(broker, tmp_path / "o.sqlite")
+    store = Store(tmp_path / "center.sqlite")
+    try:
+        link.uplink.start()
+        rows = link.outbox.append([new_alert()])
+        link.uplink.send(rows)
+        refused = link.wait_for(Refused)
+        assert "No matching subscribers" in refused.reason
+        assert link.outbox.contains(rows[0].seq)
+        service = CenterService(broker.config, store)
+        service.start()
+        try:
+            link.wait_for(Delivered)
+            alert_id = json.loads(rows[0].payload)["alert_id"]
+            assert store.alert(alert_id) is not None
+            assert link.outbox.pending() == []
+        finally:
+            service.stop()
+    finally:
+        link.close()
+        store.close()

@@ -3,8 +3,10 @@
 paho keeps QoS 1 messages only in memory (FIELD-NOTES), so durability is the outbox's job: every
 row is handed to paho once (at start-up for what a previous process left, then as it is appended);
 paho re-sends in-flight rows on reconnect, in order; a row leaves the outbox only when its PUBACK
-carries a success reason code. A refused PUBACK (MQTT 5 reason >= 0x80, e.g. 135 Not authorized)
-keeps the row and re-offers it after `refused_retry_s`.
+carries a success reason code and a subscriber took it. A PUBACK with reason 16 "No matching
+subscribers" means the control centre was not there (Mosquitto forgets shared subscriptions
+across a restart): the row stays and is offered again after `unrouted_retry_s`. A refused PUBACK
+(reason >= 0x80, e.g. 135 Not authorized) keeps the row and re-offers it after `refused_retry_s`.
 
 Limits: one broker; up to `max_inflight` (paho's 20) unacknowledged publishes in flight, the rest
 queue in paho's memory in order.
@@ -24,6 +26,8 @@ from protocol import Topics
 from protocol.mqtt import BrokerConfig, make_client, session_properties
 
 log = logging.getLogger("sos.uplink")
+
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason code 0x10
 
 @dataclass(frozen=True)
 class Connected:
@@ -65,6 +69,7 @@ class MqttUplink:
         will_payload: bytes,
         status_payload: Callable[[], bytes],
         refused_retry_s: float = 30.0,
+        unrouted_retry_s: float = 1.0,
     ) -> None:
         self.topics = Topics(device_id)
         self._broker = broker
@@ -72,6 +77,7 @@ class MqttUplink:
         self._on_event = on_event
         self._status_payload = status_payload
         self._refused_retry_s = refused_retry_s
+        self._unrouted_retry_s = unrouted_retry_s
         self._lock = threading.Lock()
         self._rows_by_mid: dict[int, OutboxRow] = {}
         self._early_acks: dict[int, ReasonCode] = {}
@@ -160,6 +166,14 @@ class MqttUplink:
 
     # -- settlement ----------------------------------------------------------------------------
     def _settle(self, row: OutboxRow, reason_code: ReasonCode) -> None:
+        if reason_code.value == NO_MATCHING_SUBSCRIBERS:
+            # The broker took it but nobody (no control centre) was subscribed: it went nowhere.
+            # Happens after a broker restart, which loses shared subscriptions (FIELD-NOTES).
+            log.warning("no control centre subscribed for %s seq=%d; kept in the outbox, "
+                        "offering again in %.0f s", row.kind.value, row.seq, self._unrouted_retry_s)
+            self._on_event(Refused(row, str(reason_code)))
+            self._schedule_retry(row, self._unrouted_retry_s)
+            return
         if not reason_code.is_failure:
             self._outbox.remove(row.seq)
             self._on_event(Delivered(row))
@@ -171,12 +185,12 @@ class MqttUplink:
             self._refused_retry_s,
         )
         self._on_event(Refused(row, str(reason_code)))
-        self._schedule_retry(row)
+        self._schedule_retry(row, self._refused_retry_s)
 
-    def _schedule_retry(self, row: OutboxRow) -> None:
+    def _schedule_retry(self, row: OutboxRow, delay_s: float) -> None:
         if self._stopped.is_set():
             return
-        timer = threading.Timer(self._refused_retry_s, self._retry, args=(row,))
+        timer = threading.Timer(delay_s, self._retry, args=(row,))
         timer.daemon = True
         with self._lock:
             self._timers.add(timer)
