@@ -17,7 +17,7 @@ def describe_position(position: dict[str, Any]) -> str:
     if source == "surveyed":
         return f"at {where}{accuracy} (surveyed kiosk position)"
     age = position.get("age_s")
-    age_text = f", {age:.0f} s old" if age is not None else ""
+    age_text = f", {age:.1f} s old" if age is not None else ""
     label = "live GPS" if source == "live" else "LAST KNOWN GPS"
     return f"at {where}{accuracy} ({label}{age_text})"
 

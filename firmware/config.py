@@ -30,7 +30,7 @@ class FeedbackConfig:
 
 @dataclass(frozen=True)
 class GpsConfig:
-    port: str
+    port: str | None  # None: no receiver fitted, the surveyed position is used
     baudrate: int
     live_max_age_s: float
     surveyed: dict[str, float] | None
@@ -85,6 +85,9 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
         return None if p is None else str((base / p) if not Path(p).is_absolute() else Path(p))
 
     surveyed = gps.get("surveyed")
+    if "port" not in gps and surveyed is None:
+        raise ConfigError(f"{source}: missing key 'gps.port' (or gps.surveyed for a device "
+                          "without a receiver)")
     if surveyed is not None:
         surveyed = {"alt_m": None, "accuracy_m": 5.0, **surveyed}
     return DeviceConfig(
@@ -103,7 +106,7 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
             reconnect_max_s=float(brk.get("reconnect_max_s", 8.0)),
         ),
         gps=GpsConfig(
-            port=gps["port"],
+            port=gps.get("port"),
             baudrate=gps.get("baudrate", 9600),
             live_max_age_s=float(gps.get("live_max_age_s", 3.0)),
             surveyed=surveyed,

@@ -85,9 +85,11 @@ class DeviceRuntime:
         self.core = AlertCore(
             DeviceIdentity(config.device_id, config.kind, config.position_interval_s)
         )
-        self.gps = GpsReader(config.gps.port, config.gps.baudrate, clock=clock)
+        self.gps = (GpsReader(config.gps.port, config.gps.baudrate, clock=clock)
+                    if config.gps.port else None)
         self.position = PositionProvider(
-            self.gps.latest, clock=clock, live_max_age_s=config.gps.live_max_age_s,
+            self.gps.latest if self.gps else lambda: None, clock=clock,
+            live_max_age_s=config.gps.live_max_age_s,
             surveyed=config.gps.surveyed,
         )
         self.feedback = FeedbackOutputs(
@@ -121,7 +123,8 @@ class DeviceRuntime:
                  self.config.device_id, self.config.kind, FIRMWARE_VERSION, self.outbox.count())
         self._execute(self.core.restore(self.outbox.load_state(), self._now()))
         self._sync_button()
-        self.gps.start()
+        if self.gps:
+            self.gps.start()
         self.uplink.start()
         next_heartbeat = self._clock() + self.config.heartbeat_s
         stopper = threading.Thread(target=lambda: (stop.wait(), self._events.put(None)),
@@ -150,22 +153,27 @@ class DeviceRuntime:
     def close(self) -> None:
         self.button.close()
         self.uplink.stop()
-        self.gps.stop()
+        if self.gps:
+            self.gps.stop()
         self.feedback.close()
         self.outbox.close()
 
     # -- inputs ----------------------------------------------------------------------------------
     def _dispatch(self, item: object) -> None:
         match item:
-            case Triggered():
-                self._observe("trigger", {"wall": time.time()})
+            case Triggered(at):
                 self._handle(Trigger("button_hold" if self.config.kind == "token"
                                      else "button_press"))
+                recognised = time.time() - (self._clock() - at)
+                active = self.core.active.alert_id if self.core.active else None
+                self._observe("trigger", {"wall": recognised, "alert_id": active})
             case CancelRequested():
                 self._handle(CancelGesture())
             case Connected():
+                self._observe("link", {"up": True, "wall": time.time()})
                 self._handle(LinkUp())
             case Disconnected():
+                self._observe("link", {"up": False, "wall": time.time()})
                 self._handle(LinkDown())
             case Delivered(row):
                 self._handle(MessageDelivered(row.kind, _alert_id_of(row)))

@@ -1,0 +1,59 @@
+"""`sos-device`: the firmware's entry point on the Pi (and in the simulator's device processes)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from protocol.configfile import ConfigError
+
+DEFAULT_CONFIG = os.environ.get("SOS_DEVICE_CONFIG", "/etc/sos-device/device.toml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sos-device",
+        description="Firmware of the SOS video token and the SOS pillar: the SOS button, GPS, "
+                    "feedback outputs and the durable uplink to the control centre.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="device config TOML (default: $SOS_DEVICE_CONFIG or %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the device until SIGTERM/SIGINT (what the systemd unit runs)")
+    sub.add_parser("check-config", help="validate the config and board profile, then exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from firmware.config import load_device_config
+
+    try:
+        config = load_device_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "check-config":
+        print(f"{args.config}: ok ({config.kind} {config.device_id}, broker "
+              f"{config.broker.host}:{config.broker.port})")
+        return 0
+    if config.pin_factory and "GPIOZERO_PIN_FACTORY" not in os.environ:
+        os.environ["GPIOZERO_PIN_FACTORY"] = config.pin_factory  # explicit: no silent fallback
+    from firmware.device import DeviceRuntime
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    DeviceRuntime(config).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`sos-sim`: run simulated shifts end to end with the real firmware and control centre."""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from protocol.configfile import ConfigError
+from simulator.processes import Entry, Recorder
+from simulator.runner import RunResult, ScenarioRun, dumps
+from simulator.scenario import available, load_scenario
+
+SHOWN = {"setup", "button", "kill", "start", "broker", "problem", "error", "ack", "close",
+         "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback"}
+
+
+class TimelinePrinter:
+    """Prints entries in time order: they arrive through different threads and pipes, so each
+    waits `delay_s` in a small buffer for anything earlier that is still on its way."""
+
+    def __init__(self, delay_s: float = 0.3) -> None:
+        self.t0 = time.time()
+        self.delay_s = delay_s
+        self._pending: list[tuple[float, int, Entry]] = []
+        self._count = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, daemon=True)
+        self._thread.start()
+
+    def __call__(self, entry: Entry) -> None:
+        if entry.kind not in SHOWN:
+            return
+        with self._lock:
+            self._count += 1
+            heapq.heappush(self._pending, (entry.wall, self._count, entry))
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(0.1):
+            self._flush(time.time() - self.delay_s)
+
+    def _flush(self, until: float) -> None:
+        with self._lock:
+            while self._pending and self._pending[0][0] <= until:
+                _, _, entry = heapq.heappop(self._pending)
+                print(f"{entry.wall - self.t0:8.3f}s  {entry.source:<14} {entry.text}",
+                      flush=True)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        self._flush(float("inf"))
+
+
+def print_summary(result: RunResult) -> None:
+    print()
+    print(f"{'alert':<9} {'device':<14} {'latency':>9} {'ack->device':>12} {'stored':>7}  "
+          "feedback")
+    for a in result.alerts:
+        latency = f"{a['latency_ms']:.1f} ms" if a["latency_ms"] is not None else "-"
+        ack = f"{a['ack_latency_ms']:.1f} ms" if a["ack_latency_ms"] is not None else "-"
+        print(f"{a['alert_id'][:8]:<9} {a['device_id']:<14} {latency:>9} {ack:>12} "
+              f"{a['deliveries']:>5}x  {' > '.join(a['feedback'])}")
+    if result.ok:
+        print(f"\nOK: {len(result.alerts)} alert(s), each stored once at the control centre and "
+              "acknowledged on the device.")
+    else:
+        print("\nFAILED:\n  " + "\n  ".join(result.problems))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        scenario = load_scenario(args.scenario)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sos-sim-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    printer = None if args.json else TimelinePrinter()
+    if printer:
+        print(f"== {scenario.name} (speed {args.speed:g}x) ==\n{scenario.description}\n",
+              flush=True)
+    run = ScenarioRun(scenario, workdir, speed=args.speed, seed=args.seed,
+                      recorder=Recorder(on_entry=printer))
+    result = run.run()
+    if printer:
+        printer.close()
+    if args.json:
+        print(dumps(result))
+    else:
+        print_summary(result)
+        if args.out:
+            print(f"broker, centre and device files are in {workdir}")
+    if not args.out:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sos-sim",
+        description="Desktop simulator: a private Mosquitto (TLS), the control centre with an "
+                    "automatic operator, and virtual tokens and pillars running the real firmware "
+                    "with virtual hardware (bouncy button, NMEA GPS on a pty).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run a scenario and print its timeline (or --json)")
+    run.add_argument("scenario", metavar="SCENARIO",
+                     help=f"a name ({', '.join(available())}) or a path to a scenario TOML")
+    run.add_argument("--speed", type=float, default=1.0,
+                     help="compress scenario time by this factor (button holds stay real)")
+    run.add_argument("--json", action="store_true",
+                     help="print one JSON object with the per-alert results and 'ok'")
+    run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
+    run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
+    sub.add_parser("list", help="list the scenarios with their descriptions")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.action == "list":
+        for name in available():
+            print(f"{name}: {load_scenario(name).description}")
+        return 0
+    if args.speed <= 0:
+        print("error: --speed must be positive", file=sys.stderr)
+        return 2
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

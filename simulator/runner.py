@@ -1,0 +1,324 @@
+"""Run a scenario end to end: private broker, control centre with an automatic operator, GPS
+receivers on ptys, and virtual devices as real processes running the real firmware.
+
+Times in a scenario are scenario seconds; `speed` compresses them (speed 4: four times faster).
+Physical things are not compressed: a button hold lasts as long as a thumb holds it, so a step
+never starts before the press before it has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from control_center.console import alert_line
+from control_center.service import CenterEvent, CenterService, CommandError
+from control_center.store import Store
+from protocol import utc_iso
+from simulator.broker import PrivateBroker
+from simulator.gps_receiver import PtyGps, RouteReceiver
+from simulator.processes import DeviceProcess, Entry, Recorder
+from simulator.scenario import DeviceSpec, Scenario, Step
+
+OPERATOR = "auto-operator"
+PRESS_SETTLE_S = 0.2  # after a press is played, before the next step may start
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    speed: float
+    ok: bool
+    alerts: list[dict[str, Any]]
+    expected_alerts: int
+    problems: list[str]
+    workdir: str
+    entries: list[Entry] = field(repr=False, default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "speed": self.speed,
+            "ok": self.ok,
+            "expected_alerts": self.expected_alerts,
+            "alerts": self.alerts,
+            "problems": self.problems,
+            "workdir": self.workdir,
+        }
+
+
+class AutoOperator:
+    """Acknowledges every new alert after a delay, then closes it after another."""
+
+    def __init__(self, service: CenterService, recorder: Recorder, ack_delay_s: float,
+                 close_delay_s: float) -> None:
+        self.service = service
+        self.recorder = recorder
+        self.ack_delay_s = ack_delay_s
+        self.close_delay_s = close_delay_s
+        self._timers: list[threading.Timer] = []
+        self._stopped = threading.Event()
+
+    def on_new_alert(self, alert_id: str) -> None:
+        self._later(self.ack_delay_s, self._decide, alert_id, "ack")
+
+    def _later(self, delay: float, fn, *args: Any) -> None:
+        if self._stopped.is_set():
+            return
+        timer = threading.Timer(delay, fn, args=args)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _decide(self, alert_id: str, decision: str) -> None:
+        if self._stopped.is_set():
+            return
+        issued = time.time()
+        try:
+            self.service.send_command(alert_id, decision, OPERATOR)
+        except CommandError as exc:
+            self.recorder.add("operator", "error", f"{decision} {alert_id[:8]} failed: {exc}; "
+                              "retrying in 1 s", alert_id=alert_id)
+            self._later(1.0, self._decide, alert_id, decision)
+            return
+        verb = "acknowledged" if decision == "ack" else "closed"
+        self.recorder.add("operator", decision, f"{verb} {alert_id[:8]}", wall=issued,
+                          alert_id=alert_id)
+        if decision == "ack":
+            self._later(self.close_delay_s, self._decide, alert_id, "close")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for timer in self._timers:
+            timer.cancel()
+
+
+class ScenarioRun:
+    def __init__(self, scenario: Scenario, workdir: Path, *, speed: float = 1.0, seed: int = 1,
+                 recorder: Recorder | None = None) -> None:
+        self.scenario = scenario
+        self.workdir = workdir
+        self.speed = speed
+        self.seed = seed
+        self.recorder = recorder or Recorder()
+        self.broker = PrivateBroker(workdir / "broker")
+        self.store = Store(workdir / "center.sqlite")
+        self.center = CenterService(self.broker.config, self.store, on_event=self._center_event)
+        self.operator = AutoOperator(self.center, self.recorder,
+                                     scenario.operator_ack_delay_s / speed,
+                                     scenario.operator_close_delay_s / speed)
+        self.gps: dict[str, PtyGps] = {}
+        self.devices: dict[str, DeviceProcess] = {}
+        self._abort = threading.Event()
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        rec = self.recorder
+        try:
+            self.broker.start()
+            self.center.start()
+            rec.add("sim", "setup", f"broker on {self.broker.config.host}:{self.broker.port} "
+                    "(TLS), control centre subscribed")
+            for spec in self.scenario.devices:
+                self._start_device(spec)
+            for device_id in self.devices:
+                if not rec.wait_for(lambda es, d=device_id: any(
+                        e.source == d and e.kind == "link" and e.data["up"] for e in es), 30):
+                    rec.add("sim", "problem", f"{device_id} never connected")
+            self._play_timeline()
+            rec.wait_for(lambda es: self._finished(), self._remaining())
+        finally:
+            self._shutdown()
+        return self._result()
+
+    def _start_device(self, spec: DeviceSpec) -> None:
+        port = None
+        if spec.gps:
+            g = spec.gps
+            receiver = RouteReceiver(
+                [tuple(p) for p in g["route"]], speed_mps=g.get("speed_mps", 12.0),
+                start_utc=datetime.now(UTC), seed=self.seed, noise_m=g.get("noise_m", 3.0),
+                dropouts=[tuple(d) for d in g.get("dropouts", [])],
+            )
+            self.gps[spec.id] = PtyGps(receiver, speed=self.speed,
+                                       drift_ppm=g.get("drift_ppm", 0.0))
+            self.gps[spec.id].start()
+            port = self.gps[spec.id].port
+        directory = self.workdir / "devices" / spec.id
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "device.toml"
+        config.write_text(self._device_config(spec, directory, port))
+        process = DeviceProcess(spec.id, config, directory / "device.log", self.recorder,
+                                spec.battery)
+        self.devices[spec.id] = process
+        process.start()
+
+    def _device_config(self, spec: DeviceSpec, directory: Path, gps_port: str | None) -> str:
+        b = self.broker.config
+        lines = [
+            "[device]", f'id = "{spec.id}"', f'profile = "{spec.profile}"',
+            f'data_dir = "{directory / "data"}"',
+            f"position_interval_s = {max(1.0, 5.0 / self.speed)}",
+            "heartbeat_s = 30",
+            "", "[broker]", f'host = "{b.host}"', f"port = {b.port}", f'ca_file = "{b.ca_file}"',
+            "reconnect_max_s = 1.0",
+            "", "[gps]",
+        ]
+        if gps_port:
+            lines.append(f'port = "{gps_port}"')
+        if spec.surveyed:
+            lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in spec.surveyed.items()]
+        return "\n".join(lines) + "\n"
+
+    def _play_timeline(self) -> None:
+        self._t0 = time.monotonic()
+        free_at = self._t0
+        for number, step in enumerate(self.scenario.timeline):
+            due = max(self._t0 + step.at_s / self.speed, free_at)
+            if self._abort.wait(max(0.0, due - time.monotonic())):
+                return
+            free_at = self._perform(step, number)
+
+    def _perform(self, step: Step, number: int) -> float:
+        """Carry out one step; return when the next one may start at the earliest."""
+        rec, now = self.recorder, time.monotonic()
+        match step.action:
+            case "press":
+                self.devices[step.device].send({"op": "press", "hold_s": step.hold_s,
+                                                "seed": self.seed * 1000 + number})
+                rec.add("sim", "press", f"{step.device}: press for {step.hold_s} s",
+                        device=step.device, hold_s=step.hold_s, expect_alert=step.expect_alert)
+                return now + (step.hold_s or 0) + PRESS_SETTLE_S
+            case "cancel":
+                self.devices[step.device].send({"op": "cancel", "seed": number})
+                return now + 5.0
+            case "kill":
+                self.devices[step.device].kill()
+                rec.add("sim", "kill", f"{step.device}: process killed with SIGKILL")
+            case "start":
+                self.devices[step.device].start()
+                rec.add("sim", "start", f"{step.device}: process started again")
+            case "broker_stop":
+                self.broker.stop()
+                rec.add("sim", "broker", "broker STOPPED")
+            case "broker_start":
+                self.broker.start()
+                rec.add("sim", "broker", "broker started again")
+        return now
+
+    def _remaining(self) -> float:
+        return max(0.0, self._t0 + self.scenario.duration_s / self.speed - time.monotonic())
+
+    def _finished(self) -> bool:
+        alerts = self.store.alerts(open_only=False)
+        return (len(alerts) >= self.scenario.expected_alerts
+                and all(a.status == "closed" for a in alerts)
+                and all(self._feedback_after(a.alert_id)[-1:] == ["idle"] for a in alerts))
+
+    def _center_event(self, event: CenterEvent) -> None:
+        m = event.message
+        if event.kind == "alert":
+            if event.new:
+                self.recorder.add("centre", "alert", alert_line(m), alert_id=m["alert_id"])
+                self.operator.on_new_alert(m["alert_id"])
+            else:
+                self.recorder.add("centre", "duplicate", f"duplicate of {m['alert_id'][:8]} "
+                                  "dropped", alert_id=m["alert_id"])
+        elif event.kind == "position" and event.new:
+            p = m["position"]
+            where = f"{p['lat']:.5f},{p['lon']:.5f}" if p["lat"] is not None else "unknown"
+            self.recorder.add("centre", "position", f"position of {m['alert_id'][:8]}: {where} "
+                              f"({p['source']})", alert_id=m["alert_id"])
+        elif event.kind == "event" and event.new:
+            self.recorder.add("centre", "event", f"{m['type'].replace('_', ' ')} for "
+                              f"{m['alert_id'][:8]}", alert_id=m["alert_id"])
+
+    def _shutdown(self) -> None:
+        self._abort.set()
+        self.operator.stop()
+        for device in self.devices.values():
+            device.stop()
+        for gps in self.gps.values():
+            gps.stop()
+        self.center.stop()
+        self.broker.stop()
+
+    # -- results ---------------------------------------------------------------------------------
+    def _feedback_after(self, alert_id: str) -> list[str]:
+        """The feedback states the alert's device showed from its trigger on, in order."""
+        triggers = self.recorder.find(kind="trigger", alert_id=alert_id)
+        if not triggers:
+            return []
+        start = triggers[0]
+        states = [e.data["state"] for e in self.recorder.find(source=start.source, kind="feedback")
+                  if e.wall >= start.wall]
+        # A restarted process starts idle before it restores the alert (not something a person
+        # sees), and shows the restored state again: keep each run of one state once.
+        shown = [s for i, s in enumerate(states) if not (s == "idle" and i + 1 < len(states))]
+        return [s for i, s in enumerate(shown) if i == 0 or s != shown[i - 1]]
+
+    def _result(self) -> RunResult:
+        problems = [e.text for e in self.recorder.find(kind="problem")]
+        alerts = []
+        for record in self.store.alerts(open_only=False):
+            trigger = next(iter(self.recorder.find(kind="trigger", alert_id=record.alert_id)), None)
+            presses = [e for e in self.recorder.find(kind="press", device=record.device_id)
+                       if trigger is None or e.wall <= trigger.wall]
+            ack = next(iter(self.recorder.find(kind="ack", alert_id=record.alert_id)), None)
+            shown_ack = None
+            if ack is not None:
+                shown_ack = next((e for e in self.recorder.find(source=record.device_id,
+                                                                kind="feedback")
+                                  if e.wall >= ack.wall and e.data["state"] == "acknowledged"),
+                                 None)
+            stores = self.recorder.find(kind="alert", alert_id=record.alert_id)
+            feedback = self._feedback_after(record.alert_id)
+            alerts.append({
+                "alert_id": record.alert_id,
+                "device_id": record.device_id,
+                "device_kind": record.device_kind,
+                "pressed_at": _iso(presses[-1].wall) if presses else None,
+                "triggered_at": _iso(trigger.wall) if trigger else None,
+                "stored_at": _iso(record.stored_at),
+                "acked_at": _iso(ack.wall) if ack else None,
+                "latency_ms": _ms(record.stored_at - trigger.wall) if trigger else None,
+                "ack_latency_ms": _ms(shown_ack.wall - ack.wall) if shown_ack and ack else None,
+                "deliveries": len(stores),
+                "duplicates_dropped": record.duplicates,
+                "position_source": record.position["source"],
+                "position_updates": sum(1 for u in self.store.updates(record.alert_id)
+                                        if u["kind"] == "position"),
+                "device_restarts": max(0, self.devices[record.device_id].starts - 1),
+                "feedback": feedback,
+            })
+        expected = self.scenario.expected_alerts
+        if len(alerts) != expected:
+            problems.append(f"expected {expected} alert(s), the centre stored {len(alerts)}")
+        for a in alerts:
+            if a["deliveries"] != 1:
+                problems.append(f"alert {a['alert_id'][:8]} stored {a['deliveries']} times")
+            if a["acked_at"] is None:
+                problems.append(f"alert {a['alert_id'][:8]} was never acknowledged")
+            elif "acknowledged" not in a["feedback"]:
+                problems.append(f"alert {a['alert_id'][:8]}: the device never showed "
+                                "acknowledged")
+        self.store.close()
+        return RunResult(self.scenario.name, self.speed, not problems, alerts, expected, problems,
+                         str(self.workdir), list(self.recorder.entries))
+
+
+def _iso(wall: float) -> str:
+    return utc_iso(datetime.fromtimestamp(wall, UTC))
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def dumps(result: RunResult) -> str:
+    return json.dumps(result.to_json(), indent=2)

@@ -1,0 +1,99 @@
+"""One simulated device as its own process: the real firmware runtime on virtual hardware.
+
+The button is a gpiozero MockPin driven with realistic contact bounce, the GPS is whatever pty the
+config names (the simulator's receiver), the battery drains slowly. The process reads instructions
+as JSON lines on stdin and reports what a person near the device would notice as JSON lines on
+stdout. It is a real process so the simulator can SIGKILL it and start it again.
+
+stdin:  {"op": "press", "hold_s": 2.0, "seed": 7}   {"op": "cancel", "seed": 3}
+stdout: {"ev": "ready"} {"ev": "link", "up": true} {"ev": "trigger", "alert_id": ...}
+        {"ev": "feedback", "state": "sending"} ... each with "wall" (Unix time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from gpiozero.pins.mock import MockFactory
+
+from firmware.config import load_device_config
+from firmware.device import DeviceRuntime
+from simulator.virtual_button import play, press_pattern, sequence_pattern
+
+_print_lock = threading.Lock()
+
+
+def emit(name: str, fields: dict[str, Any]) -> None:
+    line = json.dumps({"ev": name, "wall": time.time(), **fields})
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+class DrainingBattery:
+    """A token battery that loses `drain_per_hour` percent per hour of the process's life."""
+
+    def __init__(self, percent: float, drain_per_hour: float = 8.0) -> None:
+        self._start, self._percent, self._drain = time.monotonic(), percent, drain_per_hour
+
+    def read(self) -> dict[str, Any]:
+        used = (time.monotonic() - self._start) / 3600 * self._drain
+        return {"percent": round(max(0.0, self._percent - used), 1), "charging": False}
+
+
+def _cancel_gesture(rng: random.Random) -> list[tuple[float, bool]]:
+    # docs/BUTTON.md: after a quiet spell, three taps, then a 3 s hold.
+    return sequence_pattern(rng, [(0.0, 0.2), (0.5, 0.2), (0.5, 0.2), (0.5, 3.3)])
+
+
+def serve_stdin(pin, pull_up: bool, stop: threading.Event) -> None:
+    for line in sys.stdin:
+        try:
+            order = json.loads(line)
+            rng = random.Random(order.get("seed", 0))
+            if order["op"] == "press":
+                pattern = press_pattern(rng, float(order["hold_s"]))
+            elif order["op"] == "cancel":
+                pattern = _cancel_gesture(rng)
+            else:
+                raise ValueError(f"unknown op {order['op']!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            logging.getLogger("sos.sim").error("bad instruction %r: %s", line.strip(), exc)
+            continue
+        emit("button", {"op": order["op"], "hold_s": order.get("hold_s")})
+        play(pin, pattern, pull_up=pull_up, wait=stop.wait)
+    stop.set()  # stdin closed: the simulator is gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulator.virtual_device",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--battery", type=float, help="start percent (omit for mains power)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_device_config(args.config)
+    factory = MockFactory()
+    battery = DrainingBattery(args.battery) if args.battery is not None else None
+    runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pin = factory.pin(config.button.pin)
+    threading.Thread(target=serve_stdin, args=(pin, config.button.pull_up, stop),
+                     daemon=True).start()
+    emit("ready", {"device_id": config.device_id, "pending": runtime.outbox.count()})
+    runtime.run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
