@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from paho.mqtt.reasoncodes import ReasonCode
+
 from control_center.store import Store
 from protocol import MessageKind, ProtocolError, Topics, decode, encode, new_id, utc_iso
 from protocol.mqtt import BrokerConfig, make_client, session_properties
@@ -24,6 +26,7 @@ from protocol.topics import all_devices, parse_device_topic
 log = logging.getLogger("sos.center")
 
 SHARED = ("alert", "position", "event")
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason: nobody subscribed to the device's commands
 
 
 class CommandError(RuntimeError):
@@ -64,7 +67,10 @@ class CenterService:
         self._client.on_connect = self._handle_connect
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_message = self._handle_message
+        self._client.on_publish = self._handle_publish
         self._broker = broker
+        self._pubacks: dict[int, ReasonCode] = {}
+        self._puback_arrived = threading.Condition()
 
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background; wait until subscribed (or connected) if asked."""
@@ -101,13 +107,18 @@ class CenterService:
         payload = encode(MessageKind.COMMAND, command)
         self.store.add_command(command, alert.device_id)
         info = self._client.publish(Topics(alert.device_id).command, payload, qos=1)
-        try:
-            info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            raise CommandError(f"broker did not take the {decision}: {exc}") from None
-        if not info.is_published():
-            raise CommandError(f"broker did not acknowledge the {decision} within {timeout_s} s")
+        with self._puback_arrived:
+            if not self._puback_arrived.wait_for(lambda: info.mid in self._pubacks, timeout_s):
+                raise CommandError(f"broker did not acknowledge the {decision} within "
+                                   f"{timeout_s:.0f} s (is it reachable?)")
+            reason = self._pubacks.pop(info.mid)
+        if reason.is_failure:
+            raise CommandError(f"broker refused the {decision}: {reason} ({reason.value})")
         self.store.mark(alert_id, decision, operator, self._clock())
+        if reason.value == NO_MATCHING_SUBSCRIBERS:
+            log.warning("%s for %s recorded, but device %s is not connected and has no session; "
+                        "it is sent again when the device reports back", decision, alert_id[:8],
+                        alert.device_id)
         return command
 
     # -- paho callbacks --------------------------------------------------------------------------
@@ -128,6 +139,36 @@ class CenterService:
             log.error("broker refused the centre's subscriptions: %s", ", ".join(failed))
             return
         self._ready.set()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._puback_arrived:
+            self._pubacks[mid] = reason_code
+            self._puback_arrived.notify_all()
+
+    def _resend_missed_decision(self, device_id: str, status: dict[str, Any]) -> None:
+        """A device reporting an active alert that the operator already decided on missed the
+        command (it was offline without a session): send the decision again."""
+        alert_id = status.get("active_alert_id")
+        alert = self.store.alert(alert_id) if alert_id else None
+        if alert is None or alert.device_id != device_id:
+            return
+        if alert.status == "closed":
+            decision, operator = "close", alert.closed_by
+        elif alert.status == "acknowledged" and status.get("active_alert_stage") in (
+                "sending", "delivered"):
+            decision, operator = "ack", alert.acked_by
+        else:
+            return
+        log.warning("device %s still shows %s as %s: sending the %s again", device_id,
+                    alert_id[:8], status.get("active_alert_stage"), decision)
+
+        def resend() -> None:  # not on paho's thread: send_command waits for the PUBACK
+            try:
+                self.send_command(alert.alert_id, decision, operator or "operator")
+            except CommandError as exc:
+                log.error("could not re-send %s for %s: %s", decision, alert_id[:8], exc)
+
+        threading.Thread(target=resend, daemon=True).start()
 
     def _handle_message(self, client, userdata, message) -> None:
         parsed = parse_device_topic(message.topic)
@@ -156,3 +197,5 @@ class CenterService:
             case MessageKind.STATUS:
                 self.store.set_device_status(device_id, body, now)
                 self._on_event(CenterEvent("status", device_id, body, True))
+                if body["state"] == "online" and self._consume:
+                    self._resend_missed_decision(device_id, body)

@@ -1,8 +1,11 @@
 """The control centre's record: alerts, their updates, devices and operator commands, in SQLite.
 
-De-duplication: an alert is stored once per `alert_id`; updates and events once per
-(device_id, seq). A re-delivered message (a device that crashed before its PUBACK, a broker
-redelivery) only increments `alerts.duplicates`.
+De-duplication: an alert is stored once per `alert_id` (a re-delivered alert, from a device that
+crashed before its PUBACK or a broker redelivery, only increments `alerts.duplicates`); updates and
+events once per (device_id, seq, created_at). `created_at` is part of the key because messages a
+device sent while its storage was full carry sequence numbers that a reboot may hand out again.
+
+Several centre instances splitting the load share one store (this SQLite file, in WAL mode).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ CREATE TABLE IF NOT EXISTS updates (
     created_at  TEXT NOT NULL,
     stored_at   REAL NOT NULL,
     body        TEXT NOT NULL,
-    PRIMARY KEY (device_id, seq)
+    PRIMARY KEY (device_id, seq, created_at)
 );
 CREATE INDEX IF NOT EXISTS updates_by_alert ON updates(alert_id);
 CREATE TABLE IF NOT EXISTS devices (
@@ -138,7 +141,7 @@ class Store:
             return False
 
     def add_update(self, kind: str, message: dict[str, Any], stored_at: float) -> bool:
-        """Store a position update or an event; False if this (device, seq) was seen before."""
+        """Store a position update or an event; False if it was seen before."""
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO updates(device_id, seq, alert_id, kind, created_at, "

@@ -100,6 +100,13 @@ class Store:
 
 
 @dataclass(frozen=True)
+class Persist:
+    """Save the device state (no message to send with it)."""
+
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Show:
     state: FeedbackState
 
@@ -110,7 +117,7 @@ class Log:
     text: str
 
 
-Action = Store | Show | Log
+Action = Store | Persist | Show | Log
 
 
 @dataclass
@@ -165,8 +172,9 @@ class AlertCore:
 
     # -- scheduling ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._idle_at, self.active and self.active.next_position) if t]
-        return min(times) if times else None
+        times = [self._idle_at, self.active.next_position if self.active else None]
+        pending = [t for t in times if t is not None]
+        return min(pending) if pending else None
 
     # -- the transition function -----------------------------------------------------------------
     def handle(self, event: CoreEvent, now: Now, readings: Readings) -> list[Action]:
@@ -233,7 +241,7 @@ class AlertCore:
         if kind is MessageKind.ALERT and active is not None and active.alert_id == alert_id \
                 and active.stage is Stage.SENDING:
             active.stage = Stage.DELIVERED
-            return self._refresh_feedback()
+            return [Persist(self.state()), *self._refresh_feedback()]
         return []
 
     def _on_command(self, payload: bytes, now: Now) -> list[Action]:

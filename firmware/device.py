@@ -29,6 +29,7 @@ from firmware.alert_state import (
     Log,
     MessageDelivered,
     Now,
+    Persist,
     Readings,
     Show,
     Store,
@@ -194,6 +195,12 @@ class DeviceRuntime:
             match action:
                 case Store(items, state):
                     self._store(items, state)
+                case Persist(state):
+                    try:
+                        self.outbox.save_state(state)
+                    except OutboxFull as exc:
+                        log.error("storage full, device state not saved: %s; free space in %s",
+                                  exc, self.config.data_dir)
                 case Show(state):
                     self.feedback.show(state)
                 case Log(level, text):
@@ -231,6 +238,7 @@ class DeviceRuntime:
             "at": utc_iso(self._utc()),
             "heartbeat_s": self.config.heartbeat_s,
             "active_alert_id": self.core.active.alert_id if self.core.active else None,
+            "active_alert_stage": self.core.active.stage.value if self.core.active else None,
             "outbox_pending": self.outbox.count(),
             "gps": self.position.current()["source"],
             "battery": self._battery.read(),

@@ -5,8 +5,9 @@ config names (the simulator's receiver), the battery drains slowly. The process 
 as JSON lines on stdin and reports what a person near the device would notice as JSON lines on
 stdout. It is a real process so the simulator can SIGKILL it and start it again.
 
-stdin:  {"op": "press", "hold_s": 2.0, "seed": 7}   {"op": "cancel", "seed": 3}
+stdin:  {"op": "press", "hold_s": 2.0, "seed": 7, "gap_s": 0.5}   {"op": "cancel", "seed": 3}
 stdout: {"ev": "ready"} {"ev": "link", "up": true} {"ev": "trigger", "alert_id": ...}
+        {"ev": "button", ...} {"ev": "button_released", ...} (a press has been played)
         {"ev": "feedback", "state": "sending"} ... each with "wall" (Unix time)
 """
 
@@ -26,7 +27,7 @@ from gpiozero.pins.mock import MockFactory
 
 from firmware.config import load_device_config
 from firmware.device import DeviceRuntime
-from simulator.virtual_button import play, press_pattern, sequence_pattern
+from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
 
@@ -60,7 +61,9 @@ def serve_stdin(pin, pull_up: bool, stop: threading.Event) -> None:
             order = json.loads(line)
             rng = random.Random(order.get("seed", 0))
             if order["op"] == "press":
-                pattern = press_pattern(rng, float(order["hold_s"]))
+                # gap_s: released time before the first contact, as a thumb lifting between presses
+                pattern = sequence_pattern(rng, [(float(order.get("gap_s", 0.0)),
+                                                  float(order["hold_s"]))])
             elif order["op"] == "cancel":
                 pattern = _cancel_gesture(rng)
             else:
@@ -69,7 +72,8 @@ def serve_stdin(pin, pull_up: bool, stop: threading.Event) -> None:
             logging.getLogger("sos.sim").error("bad instruction %r: %s", line.strip(), exc)
             continue
         emit("button", {"op": order["op"], "hold_s": order.get("hold_s")})
-        play(pin, pattern, pull_up=pull_up, wait=stop.wait)
+        if play(pin, pattern, pull_up=pull_up, wait=stop.wait):
+            emit("button_released", {"op": order["op"]})
     stop.set()  # stdin closed: the simulator is gone
 
 

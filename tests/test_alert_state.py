@@ -19,6 +19,7 @@ from firmware.alert_state import (
     Log,
     MessageDelivered,
     Now,
+    Persist,
     Readings,
     Show,
     Stage,
@@ -93,6 +94,8 @@ def test_puback_of_the_alert_shows_delivered_then_ack_shows_acknowledged() -> No
     delivered = core.handle(MessageDelivered(MessageKind.ALERT, core.active.alert_id), at(1.1),
                             READINGS)
     assert shown(delivered) == [FeedbackState.DELIVERED]
+    (persist,) = [a for a in delivered if isinstance(a, Persist)]
+    assert persist.state["active"]["stage"] == "delivered"
     acked = core.handle(CommandPayload(command(core, "ack")), at(3), READINGS)
     assert shown(acked) == [FeedbackState.ACKNOWLEDGED]
     (applied,) = stored(acked)

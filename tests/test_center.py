@@ -109,3 +109,30 @@ def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp
         for service in services:
             service.stop()
         store.close()
+
+
+def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker, center,
+                                                                        caplog) -> None:
+    caplog.set_level(logging.WARNING, "sos.center")
+    message = alert_message(device_id="tok-003")
+    topics = Topics("tok-003")
+    sender = RawClient(broker.config, "tok-003-first")
+    sender.publish(topics.alert, encode(MessageKind.ALERT, message))
+    center.wait_for(lambda: center.store.alert(message["alert_id"]))
+    sender.close()
+
+    center.service.send_command(message["alert_id"], "ack", "op-2")  # nobody listens: PUBACK 16
+    assert center.store.alert(message["alert_id"]).status == "acknowledged"
+    assert any("not connected" in r.message for r in caplog.records)
+
+    device = RawClient(broker.config, "tok-003")
+    try:
+        device.subscribe(topics.command)
+        status = {"v": 1, "device_id": "tok-003", "state": "online",
+                  "active_alert_id": message["alert_id"], "active_alert_stage": "delivered"}
+        device.publish(topics.status, encode(MessageKind.STATUS, status))
+        ((_, payload),) = device.wait_messages(1)
+        assert json.loads(payload)["type"] == "ack"
+        assert json.loads(payload)["operator"] == "op-2"
+    finally:
+        device.close()

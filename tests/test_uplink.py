@@ -123,3 +123,13 @@ def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
     finally:
         link.close()
         store.close()
+
+
+def test_a_clean_stop_still_tells_the_centre_the_device_is_offline(broker, center,
+                                                                  tmp_path) -> None:
+    link = Link(broker, tmp_path / "o.sqlite")
+    link.uplink.start()
+    link.wait_for(Connected)
+    center.wait_for(lambda: (d := center.store.device(DEVICE)) and d["state"] == "online")
+    link.close()
+    center.wait_for(lambda: center.store.device(DEVICE)["state"] == "offline")

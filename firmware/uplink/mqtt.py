@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware.uplink.outbox import Outbox, OutboxRow
@@ -111,7 +112,10 @@ class MqttUplink:
             timers, self._timers = self._timers, set()
         for timer in timers:
             timer.cancel()
-        self._client.disconnect()
+        # Reason 0x04 asks the broker to publish our last will anyway: the centre then sees a
+        # device that was switched off as offline, not as silently online.
+        self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
+                                                      "Disconnect with will message"))
         self._client.loop_stop()
 
     # -- outgoing ----------------------------------------------------------------------------
@@ -175,7 +179,8 @@ class MqttUplink:
             self._schedule_retry(row, self._unrouted_retry_s)
             return
         if not reason_code.is_failure:
-            self._outbox.remove(row.seq)
+            if row.durable:
+                self._outbox.remove(row.seq)
             self._on_event(Delivered(row))
             return
         log.error(
@@ -199,5 +204,5 @@ class MqttUplink:
     def _retry(self, row: OutboxRow) -> None:
         with self._lock:
             self._timers.discard(threading.current_thread())  # type: ignore[arg-type]
-        if not self._stopped.is_set() and self._outbox.contains(row.seq):
+        if not self._stopped.is_set() and (not row.durable or self._outbox.contains(row.seq)):
             self.send([row])

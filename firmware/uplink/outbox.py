@@ -50,6 +50,7 @@ class OutboxRow:
     kind: MessageKind
     topic: str
     payload: bytes
+    durable: bool = True  # False: could not be stored (disk full), lives only in memory
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ class Outbox:
             for item in items:
                 self._last_seq += 1
                 payload = encode(item.kind, {**item.message, "seq": self._last_seq})
-                rows.append(OutboxRow(self._last_seq, item.kind, item.topic, payload))
+                rows.append(OutboxRow(self._last_seq, item.kind, item.topic, payload,
+                                      durable=False))
             return rows
 
     def _stored_seq_locked(self) -> int:

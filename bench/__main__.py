@@ -1,0 +1,154 @@
+"""`python -m bench`: SOS trigger -> stored latency beside the bare MQTT floor, in one run.
+
+Lines:
+  floor   a bare paho MQTT 5 QoS 1 publish -> subscriber on_message (and -> PUBACK), TLS
+  ours    pillar button trigger recognised -> alert stored by the control centre
+Then a breakdown (device-side share from the same run; storage and decoding measured alone) and
+the verdict: ours p99 minus floor p99 against the target. A missed target still exits 0
+(benchmarks report, they do not assert); a run that broke exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from simulator.broker import BrokerError, PrivateBroker
+
+from .floor import FloorError, FloorSamples, run_floor
+from .report import Report
+from .sos import DEVICE_ID, run_sos
+from .stats import summarise
+from .storage import run_micro, sample_alert
+
+TARGET_MS = 20.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure SOS trigger -> alert stored at the control centre, beside a bare "
+                    "MQTT QoS 1 round trip through the same private TLS Mosquitto.",
+        epilog="Takes about presses x 0.25 s plus set-up (about a minute for 200). "
+               "Exit status 0 whether or not the target is met; 1 if the run broke.",
+    )
+    parser.add_argument("--presses", type=int, default=200, metavar="N",
+                        help="counted samples per line: presses, floor round trips and "
+                             "micro-benchmark iterations (default 200)")
+    parser.add_argument("--warmup", type=int, default=10, metavar="K",
+                        help="uncounted presses and round trips before each line (default 10)")
+    parser.add_argument("--hold", type=float, default=0.15, metavar="S",
+                        help="clean hold of each press in seconds; the pillar triggers at 0.1 "
+                             "(default 0.15)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the contact bounce (1)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="give up on any single step after this long (default 10)")
+    parser.add_argument("--target-ms", type=float, default=TARGET_MS, metavar="MS",
+                        help=f"allowed p99 gap ours vs floor (default {TARGET_MS:g})")
+    parser.add_argument("--tmpdir", type=Path, default=None,
+                        help="where the temporary broker, outbox and store live; fsync cost "
+                             "depends on this filesystem (default: the system temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the device's and the centre's log (INFO) on stderr")
+    args = parser.parse_args(argv)
+    if args.presses < 1 or args.warmup < 0 or args.timeout <= 0:
+        parser.error("need --presses >= 1, --warmup >= 0 and --timeout > 0")
+    if args.hold <= 0.1:
+        parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
+    return args
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding `path` (from /proc/mounts), e.g. ext4 or tmpfs."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown filesystem"
+    resolved = str(path.resolve())
+    best = max((m for m in mounts if resolved == m[0] or resolved.startswith(m[0].rstrip("/")
+                                                                              + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else "unknown filesystem"
+
+
+def progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
+    """Run the three parts against one broker; failures are collected, not raised."""
+    payload = sample_alert(DEVICE_ID).payload()
+    floor = FloorSamples()
+    with PrivateBroker(tmp / "broker") as broker:
+        progress(f"floor: {args.warmup} + {args.presses} QoS 1 round trips")
+        try:
+            floor = run_floor(broker.config, args.presses, args.warmup, payload, args.timeout)
+        except FloorError as exc:
+            errors.append(f"floor: {exc}")
+        progress(f"ours: {args.warmup} + {args.presses} presses (about "
+                 f"{(args.warmup + args.presses) * 0.25:.0f} s)")
+        sos = run_sos(tmp, broker.config, args.presses, args.warmup, hold_s=args.hold,
+                      seed=args.seed, timeout_s=args.timeout)
+        if sos.error:
+            errors.append(f"ours: {sos.error}")
+    progress("storage and decoding, measured alone")
+    micro = run_micro(tmp / "micro", DEVICE_ID, args.presses)
+    context = {
+        "broker": f"{broker.config.host}:{broker.config.port}",
+        "presses": args.presses,
+        "warmup": args.warmup,
+        "hold_s": args.hold,
+        "seed": args.seed,
+        "tmpdir": str(tmp.parent),
+        "filesystem": filesystem_of(tmp),
+        "cpus": os.cpu_count(),
+        "payload_bytes": len(payload),
+    }
+    return Report(
+        context=context,
+        floor=summarise("floor", "floor: publish -> subscriber on_message", floor.delivered_s),
+        floor_puback=summarise("floor_puback", "floor: publish -> PUBACK", floor.puback_s),
+        ours=summarise("ours", "ours:  trigger recognised -> alert stored", sos.stored_s),
+        breakdown=[
+            summarise("device_sent", "  device: trigger -> in outbox, paho publish()",
+                      sos.sent_s),
+            summarise("transit", "  paho publish() -> stored at the centre", sos.transit_s),
+            summarise("device_done", "  device: trigger -> runtime done (+LED/buzzer)",
+                      sos.handled_s),
+            summarise("outbox_append", "  outbox append (WAL, synchronous=FULL)",
+                      micro.outbox_append_s),
+            summarise("store_add_alert", "  centre Store.add_alert (WAL, FULL)",
+                      micro.store_add_alert_s),
+            summarise("decode", "  alert decode + schema validation", micro.decode_s),
+        ],
+        target_ms=args.target_ms,
+        errors=errors,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    errors: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="sos-bench-", dir=args.tmpdir) as tmp:
+            report = measure(args, Path(tmp), errors)
+    except BrokerError as exc:
+        print(f"bench: cannot start the broker: {exc}", file=sys.stderr)
+        return 1
+    report.context["elapsed_s"] = round(time.monotonic() - started, 1)
+    print(report.as_json() if args.json else report.as_table())
+    progress(f"done in {report.context['elapsed_s']} s")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

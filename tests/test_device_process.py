@@ -1,0 +1,133 @@
+"""Real device processes (the firmware on virtual hardware) against a real broker and centre."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from protocol import Topics
+from simulator.gps_receiver import PtyGps, RouteReceiver
+from simulator.processes import DeviceProcess, Recorder
+from tests.helpers import RawClient
+
+ROUTE = [(52.3781, 4.9000), (52.3730, 4.8928)]
+
+
+class Device:
+    """One virtual token process with a GPS on a real pty, plus its recorded output."""
+
+    def __init__(self, broker, tmp_path: Path, device_id: str = "tok-test-01") -> None:
+        self.id = device_id
+        self.recorder = Recorder()
+        self.gps = PtyGps(RouteReceiver(ROUTE, start_utc=datetime.now(UTC), seed=3), speed=2.0)
+        self.gps.start()
+        directory = tmp_path / device_id
+        directory.mkdir()
+        config = directory / "device.toml"
+        b = broker.config
+        config.write_text(
+            f'[device]\nid = "{device_id}"\nprofile = "token"\ndata_dir = "{directory}/data"\n'
+            f'[broker]\nhost = "{b.host}"\nport = {b.port}\nca_file = "{b.ca_file}"\n'
+            f'reconnect_max_s = 1.0\n[gps]\nport = "{self.gps.port}"\n')
+        self.process = DeviceProcess(device_id, config, directory / "device.log", self.recorder,
+                                     battery=90.0)
+        self.log_file = directory / "device.log"
+
+    def start(self) -> None:
+        runs = self.process.starts
+        self.process.start()
+        self.wait(lambda es: any(e.kind == "ready" and e.data["run"] == runs + 1 for e in es))
+
+    def wait(self, predicate, timeout: float = 20.0) -> None:
+        assert self.recorder.wait_for(predicate, timeout), f"timed out: {self.recorder.entries}"
+
+    def wait_kind(self, kind: str, timeout: float = 20.0, **data) -> None:
+        self.wait(lambda es: any(e.kind == kind and all(e.data.get(k) == v
+                                                        for k, v in data.items()) for e in es),
+                  timeout)
+
+    def feedback(self) -> list[str]:
+        return [e.data["state"] for e in self.recorder.find(kind="feedback")]
+
+    def press(self, hold_s: float, seed: int = 1, gap_s: float = 0.0) -> None:
+        self.process.send({"op": "press", "hold_s": hold_s, "seed": seed, "gap_s": gap_s})
+
+    def close(self) -> None:
+        self.process.stop()
+        self.gps.stop()
+
+
+@pytest.fixture
+def device(broker, tmp_path):
+    d = Device(broker, tmp_path)
+    d.start()
+    d.wait_kind("link", up=True)
+    yield d
+    d.close()
+
+
+def test_a_held_sos_reaches_the_centre_with_a_live_gps_position(device, center) -> None:
+    device.press(2.0)
+    record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
+    assert (record.device_id, record.trigger) == (device.id, "button_hold")
+    assert record.position["source"] == "live"
+    assert record.battery["percent"] <= 90.0
+    device.wait(lambda es: "delivered" in [e.data.get("state") for e in es])
+
+
+def test_a_1_4_s_hold_raises_nothing_and_a_1_6_s_hold_raises_one_alert(device, center) -> None:
+    device.press(1.4, seed=11)
+    device.wait_kind("button_released")
+    device.press(1.6, seed=12, gap_s=0.5)
+    center.wait_for(lambda: center.store.alerts())
+    (trigger,) = device.recorder.find(kind="trigger")
+    second_press = device.recorder.find(kind="button")[1]
+    assert trigger.wall > second_press.wall + 1.5
+    assert len(center.store.alerts()) == 1
+
+
+def test_a_device_killed_after_the_press_and_before_the_puback_delivers_after_restart(
+        device, broker, center) -> None:
+    broker.stop()
+    device.press(1.7)
+    device.wait_kind("trigger")
+    device.wait_kind("feedback", state="retrying")
+    (trigger,) = device.recorder.find(kind="trigger")
+    device.process.kill()
+    assert center.store.alerts() == []
+
+    broker.start()
+    device.start()
+    record = center.wait_for(lambda: center.store.alert(trigger.data["alert_id"]), timeout=30)
+    assert record.duplicates == 0
+    device.wait(lambda es: any(e.kind == "feedback" and e.data["state"] == "delivered"
+                               and e.data["run"] == 2 for e in es), timeout=30)
+    assert len(center.store.alerts()) == 1
+
+
+def test_a_malformed_command_is_rejected_and_the_device_keeps_working(device, broker,
+                                                                     center) -> None:
+    device.press(1.7)
+    record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
+    operator = RawClient(broker.config, "rogue-console")
+    try:
+        command_topic = Topics(device.id).command
+        operator.publish(command_topic, b'{"v":1,"type":"close"}')
+        operator.publish(command_topic, b"\x00garbage")
+        forged = {"v": 1, "command_id": "b" * 32, "type": "close", "alert_id": "f" * 32,
+                  "issued_at": "2026-11-23T10:00:00.000Z", "operator": "nobody"}
+        operator.publish(command_topic, json.dumps(forged).encode())
+    finally:
+        operator.close()
+    center.wait_for(lambda: any(u["type"] == "command_rejected"
+                                for u in center.store.updates("f" * 32)))
+
+    center.service.send_command(record.alert_id, "ack", "op-1")
+    device.wait(lambda es: "acknowledged" in [e.data.get("state") for e in es])
+    assert "closed" not in device.feedback()
+    log = device.log_file.read_text()
+    assert log.count("rejected command: invalid command") == 2
+    assert "rejected close command " + "b" * 32 in log
