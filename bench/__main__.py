@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Measure SOS trigger -> alert stored at the control centre, beside a bare "
                     "MQTT QoS 1 round trip through the same private TLS Mosquitto.",
-        epilog="Takes about presses x 0.25 s plus set-up (about a minute for 200). "
+        epilog="Takes about presses x 0.2 s plus set-up (about a minute for 200). "
                "Exit status 0 whether or not the target is met; 1 if the run broke.",
     )
     parser.add_argument("--presses", type=int, default=200, metavar="N",
@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
         except FloorError as exc:
             errors.append(f"floor: {exc}")
         progress(f"ours: {args.warmup} + {args.presses} presses (about "
-                 f"{(args.warmup + args.presses) * 0.25:.0f} s)")
+                 f"{(args.warmup + args.presses) * 0.2:.0f} s)")
         sos = run_sos(tmp, broker.config, args.presses, args.warmup, hold_s=args.hold,
                       seed=args.seed, timeout_s=args.timeout)
         if sos.error:

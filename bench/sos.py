@@ -245,23 +245,33 @@ class PressLoop:
 
 def run_sos(workdir: Path, broker: BrokerConfig, presses: int, warmup: int, *, hold_s: float,
             seed: int, timeout_s: float) -> SosSamples:
-    config = device_config(workdir, broker)
+    """Start the centre and the device, press `warmup + presses` times, stop both.
+
+    A failure is returned in `error` with whatever was measured before it, not raised.
+    """
     recorder = Recorder()
     result = SosSamples()
-    with running_center(workdir, broker, recorder, timeout_s) as service, \
-            running_device(config, recorder, timeout_s) as (runtime, pin):
-        loop = PressLoop(runtime, pin, service, recorder, hold_s=hold_s, seed=seed,
-                         timeout_s=timeout_s)
-        for i in range(warmup + presses):
-            try:
-                sent, stored, handled = loop.press(i)
-            except (SosBenchError, CommandError) as exc:
-                # Keep what was measured; the report says the run broke and where.
-                result.error = f"press {i}: {exc}"
-                break
-            if i >= warmup:
-                result.stored_s.append(stored)
-                result.sent_s.append(sent)
-                result.transit_s.append(stored - sent)
-                result.handled_s.append(handled)
+    try:
+        with running_center(workdir, broker, recorder, timeout_s) as service, \
+                running_device(device_config(workdir, broker), recorder, timeout_s) as (rt, pin):
+            loop = PressLoop(rt, pin, service, recorder, hold_s=hold_s, seed=seed,
+                             timeout_s=timeout_s)
+            _press_all(loop, presses, warmup, result)
+    except (SosBenchError, CommandError) as exc:
+        result.error = result.error or f"set-up or shut-down: {exc}"
     return result
+
+
+def _press_all(loop: PressLoop, presses: int, warmup: int, result: SosSamples) -> None:
+    for i in range(warmup + presses):
+        try:
+            sent, stored, handled = loop.press(i)
+        except (SosBenchError, CommandError) as exc:
+            # Keep what was measured; the report says the run broke and where.
+            result.error = f"press {i}: {exc}"
+            return
+        if i >= warmup:
+            result.stored_s.append(stored)
+            result.sent_s.append(sent)
+            result.transit_s.append(stored - sent)
+            result.handled_s.append(handled)

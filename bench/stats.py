@@ -21,7 +21,8 @@ class Summary:
     max_ms: float
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Rounded to the microsecond: finer digits are noise."""
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 def percentile(ordered: Sequence[float], pct: float) -> float:

@@ -70,3 +70,14 @@ def test_sos_device_refuses_to_start_with_a_bad_config_and_names_the_key(tmp_pat
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "missing key 'broker.port'" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["device-token.toml", "device-pillar.toml"])
+def test_the_example_device_configs_load(name: str) -> None:
+    load_device_config(Path(__file__).resolve().parents[1] / "hw" / "examples" / name)
+
+
+def test_the_example_center_config_loads() -> None:
+    from control_center.config import load_center_config
+
+    load_center_config(Path(__file__).resolve().parents[1] / "hw" / "examples" / "center.toml")
