@@ -167,7 +167,7 @@ class DeviceRuntime:
                                      else "button_press"))
                 recognised = time.time() - (self._clock() - at)
                 active = self.core.active.alert_id if self.core.active else None
-                self._observe("trigger", {"wall": recognised, "alert_id": active})
+                self._observe("trigger", {"wall": recognised, "at": at, "alert_id": active})
             case CancelRequested():
                 self._handle(CancelGesture())
             case Connected():
