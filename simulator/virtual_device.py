@@ -51,8 +51,9 @@ class DrainingBattery:
 
 
 def _cancel_gesture(rng: random.Random) -> list[tuple[float, bool]]:
-    # docs/BUTTON.md: after a quiet spell, three taps, then a 3 s hold.
-    return sequence_pattern(rng, [(0.0, 0.2), (0.5, 0.2), (0.5, 0.2), (0.5, 3.3)])
+    # docs/BUTTON.md: at least 2 s released, three short taps, then a 3 s hold.
+    quiet_s = 2.2
+    return sequence_pattern(rng, [(quiet_s, 0.2), (0.5, 0.2), (0.5, 0.2), (0.5, 3.3)])
 
 
 def serve_stdin(pin, pull_up: bool, stop: threading.Event) -> None:

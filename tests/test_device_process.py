@@ -131,3 +131,17 @@ def test_a_malformed_command_is_rejected_and_the_device_keeps_working(device, br
     log = device.log_file.read_text()
     assert log.count("rejected command: invalid command") == 2
     assert "rejected close command " + "b" * 32 in log
+
+
+def test_the_cancel_gesture_is_reported_to_the_operator_and_positions_continue(
+        device, center) -> None:
+    device.press(1.7)
+    record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
+    device.wait_kind("button_released")
+    device.process.send({"op": "cancel", "seed": 5})
+    device.wait_kind("feedback", state="cancelled")
+    center.wait_for(lambda: center.store.alert(record.alert_id).cancel_requested_at)
+    positions = len([u for u in center.store.updates(record.alert_id) if u["kind"] == "position"])
+    center.wait_for(lambda: len([u for u in center.store.updates(record.alert_id)
+                                 if u["kind"] == "position"]) > positions, timeout=15)
+    assert center.store.alert(record.alert_id).status == "open"
