@@ -259,12 +259,7 @@ class NmeaDecoder:
         alt = _float(msg.data[8]) if len(msg.data) > 8 else None
         ep = self._open(tod)
         ep.lat, ep.lon, ep.quality = lat, lon, quality
-        if sats is not None:
-            ep.satellites = sats
-        if hdop is not None:
-            ep.hdop = hdop
-        if alt is not None:
-            ep.alt_m = alt
+        _merge_present(ep, satellites=sats, hdop=hdop, alt_m=alt)
         self._emit(ep, now, out)
 
     def _gll(self, msg: pynmea2.GLL, now: float, out: list[Fix]) -> None:
@@ -291,12 +286,7 @@ class NmeaDecoder:
         alt = _float(msg.altitude)
         ep = self._open(tod)
         ep.lat, ep.lon = lat, lon
-        if sats is not None:
-            ep.satellites = sats
-        if hdop is not None:
-            ep.hdop = hdop
-        if alt is not None:
-            ep.alt_m = alt
+        _merge_present(ep, satellites=sats, hdop=hdop, alt_m=alt)
         self._emit(ep, now, out)
 
     def _gsa(self, msg: pynmea2.GSA, now: float, out: list[Fix]) -> None:
@@ -394,3 +384,10 @@ def _int(text: str | None) -> int | None:
     if not text:
         return None
     return int(text)
+
+
+def _merge_present(epoch: object, **fields: object) -> None:
+    """Set the fields this sentence carried; an empty field keeps what the epoch already has."""
+    for name, value in fields.items():
+        if value is not None:
+            setattr(epoch, name, value)
