@@ -88,19 +88,21 @@ def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
     with PrivateBroker(tmp / "broker") as broker:
         progress(f"floor: {args.warmup} + {args.presses} QoS 1 round trips")
         try:
-            floor = run_floor(broker.config, args.presses, args.warmup, payload, args.timeout)
+            floor = run_floor(broker.identity("bench-floor-pub"), broker.centre, args.presses,
+                              args.warmup, payload, args.timeout)
         except FloorError as exc:
             errors.append(f"floor: {exc}")
         progress(f"ours: {args.warmup} + {args.presses} presses (about "
                  f"{(args.warmup + args.presses) * 0.2:.0f} s)")
-        sos = run_sos(tmp, broker.config, args.presses, args.warmup, hold_s=args.hold,
+        sos = run_sos(tmp, broker.identity(DEVICE_ID, "pillar"), broker.centre, args.presses,
+                      args.warmup, hold_s=args.hold,
                       seed=args.seed, timeout_s=args.timeout)
         if sos.error:
             errors.append(f"ours: {sos.error}")
     progress("storage and decoding, measured alone")
     micro = run_micro(tmp / "micro", DEVICE_ID, args.presses)
     context = {
-        "broker": f"{broker.config.host}:{broker.config.port}",
+        "broker": f"{broker.centre.host}:{broker.port}",
         "presses": args.presses,
         "warmup": args.warmup,
         "hold_s": args.hold,

@@ -15,7 +15,8 @@ import paho.mqtt.client as mqtt
 
 from protocol.mqtt import BrokerConfig, make_client
 
-TOPIC = "bench/floor"
+FLOOR_DEVICE = "bench-floor-pub"
+TOPIC = f"sos/v1/dev/{FLOOR_DEVICE}/alert"  # allowed for that identity by the fleet ACL
 
 
 class FloorError(RuntimeError):
@@ -85,22 +86,25 @@ def _round_trip(pub: mqtt.Client, arrivals: _Arrivals, payload: bytes,
     return delivered - start, acked - start
 
 
-def run_floor(broker: BrokerConfig, samples: int, warmup: int, payload: bytes,
-              timeout_s: float = 10.0) -> FloorSamples:
+def run_floor(publisher: BrokerConfig, subscriber: BrokerConfig, samples: int, warmup: int,
+              payload: bytes, timeout_s: float = 10.0) -> FloorSamples:
     """`warmup` uncounted round trips, then `samples` counted ones, strictly one at a time.
+
+    The publisher is a device identity publishing on its own alert topic, the subscriber the
+    centre's identity: the same certificates and ACL checks as the real path.
 
     Each payload starts with its index so a late delivery can never be taken for the next one.
     """
     arrivals = _Arrivals()
-    sub = make_client("bench-floor-sub", broker)
-    pub = make_client("bench-floor-pub", broker)
+    sub = make_client("bench-floor-sub", subscriber)
+    pub = make_client(FLOOR_DEVICE, publisher)
     sub.on_message = arrivals.on_message
     pub.on_publish = arrivals.on_publish
     result = FloorSamples()
     try:
-        _connect(sub, broker, timeout_s)
+        _connect(sub, subscriber, timeout_s)
         _subscribe(sub, timeout_s)
-        _connect(pub, broker, timeout_s)
+        _connect(pub, publisher, timeout_s)
         for i in range(warmup + samples):
             delivered, acked = _round_trip(pub, arrivals, b"%08d:" % i + payload, timeout_s)
             if i >= warmup:

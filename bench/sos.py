@@ -243,17 +243,18 @@ class PressLoop:
         self._free_at = time.monotonic() + self.button.debounce_s + RELEASE_MARGIN_S
 
 
-def run_sos(workdir: Path, broker: BrokerConfig, presses: int, warmup: int, *, hold_s: float,
-            seed: int, timeout_s: float) -> SosSamples:
-    """Start the centre and the device, press `warmup + presses` times, stop both.
+def run_sos(workdir: Path, device: BrokerConfig, centre: BrokerConfig, presses: int, warmup: int,
+            *, hold_s: float, seed: int, timeout_s: float) -> SosSamples:
+    """Start the centre and the device (each with its own identity), press `warmup + presses`
+    times, stop both.
 
     A failure is returned in `error` with whatever was measured before it, not raised.
     """
     recorder = Recorder()
     result = SosSamples()
     try:
-        with running_center(workdir, broker, recorder, timeout_s) as service, \
-                running_device(device_config(workdir, broker), recorder, timeout_s) as (rt, pin):
+        with running_center(workdir, centre, recorder, timeout_s) as service, \
+                running_device(device_config(workdir, device), recorder, timeout_s) as (rt, pin):
             loop = PressLoop(rt, pin, service, recorder, hold_s=hold_s, seed=seed,
                              timeout_s=timeout_s)
             _press_all(loop, presses, warmup, result)

@@ -1,7 +1,7 @@
-"""Certificates for TLS: a fleet CA and the broker's server certificate.
+"""X.509 for the fleet: a CA, server certificates, client certificates from a CSR, a CRL.
 
-Keys are ECDSA P-256 and stored as PEM with 0600 permissions. (Device certificates from a CSR
-and revocation belong to the fleet-identity work and build on these functions.)
+Keys are ECDSA P-256, stored as PEM with 0600 permissions, and made where they are used: a device
+makes its own key and sends only a signing request.
 """
 
 from __future__ import annotations
@@ -89,3 +89,68 @@ def issue_server_cert(ca: CertPair, directory: Path, name: str, hosts: list[str]
     pair.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, pair.key_file)
     return pair
+
+
+def load_or_make_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The identity key kept at `path`; made there (0600) the first time. It never leaves."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{path}: not an EC private key")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(key, path)
+    return key
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
+    """A certificate signing request for `common_name` (the device id), signed by `key`."""
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(_name(common_name))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_client_csr(ca: CertPair, csr_pem: bytes, days: int = 825) -> x509.Certificate:
+    """A TLS client certificate for the CSR's subject; raises ValueError for a forged CSR."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    if not csr.is_signature_valid:
+        raise ValueError("the signing request's signature does not match its key")
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key_file.read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject).issuer_name(ca_cert.subject)
+        .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def common_name(cert_or_csr: x509.Certificate | x509.CertificateSigningRequest) -> str:
+    values = cert_or_csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(values) != 1:
+        raise ValueError("expected exactly one common name")
+    return str(values[0].value)
+
+
+def write_crl(ca: CertPair, revoked: list[tuple[int, dt.datetime]], path: Path,
+              days: int = 30) -> None:
+    """A CRL listing `revoked` (serial, when); Mosquitto refuses those certificates."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.key_file.read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(minutes=5))
+               .next_update(now + dt.timedelta(days=days)))
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))

@@ -1,4 +1,4 @@
-"""A private Mosquitto for the simulator and the tests: loopback only, TLS, a free port.
+"""A private Mosquitto for the simulator and the tests: loopback only, mutual TLS, a free port.
 
 It can be stopped and started again on the same port with its persistence intact, which is how
 the `outage` scenario and the outage tests take the broker away from devices.
@@ -14,7 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from control_center.pki import CertPair, issue_server_cert, make_ca
+from control_center.fleet import Fleet, render_mosquitto_conf
+from control_center.pki import CertPair
 from protocol.mqtt import BrokerConfig
 
 HOST = "127.0.0.1"
@@ -41,49 +42,53 @@ def free_port() -> int:
 
 
 class PrivateBroker:
-    """`with PrivateBroker(workdir) as broker:` gives a running TLS broker on loopback."""
+    """`with PrivateBroker(workdir) as broker:` gives a running broker on loopback, configured
+    exactly as a deployment is (control_center/fleet.py): mutual TLS, the certificate's name as
+    the user name, per-device ACLs and a CRL. Clients get identities from `identity()`."""
+
+    CENTRE = "centre.sim"
 
     def __init__(self, workdir: Path, *, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.ca: CertPair = make_ca(self.workdir / "pki")
-        self.server = issue_server_cert(self.ca, self.workdir / "pki", "broker",
-                                        [HOST, "localhost"])
+        self.fleet = Fleet.create(self.workdir / "fleet")
+        self.server = self.fleet.issue_server("broker", [HOST, "localhost"])
+        self.ca: CertPair = self.fleet.ca
         (self.workdir / "data").mkdir(exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
         self.log_file = self.workdir / "mosquitto.log"
-        self.conf.write_text(self._config())
+        self.conf.write_text(render_mosquitto_conf(
+            self.fleet, self.server, host=HOST, port=self.port, data_dir=self.workdir / "data",
+            log_file=self.log_file,
+            run_as=getpass.getuser(),  # do not drop to 'mosquitto': these files are ours
+        ))
+        self._identities: dict[str, BrokerConfig] = {}
         self._proc: subprocess.Popen[bytes] | None = None
+        self.centre = self.identity(self.CENTRE, "centre")  # in the ACL before the broker starts
 
-    def _config(self) -> str:
-        return "\n".join([
-            f"user {getpass.getuser()}",  # do not drop to 'mosquitto': these files are ours
-            "per_listener_settings false",
-            "allow_anonymous true",  # identities and ACLs: see docs/PROTOCOL.md, 'Security'
-            "persistence true",
-            f"persistence_location {self.workdir / 'data'}/",
-            "autosave_interval 1",
-            f"log_dest file {self.log_file}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "connection_messages true",
-            "max_queued_messages 10000",
-            f"listener {self.port} {HOST}",
-            "protocol mqtt",
-            f"cafile {self.ca.cert_file}",
-            f"certfile {self.server.cert_file}",
-            f"keyfile {self.server.key_file}",
-            "tls_version tlsv1.2",
-            "",
-        ])
+    def identity(self, name: str, kind: str = "token") -> BrokerConfig:
+        """How `name` reaches this broker: its own key (made in its own directory) and a
+        certificate from the fleet CA, with a quick reconnect for tests."""
+        if name not in self._identities:
+            pair = self.fleet.enrol_local(name, kind, self.workdir / "identities" / name)
+            self._identities[name] = BrokerConfig(
+                HOST, self.port, ca_file=str(self.ca.cert_file), cert_file=str(pair.cert_file),
+                key_file=str(pair.key_file), reconnect_min_s=0.2, reconnect_max_s=1.0)
+        return self._identities[name]
 
-    @property
-    def config(self) -> BrokerConfig:
-        """How a client reaches this broker (TLS against our CA), with a quick reconnect."""
+    def anonymous(self) -> BrokerConfig:
+        """A client that checks the broker but shows no certificate of its own."""
         return BrokerConfig(HOST, self.port, ca_file=str(self.ca.cert_file),
                             reconnect_min_s=0.2, reconnect_max_s=1.0)
+
+    def revoke(self, name: str) -> None:
+        """Revoke `name`'s certificate and restart, as an operator reloads the broker."""
+        self.fleet.revoke(name)
+        self._identities.pop(name, None)
+        if self.running:
+            self.stop()
+            self.start()
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self.running:
@@ -110,6 +115,7 @@ class PrivateBroker:
     def _wait_ready(self, timeout_s: float) -> None:
         """Poll until a TLS handshake succeeds: readiness has no event to wait on."""
         ctx = ssl.create_default_context(cafile=str(self.ca.cert_file))
+        ctx.load_cert_chain(self.centre.cert_file, self.centre.key_file)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:

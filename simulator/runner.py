@@ -108,7 +108,7 @@ class ScenarioRun:
         self.recorder = recorder or Recorder()
         self.broker = PrivateBroker(workdir / "broker")
         self.store = Store(workdir / "center.sqlite")
-        self.center = CenterService(self.broker.config, self.store, on_event=self._center_event)
+        self.center = CenterService(self.broker.centre, self.store, on_event=self._center_event)
         self.operator = AutoOperator(self.center, self.recorder,
                                      scenario.operator_ack_delay_s / speed,
                                      scenario.operator_close_delay_s / speed)
@@ -122,8 +122,8 @@ class ScenarioRun:
         try:
             self.broker.start()
             self.center.start()
-            rec.add("sim", "setup", f"broker on {self.broker.config.host}:{self.broker.port} "
-                    "(TLS), control centre subscribed")
+            rec.add("sim", "setup", f"broker on {self.broker.centre.host}:{self.broker.port} "
+                    "(mutual TLS, per-device ACL), control centre subscribed")
             for spec in self.scenario.devices:
                 self._start_device(spec)
             for device_id in self.devices:
@@ -159,14 +159,14 @@ class ScenarioRun:
         process.start()
 
     def _device_config(self, spec: DeviceSpec, directory: Path, gps_port: str | None) -> str:
-        b = self.broker.config
+        b = self.broker.identity(spec.id, spec.profile)
         lines = [
             "[device]", f'id = "{spec.id}"', f'profile = "{spec.profile}"',
             f'data_dir = "{directory / "data"}"',
             f"position_interval_s = {max(1.0, 5.0 / self.speed)}",
             "heartbeat_s = 30",
             "", "[broker]", f'host = "{b.host}"', f"port = {b.port}", f'ca_file = "{b.ca_file}"',
-            "reconnect_max_s = 1.0",
+            f'cert_file = "{b.cert_file}"', f'key_file = "{b.key_file}"', "reconnect_max_s = 1.0",
             "", "[gps]",
         ]
         if gps_port:

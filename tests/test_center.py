@@ -17,7 +17,7 @@ from tests.helpers import RawClient, alert_message
 
 @pytest.fixture
 def device(broker):
-    client = RawClient(broker.config, "tok-001")
+    client = RawClient(broker.identity("tok-001"), "tok-001")
     yield client
     client.close()
 
@@ -56,7 +56,7 @@ def test_a_message_claiming_another_device_is_rejected(center, device, caplog) -
 def test_the_last_will_marks_the_devices_open_alert_offline(broker, center) -> None:
     topics = Topics("tok-002")
     will = encode(MessageKind.STATUS, {"v": 1, "device_id": "tok-002", "state": "offline"})
-    doomed = RawClient(broker.config, "tok-002", will=(topics.status, will))
+    doomed = RawClient(broker.identity("tok-002"), "tok-002", will=(topics.status, will))
     message = alert_message(device_id="tok-002")
     doomed.publish(topics.alert, encode(MessageKind.ALERT, message))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
@@ -91,7 +91,7 @@ def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp
             seen[name].append(event.message["alert_id"])
             changed.notify_all()
 
-    services = [CenterService(broker.config, store, client_id=f"center-{name}",
+    services = [CenterService(broker.centre, store, client_id=f"center-{name}",
                               on_event=lambda e, n=name: record(n, e))
                 for name in seen]
     for service in services:
@@ -116,7 +116,7 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
     caplog.set_level(logging.WARNING, "sos.center")
     message = alert_message(device_id="tok-003")
     topics = Topics("tok-003")
-    sender = RawClient(broker.config, "tok-003-first")
+    sender = RawClient(broker.identity("tok-003"), "tok-003-first")
     sender.publish(topics.alert, encode(MessageKind.ALERT, message))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
     sender.close()
@@ -125,7 +125,7 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
     assert center.store.alert(message["alert_id"]).status == "acknowledged"
     assert any("not connected" in r.message for r in caplog.records)
 
-    device = RawClient(broker.config, "tok-003")
+    device = RawClient(broker.identity("tok-003"), "tok-003")
     try:
         device.subscribe(topics.command)
         status = {"v": 1, "device_id": "tok-003", "state": "online",

@@ -18,9 +18,10 @@ from tests.helpers import RawClient, alert_message
 @pytest.fixture
 def config(broker, tmp_path: Path) -> Path:
     path = tmp_path / "center.toml"
+    b = broker.centre
     path.write_text(f'[center]\ndb = "{tmp_path / "center.sqlite"}"\noperator = "op-cli"\n'
-                    f'[broker]\nhost = "{broker.config.host}"\nport = {broker.port}\n'
-                    f'ca_file = "{broker.config.ca_file}"\n')
+                    f'[broker]\nhost = "{b.host}"\nport = {b.port}\nca_file = "{b.ca_file}"\n'
+                    f'cert_file = "{b.cert_file}"\nkey_file = "{b.key_file}"\n')
     return path
 
 
@@ -43,7 +44,7 @@ def serving(config: Path):
 
 def test_serve_prints_one_line_per_new_alert_and_ack_reaches_the_device(broker, config,
                                                                        serving) -> None:
-    device = RawClient(broker.config, "tok-777")
+    device = RawClient(broker.identity("tok-777"), "tok-777")
     try:
         device.subscribe(Topics("tok-777").command)
         message = alert_message(device_id="tok-777")

@@ -27,10 +27,11 @@ class Device:
         directory = tmp_path / device_id
         directory.mkdir()
         config = directory / "device.toml"
-        b = broker.config
+        b = broker.identity(device_id)
         config.write_text(
             f'[device]\nid = "{device_id}"\nprofile = "token"\ndata_dir = "{directory}/data"\n'
             f'[broker]\nhost = "{b.host}"\nport = {b.port}\nca_file = "{b.ca_file}"\n'
+            f'cert_file = "{b.cert_file}"\nkey_file = "{b.key_file}"\n'
             f'reconnect_max_s = 1.0\n[gps]\nport = "{self.gps.port}"\n')
         self.process = DeviceProcess(device_id, config, directory / "device.log", self.recorder,
                                      battery=90.0)
@@ -112,7 +113,9 @@ def test_a_malformed_command_is_rejected_and_the_device_keeps_working(device, br
                                                                      center) -> None:
     device.press(1.7)
     record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
-    operator = RawClient(broker.config, "rogue-console")
+    # From a centre identity: the broker's ACL keeps anyone else off a device's command topic,
+    # so this tests the device's own validation behind it (a buggy or compromised centre).
+    operator = RawClient(broker.centre, "buggy-console")
     try:
         command_topic = Topics(device.id).command
         operator.publish(command_topic, b'{"v":1,"type":"close"}')

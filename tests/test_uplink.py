@@ -30,7 +30,7 @@ class Link:
     def __init__(self, broker, path: Path) -> None:
         self.events: queue.Queue = queue.Queue()
         self.outbox = Outbox(path)
-        self.uplink = MqttUplink(DEVICE, broker.config, self.outbox, self.events.put,
+        self.uplink = MqttUplink(DEVICE, broker.identity(DEVICE), self.outbox, self.events.put,
                                  will_payload=OFFLINE, status_payload=lambda: STATUS)
 
     def wait_for(self, kind: type, timeout: float = 15.0):
@@ -111,7 +111,7 @@ def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
         refused = link.wait_for(Refused)
         assert "No matching subscribers" in refused.reason
         assert link.outbox.contains(rows[0].seq)
-        service = CenterService(broker.config, store)
+        service = CenterService(broker.centre, store)
         service.start()
         try:
             link.wait_for(Delivered)

@@ -92,6 +92,8 @@ class MqttUplink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_publish = self._handle_publish
         self._client.on_message = self._handle_message
+        self._client.on_connect_fail = self._handle_connect_fail
+        self._refusal_logged = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,16 +147,37 @@ class MqttUplink:
                       self._broker.port, reason_code)
             return
         self.connected = True
+        self._refusal_logged = False
         client.subscribe(self.topics.command, qos=1)
         self.publish_status()
         self._on_event(Connected())
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self.connected = self.connected, False
-        if was_connected and not self._stopped.is_set():
+        if self._stopped.is_set():
+            pass
+        elif was_connected:
             log.warning("lost the broker (%s); retrying, pending messages stay in the outbox",
                         reason_code)
+        else:
+            # Under TLS 1.3 a refused client certificate arrives only as this (FIELD-NOTES).
+            self._log_refusal(f"the broker closed the connection before accepting it "
+                              f"({reason_code})")
         self._on_event(Disconnected(str(reason_code)))
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        self._log_refusal("the connection or TLS handshake failed")
+
+    def _log_refusal(self, what: str) -> None:
+        """One clear line per failure streak, not one per retry."""
+        if self._refusal_logged:
+            return
+        self._refusal_logged = True
+        cert = self._broker.cert_file or "none configured"
+        log.error("cannot connect to broker %s:%s: %s. Check that the broker is reachable and "
+                  "that this device's certificate (broker.cert_file: %s) is issued by the fleet "
+                  "CA and not revoked; retrying, alerts stay in the outbox",
+                  self._broker.host, self._broker.port, what, cert)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:

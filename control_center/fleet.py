@@ -1,0 +1,212 @@
+"""The fleet registry and its certificate authority: who may connect, and as whom.
+
+A fleet directory holds the CA (`ca.pem`, `ca.key`), `registry.json` (every identity ever issued,
+with its serial and status), the CRL (`crl.pem`) and the broker's ACL (`acl`), regenerated from the
+registry on every change. The broker authenticates clients by certificate and uses the
+certificate's common name as the user name, so the ACL can confine each device to its own topics.
+
+Identities: a device is its device id (`tok-amb-0412`); a control-centre instance is
+`centre.<name>`, which can never be a device id (device ids have no dots).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from control_center import pki
+from control_center.pki import CertPair
+from protocol.topics import PREFIX
+
+DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
+CENTRE_ID = re.compile(r"^centre\.[a-z0-9][a-z0-9-]{0,62}$")
+KINDS = ("token", "pillar", "centre")
+
+
+class FleetError(ValueError):
+    """A request the fleet refuses; the text says why and what to do."""
+
+
+@dataclass
+class Identity:
+    name: str
+    kind: str  # "token" | "pillar" | "centre"
+    serial: str  # hex
+    status: str  # "active" | "revoked"
+    issued_at: str
+    not_after: str
+    revoked_at: str | None = None
+
+
+class Fleet:
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.ca = CertPair(self.directory / "ca.pem", self.directory / "ca.key")
+        if not self.ca.cert_file.exists():
+            raise FleetError(f"{self.directory}: no fleet CA here (run: sos-center ca init)")
+        self._registry_file = self.directory / "registry.json"
+        self.identities: list[Identity] = [
+            Identity(**entry) for entry in json.loads(self._registry_file.read_text())["identities"]
+        ]
+
+    @property
+    def crl_file(self) -> Path:
+        return self.directory / "crl.pem"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.directory / "acl"
+
+    @classmethod
+    def create(cls, directory: str | Path, name: str = "SOS fleet CA") -> Fleet:
+        directory = Path(directory)
+        if (directory / "ca.pem").exists():
+            return cls(directory)  # re-running init is safe: the CA is never replaced
+        pki.make_ca(directory, name)
+        (directory / "registry.json").write_text(json.dumps({"identities": []}))
+        fleet = cls(directory)
+        fleet._save()
+        return fleet
+
+    # -- issuing ---------------------------------------------------------------------------------
+    def issue_server(self, name: str, hosts: list[str]) -> CertPair:
+        return pki.issue_server_cert(self.ca, self.directory / "servers", name, hosts)
+
+    def sign_csr(self, csr_pem: bytes, kind: str) -> bytes:
+        """Certificate (PEM) for the identity named in the CSR.
+
+        Re-enrolling the same key returns its current certificate; a new key for a known name
+        gets a new certificate and the old one is revoked, so one name has one valid key.
+        """
+        if kind not in KINDS:
+            raise FleetError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            name = pki.common_name(csr)
+        except ValueError as exc:
+            raise FleetError(f"not a usable certificate signing request: {exc}") from None
+        pattern = CENTRE_ID if kind == "centre" else DEVICE_ID
+        if not pattern.match(name):
+            raise FleetError(f"'{name}' is not a valid {kind} identity ({pattern.pattern})")
+        current = self.active(name)
+        if current is not None:
+            existing = x509.load_pem_x509_certificate(self._cert_path(current).read_bytes())
+            if existing.public_key() == csr.public_key() and current.kind == kind:
+                return self._cert_path(current).read_bytes()
+        try:
+            cert = pki.sign_client_csr(self.ca, csr_pem)
+        except ValueError as exc:
+            raise FleetError(str(exc)) from None
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        identity = Identity(name, kind, f"{cert.serial_number:x}", "active",
+                            _iso(cert.not_valid_before_utc), _iso(cert.not_valid_after_utc))
+        path = self._cert_path(identity)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(pem)
+        if current is not None:
+            self._mark_revoked(current)
+        self.identities.append(identity)
+        self._save()
+        return pem
+
+    def enrol_local(self, name: str, kind: str, directory: Path) -> CertPair:
+        """Make a key in `directory` (where the identity will live) and enrol it."""
+        key = pki.load_or_make_key(directory / "identity.key")
+        pair = CertPair(directory / "identity.pem", directory / "identity.key")
+        pair.cert_file.write_bytes(self.sign_csr(pki.make_csr(key, name), kind))
+        return pair
+
+    # -- revoking --------------------------------------------------------------------------------
+    def revoke(self, name: str) -> Identity:
+        """Revoke the active certificate of `name`; effective when the broker reloads the CRL."""
+        current = self.active(name)
+        if current is None:
+            raise FleetError(f"no active identity '{name}'")
+        self._mark_revoked(current)
+        self._save()
+        return current
+
+    def active(self, name: str) -> Identity | None:
+        return next((i for i in self.identities if i.name == name and i.status == "active"), None)
+
+    # -- files -----------------------------------------------------------------------------------
+    def _mark_revoked(self, identity: Identity) -> None:
+        identity.status = "revoked"
+        identity.revoked_at = _iso(dt.datetime.now(dt.UTC))
+
+    def _cert_path(self, identity: Identity) -> Path:
+        return self.directory / "issued" / f"{identity.serial}.pem"
+
+    def _save(self) -> None:
+        _write_atomic(self._registry_file, json.dumps(
+            {"identities": [asdict(i) for i in self.identities]}, indent=2) + "\n")
+        revoked = [(int(i.serial, 16), dt.datetime.fromisoformat(i.revoked_at))
+                   for i in self.identities if i.status == "revoked" and i.revoked_at]
+        pki.write_crl(self.ca, revoked, self.crl_file)
+        _write_atomic(self.acl_file, render_acl(self))
+
+
+def render_acl(fleet: Fleet) -> str:
+    """Mosquitto ACL: each device writes only its own topics and reads only its own commands."""
+    lines = [
+        "# Generated from the fleet registry by sos-center; do not edit by hand.",
+        "# %u is the client certificate's common name (use_identity_as_username).",
+        f"pattern write {PREFIX}/%u/alert",
+        f"pattern write {PREFIX}/%u/position",
+        f"pattern write {PREFIX}/%u/event",
+        f"pattern write {PREFIX}/%u/status",
+        f"pattern read {PREFIX}/%u/cmd",
+    ]
+    for centre in sorted({i.name for i in fleet.identities
+                          if i.kind == "centre" and i.status == "active"}):
+        lines += ["", f"user {centre}"]
+        lines += [f"topic read {PREFIX}/+/{leaf}" for leaf in ("alert", "position", "event",
+                                                                "status")]
+        lines.append(f"topic write {PREFIX}/+/cmd")
+    return "\n".join(lines) + "\n"
+
+
+def render_mosquitto_conf(fleet: Fleet, server: CertPair, *, host: str, port: int,
+                          data_dir: Path, log_file: Path, run_as: str | None = None) -> str:
+    """The broker configuration every deployment, the simulator and the tests use."""
+    return "\n".join([
+        "# Generated by sos-center from the fleet registry.",
+        *([f"user {run_as}"] if run_as else []),
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {fleet.acl_file}",
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 1",
+        f"log_dest file {log_file}",
+        "log_type error", "log_type warning", "log_type notice",
+        "connection_messages true",
+        "max_queued_messages 10000",
+        f"listener {port} {host}",
+        "protocol mqtt",
+        f"cafile {fleet.ca.cert_file}",
+        f"certfile {server.cert_file}",
+        f"keyfile {server.key_file}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        f"crlfile {fleet.crl_file}",
+        "tls_version tlsv1.2",
+        "",
+    ])
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
