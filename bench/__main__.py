@@ -94,8 +94,7 @@ def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
             errors.append(f"floor: {exc}")
         progress(f"ours: {args.warmup} + {args.presses} presses (about "
                  f"{(args.warmup + args.presses) * 0.2:.0f} s)")
-        sos = run_sos(tmp, broker.identity(DEVICE_ID, "pillar"), broker.centre, args.presses,
-                      args.warmup, hold_s=args.hold,
+        sos = run_sos(tmp, broker, args.presses, args.warmup, hold_s=args.hold,
                       seed=args.seed, timeout_s=args.timeout)
         if sos.error:
             errors.append(f"ours: {sos.error}")
@@ -127,7 +126,7 @@ def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
                       micro.outbox_append_s),
             summarise("store_add_alert", "  centre Store.add_alert (WAL, FULL)",
                       micro.store_add_alert_s),
-            summarise("decode", "  alert decode + schema validation", micro.decode_s),
+            summarise("decode", "  decode + schema + signature check", micro.decode_s),
         ],
         target_ms=args.target_ms,
         errors=errors,

@@ -9,7 +9,6 @@ the next press, so every press raises a new alert.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import random
 import threading
@@ -23,12 +22,12 @@ from gpiozero.pins.mock import MockFactory
 
 from control_center.service import CenterEvent, CenterService, CommandError
 from control_center.store import Store
-from firmware.config import PROFILES_DIR, DeviceConfig, build_config
+from firmware.config import DeviceConfig, load_device_config
 from firmware.device import DeviceRuntime
 from firmware.uplink.outbox import OutboxRow
 from protocol import MessageKind
-from protocol.configfile import load_schema, load_toml
-from protocol.mqtt import BrokerConfig
+from simulator.broker import PrivateBroker
+from simulator.device_config import render_device_toml
 from simulator.virtual_button import play, press_pattern
 
 from .storage import SURVEYED
@@ -114,18 +113,14 @@ class Recorder:
                 raise SosBenchError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def device_config(workdir: Path, broker: BrokerConfig) -> DeviceConfig:
-    """The pillar profile, a surveyed position and no GPS port, on the bench broker."""
-    data = {
-        "device": {"id": DEVICE_ID, "profile": "pillar", "data_dir": str(workdir / "device")},
-        "broker": {"host": broker.host, "port": broker.port, "ca_file": str(broker.ca_file)},
-        "gps": {"surveyed": dict(SURVEYED)},
-    }
-    profile = load_toml(PROFILES_DIR / "pillar.toml", load_schema("firmware",
-                                                                  "profile.schema.json"))
-    config = build_config(data, profile, source="bench (built in memory)", base=workdir)
-    # Exactly the PrivateBroker's client settings (its quick reconnect included).
-    return dataclasses.replace(config, broker=broker)
+def device_config(workdir: Path, broker: PrivateBroker) -> DeviceConfig:
+    """The pillar profile, a surveyed position and no GPS port, enrolled in the bench broker's
+    fleet: written and loaded as the simulator does it."""
+    path = workdir / "device.toml"
+    path.write_text(render_device_toml(device_id=DEVICE_ID, profile="pillar",
+                                       data_dir=workdir / "device", broker=broker,
+                                       surveyed=dict(SURVEYED)))
+    return load_device_config(path)
 
 
 def tap_uplink(runtime: DeviceRuntime, recorder: Recorder) -> None:
@@ -182,11 +177,11 @@ def running_device(config: DeviceConfig, recorder: Recorder,
 
 
 @contextlib.contextmanager
-def running_center(workdir: Path, broker: BrokerConfig, recorder: Recorder,
+def running_center(workdir: Path, broker: PrivateBroker, recorder: Recorder,
                    timeout_s: float) -> Iterator[CenterService]:
     store = Store(workdir / "center" / "center.sqlite")
-    service = CenterService(broker, store, client_id="bench-center",
-                            on_event=recorder.on_center_event)
+    service = broker.centre_service(store, client_id="bench-center",
+                                    on_event=recorder.on_center_event)
     try:
         service.start(wait_s=timeout_s)  # returns once the subscriptions are in place
         try:
@@ -243,7 +238,7 @@ class PressLoop:
         self._free_at = time.monotonic() + self.button.debounce_s + RELEASE_MARGIN_S
 
 
-def run_sos(workdir: Path, device: BrokerConfig, centre: BrokerConfig, presses: int, warmup: int,
+def run_sos(workdir: Path, broker: PrivateBroker, presses: int, warmup: int,
             *, hold_s: float, seed: int, timeout_s: float) -> SosSamples:
     """Start the centre and the device (each with its own identity), press `warmup + presses`
     times, stop both.
@@ -253,8 +248,8 @@ def run_sos(workdir: Path, device: BrokerConfig, centre: BrokerConfig, presses: 
     recorder = Recorder()
     result = SosSamples()
     try:
-        with running_center(workdir, centre, recorder, timeout_s) as service, \
-                running_device(device_config(workdir, device), recorder, timeout_s) as (rt, pin):
+        with running_center(workdir, broker, recorder, timeout_s) as service, \
+                running_device(device_config(workdir, broker), recorder, timeout_s) as (rt, pin):
             loop = PressLoop(rt, pin, service, recorder, hold_s=hold_s, seed=seed,
                              timeout_s=timeout_s)
             _press_all(loop, presses, warmup, result)

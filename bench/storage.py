@@ -14,12 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from control_center.store import Store as CentreStore
 from firmware.alert_state import AlertCore, DeviceIdentity, Now, Readings, Store, Trigger
 from firmware.gps.position import PositionProvider
 from firmware.uplink.outbox import Outbox, Outgoing
 from protocol import MessageKind, decode, encode, new_id
+from protocol.signing import Signer, public_key_from_b64, verify
 
+BENCH_SIGNER = Signer(Ed25519PrivateKey.generate())
+BENCH_KEYS = [public_key_from_b64(BENCH_SIGNER.public_key_b64)]
 SURVEYED = {"lat": 52.5163, "lon": 13.3777}  # any valid position; the pillar's is surveyed
 
 
@@ -31,14 +36,14 @@ class SampleAlert:
     state: dict[str, Any]
 
     def payload(self) -> bytes:
-        """The alert as it goes on the wire (seq filled in as the outbox would)."""
+        """The alert as it goes on the wire (seq filled in and signed, as the outbox does)."""
         item = self.items[0]
-        return encode(item.kind, {**item.message, "seq": 1})
+        return encode(item.kind, BENCH_SIGNER.sign({**item.message, "seq": 1}))
 
 
 def sample_alert(device_id: str) -> SampleAlert:
     """A real alert from the real AlertCore, so sizes and contents match the end-to-end run."""
-    core = AlertCore(DeviceIdentity(device_id, "pillar"))
+    core = AlertCore(DeviceIdentity(device_id, "pillar"), command_keys=[])
     position = PositionProvider(lambda: None, surveyed={"alt_m": None, "accuracy_m": 5.0,
                                                         **SURVEYED}).current()
     actions = core.handle(Trigger("button_press"), Now(time.monotonic(), datetime.now(UTC)),
@@ -56,7 +61,7 @@ class MicroSamples:
 
 def time_outbox_append(workdir: Path, alert: SampleAlert, n: int) -> list[float]:
     """n appends of one alert with the device state; each row is removed (untimed) after."""
-    outbox = Outbox(workdir / "micro-outbox.sqlite")
+    outbox = Outbox(workdir / "micro-outbox.sqlite", signer=BENCH_SIGNER)
     out: list[float] = []
     try:
         for _ in range(n):
@@ -90,7 +95,7 @@ def time_decode(alert: SampleAlert, n: int) -> list[float]:
     out: list[float] = []
     for _ in range(n):
         start = time.perf_counter()
-        decode(MessageKind.ALERT, payload)
+        verify(decode(MessageKind.ALERT, payload), BENCH_KEYS)
         out.append(time.perf_counter() - start)
     return out
 

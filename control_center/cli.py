@@ -13,7 +13,8 @@ from dataclasses import asdict
 
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, record_line
-from control_center.service import CenterEvent, CenterService, CommandError
+from control_center.fleet import Fleet, FleetError
+from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
 from protocol.configfile import ConfigError
 
@@ -31,10 +32,16 @@ def _print_event(event: CenterEvent) -> None:
         print(f"OFFLINE {event.device_id}: the device vanished (last will)", flush=True)
 
 
+def _service(config: CenterConfig, store: Store, **kwargs) -> CenterService:
+    fleet = Fleet(config.fleet_dir)
+    return CenterService(config.broker, store, signer=fleet.centre_signer(),
+                         trust=FleetTrust(fleet), **kwargs)
+
+
 def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     store = Store(config.db)
-    service = CenterService(config.broker, store, client_id=config.client_id,
-                            group=config.group, on_event=_print_event)
+    service = _service(config, store, client_id=config.client_id, group=config.group,
+                       on_event=_print_event)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -70,8 +77,8 @@ def cmd_decide(config: CenterConfig, args: argparse.Namespace) -> int:
     if alert_id is None:
         print(f"error: no alert '{args.alert_id}' (see: sos-center alerts)", file=sys.stderr)
         return 2
-    service = CenterService(config.broker, store, client_id=f"{config.client_id}-cli-{os.getpid()}",
-                            consume=False)
+    service = _service(config, store, client_id=f"{config.client_id}-cli-{os.getpid()}",
+                       consume=False)
     try:
         service.start()
         service.send_command(alert_id, args.command, args.operator or config.operator)
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_center_config(args.config)
-    except ConfigError as exc:
+        Fleet(config.fleet_dir)  # fail now, not at the first alert
+    except (ConfigError, FleetError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     handlers = {"serve": cmd_serve, "alerts": cmd_alerts, "ack": cmd_decide,

@@ -12,6 +12,7 @@ from protocol.mqtt import BrokerConfig
 @dataclass(frozen=True)
 class CenterConfig:
     db: Path
+    fleet_dir: Path
     client_id: str
     group: str
     operator: str
@@ -29,6 +30,7 @@ def load_center_config(path: str | Path) -> CenterConfig:
     center, broker = data["center"], data["broker"]
     return CenterConfig(
         db=Path(rel(center["db"]) or ""),
+        fleet_dir=Path(rel(center["fleet_dir"]) or ""),
         client_id=center.get("client_id", "sos-center-1"),
         group=center.get("group", "sos-center"),
         operator=center.get("operator", "operator"),

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from control_center import pki
 from control_center.pki import CertPair
+from protocol import signing
 from protocol.topics import PREFIX
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
@@ -43,6 +45,7 @@ class Identity:
     issued_at: str
     not_after: str
     revoked_at: str | None = None
+    signing_key: str | None = None  # base64 Ed25519 public key its messages are signed with
 
 
 class Fleet:
@@ -79,12 +82,18 @@ class Fleet:
     def issue_server(self, name: str, hosts: list[str]) -> CertPair:
         return pki.issue_server_cert(self.ca, self.directory / "servers", name, hosts)
 
-    def sign_csr(self, csr_pem: bytes, kind: str) -> bytes:
-        """Certificate (PEM) for the identity named in the CSR.
+    def sign_csr(self, csr_pem: bytes, kind: str, signing_key: str | None = None) -> bytes:
+        """Certificate (PEM) for the identity named in the CSR; `signing_key` is the base64
+        Ed25519 public key the identity signs its messages with.
 
         Re-enrolling the same key returns its current certificate; a new key for a known name
         gets a new certificate and the old one is revoked, so one name has one valid key.
         """
+        if signing_key is not None:
+            try:
+                signing.public_key_from_b64(signing_key)
+            except ValueError as exc:
+                raise FleetError(str(exc)) from None
         if kind not in KINDS:
             raise FleetError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
         try:
@@ -99,6 +108,9 @@ class Fleet:
         if current is not None:
             existing = x509.load_pem_x509_certificate(self._cert_path(current).read_bytes())
             if existing.public_key() == csr.public_key() and current.kind == kind:
+                if signing_key and current.signing_key != signing_key:
+                    current.signing_key = signing_key
+                    self._save()
                 return self._cert_path(current).read_bytes()
         try:
             cert = pki.sign_client_csr(self.ca, csr_pem)
@@ -106,7 +118,8 @@ class Fleet:
             raise FleetError(str(exc)) from None
         pem = cert.public_bytes(serialization.Encoding.PEM)
         identity = Identity(name, kind, f"{cert.serial_number:x}", "active",
-                            _iso(cert.not_valid_before_utc), _iso(cert.not_valid_after_utc))
+                            _iso(cert.not_valid_before_utc), _iso(cert.not_valid_after_utc),
+                            signing_key=signing_key)
         path = self._cert_path(identity)
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(pem)
@@ -117,11 +130,35 @@ class Fleet:
         return pem
 
     def enrol_local(self, name: str, kind: str, directory: Path) -> CertPair:
-        """Make a key in `directory` (where the identity will live) and enrol it."""
+        """Make the TLS key and the signing key in `directory` (where the identity will live)
+        and enrol both; the signing key is `directory / "signing.key"`."""
         key = pki.load_or_make_key(directory / "identity.key")
+        signer = signing.Signer(signing.load_or_make_key(directory / "signing.key"))
         pair = CertPair(directory / "identity.pem", directory / "identity.key")
-        pair.cert_file.write_bytes(self.sign_csr(pki.make_csr(key, name), kind))
+        pair.cert_file.write_bytes(
+            self.sign_csr(pki.make_csr(key, name), kind, signer.public_key_b64))
         return pair
+
+    # -- message signing keys --------------------------------------------------------------------
+    def signing_keys(self, name: str) -> list[Ed25519PublicKey]:
+        """The keys `name`'s messages may be signed with (none if unknown or revoked)."""
+        current = self.active(name)
+        if current is None or current.signing_key is None:
+            return []
+        return [signing.public_key_from_b64(current.signing_key)]
+
+    def reload(self) -> None:
+        """Re-read the registry (another process may have enrolled or revoked someone)."""
+        self.identities = [Identity(**entry) for entry in
+                           json.loads(self._registry_file.read_text())["identities"]]
+
+    def centre_signer(self) -> signing.Signer:
+        """The key the control centre signs commands with, shared by its instances."""
+        return signing.Signer(signing.load_or_make_key(self.directory / "centre-signing.key"))
+
+    def centre_public_keys(self) -> list[str]:
+        """What devices trust for commands (a list, so the key can be rotated)."""
+        return [self.centre_signer().public_key_b64]
 
     # -- revoking --------------------------------------------------------------------------------
     def revoke(self, name: str) -> Identity:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.reasoncodes import ReasonCode
 
+from control_center.fleet import Fleet
 from control_center.store import Store
 from protocol import MessageKind, ProtocolError, Topics, decode, encode, new_id, utc_iso
 from protocol.mqtt import BrokerConfig, make_client, session_properties
+from protocol.signing import SignatureError, Signer, verify, window_error
 from protocol.topics import all_devices, parse_device_topic
 
 log = logging.getLogger("sos.center")
@@ -52,12 +55,19 @@ class CenterService:
         client_id: str = "sos-center-1",
         group: str = "sos-center",
         on_event: Callable[[CenterEvent], None] | None = None,
+        signer: Signer,
+        trust: Callable[[str], list[Ed25519PublicKey]],
         clock: Callable[[], float] = time.time,
         consume: bool = True,
     ) -> None:
         """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
-        nothing and keeps no session, so it never takes alerts away from the serving instances."""
+        nothing and keeps no session, so it never takes alerts away from the serving instances.
+
+        `signer` signs commands; `trust(device_id)` gives the keys a device's messages must be
+        signed with (see FleetTrust)."""
         self.store = store
+        self._signer = signer
+        self._trust = trust
         self._consume = consume
         self._group = group
         self._clock = clock
@@ -96,14 +106,15 @@ class CenterService:
         alert = self.store.alert(alert_id)
         if alert is None:
             raise CommandError(f"no alert {alert_id}")
-        command = {
+        command = self._signer.sign({
             "v": 1,
             "command_id": new_id(),
+            "seq": self.store.next_command_seq(),
             "type": decision,
             "alert_id": alert_id,
             "issued_at": utc_iso(datetime.now(UTC)),
             "operator": operator,
-        }
+        })
         payload = encode(MessageKind.COMMAND, command)
         self.store.add_command(command, alert.device_id)
         info = self._client.publish(Topics(alert.device_id).command, payload, qos=1)
@@ -185,10 +196,24 @@ class CenterService:
             log.error("rejected message on %s: it claims to come from %s", message.topic,
                       body["device_id"])
             return
+        if kind is not MessageKind.STATUS:  # status is volatile and the will is unsignable
+            try:
+                verify(body, self._trust(device_id))
+            except SignatureError as exc:
+                log.error("rejected %s from %s seq=%s: %s; is the device enrolled with its "
+                          "signing key? (sos-center ca list)", kind.value, device_id,
+                          body.get("seq"), exc)
+                return
         now = self._clock()
         match kind:
             case MessageKind.ALERT:
                 new = self.store.add_alert(body, now)
+                if not new:
+                    log.warning("alert %s (seq %d) from %s received again: a redelivery or a "
+                                "replay; it is stored once", body["alert_id"][:8], body["seq"],
+                                device_id)
+                else:
+                    _note_timing(body, now)
                 self._on_event(CenterEvent("alert", device_id, body, new))
             case MessageKind.POSITION | MessageKind.EVENT:
                 leaf = "position" if kind is MessageKind.POSITION else "event"
@@ -199,3 +224,35 @@ class CenterService:
                 self._on_event(CenterEvent("status", device_id, body, True))
                 if body["state"] == "online" and self._consume:
                     self._resend_missed_decision(device_id, body)
+
+
+def _note_timing(alert: dict[str, Any], received: float) -> None:
+    """An alert outside the DC-09 window is still taken: one that waited in a device's outbox
+    through an outage is real, and replays are caught by signature and alert id instead."""
+    created = datetime.fromisoformat(alert["created_at"].replace("Z", "+00:00"))
+    problem = window_error(created, datetime.fromtimestamp(received, UTC))
+    if problem is not None:
+        log.warning("alert %s from %s: %s (delivered late, or the device clock is off)",
+                    alert["alert_id"][:8], alert["device_id"], problem)
+
+
+class FleetTrust:
+    """Device signing keys from the fleet registry, re-read (at most every `reload_s`) when a
+    device is not known yet: enrolment happens in another process."""
+
+    def __init__(self, fleet: Fleet, reload_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fleet = fleet
+        self._reload_s = reload_s
+        self._clock = clock
+        self._reloaded_at = -reload_s
+        self._lock = threading.Lock()
+
+    def __call__(self, device_id: str) -> list[Ed25519PublicKey]:
+        with self._lock:
+            keys = self._fleet.signing_keys(device_id)
+            if not keys and self._clock() - self._reloaded_at >= self._reload_s:
+                self._reloaded_at = self._clock()
+                self._fleet.reload()
+                keys = self._fleet.signing_keys(device_id)
+            return keys

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen   REAL NOT NULL,
     status      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS commands (
     command_id  TEXT PRIMARY KEY,
     alert_id    TEXT NOT NULL,
@@ -178,6 +179,14 @@ class Store:
             )
 
     # -- operator decisions ----------------------------------------------------------------------
+    def next_command_seq(self) -> int:
+        """The centre's next command sequence number, shared by every instance on this store."""
+        with self._lock:
+            row = self._db.execute(
+                "INSERT INTO counters(name, value) VALUES ('command_seq', 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value").fetchone()
+        return row[0]
+
     def add_command(self, command: dict[str, Any], device_id: str) -> None:
         with self._lock:
             self._db.execute(

@@ -23,9 +23,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from firmware.sos_button.feedback import FeedbackState
 from firmware.uplink.outbox import Outgoing
 from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
+from protocol.signing import SeqMemory, SignatureError, verify, window_error
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
@@ -136,13 +139,19 @@ class DeviceIdentity:
 
 @dataclass
 class AlertCore:
+    """`command_keys`: the centre's public keys. Every command must be signed by one of them,
+    carry a sequence number this device has not seen, and be issued within the DC-09 window of
+    the device's clock; anything else is rejected and changes nothing."""
+
     identity: DeviceIdentity
+    command_keys: list[Ed25519PublicKey]
     new_alert_id: Callable[[], str] = new_id
     active: ActiveAlert | None = None
     link_up: bool = False
     feedback: FeedbackState = FeedbackState.IDLE
     _idle_at: float | None = None
     _seen_commands: deque[str] = field(default_factory=lambda: deque(maxlen=REMEMBERED_COMMANDS))
+    _command_seqs: SeqMemory = field(default_factory=SeqMemory)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.identity.device_id)
@@ -153,13 +162,15 @@ class AlertCore:
         active = None
         if self.active is not None:
             active = {"alert_id": self.active.alert_id, "stage": self.active.stage.value}
-        return {"active": active, "seen_commands": list(self._seen_commands)}
+        return {"active": active, "seen_commands": list(self._seen_commands),
+                "command_seqs": self._command_seqs.to_json()}
 
     def restore(self, state: dict[str, Any] | None, now: Now) -> list[Action]:
         """Resume after a restart: an alert that was active stays active."""
         if not state:
             return []
         self._seen_commands.extend(state.get("seen_commands", []))
+        self._command_seqs = SeqMemory.from_json(state.get("command_seqs"))
         active = state.get("active")
         if not active:
             return []
@@ -250,8 +261,16 @@ class AlertCore:
         except ProtocolError as exc:
             return [Log("error", f"rejected command: {exc}; nothing changed")]
         command_id, kind, alert_id = command["command_id"], command["type"], command["alert_id"]
+        refusal = self._authenticity_problem(command, now)
+        if refusal is not None:
+            return [Log("error", f"rejected {kind} command {command_id}: {refusal}; "
+                                 "nothing changed")]
         if command_id in self._seen_commands:
-            return [Log("info", f"command {command_id} ({kind}) already applied; ignored")]
+            return [Log("info", f"command {command_id} ({kind}) already applied; ignored "
+                                "(a redelivery)")]
+        if not self._command_seqs.accept(command["seq"]):
+            return [Log("error", f"rejected {kind} command {command_id}: sequence number "
+                                 f"{command['seq']} already seen (replayed); nothing changed")]
         if self.active is None or self.active.alert_id != alert_id:
             reason = f"alert {alert_id} is not the active alert"
             return [
@@ -292,6 +311,22 @@ class AlertCore:
             actions.append(Store([Outgoing(MessageKind.POSITION, self.topics.position, update)],
                                  self.state()))
         return actions
+
+    def _authenticity_problem(self, command: dict[str, Any], now: Now) -> str | None:
+        """Signature, then freshness: why the command cannot be trusted, or None. (Replay of a
+        sequence number is checked after, so a forgery cannot burn a number the real centre
+        will use.)"""
+        try:
+            verify(command, self.command_keys)
+        except SignatureError as exc:
+            return f"{exc} (not from the control centre)"
+        if "seq" not in command:
+            return "no sequence number"
+        issued = datetime.fromisoformat(command["issued_at"].replace("Z", "+00:00"))
+        late = window_error(issued, now.utc)
+        if late is not None:
+            return f"{late}; replayed, or this device's clock is wrong"
+        return None
 
     # -- helpers ---------------------------------------------------------------------------------
     def _event(self, kind: str, now: Now, alert_id: str | None = None,

@@ -8,6 +8,7 @@ from typing import Any
 
 from protocol.configfile import ConfigError, check, load_schema, load_toml
 from protocol.mqtt import BrokerConfig
+from protocol.signing import public_key_from_b64
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "hw" / "profiles"
 
@@ -49,6 +50,8 @@ class DeviceConfig:
     feedback: FeedbackConfig
     pin_factory: str | None
     battery_sysfs: str | None
+    signing_key: Path
+    centre_keys: list[str]
     source: str
 
 
@@ -125,5 +128,17 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
         ),
         pin_factory=profile.get("pin_factory"),
         battery_sysfs=data.get("battery", {}).get("sysfs"),
+        signing_key=Path(rel(dev.get("signing_key")) or Path(rel(dev["data_dir"]) or ".")
+                         / "signing.key"),
+        centre_keys=_centre_keys(data["trust"]["centre_keys"], source),
         source=source,
     )
+
+
+def _centre_keys(keys: list[str], source: str) -> list[str]:
+    for index, key in enumerate(keys):
+        try:
+            public_key_from_b64(key)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: key 'trust.centre_keys[{index}]': {exc}") from None
+    return keys

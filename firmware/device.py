@@ -53,6 +53,7 @@ from firmware.uplink.mqtt import (
 )
 from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
 from protocol import MessageKind, encode, utc_iso
+from protocol.signing import Signer, load_or_make_key, public_key_from_b64
 
 log = logging.getLogger("sos.device")
 
@@ -82,9 +83,11 @@ class DeviceRuntime:
         self._battery = battery or (
             SysfsBattery(config.battery_sysfs) if config.battery_sysfs else NoBattery()
         )
-        self.outbox = Outbox(config.data_dir / "outbox.sqlite")
+        signer = Signer(load_or_make_key(config.signing_key))
+        self.outbox = Outbox(config.data_dir / "outbox.sqlite", signer=signer)
         self.core = AlertCore(
-            DeviceIdentity(config.device_id, config.kind, config.position_interval_s)
+            DeviceIdentity(config.device_id, config.kind, config.position_interval_s),
+            command_keys=[public_key_from_b64(k) for k in config.centre_keys],
         )
         self.gps = (GpsReader(config.gps.port, config.gps.baudrate, clock=clock)
                     if config.gps.port else None)

@@ -13,9 +13,12 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from control_center.fleet import Fleet, render_mosquitto_conf
 from control_center.pki import CertPair
+from control_center.service import CenterService, FleetTrust
+from control_center.store import Store
 from protocol.mqtt import BrokerConfig
 
 HOST = "127.0.0.1"
@@ -76,6 +79,15 @@ class PrivateBroker:
                 HOST, self.port, ca_file=str(self.ca.cert_file), cert_file=str(pair.cert_file),
                 key_file=str(pair.key_file), reconnect_min_s=0.2, reconnect_max_s=1.0)
         return self._identities[name]
+
+    def signing_key_file(self, name: str) -> Path:
+        """Where `identity(name)` made the key `name` signs its messages with."""
+        return self.workdir / "identities" / name / "signing.key"
+
+    def centre_service(self, store: Store, **kwargs: Any) -> CenterService:
+        """A control centre on this broker, with the fleet's keys (as `sos-center serve`)."""
+        return CenterService(self.centre, store, signer=self.fleet.centre_signer(),
+                             trust=FleetTrust(self.fleet), **kwargs)
 
     def anonymous(self) -> BrokerConfig:
         """A client that checks the broker but shows no certificate of its own."""

@@ -21,6 +21,7 @@ from control_center.service import CenterEvent, CenterService, CommandError
 from control_center.store import Store
 from protocol import utc_iso
 from simulator.broker import PrivateBroker
+from simulator.device_config import render_device_toml
 from simulator.gps_receiver import PtyGps, RouteReceiver
 from simulator.processes import DeviceProcess, Entry, Recorder
 from simulator.scenario import DeviceSpec, Scenario, Step
@@ -108,7 +109,7 @@ class ScenarioRun:
         self.recorder = recorder or Recorder()
         self.broker = PrivateBroker(workdir / "broker")
         self.store = Store(workdir / "center.sqlite")
-        self.center = CenterService(self.broker.centre, self.store, on_event=self._center_event)
+        self.center = self.broker.centre_service(self.store, on_event=self._center_event)
         self.operator = AutoOperator(self.center, self.recorder,
                                      scenario.operator_ack_delay_s / speed,
                                      scenario.operator_close_delay_s / speed)
@@ -159,21 +160,10 @@ class ScenarioRun:
         process.start()
 
     def _device_config(self, spec: DeviceSpec, directory: Path, gps_port: str | None) -> str:
-        b = self.broker.identity(spec.id, spec.profile)
-        lines = [
-            "[device]", f'id = "{spec.id}"', f'profile = "{spec.profile}"',
-            f'data_dir = "{directory / "data"}"',
-            f"position_interval_s = {max(1.0, 5.0 / self.speed)}",
-            "heartbeat_s = 30",
-            "", "[broker]", f'host = "{b.host}"', f"port = {b.port}", f'ca_file = "{b.ca_file}"',
-            f'cert_file = "{b.cert_file}"', f'key_file = "{b.key_file}"', "reconnect_max_s = 1.0",
-            "", "[gps]",
-        ]
-        if gps_port:
-            lines.append(f'port = "{gps_port}"')
-        if spec.surveyed:
-            lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in spec.surveyed.items()]
-        return "\n".join(lines) + "\n"
+        return render_device_toml(
+            device_id=spec.id, profile=spec.profile, data_dir=directory / "data",
+            broker=self.broker, gps_port=gps_port, surveyed=spec.surveyed,
+            position_interval_s=max(1.0, 5.0 / self.speed))
 
     def _play_timeline(self) -> None:
         self._t0 = time.monotonic()

@@ -45,7 +45,7 @@ class CenterProbe:
 def center(broker: PrivateBroker, tmp_path: Path) -> Iterator[CenterProbe]:
     store = Store(tmp_path / "center.sqlite")
     probe: CenterProbe
-    service = CenterService(broker.centre, store, on_event=lambda e: probe.record(e))
+    service = broker.centre_service(store, on_event=lambda e: probe.record(e))
     probe = CenterProbe(service, store)
     service.start()
     yield probe

@@ -7,9 +7,16 @@ from typing import Any
 
 from protocol import new_id
 from protocol.mqtt import BrokerConfig, make_client
+from protocol.signing import Signer, load_or_make_key
 
 NO_POSITION = {"source": "none", "lat": None, "lon": None, "alt_m": None, "accuracy_m": None,
                "fix_time": None, "age_s": None}
+
+
+def device_signer(broker, device_id: str) -> Signer:
+    """The signing key the broker's fleet enrolled for `device_id` (made on first use)."""
+    broker.identity(device_id)
+    return Signer(load_or_make_key(broker.signing_key_file(device_id)))
 
 
 def alert_message(device_id: str = "tok-001", seq: int = 1, **overrides: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import count
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.alert_state import (
     CLOSED_DISPLAY_S,
@@ -29,6 +30,7 @@ from firmware.alert_state import (
 )
 from firmware.sos_button.feedback import FeedbackState
 from protocol import MessageKind, validate
+from protocol.signing import Signer, public_key_from_b64
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 READINGS = Readings(
@@ -43,9 +45,16 @@ def at(seconds: float) -> Now:
     return Now(1000.0 + seconds, T0 + timedelta(seconds=seconds))
 
 
+CENTRE = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+IMPOSTOR = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
+_command_seq = count(1)
+
+
 def make_core(kind: str = "token") -> AlertCore:
     ids = (f"{n:032x}" for n in count(1))
-    core = AlertCore(DeviceIdentity(f"{kind[:3]}-001", kind, 5.0), new_alert_id=lambda: next(ids))
+    core = AlertCore(DeviceIdentity(f"{kind[:3]}-001", kind, 5.0),
+                     command_keys=[public_key_from_b64(CENTRE.public_key_b64)],
+                     new_alert_id=lambda: next(ids))
     core.handle(LinkUp(), at(0), READINGS)
     return core
 
@@ -58,10 +67,14 @@ def shown(actions: list) -> list[FeedbackState]:
     return [a.state for a in actions if isinstance(a, Show)]
 
 
-def command(core: AlertCore, kind: str, alert_id: str | None = None, cid: str = "c" * 32) -> bytes:
-    return json.dumps({"v": 1, "command_id": cid, "type": kind,
-                       "alert_id": alert_id or core.active.alert_id,
-                       "issued_at": "2026-11-23T10:00:03.000Z", "operator": "op-7"}).encode()
+def command(core: AlertCore, kind: str, alert_id: str | None = None, cid: str = "c" * 32, *,
+            seq: int | None = None, signer: Signer | None = CENTRE,
+            issued_at: str = "2026-11-23T10:00:03.000Z") -> bytes:
+    """A command as the centre sends it: signed, with the next sequence number."""
+    body = {"v": 1, "command_id": cid, "seq": seq or next(_command_seq), "type": kind,
+            "alert_id": alert_id or core.active.alert_id, "issued_at": issued_at,
+            "operator": "op-7"}
+    return json.dumps(signer.sign(body) if signer else body).encode()
 
 
 def test_a_trigger_stores_a_valid_alert_and_shows_sending() -> None:
@@ -160,9 +173,44 @@ def test_a_command_for_another_alert_is_rejected_and_reported() -> None:
 def test_a_redelivered_command_is_applied_once() -> None:
     core = make_core()
     core.handle(Trigger("button_hold"), at(0), READINGS)
-    core.handle(CommandPayload(command(core, "ack")), at(1), READINGS)
-    again = core.handle(CommandPayload(command(core, "ack")), at(2), READINGS)
+    ack = command(core, "ack")
+    core.handle(CommandPayload(ack), at(1), READINGS)
+    again = core.handle(CommandPayload(ack), at(2), READINGS)
     assert stored(again) == []
+    assert [a.level for a in again if isinstance(a, Log)] == ["info"]
+
+
+@pytest.mark.parametrize(("forge", "reason"), [
+    ({"signer": None}, "unsigned"),
+    ({"signer": IMPOSTOR}, "bad signature"),
+    ({"issued_at": "2026-11-23T09:59:00.000Z"}, "s old"),
+    ({"issued_at": "2026-11-23T10:01:00.000Z"}, "in the future"),
+])
+def test_a_forged_or_stale_close_cannot_silence_an_sos(forge: dict, reason: str) -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    actions = core.handle(CommandPayload(command(core, "close", **forge)), at(3), READINGS)
+    (log,) = [a for a in actions if isinstance(a, Log)]
+    assert log.level == "error" and reason in log.text
+    assert core.active is not None and stored(actions) == [] and shown(actions) == []
+
+
+def test_a_replayed_sequence_number_is_rejected_even_with_a_new_command_id() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    core.handle(CommandPayload(command(core, "ack", seq=900)), at(1), READINGS)
+    replay = core.handle(CommandPayload(command(core, "close", cid="d" * 32, seq=900)), at(2),
+                         READINGS)
+    assert any("already seen (replayed)" in a.text for a in replay if isinstance(a, Log))
+    assert core.active is not None
+
+
+def test_a_forgery_does_not_use_up_the_sequence_number_of_the_real_command() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    core.handle(CommandPayload(command(core, "close", seq=901, signer=IMPOSTOR)), at(1), READINGS)
+    real = core.handle(CommandPayload(command(core, "ack", cid="e" * 32, seq=901)), at(2), READINGS)
+    assert shown(real) == [FeedbackState.ACKNOWLEDGED]
 
 
 def test_cancel_on_the_token_is_reported_and_positions_continue() -> None:
@@ -189,7 +237,8 @@ def test_an_active_alert_survives_a_restart() -> None:
     core.handle(CommandPayload(command(core, "ack")), at(1), READINGS)
     saved = json.loads(json.dumps(core.state()))
 
-    reborn = AlertCore(DeviceIdentity("tok-001", "token", 5.0))
+    reborn = AlertCore(DeviceIdentity("tok-001", "token", 5.0),
+                       command_keys=[public_key_from_b64(CENTRE.public_key_b64)])
     actions = reborn.restore(saved, at(100))
     assert reborn.active.alert_id == core.active.alert_id
     assert shown(actions) == [FeedbackState.ACKNOWLEDGED]

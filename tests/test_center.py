@@ -8,11 +8,14 @@ import threading
 
 import pytest
 
-from control_center.service import CenterService
 from control_center.store import Store
 from protocol import Topics, encode
 from protocol.messages import MessageKind
-from tests.helpers import RawClient, alert_message
+from tests.helpers import RawClient, alert_message, device_signer
+
+
+def sign(broker, message: dict) -> dict:
+    return device_signer(broker, message["device_id"]).sign(message)
 
 
 @pytest.fixture
@@ -22,32 +25,35 @@ def device(broker):
     client.close()
 
 
-def test_an_alert_is_stored_once_even_when_delivered_twice(center, device) -> None:
+def test_a_replayed_alert_is_stored_once_and_logged(broker, center, device, caplog) -> None:
+    caplog.set_level(logging.WARNING, "sos.center")
     message = alert_message()
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
     center.wait_for(lambda: (a := center.store.alert(message["alert_id"])) and a.duplicates == 1)
     assert len(center.store.alerts()) == 1
     assert sum(1 for e in center.events if e.kind == "alert" and e.new) == 1
+    assert any("a redelivery or a replay" in r.message for r in caplog.records)
 
 
-def test_a_malformed_alert_is_rejected_with_a_log_line_and_not_stored(center, device,
+def test_a_malformed_alert_is_rejected_with_a_log_line_and_not_stored(broker, center, device,
                                                                      caplog) -> None:
     caplog.set_level(logging.ERROR, "sos.center")
     device.publish(Topics("tok-001").alert, b'{"v":1,"alert_id":"nope"}')
     good = alert_message()
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, good))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, good)))
     center.wait_for(lambda: center.store.alert(good["alert_id"]))
     assert len(center.store.alerts()) == 1
     assert any("rejected message from tok-001" in r.message for r in caplog.records)
 
 
-def test_a_message_claiming_another_device_is_rejected(center, device, caplog) -> None:
+def test_a_message_claiming_another_device_is_rejected(broker, center, device,
+                                                      caplog) -> None:
     caplog.set_level(logging.ERROR, "sos.center")
     forged = alert_message(device_id="tok-999")
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, forged))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, forged)))
     good = alert_message()
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, good))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, good)))
     center.wait_for(lambda: center.store.alert(good["alert_id"]))
     assert center.store.alert(forged["alert_id"]) is None
     assert any("claims to come from tok-999" in r.message for r in caplog.records)
@@ -58,17 +64,17 @@ def test_the_last_will_marks_the_devices_open_alert_offline(broker, center) -> N
     will = encode(MessageKind.STATUS, {"v": 1, "device_id": "tok-002", "state": "offline"})
     doomed = RawClient(broker.identity("tok-002"), "tok-002", will=(topics.status, will))
     message = alert_message(device_id="tok-002")
-    doomed.publish(topics.alert, encode(MessageKind.ALERT, message))
+    doomed.publish(topics.alert, encode(MessageKind.ALERT, sign(broker, message)))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
     doomed.drop()
     center.wait_for(lambda: center.store.alert(message["alert_id"]).device_offline)
     assert center.store.device("tok-002")["state"] == "offline"
 
 
-def test_ack_reaches_the_device_command_topic_and_is_recorded(center, device) -> None:
+def test_ack_reaches_the_device_command_topic_and_is_recorded(broker, center, device) -> None:
     device.subscribe(Topics("tok-001").command)
     message = alert_message()
-    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
     center.service.send_command(message["alert_id"], "ack", "op-7")
     ((topic, payload),) = device.wait_messages(1)
@@ -91,7 +97,7 @@ def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp
             seen[name].append(event.message["alert_id"])
             changed.notify_all()
 
-    services = [CenterService(broker.centre, store, client_id=f"center-{name}",
+    services = [broker.centre_service(store, client_id=f"center-{name}",
                               on_event=lambda e, n=name: record(n, e))
                 for name in seen]
     for service in services:
@@ -99,7 +105,8 @@ def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp
     try:
         sent = [alert_message(seq=i + 1) for i in range(20)]
         for message in sent:
-            device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, message))
+            payload = encode(MessageKind.ALERT, sign(broker, message))
+            device.publish(Topics("tok-001").alert, payload)
         with changed:
             assert changed.wait_for(lambda: len(seen["a"]) + len(seen["b"]) >= 20, 15)
         assert sorted(seen["a"] + seen["b"]) == sorted(m["alert_id"] for m in sent)
@@ -117,7 +124,7 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
     message = alert_message(device_id="tok-003")
     topics = Topics("tok-003")
     sender = RawClient(broker.identity("tok-003"), "tok-003-first")
-    sender.publish(topics.alert, encode(MessageKind.ALERT, message))
+    sender.publish(topics.alert, encode(MessageKind.ALERT, sign(broker, message)))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
     sender.close()
 
@@ -136,3 +143,20 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
         assert json.loads(payload)["operator"] == "op-2"
     finally:
         device.close()
+
+
+@pytest.mark.parametrize("signing", ["unsigned", "another key"])
+def test_an_alert_without_the_devices_signature_is_rejected(broker, center, device, caplog,
+                                                           signing: str) -> None:
+    caplog.set_level(logging.ERROR, "sos.center")
+    bad = alert_message()
+    if signing == "another key":
+        bad = device_signer(broker, "tok-other").sign(bad)
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, bad))
+    good = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, good)))
+    center.wait_for(lambda: center.store.alert(good["alert_id"]))
+    assert center.store.alert(bad["alert_id"]) is None
+    expected = "unsigned" if signing == "unsigned" else "bad signature"
+    assert any(expected in r.message and "rejected alert from tok-001" in r.message
+               for r in caplog.records)

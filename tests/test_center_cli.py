@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protocol import MessageKind, Topics, encode
-from tests.helpers import RawClient, alert_message
+from tests.helpers import RawClient, alert_message, device_signer
 
 
 @pytest.fixture
@@ -20,6 +20,7 @@ def config(broker, tmp_path: Path) -> Path:
     path = tmp_path / "center.toml"
     b = broker.centre
     path.write_text(f'[center]\ndb = "{tmp_path / "center.sqlite"}"\noperator = "op-cli"\n'
+                    f'fleet_dir = "{broker.fleet.directory}"\n'
                     f'[broker]\nhost = "{b.host}"\nport = {b.port}\nca_file = "{b.ca_file}"\n'
                     f'cert_file = "{b.cert_file}"\nkey_file = "{b.key_file}"\n')
     return path
@@ -47,7 +48,7 @@ def test_serve_prints_one_line_per_new_alert_and_ack_reaches_the_device(broker, 
     device = RawClient(broker.identity("tok-777"), "tok-777")
     try:
         device.subscribe(Topics("tok-777").command)
-        message = alert_message(device_id="tok-777")
+        message = device_signer(broker, "tok-777").sign(alert_message(device_id="tok-777"))
         device.publish(Topics("tok-777").alert, encode(MessageKind.ALERT, message))
         line = serving.get(timeout=20)
         assert line.startswith("SOS ") and "tok-777" in line and message["alert_id"][:8] in line
@@ -71,6 +72,7 @@ def test_ack_of_an_unknown_alert_says_so(config) -> None:
 
 def test_a_config_missing_a_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "center.toml"
-    path.write_text('[center]\ndb = "x.sqlite"\n[broker]\nhost = "h"\nca_file = "ca.pem"\n')
+    path.write_text('[center]\ndb = "x.sqlite"\nfleet_dir = "f"\n[broker]\nhost = "h"\n'
+                    'ca_file = "ca.pem"\n')
     done = sos_center(path, "alerts")
     assert done.returncode == 2 and "missing key 'broker.port'" in done.stderr

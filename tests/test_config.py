@@ -23,6 +23,8 @@ port = 8883
 ca_file = "ca.pem"
 [gps]
 port = "/dev/serial0"
+[trust]
+centre_keys = ["11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="]
 """
 
 
@@ -52,6 +54,11 @@ def test_a_missing_key_is_named(tmp_path: Path, remove: str, key: str) -> None:
 def test_an_unknown_key_is_named_as_a_likely_typo(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("unknown key 'broker.hots'")):
         load_device_config(write(tmp_path, GOOD.replace("host =", "hots =")))
+
+
+def test_a_centre_key_that_is_not_a_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("key 'trust.centre_keys[0]'")):
+        load_device_config(write(tmp_path, GOOD.replace("11qYAYKx", "!!")))
 
 
 def test_a_wrong_type_is_named(tmp_path: Path) -> None:

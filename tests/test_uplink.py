@@ -6,12 +6,11 @@ import json
 import queue
 from pathlib import Path
 
-from control_center.service import CenterService
 from control_center.store import Store
 from firmware.uplink.mqtt import Connected, Delivered, MqttUplink, Refused
 from firmware.uplink.outbox import Outbox, Outgoing
 from protocol import MessageKind, Topics, encode, new_id
-from tests.helpers import NO_POSITION
+from tests.helpers import NO_POSITION, device_signer
 
 DEVICE = "tok-001"
 TOPICS = Topics(DEVICE)
@@ -29,7 +28,7 @@ def new_alert() -> Outgoing:
 class Link:
     def __init__(self, broker, path: Path) -> None:
         self.events: queue.Queue = queue.Queue()
-        self.outbox = Outbox(path)
+        self.outbox = Outbox(path, signer=device_signer(broker, DEVICE))
         self.uplink = MqttUplink(DEVICE, broker.identity(DEVICE), self.outbox, self.events.put,
                                  will_payload=OFFLINE, status_payload=lambda: STATUS)
 
@@ -82,7 +81,7 @@ def test_an_alert_raised_while_the_broker_is_down_is_stored_once_after_it_return
 
 def test_rows_left_by_a_previous_process_are_sent_in_order_at_start(broker, center,
                                                                    tmp_path) -> None:
-    previous = Outbox(tmp_path / "o.sqlite")
+    previous = Outbox(tmp_path / "o.sqlite", signer=device_signer(broker, DEVICE))
     rows = previous.append([new_alert(), new_alert(), new_alert()])
     previous.close()
     link = Link(broker, tmp_path / "o.sqlite")
@@ -111,7 +110,7 @@ def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
         refused = link.wait_for(Refused)
         assert "No matching subscribers" in refused.reason
         assert link.outbox.contains(rows[0].seq)
-        service = CenterService(broker.centre, store)
+        service = broker.centre_service(store)
         service.start()
         try:
             link.wait_for(Delivered)

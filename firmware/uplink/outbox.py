@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import MessageKind, encode
+from protocol.signing import Signer
 
 log = logging.getLogger("sos.outbox")
 
@@ -63,8 +64,11 @@ class Outgoing:
 
 
 class Outbox:
-    def __init__(self, path: str | Path, *, max_positions: int = 2000) -> None:
+    def __init__(self, path: str | Path, *, max_positions: int = 2000,
+                 signer: Signer | None = None) -> None:
+        """`signer` signs every message once its sequence number is set (docs/PROTOCOL.md)."""
         self.path = Path(path)
+        self._signer = signer
         self.max_positions = max_positions
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -84,8 +88,7 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
                 seq = self._next_seq_locked()
                 for item in items:
-                    message = {**item.message, "seq": seq}
-                    payload = encode(item.kind, message)
+                    payload = encode(item.kind, self._finish(item.message, seq))
                     self._db.execute(
                         "INSERT INTO outbox(seq, kind, topic, payload) VALUES (?, ?, ?, ?)",
                         (seq, item.kind.value, item.topic, payload),
@@ -166,10 +169,14 @@ class Outbox:
             rows = []
             for item in items:
                 self._last_seq += 1
-                payload = encode(item.kind, {**item.message, "seq": self._last_seq})
+                payload = encode(item.kind, self._finish(item.message, self._last_seq))
                 rows.append(OutboxRow(self._last_seq, item.kind, item.topic, payload,
                                       durable=False))
             return rows
+
+    def _finish(self, message: dict[str, Any], seq: int) -> dict[str, Any]:
+        numbered = {**message, "seq": seq}
+        return self._signer.sign(numbered) if self._signer else numbered
 
     def _stored_seq_locked(self) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()

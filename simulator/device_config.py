@@ -1,0 +1,31 @@
+"""The TOML config of a simulated device: the same keys as on a real one (firmware/config.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from simulator.broker import PrivateBroker
+
+
+def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: PrivateBroker,
+                       gps_port: str | None = None, surveyed: dict[str, Any] | None = None,
+                       position_interval_s: float = 5.0, heartbeat_s: float = 30.0) -> str:
+    """Enrols `device_id` in the broker's fleet (keys made in its identity directory) and
+    returns its config."""
+    b = broker.identity(device_id, profile)
+    keys = ", ".join(f'"{k}"' for k in broker.fleet.centre_public_keys())
+    lines = [
+        "[device]", f'id = "{device_id}"', f'profile = "{profile}"', f'data_dir = "{data_dir}"',
+        f'signing_key = "{broker.signing_key_file(device_id)}"',
+        f"position_interval_s = {position_interval_s}", f"heartbeat_s = {heartbeat_s}",
+        "", "[broker]", f'host = "{b.host}"', f"port = {b.port}", f'ca_file = "{b.ca_file}"',
+        f'cert_file = "{b.cert_file}"', f'key_file = "{b.key_file}"', "reconnect_max_s = 1.0",
+        "", "[trust]", f"centre_keys = [{keys}]",
+        "", "[gps]",
+    ]
+    if gps_port:
+        lines.append(f'port = "{gps_port}"')
+    if surveyed:
+        lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in surveyed.items()]
+    return "\n".join(lines) + "\n"
