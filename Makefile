@@ -3,7 +3,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
-SYSDEPS := mosquitto=mosquitto mosquitto_sub=mosquitto-clients
+SYSDEPS := mosquitto=mosquitto
 
 .DEFAULT_GOAL := help
 .PHONY: help sim test bench soak fuzz lint sysdeps venv clean

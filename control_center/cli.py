@@ -81,14 +81,16 @@ def cmd_decide(config: CenterConfig, args: argparse.Namespace) -> int:
                        consume=False)
     try:
         service.start()
-        service.send_command(alert_id, args.command, args.operator or config.operator)
+        command = service.send_command(alert_id, args.command, args.operator or config.operator)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         service.stop()
     verb = "acknowledged" if args.command == "ack" else "closed"
-    print(f"{alert_id[:8]} {verb}; the device is told")
+    told = ("the device has it" if command["delivered"] else
+            "the device is not connected: it is told when it reports back")
+    print(f"{alert_id[:8]} {verb}; {told}")
     return 0
 
 

@@ -78,9 +78,14 @@ class CenterService:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
+        # A message is acknowledged only once stored: if storing fails, the broker still holds
+        # it and hands it over again after a reconnect.
+        self._client.manual_ack_set(True)
         self._broker = broker
         self._pubacks: dict[int, ReasonCode] = {}
         self._puback_arrived = threading.Condition()
+        self._stopping = False
+        self._resending: dict[str, threading.Thread] = {}  # alert id -> its re-send, if any
 
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background; wait until subscribed (or connected) if asked."""
@@ -96,13 +101,22 @@ class CenterService:
                                f"{self._broker.port} within {wait_s:.0f} s")
 
     def stop(self) -> None:
+        with self._puback_arrived:
+            self._stopping = True
+            self._puback_arrived.notify_all()
+            resends = list(self._resending.values())
+        for thread in resends:
+            thread.join(timeout=5)
         self._client.disconnect()
         self._client.loop_stop()
 
     # -- commands --------------------------------------------------------------------------------
     def send_command(self, alert_id: str, decision: str, operator: str,
                      timeout_s: float = 10.0) -> dict[str, Any]:
-        """Send `ack` or `close` for an alert to its device; record it once the broker has it."""
+        """Send `ack` or `close` for an alert to its device; record it once the broker has it.
+
+        Returns the command sent, plus `delivered`: False if the device had no session to take
+        it (it is then sent again when the device reports back)."""
         alert = self.store.alert(alert_id)
         if alert is None:
             raise CommandError(f"no alert {alert_id}")
@@ -119,18 +133,21 @@ class CenterService:
         self.store.add_command(command, alert.device_id)
         info = self._client.publish(Topics(alert.device_id).command, payload, qos=1)
         with self._puback_arrived:
-            if not self._puback_arrived.wait_for(lambda: info.mid in self._pubacks, timeout_s):
+            arrived = self._puback_arrived.wait_for(
+                lambda: info.mid in self._pubacks or self._stopping, timeout_s)
+            if not arrived or info.mid not in self._pubacks:
                 raise CommandError(f"broker did not acknowledge the {decision} within "
                                    f"{timeout_s:.0f} s (is it reachable?)")
             reason = self._pubacks.pop(info.mid)
         if reason.is_failure:
             raise CommandError(f"broker refused the {decision}: {reason} ({reason.value})")
         self.store.mark(alert_id, decision, operator, self._clock())
-        if reason.value == NO_MATCHING_SUBSCRIBERS:
+        delivered = reason.value != NO_MATCHING_SUBSCRIBERS
+        if not delivered:
             log.warning("%s for %s recorded, but device %s is not connected and has no session; "
                         "it is sent again when the device reports back", decision, alert_id[:8],
                         alert.device_id)
-        return command
+        return {**command, "delivered": delivered}
 
     # -- paho callbacks --------------------------------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -170,18 +187,38 @@ class CenterService:
             decision, operator = "ack", alert.acked_by
         else:
             return
-        log.warning("device %s still shows %s as %s: sending the %s again", device_id,
-                    alert_id[:8], status.get("active_alert_stage"), decision)
-
         def resend() -> None:  # not on paho's thread: send_command waits for the PUBACK
             try:
                 self.send_command(alert.alert_id, decision, operator or "operator")
             except CommandError as exc:
                 log.error("could not re-send %s for %s: %s", decision, alert_id[:8], exc)
+            finally:
+                with self._puback_arrived:
+                    self._resending.pop(alert.alert_id, None)
 
-        threading.Thread(target=resend, daemon=True).start()
+        with self._puback_arrived:
+            if self._stopping or alert.alert_id in self._resending:
+                return  # one re-send at a time; a later status asks again if it is still needed
+            thread = threading.Thread(target=resend, daemon=True)
+            self._resending[alert.alert_id] = thread
+        log.warning("device %s still shows %s as %s: sending the %s again", device_id,
+                    alert_id[:8], status.get("active_alert_stage"), decision)
+        thread.start()
 
     def _handle_message(self, client, userdata, message) -> None:
+        """Never raises: an exception here would end paho's network thread for good."""
+        try:
+            self._consume_message(message)
+        except Exception:
+            log.exception("could not store the message on %s; NOT acknowledged, so the broker "
+                          "delivers it again when this centre reconnects", message.topic)
+            return
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
+
+    def _consume_message(self, message) -> None:
+        """Validate, check the signature, store; a message refused here is acknowledged (it
+        would be refused again), one that failed to store is not."""
         parsed = parse_device_topic(message.topic)
         if parsed is None:
             log.warning("ignored a message on unexpected topic %s", message.topic)

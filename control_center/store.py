@@ -136,6 +136,12 @@ class Store:
                  stored_at),
             )
             if cur.rowcount == 1:
+                # Messages can overtake each other (a re-offered alert after a broker restart):
+                # a cancel request stored before its alert still counts.
+                self._db.execute(
+                    "UPDATE alerts SET cancel_requested_at = (SELECT min(created_at) FROM updates "
+                    "WHERE alert_id = ? AND json_extract(body, '$.type') = 'cancel_requested') "
+                    "WHERE alert_id = ?", (alert["alert_id"], alert["alert_id"]))
                 return True
             self._db.execute("UPDATE alerts SET duplicates = duplicates + 1 WHERE alert_id = ?",
                              (alert["alert_id"],))
@@ -208,8 +214,8 @@ class Store:
                 )
             else:
                 self._db.execute(
-                    "UPDATE alerts SET status = 'closed', closed_at = ?, closed_by = ? "
-                    "WHERE alert_id = ?",
+                    "UPDATE alerts SET status = 'closed', closed_at = coalesce(closed_at, ?), "
+                    "closed_by = coalesce(closed_by, ?) WHERE alert_id = ?",
                     (at, operator, alert_id),
                 )
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from firmware.sos_button.feedback import FeedbackState
+from firmware.sos_button.states import FeedbackState
 from firmware.uplink.outbox import Outgoing
 from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
 from protocol.signing import SeqMemory, SignatureError, verify, window_error
@@ -210,8 +210,7 @@ class AlertCore:
 
     def _on_trigger(self, trigger: str, now: Now, readings: Readings) -> list[Action]:
         if self.active is not None:
-            return [Log("info", f"SOS already active ({self.active.alert_id}); press ignored"),
-                    Show(self.feedback)]
+            return [Log("info", f"SOS already active ({self.active.alert_id}); press ignored")]
         self._idle_at = None
         alert_id = self.new_alert_id()
         self.active = ActiveAlert(alert_id, Stage.SENDING,

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the device until SIGTERM/SIGINT (what the systemd unit runs)")
     sub.add_parser("check-config", help="validate the config and board profile, then exit")
+    selftest = sub.add_parser("selftest", help="check camera, GPS, button, LED, storage, clock "
+                              "and broker; one line each; exit 1 if any fails")
+    selftest.add_argument("--led-sense-pin", type=int, default=None,
+                          help="BCM pin of the board's LED sense line, if it has one")
     return parser
 
 
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if config.pin_factory and "GPIOZERO_PIN_FACTORY" not in os.environ:
         os.environ["GPIOZERO_PIN_FACTORY"] = config.pin_factory  # explicit: no silent fallback
+    if args.action == "selftest":
+        from firmware.selftest import print_results, run_selftest
+
+        return print_results(run_selftest(config, led_sense_pin=args.led_sense_pin))
     from firmware.device import DeviceRuntime
 
     stop = threading.Event()

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +41,15 @@ from firmware.battery import BatterySource, NoBattery, SysfsBattery
 from firmware.config import DeviceConfig
 from firmware.gps.position import PositionProvider
 from firmware.gps.reader import GpsReader
+from firmware.selftest import (
+    CheckResult,
+    GpsProbe,
+    SelftestSchedule,
+    format_line,
+    picamera2_probe,
+    run_selftest,
+    summary,
+)
 from firmware.sos_button.feedback import FeedbackOutputs, FeedbackState
 from firmware.sos_button.gpio import SosButton
 from firmware.sos_button.logic import ButtonProfile, CancelRequested, Triggered
@@ -52,10 +62,15 @@ from firmware.uplink.mqtt import (
     Refused,
 )
 from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
-from protocol import MessageKind, encode, utc_iso
+from protocol import MessageKind, ProtocolError, encode, utc_iso
 from protocol.signing import Signer, load_or_make_key, public_key_from_b64
 
 log = logging.getLogger("sos.device")
+
+
+@dataclass(frozen=True)
+class SelftestDone:
+    results: list[CheckResult]
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -74,8 +89,16 @@ class DeviceRuntime:
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
         utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        camera_probe: Callable[[], int] = picamera2_probe,
     ) -> None:
+        """`camera_probe` counts frames for the self-test (the simulator passes its own)."""
         self.config = config
+        self._pin_factory = pin_factory
+        self._camera_probe = camera_probe
+        # Help points test themselves on a schedule (EN 81-28: at least every 3 days).
+        self._selftest = SelftestSchedule() if config.kind == "pillar" else None
+        self._selftest_thread: threading.Thread | None = None
+        self.selftest_summary: dict[str, Any] | None = None
         self._clock = clock
         self._utc = utc_clock
         self._observe = observer or (lambda name, fields: None)
@@ -136,7 +159,8 @@ class DeviceRuntime:
         stopper.start()
         try:
             while not stop.is_set():
-                deadline = min(d for d in (self.core.next_deadline(), next_heartbeat) if d)
+                deadline = min(d for d in (self.core.next_deadline(), next_heartbeat,
+                                           self._selftest_deadline()) if d is not None)
                 try:
                     item = self._events.get(timeout=max(0.0, deadline - self._clock()))
                 except queue.Empty:
@@ -151,6 +175,7 @@ class DeviceRuntime:
                     next_heartbeat = now + self.config.heartbeat_s
                     if self.uplink.connected:
                         self.uplink.publish_status()
+                self._maybe_selftest(now)
         finally:
             self.close()
 
@@ -183,6 +208,15 @@ class DeviceRuntime:
                 self._handle(MessageDelivered(row.kind, _alert_id_of(row)))
             case Refused():
                 pass  # the uplink logged it and retries; feedback is driven by the link state
+            case SelftestDone(results):
+                self._selftest_thread = None
+                self.selftest_summary = summary(results, self._utc())
+                for result in results:
+                    if not result.ok:
+                        log.error("self-test: %s", format_line(result))
+                log.info("self-test %s", "passed" if self.selftest_summary["ok"] else "FAILED")
+                if self.uplink.connected:
+                    self.uplink.publish_status()
             case CommandReceived(payload):
                 self._handle(CommandPayload(payload))
             case _:
@@ -212,6 +246,10 @@ class DeviceRuntime:
     def _store(self, items: list[Outgoing], state: dict[str, Any]) -> None:
         try:
             rows = self.outbox.append(items, state=state)
+        except ProtocolError as exc:
+            # A reading the schema refuses must never cost the alert: send it without readings.
+            log.error("%s; sending it with position and battery unknown", exc)
+            rows = self.outbox.append([_without_readings(item) for item in items], state=state)
         except OutboxFull as exc:
             # Still send it: the message lives in memory and paho retries while we run.
             log.error("storage full, %d message(s) sent WITHOUT crash safety: %s; free space in "
@@ -221,6 +259,43 @@ class DeviceRuntime:
 
     def _feedback_changed(self, state: FeedbackState) -> None:
         self._observe("feedback", {"state": state.value, "wall": time.time()})
+
+    # -- scheduled self-test -------------------------------------------------------------------
+    def _selftest_deadline(self) -> float | None:
+        """When the loop must wake for the self-test; None while it cannot start anyway."""
+        if self._selftest is None or self._selftest_thread is not None or self.core.active:
+            return None
+        return self._selftest.next_due if self._selftest.next_due is not None else 0.0
+
+    def _maybe_selftest(self, now: float) -> None:
+        """Start a due self-test, but never during an SOS (it switches the LED)."""
+        schedule = self._selftest
+        if schedule is None or self._selftest_thread is not None or self.core.active is not None:
+            return
+        if not schedule.due(now):
+            return
+        schedule.done(now)
+        self._selftest_thread = threading.Thread(target=self._run_selftest, name="selftest",
+                                                 daemon=True)
+        self._selftest_thread.start()
+
+    def _run_selftest(self) -> None:
+        """Worker thread: the checks take seconds (camera, broker); the result is queued."""
+        results = run_selftest(
+            self.config, pin_factory=self._pin_factory, camera_probe=self._camera_probe,
+            utc_clock=self._utc, clock=self._clock, button=self.button.button,
+            led=self.feedback.led, gps_probe=self._gps_probe if self.gps else None)
+        self._events.put(SelftestDone(results))
+
+    def _gps_probe(self) -> GpsProbe:
+        """Judge the running reader's data rather than open the port a second time."""
+        fix = self.gps.latest() if self.gps else None
+        if fix is not None and fix.age(self._clock()) <= 5.0:
+            return GpsProbe(CheckResult("gps", True, f"{self.config.gps.port}: fix "
+                                        f"{fix.age(self._clock()):.1f} s old"), fix)
+        return GpsProbe(CheckResult(
+            "gps", False, f"no fix from {self.config.gps.port} in the last 5 s",
+            "check the receiver's antenna and wiring (docs/SELFTEST.md)"), fix)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _sync_button(self) -> None:
@@ -233,6 +308,16 @@ class DeviceRuntime:
         return Readings(self.position.current(), self._battery.read())
 
     def _status_payload(self) -> bytes:
+        """Called from paho's thread (on connect): reads the core once, never raises."""
+        active = self.core.active  # one read: the runtime thread may close it meanwhile
+        try:
+            return encode(MessageKind.STATUS, self._status(active))
+        except Exception:  # an exception here would end paho's network thread
+            log.exception("could not build the status; sending a minimal one")
+            return encode(MessageKind.STATUS, {"v": 1, "device_id": self.config.device_id,
+                                               "state": "online"})
+
+    def _status(self, active: Any) -> dict[str, Any]:
         status = {
             "v": 1,
             "device_id": self.config.device_id,
@@ -240,14 +325,16 @@ class DeviceRuntime:
             "state": "online",
             "at": utc_iso(self._utc()),
             "heartbeat_s": self.config.heartbeat_s,
-            "active_alert_id": self.core.active.alert_id if self.core.active else None,
-            "active_alert_stage": self.core.active.stage.value if self.core.active else None,
+            "active_alert_id": active.alert_id if active else None,
+            "active_alert_stage": active.stage.value if active else None,
             "outbox_pending": self.outbox.count(),
             "gps": self.position.current()["source"],
             "battery": self._battery.read(),
             "firmware": FIRMWARE_VERSION,
         }
-        return encode(MessageKind.STATUS, status)
+        if self.selftest_summary is not None:
+            status["selftest"] = self.selftest_summary
+        return status
 
 
 def _alert_id_of(row: OutboxRow) -> str | None:
@@ -255,3 +342,11 @@ def _alert_id_of(row: OutboxRow) -> str | None:
         return None
     return json.loads(row.payload)["alert_id"]
 
+
+def _without_readings(item: Outgoing) -> Outgoing:
+    message = dict(item.message)
+    if "position" in message:
+        message["position"] = {**dict.fromkeys(message["position"]), "source": "none"}
+    if "battery" in message:
+        message["battery"] = None
+    return Outgoing(item.kind, item.topic, message)

@@ -46,10 +46,6 @@ def _validator(kind: MessageKind) -> Draft202012Validator:
     return Draft202012Validator(schema, registry=_registry(), format_checker=FormatChecker())
 
 
-def schema_path(kind: MessageKind) -> str:
-    return f"protocol/schemas/{kind.value}.schema.json"
-
-
 def validate(kind: MessageKind, message: Any) -> None:
     """Raise ProtocolError naming the first offending field if `message` breaks its schema."""
     error = next(iter(sorted(_validator(kind).iter_errors(message), key=lambda e: e.path)), None)

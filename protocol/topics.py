@@ -54,10 +54,6 @@ class Topics:
     def command(self) -> str:
         return self._t("cmd")
 
-    def for_kind(self, kind: MessageKind) -> str:
-        leaf = next(leaf for leaf, k in TOPIC_KINDS.items() if k is kind)
-        return self._t(leaf)
-
 
 def parse_device_topic(topic: str) -> tuple[str, MessageKind] | None:
     """`sos/v1/dev/abc/alert` -> ("abc", ALERT); None for a topic outside the layout."""

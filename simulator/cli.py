@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
     run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
     sub.add_parser("list", help="list the scenarios with their descriptions")
+    from simulator.selftest import add_selftest_parser
+
+    add_selftest_parser(sub)
     return parser
 
 
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in available():
             print(f"{name}: {load_scenario(name).description}")
         return 0
+    if args.action == "selftest":
+        from simulator.selftest import cmd_selftest
+
+        return cmd_selftest(args)
     if args.speed <= 0:
         print("error: --speed must be positive", file=sys.stderr)
         return 2

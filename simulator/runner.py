@@ -172,7 +172,11 @@ class ScenarioRun:
             due = max(self._t0 + step.at_s / self.speed, free_at)
             if self._abort.wait(max(0.0, due - time.monotonic())):
                 return
-            free_at = self._perform(step, number)
+            try:
+                free_at = self._perform(step, number)
+            except RuntimeError as exc:  # e.g. a device process that died: a finding, not a crash
+                self.recorder.add("sim", "problem", f"step at {step.at_s} s ({step.action}): {exc}")
+                free_at = time.monotonic()
 
     def _perform(self, step: Step, number: int) -> float:
         """Carry out one step; return when the next one may start at the earliest."""

@@ -30,6 +30,7 @@ from firmware.device import DeviceRuntime
 from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
+VIRTUAL_CAMERA_FRAMES = 5  # the virtual camera delivers frames (the camera module is future work)
 
 
 def emit(name: str, fields: dict[str, Any]) -> None:
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_device_config(args.config)
     factory = MockFactory()
     battery = DrainingBattery(args.battery) if args.battery is not None else None
-    runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit)
+    runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
+                            camera_probe=lambda: VIRTUAL_CAMERA_FRAMES)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)

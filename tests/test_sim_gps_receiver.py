@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pynmea2
@@ -138,7 +139,8 @@ def test_pty_output_is_one_epoch_per_gps_second_paced_by_speed():
         if len({f.time for f in fixes if f.time is not None}) >= 6:
             done.set()
 
-    gps = PtyGps(make(), speed=10.0)
+    epochs_at: list[float] = []  # writer side: a starved reader may read epochs in a batch
+    gps = PtyGps(make(), speed=10.0, on_epoch=lambda n: epochs_at.append(time.monotonic()))
     reader = GpsReader(gps.port, on_fix=on_fix)
     reader.start()
     try:
@@ -154,5 +156,5 @@ def test_pty_output_is_one_epoch_per_gps_second_paced_by_speed():
             firsts.setdefault(f.time, f)
     times = sorted(firsts)
     assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(times))
-    wall = firsts[times[-1]].received_at - firsts[times[0]].received_at
-    assert 0.08 * (len(times) - 1) <= wall <= 0.5 * (len(times) - 1)
+    written = epochs_at[-1] - epochs_at[0]
+    assert written >= 0.09 * (len(epochs_at) - 1)  # paced, not dumped at once

@@ -6,8 +6,11 @@ import json
 import queue
 from pathlib import Path
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
 from control_center.store import Store
-from firmware.uplink.mqtt import Connected, Delivered, MqttUplink, Refused
+from firmware.uplink.mqtt import Connected, Delivered, Disconnected, MqttUplink, Refused
 from firmware.uplink.outbox import Outbox, Outgoing
 from protocol import MessageKind, Topics, encode, new_id
 from tests.helpers import NO_POSITION, device_signer
@@ -132,3 +135,24 @@ def test_a_clean_stop_still_tells_the_centre_the_device_is_offline(broker, cente
     center.wait_for(lambda: (d := center.store.device(DEVICE)) and d["state"] == "online")
     link.close()
     center.wait_for(lambda: center.store.device(DEVICE)["state"] == "offline")
+
+
+def test_a_stale_acknowledgement_for_a_reused_message_id_does_not_delete_a_new_alert(
+        broker, tmp_path) -> None:
+    """paho reports QoS 0 status publishes through on_publish too, and message ids wrap: an old
+    'success' left for mid M must not settle the next alert that happens to get mid M."""
+    link = Link(broker, tmp_path / "o.sqlite")
+    try:
+        link.uplink.start()
+        link.wait_for(Connected)
+        broker.stop()
+        link.wait_for(Disconnected)
+        next_mid = link.uplink._client._last_mid + 1  # the id paho hands out next
+        link.uplink._handle_publish(None, None, next_mid, ReasonCode(PacketTypes.PUBACK, "Success"),
+                                    None)
+        rows = link.outbox.append([new_alert()])
+        link.uplink.send(rows)
+        assert link.outbox.contains(rows[0].seq)
+        assert all(not isinstance(e, Delivered) for e in list(link.events.queue))
+    finally:
+        link.close()

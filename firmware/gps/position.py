@@ -64,19 +64,28 @@ class PositionProvider:
 
 
 def _from_fix(source: str, fix: Fix, age: float) -> dict[str, Any]:
+    # A receiver can send a well-formed sentence with impossible values (course 361, speed -0.1,
+    # HDOP -1): they are dropped here, because the alert that carries them must always be valid.
+    hdop = _within(fix.hdop, 0.0, None)
     return _shape(
         source=source,
         lat=fix.lat,
         lon=fix.lon,
         alt_m=fix.alt_m,
-        accuracy_m=round(fix.hdop * HDOP_TO_METRES, 1) if fix.hdop is not None else None,
+        accuracy_m=round(hdop * HDOP_TO_METRES, 1) if hdop is not None else None,
         fix_time=_iso_ms(fix),
         age_s=round(max(age, 0.0), 1),
-        speed_mps=fix.speed_mps,
-        course_deg=fix.course_deg,
-        satellites=fix.satellites,
-        hdop=fix.hdop,
+        speed_mps=_within(fix.speed_mps, 0.0, None),
+        course_deg=_within(fix.course_deg, 0.0, 360.0),
+        satellites=_within(fix.satellites, 0, None),
+        hdop=hdop,
     )
+
+
+def _within(value: Any, low: float, high: float | None) -> Any:
+    if value is None or value < low or (high is not None and value > high):
+        return None
+    return value
 
 
 def _shape(**values: Any) -> dict[str, Any]:

@@ -12,20 +12,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Literal
 
 from gpiozero import LED, Buzzer, DigitalOutputDevice
 
+from firmware.sos_button.states import FeedbackState
 
-class FeedbackState(StrEnum):
-    IDLE = "idle"
-    SENDING = "sending"  # triggered, not yet accepted by the broker
-    DELIVERED = "delivered"  # the broker accepted the alert
-    ACKNOWLEDGED = "acknowledged"  # an operator took it
-    RETRYING = "retrying"  # sending failed, retrying
-    CANCELLED = "cancelled"  # the device sent a cancel request
-    CLOSED = "closed"  # the operator closed it (returning to IDLE is the device's business)
+__all__ = ["PATTERNS", "FeedbackOutputs", "FeedbackState", "Pattern", "Signal"]
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,11 @@ class MqttUplink:
         self._unrouted_retry_s = unrouted_retry_s
         self._lock = threading.Lock()
         self._rows_by_mid: dict[int, OutboxRow] = {}
-        self._early_acks: dict[int, ReasonCode] = {}
+        # PUBACKs that beat send() to recording their mid, with the callback count at arrival.
+        # paho also calls on_publish for QoS 0 (status) publishes, and mids wrap at 65535, so
+        # an entry counts only if it arrived after the publish that handed out that mid.
+        self._early_acks: dict[int, tuple[int, ReasonCode]] = {}
+        self._callbacks = 0
         self._timers: set[threading.Timer] = set()
         self._stopped = threading.Event()
         self.connected = False
@@ -124,13 +128,16 @@ class MqttUplink:
     def send(self, rows: list[OutboxRow]) -> None:
         """Hand stored rows to paho, in order. Safe to call while disconnected."""
         for row in rows:
+            with self._lock:
+                before = self._callbacks
             info = self._client.publish(row.topic, row.payload, qos=1)
             with self._lock:
-                early = self._early_acks.pop(info.mid, None)
-                if early is None:
+                arrived, reason = self._early_acks.pop(info.mid, (before, None))
+                if arrived <= before:  # none, or a stale one from an earlier use of the mid
+                    reason = None
                     self._rows_by_mid[info.mid] = row
-            if early is not None:
-                self._settle(row, early)
+            if reason is not None:
+                self._settle(row, reason)
 
     def publish_status(self) -> None:
         """The retained online/heartbeat status.
@@ -181,9 +188,10 @@ class MqttUplink:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
+            self._callbacks += 1
             row = self._rows_by_mid.pop(mid, None)
-            if row is None:  # the PUBACK beat send() to recording the mid
-                self._early_acks[mid] = reason_code
+            if row is None:  # a status publish, or a PUBACK that beat send() to the mid
+                self._early_acks[mid] = (self._callbacks, reason_code)
                 return
         self._settle(row, reason_code)
 

@@ -1,0 +1,14 @@
+"""What the device shows the person who pressed: plain data, no hardware (so the pure SOS core
+can name these states without importing gpiozero). The patterns are in feedback.py."""
+
+from enum import StrEnum
+
+
+class FeedbackState(StrEnum):
+    IDLE = "idle"
+    SENDING = "sending"  # triggered, not yet accepted by the broker
+    DELIVERED = "delivered"  # the broker accepted the alert
+    ACKNOWLEDGED = "acknowledged"  # an operator took it
+    RETRYING = "retrying"  # sending failed, retrying
+    CANCELLED = "cancelled"  # the device sent a cancel request
+    CLOSED = "closed"  # the operator closed it (returning to IDLE is the device's business)
