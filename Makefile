@@ -3,10 +3,10 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
-SYSDEPS := mosquitto=mosquitto
+SYSDEPS := mosquitto=mosquitto age=age
 
 .DEFAULT_GOAL := help
-.PHONY: help sim test bench soak fuzz lint sysdeps venv clean
+.PHONY: help sim test bench soak fuzz lint flash sysdeps venv clean
 
 help: ## Show this help
 	@echo "SOS devices: firmware, simulator and control centre"
@@ -28,10 +28,16 @@ soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
 
 fuzz: soak ## Alias of soak: the long randomised runs
 
+flash: venv ## Provision a device: make flash ID=tok-001 PROFILE=token TARGET=/media/rootfs FLEET=dir BROKER=host:8883 [ARGS=...]
+	@test -n "$(ID)" -a -n "$(PROFILE)" -a -n "$(TARGET)" -a -n "$(FLEET)" -a -n "$(BROKER)" || \
+	  { echo "usage: make flash ID=... PROFILE=token|pillar TARGET=... FLEET=... BROKER=host:port [ARGS='--surveyed LAT,LON']  (docs/FLASHING.md)"; exit 2; }
+	$(VENV)/bin/sos-device provision --id $(ID) --profile $(PROFILE) --target $(TARGET) \
+	  --fleet $(FLEET) --broker $(BROKER) $(ARGS)
+
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check .
 
-sysdeps: ## Install the Debian tools the tests use when missing (mosquitto)
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age)
 	@scripts/ensure-system-deps $(SYSDEPS)
 
 venv: $(STAMP) ## Create .venv and install the project with its dev tools

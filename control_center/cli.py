@@ -11,6 +11,7 @@ import sys
 import threading
 from dataclasses import asdict
 
+from control_center import ca_cli
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, record_line
 from control_center.fleet import Fleet, FleetError
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("alert_id", metavar="ID", help="alert id or a unique prefix of it")
         p.add_argument("--operator", help="operator name to record (default: from the config)")
         p.set_defaults(command=name)
+    ca_cli.add_parser(sub)
     return parser
 
 
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.action == "ca":  # the fleet CA needs no centre config
+        return ca_cli.run(args)
     try:
         config = load_center_config(args.config)
         Fleet(config.fleet_dir)  # fail now, not at the first alert

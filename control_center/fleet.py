@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from control_center import pki
 from control_center.pki import CertPair
@@ -160,6 +161,49 @@ class Fleet:
         """What devices trust for commands (a list, so the key can be rotated)."""
         return [self.centre_signer().public_key_b64]
 
+    # -- evidence (video) encryption -------------------------------------------------------------
+    @property
+    def evidence_identity_file(self) -> Path:
+        """The centre's age identity: the secret that decrypts evidence; it never leaves."""
+        return self.directory / "evidence-identity.txt"
+
+    @property
+    def evidence_pub_file(self) -> Path:
+        return self.directory / "evidence.pub"
+
+    def evidence_recipients(self) -> list[str]:
+        """The age recipients (`age1...`) devices encrypt evidence to: one a line of
+        `evidence.pub` (a list, so the key can be rotated); none before `sos-center ca init`."""
+        try:
+            lines = self.evidence_pub_file.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [line.strip() for line in lines if line.strip().startswith("age1")]
+
+    def ensure_evidence_key(self) -> str:
+        """Make the age X25519 identity (0600) if there is none and make sure its recipient is
+        in `evidence.pub`; returns the recipient. `age -d -i evidence-identity.txt` decrypts."""
+        path = self.evidence_identity_file
+        if not path.exists():
+            identity, recipient = age_x25519_keypair()
+            text = (f"# created: {_iso(dt.datetime.now(dt.UTC))}\n"
+                    f"# public key: {recipient}\n{identity}\n")
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(text)
+        found = re.search(r"^# public key: (age1\w+)$", path.read_text(), re.MULTILINE)
+        if found is None:
+            raise FleetError(f"{path}: no '# public key: age1...' line (add the output of "
+                             f"`age-keygen -y {path}` to {self.evidence_pub_file})")
+        recipient = found.group(1)
+        if recipient not in self.evidence_recipients():
+            with self.evidence_pub_file.open("a") as f:
+                f.write(recipient + "\n")
+        return recipient
+
+    def write_broker_files(self) -> None:
+        """Rewrite the CRL (it expires: pki.write_crl's `days`) and the ACL from the registry."""
+        self._save()
+
     # -- revoking --------------------------------------------------------------------------------
     def revoke(self, name: str) -> Identity:
         """Revoke the active certificate of `name`; effective when the broker reloads the CRL."""
@@ -247,3 +291,49 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# -- Bech32 (BIP 173) and age X25519 keys, so the centre needs no `age` binary --------------------
+_BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_BECH32_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+
+
+def _bech32_polymod(values: list[int]) -> int:
+    chk = 1
+    for value in values:
+        top = chk >> 25
+        chk = ((chk & 0x1FFFFFF) << 5) ^ value
+        for i, gen in enumerate(_BECH32_GEN):
+            if (top >> i) & 1:
+                chk ^= gen
+    return chk
+
+
+def bech32_words(data: bytes) -> list[int]:
+    """`data` regrouped from 8-bit bytes into 5-bit words, the last one zero-padded."""
+    acc = bits = 0
+    words: list[int] = []
+    for byte in data:
+        acc, bits = (acc << 8) | byte, bits + 8
+        while bits >= 5:
+            bits -= 5
+            words.append((acc >> bits) & 31)
+    if bits:
+        words.append((acc << (5 - bits)) & 31)
+    return words
+
+
+def bech32_encode(hrp: str, words: list[int]) -> str:
+    """Bech32 (BIP 173, not bech32m) of 5-bit `words` with the lower-case prefix `hrp`; no
+    90-character limit (age's keys are longer)."""
+    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+    polymod = _bech32_polymod(expanded + words + [0] * 6) ^ 1
+    checksum = [(polymod >> 5 * (5 - i)) & 31 for i in range(6)]
+    return hrp + "1" + "".join(_BECH32_CHARSET[w] for w in words + checksum)
+
+
+def age_x25519_keypair() -> tuple[str, str]:
+    """A new age X25519 (identity `AGE-SECRET-KEY-1...`, recipient `age1...`)."""
+    key = X25519PrivateKey.generate()
+    identity = bech32_encode("age-secret-key-", bech32_words(key.private_bytes_raw())).upper()
+    return identity, bech32_encode("age", bech32_words(key.public_key().public_bytes_raw()))

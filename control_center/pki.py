@@ -140,8 +140,14 @@ def common_name(cert_or_csr: x509.Certificate | x509.CertificateSigningRequest) 
 
 
 def write_crl(ca: CertPair, revoked: list[tuple[int, dt.datetime]], path: Path,
-              days: int = 30) -> None:
-    """A CRL listing `revoked` (serial, when); Mosquitto refuses those certificates."""
+              days: int = 3650) -> None:
+    """A CRL listing `revoked` (serial, when); Mosquitto refuses those certificates.
+
+    Valid for ten years on purpose: only our own broker reads it, and Mosquitto refuses EVERY
+    client once a CRL's nextUpdate has passed, so a short validity would let a quiet fleet (no
+    enrolment, no revocation for a month) lock all its devices out. Every revocation writes a
+    new one at once.
+    """
     ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key_file.read_bytes(), password=None)
     now = dt.datetime.now(dt.UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
     button = {**profile["button"], **data.get("button", {})}
 
     def rel(p: str | None) -> str | None:
-        return None if p is None else str((base / p) if not Path(p).is_absolute() else Path(p))
+        """Relative paths are relative to the config file (normalised: no `..` left)."""
+        return None if p is None else os.path.normpath(base / p)
 
     surveyed = gps.get("surveyed")
     if "port" not in gps and surveyed is None:

@@ -53,6 +53,7 @@ from firmware.selftest import (
 from firmware.sos_button.feedback import FeedbackOutputs, FeedbackState
 from firmware.sos_button.gpio import SosButton
 from firmware.sos_button.logic import ButtonProfile, CancelRequested, Triggered
+from firmware.systemd_notify import notify, watchdog_interval_s
 from firmware.uplink.mqtt import (
     CommandReceived,
     Connected,
@@ -154,13 +155,17 @@ class DeviceRuntime:
             self.gps.start()
         self.uplink.start()
         next_heartbeat = self._clock() + self.config.heartbeat_s
+        watchdog_s = watchdog_interval_s()
+        next_watchdog = self._clock() + watchdog_s if watchdog_s else None
+        notify("READY=1")
         stopper = threading.Thread(target=lambda: (stop.wait(), self._events.put(None)),
                                    daemon=True)
         stopper.start()
         try:
             while not stop.is_set():
                 deadline = min(d for d in (self.core.next_deadline(), next_heartbeat,
-                                           self._selftest_deadline()) if d is not None)
+                                           self._selftest_deadline(), next_watchdog)
+                               if d is not None)
                 try:
                     item = self._events.get(timeout=max(0.0, deadline - self._clock()))
                 except queue.Empty:
@@ -176,6 +181,9 @@ class DeviceRuntime:
                     if self.uplink.connected:
                         self.uplink.publish_status()
                 self._maybe_selftest(now)
+                if next_watchdog is not None and now >= next_watchdog:
+                    notify("WATCHDOG=1")  # only this loop feeds it: a hung loop is restarted
+                    next_watchdog = now + watchdog_s
         finally:
             self.close()
 

@@ -51,11 +51,14 @@ class PrivateBroker:
 
     CENTRE = "centre.sim"
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, *, port: int | None = None,
+                 fleet_dir: Path | None = None) -> None:
+        """`fleet_dir`: an existing fleet (devices provisioned into it can connect); default a
+        new one in the work directory."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.fleet = Fleet.create(self.workdir / "fleet")
+        self.fleet = Fleet.create(fleet_dir or self.workdir / "fleet")
         self.server = self.fleet.issue_server("broker", [HOST, "localhost"])
         self.ca: CertPair = self.fleet.ca
         (self.workdir / "data").mkdir(exist_ok=True)

@@ -86,8 +86,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if printer:
         print(f"== {scenario.name} (speed {args.speed:g}x) ==\n{scenario.description}\n",
               flush=True)
+    try:
+        provisioned = dict(_device_root(item) for item in args.provisioned)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     run = ScenarioRun(scenario, workdir, speed=args.speed, seed=args.seed,
-                      recorder=Recorder(on_entry=printer))
+                      recorder=Recorder(on_entry=printer), fleet_dir=args.fleet, port=args.port,
+                      provisioned=provisioned)
     result = run.run()
     if printer:
         printer.close()
@@ -100,6 +106,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.out:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if result.ok else 1
+
+
+def _device_root(item: str) -> tuple[str, Path]:
+    device_id, _, root = item.partition("=")
+    config = Path(root) / "etc" / "sos-device" / "device.toml"
+    if not device_id or not config.exists():
+        raise ValueError(f"--provisioned {item}: expected ID=ROOT with ROOT/etc/sos-device/"
+                         "device.toml (written by sos-device provision)")
+    return device_id, Path(root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object with the per-alert results and 'ok'")
     run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
     run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
+    run.add_argument("--fleet", type=Path, metavar="DIR",
+                     help="use this fleet (sos-center ca init) instead of a new one")
+    run.add_argument("--port", type=int, help="broker port (default: a free one)")
+    run.add_argument("--provisioned", action="append", default=[], metavar="ID=ROOT",
+                     help="run device ID from a directory `sos-device provision` wrote "
+                          "(with --fleet and --port as given to it); repeatable")
     sub.add_parser("list", help="list the scenarios with their descriptions")
     from simulator.selftest import add_selftest_parser
 

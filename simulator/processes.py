@@ -57,12 +57,13 @@ class DeviceProcess:
     """`python -m simulator.virtual_device` for one device; can be killed and started again."""
 
     def __init__(self, device_id: str, config: Path, log_file: Path, recorder: Recorder,
-                 battery: float | None) -> None:
+                 battery: float | None, gps_port: str | None = None) -> None:
         self.device_id = device_id
         self.config = config
         self.log_file = log_file
         self.recorder = recorder
         self.battery = battery
+        self.gps_port = gps_port  # overrides the config's port: the simulator's pty
         self.starts = 0
         self._proc: subprocess.Popen[str] | None = None
         self._log: TextIO | None = None
@@ -77,6 +78,8 @@ class DeviceProcess:
         cmd = [sys.executable, "-m", "simulator.virtual_device", "--config", str(self.config)]
         if self.battery is not None:
             cmd += ["--battery", str(self.battery)]
+        if self.gps_port is not None:
+            cmd += ["--gps-port", self.gps_port]
         self._log = self.log_file.open("a")
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, text=True, bufsize=1)

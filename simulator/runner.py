@@ -101,13 +101,17 @@ class AutoOperator:
 
 class ScenarioRun:
     def __init__(self, scenario: Scenario, workdir: Path, *, speed: float = 1.0, seed: int = 1,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, fleet_dir: Path | None = None,
+                 port: int | None = None, provisioned: dict[str, Path] | None = None) -> None:
+        """`provisioned`: device id -> the root a `sos-device provision` wrote; that device
+        runs from its own config and keys there (on `fleet_dir`'s broker at `port`)."""
         self.scenario = scenario
         self.workdir = workdir
         self.speed = speed
         self.seed = seed
         self.recorder = recorder or Recorder()
-        self.broker = PrivateBroker(workdir / "broker")
+        self.broker = PrivateBroker(workdir / "broker", port=port, fleet_dir=fleet_dir)
+        self.provisioned = provisioned or {}
         self.store = Store(workdir / "center.sqlite")
         self.center = self.broker.centre_service(self.store, on_event=self._center_event)
         self.operator = AutoOperator(self.center, self.recorder,
@@ -152,10 +156,13 @@ class ScenarioRun:
             port = self.gps[spec.id].port
         directory = self.workdir / "devices" / spec.id
         directory.mkdir(parents=True, exist_ok=True)
-        config = directory / "device.toml"
-        config.write_text(self._device_config(spec, directory, port))
+        if spec.id in self.provisioned:
+            config = self.provisioned[spec.id] / "etc" / "sos-device" / "device.toml"
+        else:
+            config = directory / "device.toml"
+            config.write_text(self._device_config(spec, directory, port))
         process = DeviceProcess(spec.id, config, directory / "device.log", self.recorder,
-                                spec.battery)
+                                spec.battery, gps_port=port)
         self.devices[spec.id] = process
         process.start()
 

@@ -14,6 +14,7 @@ stdout: {"ev": "ready"} {"ev": "link", "up": true} {"ev": "trigger", "alert_id":
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -84,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--battery", type=float, help="start percent (omit for mains power)")
+    parser.add_argument("--gps-port", help="the simulator's pty, in place of the board's UART")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_device_config(args.config)
+    if args.gps_port:
+        config = dataclasses.replace(config, gps=dataclasses.replace(config.gps,
+                                                                     port=args.gps_port))
     factory = MockFactory()
     battery = DrainingBattery(args.battery) if args.battery is not None else None
     runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,

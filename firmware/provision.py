@@ -1,0 +1,216 @@
+"""Turn a blank Raspberry Pi root filesystem into an enrolled token or pillar.
+
+`sos-device provision` writes, under TARGET (the SD card's root, or a directory in tests):
+
+    opt/sos-device/src/                  the firmware source (installed into a venv at first boot)
+    etc/sos-device/device.toml           the config (validated; paths relative to this file)
+    etc/sos-device/{ca.pem,device.pem}   the fleet CA and this device's certificate
+    etc/sos-device/{device.key,signing.key}  the device's keys, made here, never copied anywhere
+    var/lib/sos-device/                  the data directory (outbox, state)
+    etc/systemd/system/...               sos-device.service (watchdog, restart) + first-boot setup
+    etc/udev/rules.d/99-sos-device.rules GPIO and UART access for the service user
+    boot/firmware/config.txt             a marked block: UART for the GPS, camera, watchdog
+
+and enrols the device in the fleet registry (its certificate and its signing key). Every step is
+idempotent: running it again changes nothing that is already right and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from control_center import pki
+from control_center.fleet import Fleet
+from firmware.config import PROFILES_DIR, load_device_config
+from protocol import signing
+
+REPO = Path(__file__).resolve().parents[1]
+FIRMWARE_PARTS = ("firmware", "protocol", "control_center", "hw", "pyproject.toml", "README.md")
+CONFIG_TXT_BEGIN = "# >>> sos-device (managed by sos-device provision; do not edit inside)"
+CONFIG_TXT_END = "# <<< sos-device"
+CONFIG_TXT_LINES = (
+    "enable_uart=1            # GPS receiver on the PL011 UART (GPIO14/15) = /dev/serial0",
+    "dtoverlay=disable-bt     # give the PL011 UART to the GPS, not to Bluetooth",
+    "camera_auto_detect=1     # the camera module",
+    "dtparam=watchdog=on      # hardware watchdog, fed by systemd (RuntimeWatchdogSec)",
+)
+DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
+
+
+class ProvisionError(ValueError):
+    """An input that cannot give a working device; the text says which and why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    device_id: str
+    profile: str  # "token" | "pillar"
+    target: Path
+    fleet_dir: Path
+    broker_host: str
+    broker_port: int
+    gps_port: str | None = "/dev/serial0"
+    surveyed: dict[str, float] | None = None
+    battery_sysfs: str | None = None
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+
+    def note(self, what: str, path: Path | str) -> None:
+        self.lines.append(f"{what:<10} {path}")
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProvisionError(f"--broker '{text}': expected HOST:PORT, e.g. mqtt.example:8883")
+    return host, int(port)
+
+
+def parse_surveyed(text: str) -> dict[str, float]:
+    """`LAT,LON[,ALT_M[,ACCURACY_M]]`"""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not 2 <= len(values) <= 4 or not -90 <= values[0] <= 90 or not -180 <= values[1] <= 180:
+        raise ProvisionError(f"--surveyed '{text}': expected LAT,LON[,ALT_M[,ACCURACY_M]]")
+    return dict(zip(("lat", "lon", "alt_m", "accuracy_m"), values, strict=False))
+
+
+def provision(request: Request) -> Report:
+    _check(request)
+    report = Report()
+    root = request.target
+    etc = root / "etc" / "sos-device"
+    etc.mkdir(parents=True, exist_ok=True)
+    (root / "var" / "lib" / "sos-device").mkdir(parents=True, exist_ok=True)
+
+    fleet = Fleet(request.fleet_dir)
+    tls_key = pki.load_or_make_key(etc / "device.key")
+    signer = signing.Signer(signing.load_or_make_key(etc / "signing.key"))
+    report.note("keys", f"{etc / 'device.key'}, {etc / 'signing.key'} (made here; never copied)")
+    cert = fleet.sign_csr(pki.make_csr(tls_key, request.device_id), request.profile,
+                          signer.public_key_b64)
+    report.note(_write(etc / "device.pem", cert), etc / "device.pem")
+    report.note(_write(etc / "ca.pem", fleet.ca.cert_file.read_bytes()), etc / "ca.pem")
+    report.note(_write(etc / "device.toml", render_config(request, fleet).encode()),
+                etc / "device.toml")
+    load_device_config(etc / "device.toml")  # what we wrote must load: fail here, not on the Pi
+
+    _copy_firmware(root / "opt" / "sos-device" / "src", report)
+    _write_units(root, report)
+    report.note(_write(root / "etc" / "udev" / "rules.d" / "99-sos-device.rules",
+                       UDEV_RULES.encode()), "udev rule")
+    report.note(_update_config_txt(root / "boot" / "firmware" / "config.txt"),
+                root / "boot" / "firmware" / "config.txt")
+    report.lines.append(f"enrolled   {request.device_id} ({request.profile}) in {fleet.directory}")
+    return report
+
+
+def _check(request: Request) -> None:
+    if not DEVICE_ID.match(request.device_id):
+        raise ProvisionError(f"--id '{request.device_id}': lower-case letters, digits and dashes, "
+                             "3 to 63 characters")
+    if not (PROFILES_DIR / f"{request.profile}.toml").exists():
+        raise ProvisionError(f"--profile '{request.profile}': no such board profile "
+                             f"(hw/profiles/{request.profile}.toml)")
+    if request.gps_port is None and request.surveyed is None:
+        raise ProvisionError("a device without a GPS receiver needs --surveyed LAT,LON")
+    if not (request.fleet_dir / "ca.pem").exists():
+        raise ProvisionError(f"--fleet {request.fleet_dir}: no fleet CA there "
+                             "(run: sos-center ca init)")
+
+
+def render_config(request: Request, fleet: Fleet) -> str:
+    """device.toml with paths relative to /etc/sos-device, so the same tree works from / on the
+    Pi and from a directory in the simulator."""
+    keys = ", ".join(f'"{k}"' for k in fleet.centre_public_keys())
+    lines = [
+        f"# Written by sos-device provision for {request.device_id}. Keys: "
+        "firmware/config.schema.json.",
+        "[device]", f'id = "{request.device_id}"', f'profile = "{request.profile}"',
+        'data_dir = "../../var/lib/sos-device"', 'signing_key = "signing.key"',
+        "", "[broker]", f'host = "{request.broker_host}"', f"port = {request.broker_port}",
+        'ca_file = "ca.pem"', 'cert_file = "device.pem"', 'key_file = "device.key"',
+        "", "[trust]", f"centre_keys = [{keys}]",
+    ]
+    recipients = fleet.evidence_recipients()
+    if recipients:
+        lines += ["", "[evidence]", "recipients = [" + ", ".join(f'"{r}"' for r in recipients)
+                  + "]"]
+    if request.battery_sysfs:
+        lines += ["", "[battery]", f'sysfs = "{request.battery_sysfs}"']
+    lines += ["", "[gps]"]
+    if request.gps_port:
+        lines.append(f'port = "{request.gps_port}"')
+    if request.surveyed:
+        lines += ["", "[gps.surveyed]", *(f"{k} = {v}" for k, v in request.surveyed.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, content: bytes, mode: int | None = None) -> str:
+    """Write only if different; say what happened."""
+    if path.exists() and path.read_bytes() == content:
+        return "unchanged"
+    existed = path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return "updated" if existed else "created"
+
+
+def _copy_firmware(destination: Path, report: Report) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for part in FIRMWARE_PARTS:
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, destination / part, ignore=ignore, dirs_exist_ok=True)
+        else:
+            destination.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / part)
+    report.note("copied", f"firmware to {destination}")
+
+
+def _write_units(root: Path, report: Report) -> None:
+    units = root / "etc" / "systemd" / "system"
+    for name in ("sos-device.service", "sos-device-setup.service"):
+        content = (REPO / "hw" / "systemd" / name).read_bytes()
+        report.note(_write(units / name, content), units / name)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for name in ("sos-device.service", "sos-device-setup.service"):
+        link = wants / name
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{name}")
+    watchdog = root / "etc" / "systemd" / "system.conf.d" / "sos-watchdog.conf"
+    report.note(_write(watchdog, b"[Manager]\nRuntimeWatchdogSec=15\n"), watchdog)
+
+
+def _update_config_txt(path: Path) -> str:
+    """Replace our marked block (or append it); leave every other line alone."""
+    text = path.read_text() if path.exists() else ""
+    block = "\n".join([CONFIG_TXT_BEGIN, *CONFIG_TXT_LINES, CONFIG_TXT_END]) + "\n"
+    pattern = re.compile(re.escape(CONFIG_TXT_BEGIN) + r".*?" + re.escape(CONFIG_TXT_END) + r"\n?",
+                         re.S)
+    if pattern.search(text):
+        new = pattern.sub(block, text)
+    else:
+        new = text + ("" if text.endswith("\n") or not text else "\n") + block
+    return _write(path, new.encode())
+
+
+UDEV_RULES = """\
+# Written by sos-device provision: the service user reaches the GPIO chip and the GPS UART.
+SUBSYSTEM=="gpio", KERNEL=="gpiochip*", GROUP="gpio", MODE="0660"
+KERNEL=="ttyAMA0", GROUP="dialout", MODE="0660", SYMLINK+="sos-gps"
+"""

@@ -1,0 +1,111 @@
+"""`sos-device provision`: a directory that becomes a working, enrolled device."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from control_center.fleet import Fleet
+from firmware.config import load_device_config
+from simulator.broker import free_port
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet.create(tmp_path / "fleet")
+
+
+def provision(fleet: Fleet, target: Path, *extra: str, device_id: str = "tok-amb-0412",
+              profile: str = "token", broker: str = "127.0.0.1:8883"):
+    return subprocess.run(
+        [sys.executable, "-m", "firmware.cli", "provision", "--id", device_id, "--profile",
+         profile, "--target", str(target), "--fleet", str(fleet.directory), "--broker", broker,
+         *extra], capture_output=True, text=True, timeout=120)
+
+
+def test_provisioning_writes_a_device_that_loads_and_is_enrolled(fleet, tmp_path) -> None:
+    root = tmp_path / "sd"
+    done = provision(fleet, root)
+    assert done.returncode == 0, done.stderr
+    etc = root / "etc" / "sos-device"
+    config = load_device_config(etc / "device.toml")
+    assert (config.device_id, config.kind, config.gps.port) == ("tok-amb-0412", "token",
+                                                                "/dev/serial0")
+    assert config.data_dir == root / "var" / "lib" / "sos-device"
+    for key in ("device.key", "signing.key"):
+        assert stat.S_IMODE((etc / key).stat().st_mode) == 0o600
+    fleet.reload()
+    identity = fleet.active("tok-amb-0412")
+    assert identity.kind == "token" and identity.signing_key
+    assert (root / "opt" / "sos-device" / "src" / "firmware" / "device.py").exists()
+    units = root / "etc" / "systemd" / "system"
+    assert "WatchdogSec=" in (units / "sos-device.service").read_text()
+    assert (units / "multi-user.target.wants" / "sos-device.service").is_symlink()
+    assert "gpiochip" in (root / "etc" / "udev" / "rules.d" / "99-sos-device.rules").read_text()
+    assert "enable_uart=1" in (root / "boot" / "firmware" / "config.txt").read_text()
+
+
+def test_running_it_again_changes_nothing_and_keeps_other_config_txt_lines(fleet,
+                                                                          tmp_path) -> None:
+    root = tmp_path / "sd"
+    config_txt = root / "boot" / "firmware" / "config.txt"
+    config_txt.parent.mkdir(parents=True)
+    config_txt.write_text("arm_64bit=1\n")
+    assert provision(fleet, root).returncode == 0
+    keys = {k: (root / "etc" / "sos-device" / k).read_bytes() for k in ("device.key",
+                                                                        "signing.key")}
+    again = provision(fleet, root)
+    assert again.returncode == 0, again.stderr
+    assert "unchanged  " + str(root / "etc" / "sos-device" / "device.toml") in again.stdout
+    assert "unchanged  " + str(root / "etc" / "sos-device" / "device.pem") in again.stdout
+    assert keys == {k: (root / "etc" / "sos-device" / k).read_bytes() for k in keys}
+    text = config_txt.read_text()
+    assert text.startswith("arm_64bit=1\n") and text.count("enable_uart=1") == 1
+    fleet.reload()
+    assert [i.status for i in fleet.identities if i.name == "tok-amb-0412"] == ["active"]
+
+
+def test_a_pillar_without_a_receiver_gets_its_surveyed_position(fleet, tmp_path) -> None:
+    root = tmp_path / "sd"
+    done = provision(fleet, root, "--gps-port", "none", "--surveyed", "52.37888,4.9003,1.2,1",
+                     device_id="pil-ams-cs-01", profile="pillar")
+    assert done.returncode == 0, done.stderr
+    config = load_device_config(root / "etc" / "sos-device" / "device.toml")
+    assert config.gps.port is None and config.gps.surveyed["lat"] == 52.37888
+    assert not config.button.cancellable
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--id", "Tok_1"), "lower-case letters"),
+    (("--broker", "nohostport"), "expected HOST:PORT"),
+    (("--gps-port", "none"), "needs --surveyed"),
+])
+def test_bad_input_is_refused_with_the_reason(fleet, tmp_path, args, message) -> None:
+    extra = dict(zip(args[::2], args[1::2], strict=True))
+    done = provision(fleet, tmp_path / "sd", *[a for k, v in extra.items()
+                                               if k == "--gps-port" for a in (k, v)],
+                     device_id=extra.get("--id", "tok-amb-0412"),
+                     broker=extra.get("--broker", "127.0.0.1:8883"))
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_a_provisioned_device_completes_paramedic_sos_from_its_directory_alone(
+        fleet, tmp_path) -> None:
+    port = free_port()
+    root = tmp_path / "sd"
+    assert provision(fleet, root, broker=f"127.0.0.1:{port}").returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator.cli", "run", "paramedic-sos", "--json", "--speed", "4",
+         "--fleet", str(fleet.directory), "--port", str(port),
+         "--provisioned", f"tok-amb-0412={root}"],
+        capture_output=True, text=True, timeout=240)
+    result = json.loads(done.stdout)
+    assert result["ok"], result["problems"]
+    (alert,) = result["alerts"]
+    assert alert["device_id"] == "tok-amb-0412" and alert["deliveries"] == 1
+    assert (root / "var" / "lib" / "sos-device" / "outbox.sqlite").exists()  # it ran from there
