@@ -3,7 +3,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
-SYSDEPS := mosquitto=mosquitto age=age
+SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign
 
 .DEFAULT_GOAL := help
 .PHONY: help sim test bench soak fuzz lint flash sysdeps venv clean
@@ -37,7 +37,7 @@ flash: venv ## Provision a device: make flash ID=tok-001 PROFILE=token TARGET=/m
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check .
 
-sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age)
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign)
 	@scripts/ensure-system-deps $(SYSDEPS)
 
 venv: $(STAMP) ## Create .venv and install the project with its dev tools
