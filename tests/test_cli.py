@@ -9,9 +9,10 @@ import pytest
 
 
 @pytest.mark.parametrize(("module", "words"), [
-    ("firmware.cli", ["run", "check-config"]),
+    ("firmware.cli", ["run", "check-config", "selftest", "provision"]),
     ("simulator.cli", ["run", "list"]),
-    ("control_center.cli", ["serve", "alerts", "ack", "close"]),
+    ("control_center.cli", ["serve", "alerts", "ack", "close", "ca"]),
+    ("control_center.evidence_cli", ["verify", "decrypt", "export"]),
 ])
 def test_help_lists_the_commands(module: str, words: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
