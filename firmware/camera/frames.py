@@ -1,0 +1,73 @@
+"""What every camera source delivers: H.264 access units with their times.
+
+The pipeline is encoder -> frames -> segmenter (pure) -> muxer -> sink. Sources (the Pi camera via
+picamera2, the simulator's synthetic camera) differ only in how they produce `EncodedFrame`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+# NAL unit types (ITU-T H.264 table 7-1) that matter for cutting a stream into segments.
+NAL_IDR = 5
+NAL_SPS = 7
+NAL_PPS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """One H.264 access unit (Annex B byte stream, start codes included).
+
+    `pts_s` is on the device's monotonic clock (seconds), `utc` the wall-clock time of the same
+    instant; a keyframe from our encoders also carries SPS/PPS, so any keyframe can start a file.
+    """
+
+    data: bytes
+    pts_s: float
+    keyframe: bool
+    utc: datetime
+
+
+FrameCallback = Callable[[EncodedFrame], None]
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """A camera that encodes H.264 and hands every access unit to `on_frame`.
+
+    `on_frame` is called from the source's own thread, one frame at a time and in order; it must
+    not block for long (a slow consumer makes a real camera drop frames).
+
+    Extension point: a secondary low-resolution stream ("lores", for live streaming to a
+    supervisor) will be a second callback, e.g. `start(on_frame, on_lores=None)`, fed by a second
+    encoder on the same sensor; `EncodedFrame` stays the unit for both.
+    """
+
+    @property
+    def fps(self) -> float: ...
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    def start(self, on_frame: FrameCallback) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def nal_types(data: bytes) -> list[int]:
+    """The NAL unit types in an Annex B access unit, in order (3- and 4-byte start codes)."""
+    types: list[int] = []
+    at = data.find(b"\x00\x00\x01")
+    while at != -1 and at + 3 < len(data):
+        types.append(data[at + 3] & 0x1F)
+        at = data.find(b"\x00\x00\x01", at + 3)
+    return types
+
+
+def starts_stream(data: bytes) -> bool:
+    """True when a decoder can start at this access unit: it carries SPS, PPS and an IDR slice."""
+    types = set(nal_types(data))
+    return {NAL_SPS, NAL_PPS, NAL_IDR} <= types

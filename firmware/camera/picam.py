@@ -1,0 +1,128 @@
+"""The Pi camera as a `FrameSource`: picamera2 + the hardware H.264 encoder.
+
+picamera2 is imported only in `start()`: it cannot be imported off the Pi (its `__init__` needs
+libcamera's Python binding, FIELD-NOTES). Off the Pi this module imports fine and is tested
+against stub modules that follow picamera2's real signatures.
+
+We do not use picamera2's CircularOutput/CircularOutput2 (bugs #1403, #226): an `Output` subclass
+turns every access unit into an `EncodedFrame` and our own `Segmenter` keeps the pre-event buffer.
+
+Extension point (lores): `create_video_configuration(main=..., lores={"size": ...})` plus a second
+`H264Encoder` started with `start_encoder(encoder, output, name="lores")` and its own callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .frames import EncodedFrame, FrameCallback, FrameSource
+
+
+class _TimestampMap:
+    """Maps picamera2's frame timestamps onto our clocks.
+
+    picamera2 passes `timestamp` in microseconds since the first frame it encoded (from the
+    sensor's timestamps, so free of encoder-thread jitter). The first frame anchors it: its
+    arrival on our monotonic and UTC clocks; later frames add their sensor offset to that anchor.
+    The anchor is late by the encoder's latency (a few ms), the same for every frame.
+    """
+
+    def __init__(self, clock: Callable[[], float], utc_clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self._utc_clock = utc_clock
+        self._anchor: tuple[float, datetime, int] | None = None
+
+    def map(self, timestamp_us: int | None) -> tuple[float, datetime]:
+        if timestamp_us is None:  # an encoder that gives no timestamp: use arrival time
+            return self._clock(), self._utc_clock()
+        if self._anchor is None:
+            self._anchor = (self._clock(), self._utc_clock(), timestamp_us)
+        mono, utc, first_us = self._anchor
+        offset_us = timestamp_us - first_us
+        return mono + offset_us / 1e6, utc + timedelta(microseconds=offset_us)
+
+
+def _frame_output(output_base: type, on_frame: FrameCallback,
+                  times: _TimestampMap) -> Any:
+    """An instance of a `picamera2.outputs.Output` subclass that feeds `on_frame`."""
+
+    class FrameOutput(output_base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self._lock = threading.Lock()
+
+        def outputframe(self, frame: Any, keyframe: bool = True, timestamp: int | None = None,
+                        packet: Any = None, audio: bool = False) -> None:
+            # Called from the encoder's thread. Audio and frames after stop() are ignored.
+            if audio or frame is None or not self.recording:
+                return
+            with self._lock:
+                pts_s, utc = times.map(timestamp)
+                data = frame if isinstance(frame, bytes) else bytes(frame)  # mmap/memoryview
+                on_frame(EncodedFrame(data, pts_s, bool(keyframe), utc))
+
+    return FrameOutput()
+
+
+class PicameraSource(FrameSource):
+    def __init__(self, *, size: tuple[int, int] = (1920, 1080), fps: float = 30,
+                 bitrate: int = 8_000_000, gop_s: float = 1.0, camera_num: int = 0,
+                 clock: Callable[[], float] = time.monotonic,
+                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if fps <= 0 or gop_s <= 0 or bitrate <= 0:
+            raise ValueError("fps, gop_s and bitrate must be positive")
+        self._size = size
+        self._fps = fps
+        self.bitrate = bitrate
+        self.iperiod = max(1, round(fps * gop_s))
+        self.camera_num = camera_num
+        self._clock = clock
+        self._utc_clock = utc_clock
+        self._camera: Any = None
+        self.output: Any = None
+
+    @property
+    def fps(self) -> float:
+        return self._fps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._size
+
+    def start(self, on_frame: FrameCallback) -> None:
+        if self._camera is not None:
+            raise RuntimeError("camera already started")
+        from picamera2 import Picamera2  # lazy on purpose: fails off the Pi
+        from picamera2.encoders import H264Encoder
+        from picamera2.outputs import Output
+
+        camera = Picamera2(self.camera_num)
+        try:
+            frame_us = round(1_000_000 / self._fps)
+            config = camera.create_video_configuration(
+                main={"size": self._size},
+                controls={"FrameDurationLimits": (frame_us, frame_us)},
+            )
+            camera.configure(config)
+            # repeat=True: SPS/PPS on every keyframe, so any keyframe can start a segment.
+            encoder = H264Encoder(bitrate=self.bitrate, repeat=True, iperiod=self.iperiod)
+            self.output = _frame_output(Output, on_frame,
+                                        _TimestampMap(self._clock, self._utc_clock))
+            camera.start_recording(encoder, self.output, name="main")
+        except BaseException:
+            camera.close()
+            raise
+        self._camera = camera
+
+    def stop(self) -> None:
+        camera, self._camera = self._camera, None
+        if camera is None:
+            return
+        try:
+            camera.stop_recording()
+        finally:
+            camera.close()

@@ -1,0 +1,155 @@
+"""Stub `Picamera2` (see the package docstring)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from .encoders.encoder import Encoder
+
+SENSOR_BASE_NS = 5_000_000_000_123  # sensor timestamps start anywhere, like a real boot clock
+
+
+class _Request:
+    """What an encoder reads from a completed request: its metadata."""
+
+    def __init__(self, timestamp_ns: int) -> None:
+        self.metadata = {"SensorTimestamp": timestamp_ns}
+
+
+class Picamera2:
+    instances: ClassVar[list[Picamera2]] = []
+    cameras: ClassVar[list[dict[str, Any]]] = [
+        {"Model": "imx708", "Location": 2, "Rotation": 180, "Id": "/base/stub/imx708@1a",
+         "Num": 0},
+    ]
+
+    def __init__(self, camera_num: int = 0, tuning: Any = None) -> None:
+        if camera_num >= len(self.cameras):
+            raise IndexError("list index out of range")
+        self.camera_num = camera_num
+        self.camera_config: dict[str, Any] | None = None
+        self.started = False
+        self.is_open = True
+        self.frames_emitted = 0
+        self._encoders: set[Encoder] = set()
+        self.started_encoders: list[Encoder] = []  # every encoder ever started, for tests
+        self._stop_sensor = threading.Event()
+        self._sensor: threading.Thread | None = None
+        Picamera2.instances.append(self)
+
+    @staticmethod
+    def global_camera_info() -> list[dict[str, Any]]:
+        return list(Picamera2.cameras)
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def create_video_configuration(self, main={}, lores=None, raw={}, transform=None,  # noqa: B006
+                                   colour_space=None, buffer_count=6, controls={},  # noqa: B006
+                                   display="main", encode="main", queue=True, sensor={},  # noqa: B006
+                                   use_case="video") -> dict[str, Any]:
+        main = {"format": "XBGR8888", "size": (1280, 720), **main}
+        main["stride"] = main["size"][0] * 4
+        if lores is not None:
+            lores = {"format": "YUV420", "size": (320, 240), **lores}
+            lores["stride"] = lores["size"][0]
+        controls = {"FrameDurationLimits": (33333, 33333), **controls}
+        return {"use_case": use_case, "transform": transform, "colour_space": colour_space,
+                "buffer_count": buffer_count, "queue": queue, "main": main, "lores": lores,
+                "raw": raw, "controls": controls, "sensor": sensor, "display": display,
+                "encode": encode}
+
+    def configure(self, camera_config="preview") -> None:
+        if not isinstance(camera_config, dict):
+            raise RuntimeError("the stub only understands configuration dicts")
+        if self.started:
+            raise RuntimeError("Camera must be stopped before configuring")
+        self.camera_config = camera_config
+
+    def camera_configuration(self) -> dict[str, Any] | None:
+        return self.camera_config
+
+    @property
+    def encode_stream_name(self) -> str:
+        return self.camera_config["encode"] if self.camera_config else "main"
+
+    # -- running --------------------------------------------------------------------------------
+
+    def start(self, config=None, show_preview=False) -> None:
+        if config is not None:
+            self.configure(config)
+        if self.camera_config is None:
+            raise RuntimeError("Camera has not been configured")
+        if self.started:
+            return
+        self.started = True
+        self._stop_sensor.clear()
+        self._sensor = threading.Thread(target=self._sensor_loop, name="stub-sensor",
+                                        daemon=True)
+        self._sensor.start()
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._stop_sensor.set()
+        if self._sensor is not None:
+            self._sensor.join()
+
+    def close(self) -> None:
+        self.stop()
+        if self._encoders:
+            self.stop_encoder()
+        self.is_open = False
+
+    def start_encoder(self, encoder=None, output=None, pts=None, quality=None,
+                      name=None) -> None:
+        if encoder is None:
+            raise RuntimeError("No encoder specified")
+        if output is not None:
+            encoder.output = output
+        streams = self.camera_configuration() or {}
+        name = name or self.encode_stream_name
+        if streams.get(name) is None:
+            raise RuntimeError(f"Encode stream {name} was not defined")
+        encoder.name = name
+        encoder.width, encoder.height = streams[name]["size"]
+        encoder.format = streams[name]["format"]
+        encoder.stride = streams[name]["stride"]
+        encoder.start(quality=quality)
+        self._encoders.add(encoder)
+        self.started_encoders.append(encoder)
+
+    def stop_encoder(self, encoders=None) -> None:
+        chosen = set(self._encoders) if encoders is None else (
+            {encoders} if isinstance(encoders, Encoder) else set(encoders))
+        for encoder in chosen:
+            encoder.stop()
+            self._encoders.discard(encoder)
+
+    @property
+    def encoders(self) -> set[Encoder]:
+        return self._encoders
+
+    def start_recording(self, encoder, output, pts=None, config=None, quality=None,
+                        name=None) -> None:
+        if self.camera_config is None and config is None:
+            raise RuntimeError("the stub needs a configuration dict")
+        if config is not None:
+            self.configure(config)
+        self.start_encoder(encoder, output, pts=pts, quality=quality, name=name)
+        self.start()
+
+    def stop_recording(self) -> None:
+        self.stop()
+        self.stop_encoder()
+
+    def _sensor_loop(self) -> None:
+        frame_us = self.camera_config["controls"]["FrameDurationLimits"][0]
+        n = 0
+        while not self._stop_sensor.wait(frame_us / 1e6):  # paced like a sensor
+            request = _Request(SENSOR_BASE_NS + n * frame_us * 1000)
+            for encoder in list(self._encoders):
+                encoder.encode(encoder.name, request)
+            n += 1
+            self.frames_emitted = n

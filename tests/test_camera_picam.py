@@ -1,0 +1,120 @@
+"""The Pi camera adapter, off the Pi, against stub picamera2 modules (tests/stubs/picamera2)
+that keep picamera2's real signatures and call `Output.outputframe` from an encoder thread."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from firmware.camera.frames import EncodedFrame, FrameSource, starts_stream
+from firmware.camera.picam import PicameraSource
+from firmware.camera.synthetic import frames_within
+
+STUBS = Path(__file__).parent / "stubs"
+UTC0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def _drop_picamera2_modules() -> None:
+    for name in [n for n in sys.modules if n == "picamera2" or n.startswith("picamera2.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def picamera2(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Install the stub package as `picamera2` for this test only."""
+    _drop_picamera2_modules()
+    monkeypatch.syspath_prepend(str(STUBS))
+    module = importlib.import_module("picamera2")
+    assert Path(module.__file__).is_relative_to(STUBS)
+    module.Picamera2.instances.clear()
+    yield module
+    _drop_picamera2_modules()
+
+
+def test_module_imports_without_picamera2() -> None:
+    """The adapter module itself never imports picamera2 (it cannot be imported off the Pi)."""
+    check = "import sys, firmware.camera.picam; assert 'picamera2' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60,
+                   cwd=Path(__file__).parent.parent)
+    source = PicameraSource()
+    assert isinstance(source, FrameSource)
+    assert (source.size, source.fps, source.iperiod) == ((1920, 1080), 30, 30)
+
+
+def test_start_without_picamera2_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # what an off-Pi import gives
+    with pytest.raises(ImportError):
+        PicameraSource().start(lambda frame: None)
+
+
+def test_frames_flow_with_keyframes_and_sensor_timestamps_mapped(picamera2: ModuleType) -> None:
+    frames: list[EncodedFrame] = []
+    threads: set[str] = set()
+    enough = threading.Event()
+
+    def on_frame(frame: EncodedFrame) -> None:
+        frames.append(frame)
+        threads.add(threading.current_thread().name)
+        if len(frames) >= 25:
+            enough.set()
+
+    # A frozen clock makes the mapping exact: anchor + sensor offset.
+    source = PicameraSource(size=(320, 240), fps=50, bitrate=500_000, gop_s=0.2,
+                            clock=lambda: 1000.0, utc_clock=lambda: UTC0)
+    source.start(on_frame)
+    camera = picamera2.Picamera2.instances[-1]
+    try:
+        assert enough.wait(15), f"only {len(frames)} frames"
+    finally:
+        source.stop()
+    assert not camera.is_open and not camera.started
+
+    # What the adapter asked picamera2 for.
+    config = camera.camera_config
+    assert config["main"]["size"] == (320, 240)
+    assert config["controls"]["FrameDurationLimits"] == (20_000, 20_000)
+    (encoder,) = camera.started_encoders
+    assert isinstance(encoder, picamera2.encoders.H264Encoder)
+    assert (encoder.bitrate, encoder.repeat, encoder.iperiod) == (500_000, True, 10)
+    assert encoder.name == "main" and encoder.output is source.output
+    assert isinstance(source.output, picamera2.outputs.Output)
+    assert threads == {"stub-encoder"}  # outputframe ran on the encoder's thread
+
+    # Each frame against what the encoder handed out: (keyframe flag, timestamp in us).
+    emitted = encoder.emitted
+    assert len(emitted) >= len(frames)
+    for frame, (keyframe, timestamp_us) in zip(frames, emitted, strict=False):
+        assert frame.keyframe == keyframe
+        assert frame.pts_s == pytest.approx(1000.0 + timestamp_us / 1e6, abs=1e-9)
+        assert frame.utc == UTC0 + timedelta(microseconds=timestamp_us)
+    assert [i for i, f in enumerate(frames) if f.keyframe][:3] == [0, 10, 20]  # iperiod 10
+    assert all(starts_stream(f.data) for f in frames if f.keyframe)  # repeat=True honoured
+    # 50 fps from the sensor: 20 ms apart.
+    assert frames[1].pts_s - frames[0].pts_s == pytest.approx(0.02)
+
+
+def test_frames_within_works_on_the_pi_source(picamera2: ModuleType) -> None:
+    source = PicameraSource(size=(320, 240), fps=30)
+    assert frames_within(source, 10.0, enough=5) >= 5
+    assert not picamera2.Picamera2.instances[-1].is_open
+
+
+def test_a_camera_that_fails_to_start_is_closed(picamera2: ModuleType,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("Camera frontend has timed out!")
+
+    monkeypatch.setattr(picamera2.Picamera2, "start_recording", broken)
+    source = PicameraSource(size=(320, 240))
+    with pytest.raises(RuntimeError, match="timed out"):
+        source.start(lambda frame: None)
+    assert not picamera2.Picamera2.instances[-1].is_open
+    source.stop()  # nothing started: harmless
