@@ -1,0 +1,184 @@
+"""Camera frames -> evidence on the card: mux, encrypt, hash, sign, store.
+
+    EncodedFrame -> Segmenter -> TsSegmentWriter -> AgeStreamWriter -> HashingSink -> .part file
+                                                                       (each 64 KiB chunk synced)
+    SegmentEnd -> manifest (SHA-256 of the ciphertext, chained to the previous manifest,
+                  flags from the RecordingPolicy) -> minisign signature -> SegmentStore.commit
+
+One lock serialises the camera thread (`on_frame`) and the device thread (`update`). After a
+crash, `recover()` closes each interrupted segment with a manifest that says it was cut, so the
+chain shows exactly where, and the next segment continues the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware.camera.age_stream import AgeStreamWriter
+from firmware.camera.frames import EncodedFrame
+from firmware.camera.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
+from firmware.camera.recording import RecordingPolicy
+from firmware.camera.segmenter import FrameOut, SegmentEnd, Segmenter, SegmentStart
+from firmware.camera.store import SegmentStore
+from firmware.camera.tsmux import TsSegmentWriter
+
+
+class HashingSink:
+    """Passes bytes to `sink` and hashes them: the manifest's hash is of what is on the card."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.sink.write(data)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+@dataclass
+class _Open:
+    seq: int
+    file: BinaryIO
+    hashed: HashingSink
+    age: AgeStreamWriter
+    ts: TsSegmentWriter
+    start_utc: datetime
+    call_id: str | None  # the call the segment was recorded in, even if it ends meanwhile
+
+
+class SegmentRecorder:
+    def __init__(self, store: SegmentStore, *, device_id: str, recipients: list[str],
+                 signing_key: Ed25519PrivateKey, fps: int, size: tuple[int, int],
+                 policy: RecordingPolicy, segment_s: float = 10.0,
+                 gps_track: Callable[[float, float], list[dict[str, Any]]] = lambda a, b: [],
+                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 on_commit: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self._on_commit = on_commit or (lambda seq: None)
+        self.device_id = device_id
+        self.recipients = recipients
+        self.policy = policy
+        self._key = signing_key
+        self._fps, self._size = fps, size
+        self._gps_track = gps_track
+        self._utc = utc_clock
+        self._lock = threading.Lock()
+        self._open: _Open | None = None
+        last = store.last()
+        self._prev_sha = last[1] if last else None
+        first = last[0] + 1 if last else FIRST_SEQ
+        self._segmenter = Segmenter(segment_s, policy.preroll_s, first_seq=first)
+        self.committed: list[int] = []
+
+    # -- after a crash ---------------------------------------------------------------------------
+    def recover(self, *, now_mono: float) -> list[int]:
+        """Close interrupted segments (call before the camera starts); returns their seqs."""
+        closed = []
+        for interrupted in self.store.recover():
+            path = self.store.close_interrupted(interrupted)
+            data = path.read_bytes()
+            utc = self._utc()
+            manifest = build_manifest(
+                device_id=self.device_id, seq=interrupted.seq, start_utc=utc, end_utc=utc,
+                start_mono=now_mono, end_mono=now_mono, frames=0, gps_track=[],
+                call_id=self.policy.call_id, flags=["evidence"],  # unknown window: keep it
+                ciphertext_sha256=hashlib.sha256(data).hexdigest(), ciphertext_bytes=len(data),
+                prev_manifest_sha256=self._prev_sha,
+                chain_restart=None if self._prev_sha or interrupted.seq == FIRST_SEQ
+                else "index lost",
+                cut={"reason": "crash-recovery", "truncated": True})
+            body, signature = sign_manifest(manifest, self._key)
+            self._prev_sha = manifest_sha256(manifest)
+            self.store.index_existing(interrupted.seq, manifest=body, signature=signature,
+                                      manifest_sha256=self._prev_sha, evidence=True,
+                                      call_id=manifest["call_id"])
+            closed.append(interrupted.seq)
+        if closed:
+            self._segmenter = Segmenter(self._segmenter.segment_s, self.policy.preroll_s,
+                                        first_seq=max(closed) + 1)
+        return closed
+
+    # -- live ------------------------------------------------------------------------------------
+    def on_frame(self, frame: EncodedFrame) -> None:
+        """From the camera's thread."""
+        with self._lock:
+            self._handle(self._segmenter.push(frame))
+
+    def change(self, edit: Callable[[RecordingPolicy], object]) -> None:
+        """Change the policy (a call starts or ends, an SOS, the storage mode) and act on it,
+        atomically with respect to the camera thread: no segment starts in between."""
+        with self._lock:
+            edit(self.policy)
+            self._apply()
+
+    def update(self) -> None:
+        """Act on the policy as it is now."""
+        with self._lock:
+            self._apply()
+
+    def _apply(self) -> None:
+        want = self.policy.should_record()
+        if want and not self._segmenter.recording:
+            self._handle(self._segmenter.start_recording())
+        elif not want and self._segmenter.recording:
+            self._handle(self._segmenter.stop_recording())
+
+    def close(self) -> None:
+        """Stop recording and commit the open segment (a clean shutdown)."""
+        with self._lock:
+            if self._segmenter.recording:
+                self._handle(self._segmenter.stop_recording())
+
+    def _handle(self, events: list[Any]) -> None:
+        for event in events:
+            match event:
+                case SegmentStart(seq, _):
+                    self._start(seq)
+                case FrameOut(_, frame):
+                    assert self._open is not None
+                    self._open.ts.write(frame)
+                case SegmentEnd():
+                    self._finish(event)
+
+    def _start(self, seq: int) -> None:
+        file = self.store.open_segment(seq)
+        hashed = HashingSink(file)
+        age = AgeStreamWriter(hashed, self.recipients, sync=lambda: os.fsync(file.fileno()),
+                              sync_every_chunk=True)
+        ts = TsSegmentWriter(age, self._fps, self._size)
+        self._open = _Open(seq, file, hashed, age, ts, self._utc(), self.policy.call_id)
+
+    def _finish(self, end: SegmentEnd) -> None:
+        segment, self._open = self._open, None
+        assert segment is not None and segment.seq == end.seq
+        segment.ts.close()
+        segment.age.close()
+        flags = self.policy.flags(end.start_pts, end.end_pts)
+        manifest = build_manifest(
+            device_id=self.device_id, seq=end.seq, start_utc=segment.start_utc,
+            end_utc=self._utc(), start_mono=end.start_pts, end_mono=end.end_pts,
+            frames=end.frames, gps_track=self._gps_track(end.start_pts, end.end_pts),
+            call_id=segment.call_id, flags=flags,
+            ciphertext_sha256=segment.hashed.sha256.hexdigest(),
+            ciphertext_bytes=segment.hashed.bytes, prev_manifest_sha256=self._prev_sha,
+            chain_restart=None if self._prev_sha or end.seq == FIRST_SEQ else "index lost")
+        body, signature = sign_manifest(manifest, self._key)
+        self._prev_sha = manifest_sha256(manifest)
+        self.store.commit(end.seq, segment.file, manifest=body, signature=signature,
+                          manifest_sha256=self._prev_sha, evidence="evidence" in flags,
+                          call_id=manifest["call_id"])
+        self.committed.append(end.seq)
+        self._on_commit(end.seq)
