@@ -1,4 +1,5 @@
-"""`python -m bench`: SOS trigger -> stored latency beside the bare MQTT floor, in one run.
+"""`python -m bench`: SOS trigger -> stored latency beside the bare MQTT floor, in one run;
+then the evidence video section (bench/evidence.py).
 
 Lines:
   floor   a bare paho MQTT 5 QoS 1 publish -> subscriber on_message (and -> PUBACK), TLS
@@ -6,6 +7,11 @@ Lines:
 Then a breakdown (device-side share from the same run; storage and decoding measured alone) and
 the verdict: ours p99 minus floor p99 against the target. A missed target still exits 0
 (benchmarks report, they do not assert); a run that broke exits 1.
+
+Evidence video: our segment writer (encrypt + hash + sign + fsync + commit) in MB/s beside the
+stock `age -r` on the same bytes (target: ours >= 90% of stock), stock + fsync as the fair
+comparison, and the camera's CPU share for a 1080p30 8 Mbit/s stream. --skip-sos and
+--skip-evidence run one section only.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 
 from simulator.broker import BrokerError, PrivateBroker
 
+from .evidence import run_evidence
 from .floor import FloorError, FloorSamples, run_floor
-from .report import Report
+from .report import Report, combined_json
 from .sos import DEVICE_ID, run_sos
 from .stats import summarise
 from .storage import run_micro, sample_alert
@@ -34,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Measure SOS trigger -> alert stored at the control centre, beside a bare "
                     "MQTT QoS 1 round trip through the same private TLS Mosquitto.",
-        epilog="Takes about presses x 0.2 s plus set-up (about a minute for 200). "
-               "Exit status 0 whether or not the target is met; 1 if the run broke.",
+        epilog="Takes about presses x 0.2 s plus set-up (about a minute for 200), plus about "
+               "a minute for the evidence video section at 64 MB. "
+               "Exit status 0 whether or not a target is met; 1 if a part could not run.",
     )
     parser.add_argument("--presses", type=int, default=200, metavar="N",
                         help="counted samples per line: presses, floor round trips and "
@@ -53,12 +61,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmpdir", type=Path, default=None,
                         help="where the temporary broker, outbox and store live; fsync cost "
                              "depends on this filesystem (default: the system temp dir)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--evidence-mb", type=int, default=64, metavar="MB",
+                        help="plaintext per evidence throughput run, 10**6 bytes; each line "
+                             "runs 3 times interleaved and the best counts (default 64)")
+    parser.add_argument("--skip-sos", action="store_true", help="skip the SOS latency section")
+    parser.add_argument("--skip-evidence", action="store_true",
+                        help="skip the evidence video section")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead (the SOS keys as before, plus "
+                             "\"evidence_video\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
     if args.presses < 1 or args.warmup < 0 or args.timeout <= 0:
         parser.error("need --presses >= 1, --warmup >= 0 and --timeout > 0")
+    if args.evidence_mb < 1:
+        parser.error("need --evidence-mb >= 1")
+    if args.skip_sos and args.skip_evidence:
+        parser.error("--skip-sos and --skip-evidence together leave nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
     return args
@@ -139,16 +159,30 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     errors: list[str] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="sos-bench-", dir=args.tmpdir) as tmp:
-            report = measure(args, Path(tmp), errors)
-    except BrokerError as exc:
-        print(f"bench: cannot start the broker: {exc}", file=sys.stderr)
-        return 1
-    report.context["elapsed_s"] = round(time.monotonic() - started, 1)
-    print(report.as_json() if args.json else report.as_table())
-    progress(f"done in {report.context['elapsed_s']} s")
-    return 1 if errors else 0
+    report: Report | None = None
+    broke = False
+    if not args.skip_sos:
+        try:
+            with tempfile.TemporaryDirectory(prefix="sos-bench-", dir=args.tmpdir) as tmp:
+                report = measure(args, Path(tmp), errors)
+            report.context["elapsed_s"] = round(time.monotonic() - started, 1)
+        except BrokerError as exc:
+            print(f"bench: cannot start the broker: {exc}", file=sys.stderr)
+            broke = True
+    evidence = None
+    if not args.skip_evidence:
+        began = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="evidence-bench-", dir=args.tmpdir) as tmp:
+            evidence = run_evidence(Path(tmp), args.evidence_mb, progress=progress, context={
+                "tmpdir": str(Path(tmp).parent), "filesystem": filesystem_of(Path(tmp)),
+                "cpus": os.cpu_count()})
+        evidence.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    if args.json:
+        print(combined_json(report, evidence))
+    else:
+        print("\n\n".join(part.as_table() for part in (report, evidence) if part is not None))
+    progress(f"done in {round(time.monotonic() - started, 1)} s")
+    return 1 if broke or errors or (evidence is not None and evidence.errors) else 0
 
 
 if __name__ == "__main__":

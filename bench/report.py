@@ -39,7 +39,10 @@ class Report:
         return f"{line} -> {'MET' if self.target_met else 'MISSED'}"
 
     def as_json(self) -> str:
-        return json.dumps(_finite({
+        return json.dumps(_finite(self.as_dict()), indent=2, allow_nan=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
             "context": self.context,
             "floor": self.floor.as_dict(),
             "floor_puback": self.floor_puback.as_dict(),
@@ -52,7 +55,7 @@ class Report:
                 "text": self.verdict(),
             },
             "errors": self.errors,
-        }), indent=2, allow_nan=False)
+        }
 
     def as_table(self) -> str:
         label_w = max(len(s.label) for s in self._rows()) + 2
@@ -75,6 +78,106 @@ class Report:
                 f"{c['presses']} samples per line after {c['warmup']} warm-up\n"
                 f"temp data on {c['filesystem']} under {c['tmpdir']}; {c['cpus']} CPU(s); "
                 f"alert payload {c['payload_bytes']} B (floor payload the same size)")
+
+
+@dataclass
+class EvidenceReport:
+    """The "evidence video" section: our segment writer's MB/s beside the stock `age` tool's on
+    the same bytes in the same run (verdict: ours / stock >= target_ratio), and the camera's CPU.
+    """
+
+    size_mb: int
+    repeats: int
+    target_ratio: float
+    ours_mb_s: float = math.nan
+    stock_mb_s: float = math.nan
+    stock_fsync_mb_s: float = math.nan
+    ours_cpu_s_per_mb: float = math.nan
+    camera: list[tuple[str, str, float, str]] = field(default_factory=list)  # key label value unit
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_mb_s / self.stock_mb_s
+
+    @property
+    def ratio_fsync(self) -> float:
+        return self.ours_mb_s / self.stock_fsync_mb_s
+
+    @property
+    def complete(self) -> bool:
+        return not math.isnan(self.ratio)
+
+    @property
+    def target_met(self) -> bool:
+        return self.complete and self.ratio >= self.target_ratio
+
+    @property
+    def writer_cpu_pct(self) -> float:
+        """Our segment writer's CPU at the camera's measured bitrate, % of one core."""
+        mbit = {k: v for k, _label, v, _unit in self.camera}.get("stream_mbit_s", math.nan)
+        return 100 * self.ours_cpu_s_per_mb * mbit / 8
+
+    def verdict(self) -> str:
+        target = f"(target: at least {100 * self.target_ratio:g}%)"
+        if not self.complete:
+            return f"ours / stock age: not measured {target} -> INCOMPLETE RUN, no verdict"
+        line = f"ours / stock age: {self.ratio:.2f} = {100 * self.ratio:.0f}% {target}"
+        return f"{line} -> {'MET' if self.target_met else 'NOT MET'}"
+
+    def as_dict(self) -> dict[str, Any]:
+        def r(value: float, digits: int = 2) -> float:
+            return round(value, digits)
+        return {
+            "context": self.context | {"size_mb": self.size_mb, "repeats": self.repeats,
+                                       "best_of": self.repeats, "interleaved": True},
+            "throughput_mb_s": {"ours": r(self.ours_mb_s), "stock_age": r(self.stock_mb_s),
+                                "stock_age_fsync": r(self.stock_fsync_mb_s)},
+            "ours_cpu_s_per_mb": r(self.ours_cpu_s_per_mb, 5),
+            "verdict": {"ratio": r(self.ratio, 3), "ratio_vs_stock_fsync": r(self.ratio_fsync, 3),
+                        "target_ratio": self.target_ratio, "met": self.target_met,
+                        "text": self.verdict()},
+            "camera": {key: r(value, 4) for key, _label, value, _unit in self.camera}
+            | ({"writer_cpu_pct": r(self.writer_cpu_pct, 4)} if self.camera else {}),
+            "errors": self.errors,
+        }
+
+    def as_table(self) -> str:
+        c = self.context
+        out = [f"evidence video: our segment writer beside stock age {c.get('age', '?')} on the "
+               f"same {self.size_mb} MB of random bytes; best of {self.repeats} interleaved "
+               "runs each",
+               f"temp data on {c.get('filesystem', '?')} under {c.get('tmpdir', '?')}; "
+               f"{c.get('cpus', '?')} CPU(s)", ""]
+        rows = [
+            ("ours:  encrypt + hash + sign + fsync (64 KiB chunks fsynced, signed manifest, "
+             "store commit)", self.ours_mb_s),
+            ("stock: age -r RECIPIENT -o FILE (no fsync)", self.stock_mb_s),
+            ("stock: age -r RECIPIENT -o FILE + fsync of its output", self.stock_fsync_mb_s),
+        ]
+        label_w = max(len(label) for label, _ in rows) + 2
+        out.append(f"{'':{label_w}}{'MB/s':>9}")
+        out += [f"{label:{label_w}}{value:>9.1f}" for label, value in rows]
+        out += ["", f"fair comparison, ours / (stock age + fsync): {self.ratio_fsync:.2f} "
+                "(stock is durable only at its end; ours after every 64 KiB chunk)"]
+        if self.camera:
+            cam = [(label, value, unit) for _key, label, value, unit in self.camera]
+            cam.append(("  + our segment writer (encrypt + hash + sign + fsync) at that bitrate, "
+                        "CPU time of the runs above", self.writer_cpu_pct, "%"))
+            width = max(len(label) for label, _, _ in cam) + 2
+            out += ["", "camera CPU (measured on this machine's cores, not the Pi's):"]
+            out += [f"{label:{width}}{value:>9.2f} {unit}" for label, value, unit in cam]
+        out += [""] + [f"ERROR: {e}" for e in self.errors] + [self.verdict()]
+        return "\n".join(out)
+
+
+def combined_json(sos: Report | None, evidence: EvidenceReport | None) -> str:
+    """The SOS object as before (when it ran), plus "evidence_video" (when it ran)."""
+    data = sos.as_dict() if sos is not None else {}
+    if evidence is not None:
+        data["evidence_video"] = evidence.as_dict()
+    return json.dumps(_finite(data), indent=2, allow_nan=False)
 
 
 def _row(s: Summary, label_w: int) -> str:

@@ -120,34 +120,49 @@ class CenterService:
         alert = self.store.alert(alert_id)
         if alert is None:
             raise CommandError(f"no alert {alert_id}")
-        command = self._signer.sign({
-            "v": 1,
-            "command_id": new_id(),
-            "seq": self.store.next_command_seq(),
-            "type": decision,
-            "alert_id": alert_id,
-            "issued_at": utc_iso(datetime.now(UTC)),
-            "operator": operator,
-        })
-        payload = encode(MessageKind.COMMAND, command)
-        self.store.add_command(command, alert.device_id)
-        info = self._client.publish(Topics(alert.device_id).command, payload, qos=1)
-        with self._puback_arrived:
-            arrived = self._puback_arrived.wait_for(
-                lambda: info.mid in self._pubacks or self._stopping, timeout_s)
-            if not arrived or info.mid not in self._pubacks:
-                raise CommandError(f"broker did not acknowledge the {decision} within "
-                                   f"{timeout_s:.0f} s (is it reachable?)")
-            reason = self._pubacks.pop(info.mid)
-        if reason.is_failure:
-            raise CommandError(f"broker refused the {decision}: {reason} ({reason.value})")
+        command, delivered = self._send(alert.device_id, {"type": decision, "alert_id": alert_id},
+                                        operator, timeout_s)
         self.store.mark(alert_id, decision, operator, self._clock())
-        delivered = reason.value != NO_MATCHING_SUBSCRIBERS
         if not delivered:
             log.warning("%s for %s recorded, but device %s is not connected and has no session; "
                         "it is sent again when the device reports back", decision, alert_id[:8],
                         alert.device_id)
         return {**command, "delivered": delivered}
+
+    def send_call(self, device_id: str, kind: str, operator: str, call_id: str | None = None,
+                  timeout_s: float = 10.0) -> dict[str, Any]:
+        """Dispatch's `call_start` (with its call id) or `call_end`: the token records the call."""
+        fields: dict[str, Any] = {"type": kind}
+        if call_id is not None:
+            fields["call_id"] = call_id
+        command, delivered = self._send(device_id, fields, operator, timeout_s)
+        return {**command, "delivered": delivered}
+
+    def _send(self, device_id: str, fields: dict[str, Any], operator: str,
+              timeout_s: float) -> tuple[dict[str, Any], bool]:
+        """Sign, number, record and publish a command; wait for its PUBACK and read it."""
+        command = self._signer.sign({
+            "v": 1,
+            "command_id": new_id(),
+            "seq": self.store.next_command_seq(),
+            **fields,
+            "issued_at": utc_iso(datetime.now(UTC)),
+            "operator": operator,
+        })
+        payload = encode(MessageKind.COMMAND, command)
+        self.store.add_command(command, device_id)
+        info = self._client.publish(Topics(device_id).command, payload, qos=1)
+        kind = fields["type"]
+        with self._puback_arrived:
+            arrived = self._puback_arrived.wait_for(
+                lambda: info.mid in self._pubacks or self._stopping, timeout_s)
+            if not arrived or info.mid not in self._pubacks:
+                raise CommandError(f"broker did not acknowledge the {kind} within "
+                                   f"{timeout_s:.0f} s (is it reachable?)")
+            reason = self._pubacks.pop(info.mid)
+        if reason.is_failure:
+            raise CommandError(f"broker refused the {kind}: {reason} ({reason.value})")
+        return command, reason.value != NO_MATCHING_SUBSCRIBERS
 
     # -- paho callbacks --------------------------------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -153,7 +153,7 @@ class Store:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO updates(device_id, seq, alert_id, kind, created_at, "
                 "stored_at, body) VALUES (?,?,?,?,?,?,?)",
-                (message["device_id"], message["seq"], message["alert_id"], kind,
+                (message["device_id"], message["seq"], message.get("alert_id", ""), kind,
                  message["created_at"], stored_at, json.dumps(message, sort_keys=True)),
             )
             if cur.rowcount != 1:
@@ -198,7 +198,7 @@ class Store:
             self._db.execute(
                 "INSERT INTO commands(command_id, alert_id, device_id, type, operator, issued_at) "
                 "VALUES (?,?,?,?,?,?)",
-                (command["command_id"], command["alert_id"], device_id, command["type"],
+                (command["command_id"], command.get("alert_id", ""), device_id, command["type"],
                  command["operator"], command["issued_at"]),
             )
 

@@ -110,6 +110,21 @@ class Persist:
 
 
 @dataclass(frozen=True)
+class CallChange:
+    """Dispatch started (call_id) or ended (None) a call: the recorder follows."""
+
+    call_id: str | None
+
+
+@dataclass(frozen=True)
+class RecordSos:
+    """An SOS started (active) or ended: the recorder records it and flags its window."""
+
+    alert_id: str
+    active: bool
+
+
+@dataclass(frozen=True)
 class Show:
     state: FeedbackState
 
@@ -120,7 +135,7 @@ class Log:
     text: str
 
 
-Action = Store | Persist | Show | Log
+Action = Store | Persist | Show | Log | CallChange | RecordSos
 
 
 @dataclass
@@ -178,6 +193,7 @@ class AlertCore:
         return [
             Log("warning", f"resumed active SOS {self.active.alert_id} ({self.active.stage}) "
                            "after a restart"),
+            RecordSos(self.active.alert_id, True),
             *self._refresh_feedback(),
         ]
 
@@ -213,6 +229,7 @@ class AlertCore:
             return [Log("info", f"SOS already active ({self.active.alert_id}); press ignored")]
         self._idle_at = None
         alert_id = self.new_alert_id()
+        record = RecordSos(alert_id, True)
         self.active = ActiveAlert(alert_id, Stage.SENDING,
                                   now.mono + self.identity.position_interval_s)
         message = {
@@ -227,6 +244,7 @@ class AlertCore:
         }
         return [
             Store([Outgoing(MessageKind.ALERT, self.topics.alert, message)], self.state()),
+            record,
             Log("warning", f"SOS {alert_id} raised ({trigger}, position "
                            f"{readings.position['source']})"),
             *self._refresh_feedback(),
@@ -259,7 +277,7 @@ class AlertCore:
             command = decode(MessageKind.COMMAND, payload)
         except ProtocolError as exc:
             return [Log("error", f"rejected command: {exc}; nothing changed")]
-        command_id, kind, alert_id = command["command_id"], command["type"], command["alert_id"]
+        command_id, kind, alert_id = command["command_id"], command["type"], command.get("alert_id")
         refusal = self._authenticity_problem(command, now)
         if refusal is not None:
             return [Log("error", f"rejected {kind} command {command_id}: {refusal}; "
@@ -270,7 +288,14 @@ class AlertCore:
         if not self._command_seqs.accept(command["seq"]):
             return [Log("error", f"rejected {kind} command {command_id}: sequence number "
                                  f"{command['seq']} already seen (replayed); nothing changed")]
-        if self.active is None or self.active.alert_id != alert_id:
+        if kind in ("call_start", "call_end"):
+            self._seen_commands.append(command_id)
+            call_id = command.get("call_id") if kind == "call_start" else None
+            applied = self._event("command_applied", now, None, command_id)
+            return [Store([applied], self.state()), CallChange(call_id),
+                    Log("info", f"call {'started: ' + call_id if call_id else 'ended'} "
+                                f"({command['operator']})")]
+        if self.active is None or self.active.alert_id != alert_id:  # ack/close from here on
             reason = f"alert {alert_id} is not the active alert"
             return [
                 Store([self._event("command_rejected", now, alert_id, command_id, reason)],
@@ -285,7 +310,8 @@ class AlertCore:
         else:
             self.active = None
             self._idle_at = now.mono + CLOSED_DISPLAY_S
-            actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}")]
+            actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}"),
+                       RecordSos(alert_id, False)]
         applied = self._event("command_applied", now, alert_id, command_id)
         return [Store([applied], self.state()), *actions, *self._refresh_feedback()]
 
@@ -332,11 +358,13 @@ class AlertCore:
                command_id: str | None = None, reason: str | None = None) -> Outgoing:
         message: dict[str, Any] = {
             "v": 1,
-            "alert_id": alert_id or (self.active.alert_id if self.active else ""),
             "device_id": self.identity.device_id,
             "created_at": utc_iso(now.utc),
             "type": kind,
         }
+        alert_id = alert_id or (self.active.alert_id if self.active else None)
+        if alert_id is not None:
+            message["alert_id"] = alert_id
         if command_id is not None:
             message["command_id"] = command_id
         if reason is not None:

@@ -39,6 +39,16 @@ class GpsConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    source: str
+    size: tuple[int, int]
+    fps: int
+    bitrate: int
+    segment_s: float
+    preroll_s: float
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     device_id: str
     kind: str
@@ -54,6 +64,8 @@ class DeviceConfig:
     signing_key: Path
     centre_keys: list[str]
     source: str
+    camera: CameraConfig | None = None
+    evidence_recipients: tuple[str, ...] = ()
 
 
 def _resolve_profile(name: str, base: Path) -> Path:
@@ -134,6 +146,8 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
                          / "signing.key"),
         centre_keys=_centre_keys(data["trust"]["centre_keys"], source),
         source=source,
+        camera=_camera(data, source),
+        evidence_recipients=tuple(data.get("evidence", {}).get("recipients", ())),
     )
 
 
@@ -144,3 +158,18 @@ def _centre_keys(keys: list[str], source: str) -> list[str]:
         except ValueError as exc:
             raise ConfigError(f"{source}: key 'trust.centre_keys[{index}]': {exc}") from None
     return keys
+
+
+def _camera(data: dict[str, Any], source: str) -> CameraConfig | None:
+    camera = data.get("camera")
+    if camera is None:
+        return None
+    if not data.get("evidence", {}).get("recipients"):
+        raise ConfigError(f"{source}: missing key 'evidence.recipients' (recordings must be "
+                          "encrypted to the control centre; `sos-device provision` writes it)")
+    return CameraConfig(
+        source=camera.get("source", "picamera2"),
+        size=(camera.get("width", 1920), camera.get("height", 1080)),
+        fps=camera.get("fps", 30), bitrate=camera.get("bitrate", 8_000_000),
+        segment_s=float(camera.get("segment_s", 10.0)),
+        preroll_s=float(camera.get("preroll_s", 30.0)))

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from typing import Any
 from firmware.alert_state import (
     Action,
     AlertCore,
+    CallChange,
     CancelGesture,
     CommandPayload,
     CoreEvent,
@@ -32,13 +34,22 @@ from firmware.alert_state import (
     Now,
     Persist,
     Readings,
+    RecordSos,
     Show,
     Store,
     Tick,
     Trigger,
 )
 from firmware.battery import BatterySource, NoBattery, SysfsBattery
+from firmware.camera.frames import FrameSource
+from firmware.camera.picam import PicameraSource
+from firmware.camera.recorder import SegmentRecorder
+from firmware.camera.recording import RecordingPolicy
+from firmware.camera.space import RecordMode, SpaceLimits, SpacePlan
+from firmware.camera.space import plan as plan_space
+from firmware.camera.store import SegmentStore
 from firmware.config import DeviceConfig
+from firmware.gps.fix import Fix
 from firmware.gps.position import PositionProvider
 from firmware.gps.reader import GpsReader
 from firmware.selftest import (
@@ -63,15 +74,23 @@ from firmware.uplink.mqtt import (
     Refused,
 )
 from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
-from protocol import MessageKind, ProtocolError, encode, utc_iso
+from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso
 from protocol.signing import Signer, load_or_make_key, public_key_from_b64
 
 log = logging.getLogger("sos.device")
 
 
+TRACK_POINTS = 3600  # an hour of 1 Hz fixes for the manifests' GPS tracks
+
+
 @dataclass(frozen=True)
 class SelftestDone:
     results: list[CheckResult]
+
+
+@dataclass(frozen=True)
+class SegmentCommitted:
+    seq: int
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -91,8 +110,11 @@ class DeviceRuntime:
         clock: Callable[[], float] = time.monotonic,
         utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         camera_probe: Callable[[], int] = picamera2_probe,
+        camera_source: FrameSource | None = None,
+        space_limits: SpaceLimits | None = None,
     ) -> None:
-        """`camera_probe` counts frames for the self-test (the simulator passes its own)."""
+        """`camera_probe` counts frames for the self-test and `camera_source` delivers encoded
+        frames (the simulator passes its own; on the Pi both come from picamera2)."""
         self.config = config
         self._pin_factory = pin_factory
         self._camera_probe = camera_probe
@@ -107,14 +129,16 @@ class DeviceRuntime:
         self._battery = battery or (
             SysfsBattery(config.battery_sysfs) if config.battery_sysfs else NoBattery()
         )
-        signer = Signer(load_or_make_key(config.signing_key))
+        signing_key = load_or_make_key(config.signing_key)
+        signer = Signer(signing_key)
         self.outbox = Outbox(config.data_dir / "outbox.sqlite", signer=signer)
         self.core = AlertCore(
             DeviceIdentity(config.device_id, config.kind, config.position_interval_s),
             command_keys=[public_key_from_b64(k) for k in config.centre_keys],
         )
-        self.gps = (GpsReader(config.gps.port, config.gps.baudrate, clock=clock)
-                    if config.gps.port else None)
+        self._track: deque[tuple[float, dict[str, Any]]] = deque(maxlen=TRACK_POINTS)
+        self.gps = (GpsReader(config.gps.port, config.gps.baudrate, clock=clock,
+                              on_fix=self._remember_fix) if config.gps.port else None)
         self.position = PositionProvider(
             self.gps.latest if self.gps else lambda: None, clock=clock,
             live_max_age_s=config.gps.live_max_age_s,
@@ -136,6 +160,21 @@ class DeviceRuntime:
             pin_factory=pin_factory,
             clock=clock,
         )
+        self.recorder: SegmentRecorder | None = None
+        self._camera = camera_source
+        self._space_limits = space_limits or SpaceLimits()
+        self._storage_mode = RecordMode.NORMAL
+        if config.camera is not None:
+            self.recorder = SegmentRecorder(
+                SegmentStore(config.data_dir / "recordings"), device_id=config.device_id,
+                recipients=list(config.evidence_recipients), signing_key=signing_key,
+                fps=config.camera.fps, size=config.camera.size,
+                policy=RecordingPolicy(preroll_s=config.camera.preroll_s),
+                segment_s=config.camera.segment_s, gps_track=self._gps_track,
+                on_commit=lambda seq: self._events.put(SegmentCommitted(seq)))
+            if self._camera is None:
+                self._camera = PicameraSource(size=config.camera.size, fps=config.camera.fps,
+                                              bitrate=config.camera.bitrate)
         offline = {"v": 1, "device_id": config.device_id, "device_kind": config.kind,
                    "state": "offline"}
         self.uplink = MqttUplink(
@@ -149,8 +188,15 @@ class DeviceRuntime:
         """Run until `stop` is set."""
         log.info("device %s (%s) starting; firmware %s; %d message(s) pending in the outbox",
                  self.config.device_id, self.config.kind, FIRMWARE_VERSION, self.outbox.count())
+        if self.recorder is not None:
+            closed = self.recorder.recover(now_mono=self._clock())
+            if closed:
+                log.warning("closed %d segment(s) interrupted by a crash: %s", len(closed), closed)
         self._execute(self.core.restore(self.outbox.load_state(), self._now()))
         self._sync_button()
+        if self.recorder is not None and self._camera is not None:
+            self._camera.start(self.recorder.on_frame)
+            self._check_space()
         if self.gps:
             self.gps.start()
         self.uplink.start()
@@ -180,6 +226,7 @@ class DeviceRuntime:
                     next_heartbeat = now + self.config.heartbeat_s
                     if self.uplink.connected:
                         self.uplink.publish_status()
+                    self._check_space()
                 self._maybe_selftest(now)
                 if next_watchdog is not None and now >= next_watchdog:
                     notify("WATCHDOG=1")  # only this loop feeds it: a hung loop is restarted
@@ -188,6 +235,9 @@ class DeviceRuntime:
             self.close()
 
     def close(self) -> None:
+        if self._camera is not None and self.recorder is not None:
+            self._camera.stop()
+            self.recorder.close()  # the open segment is committed, not left for recovery
         self.button.close()
         self.uplink.stop()
         if self.gps:
@@ -216,6 +266,9 @@ class DeviceRuntime:
                 self._handle(MessageDelivered(row.kind, _alert_id_of(row)))
             case Refused():
                 pass  # the uplink logged it and retries; feedback is driven by the link state
+            case SegmentCommitted(seq):
+                self._observe("segment", {"seq": seq, "wall": time.time()})
+                self._check_space()
             case SelftestDone(results):
                 self._selftest_thread = None
                 self.selftest_summary = summary(results, self._utc())
@@ -250,6 +303,10 @@ class DeviceRuntime:
                     self.feedback.show(state)
                 case Log(level, text):
                     getattr(log, level)(text)
+                case CallChange(call_id):
+                    self._record_call(call_id)
+                case RecordSos(alert_id, active):
+                    self._record_sos(alert_id, active)
 
     def _store(self, items: list[Outgoing], state: dict[str, Any]) -> None:
         try:
@@ -267,6 +324,66 @@ class DeviceRuntime:
 
     def _feedback_changed(self, state: FeedbackState) -> None:
         self._observe("feedback", {"state": state.value, "wall": time.time()})
+
+    # -- recordings ------------------------------------------------------------------------------
+    def _remember_fix(self, fix: Fix) -> None:
+        """GPS thread: keep recent fixes for the manifests' tracks."""
+        if fix.time is not None:
+            self._track.append((fix.received_at, {"lat": fix.lat, "lon": fix.lon,
+                                                  "utc": utc_iso(fix.time)}))
+
+    def _gps_track(self, start: float, end: float) -> list[dict[str, Any]]:
+        return [point for at, point in list(self._track) if start <= at <= end]
+
+    def _record_call(self, call_id: str | None) -> None:
+        def edit(policy: RecordingPolicy) -> None:
+            if call_id is None:
+                policy.call_end()
+            else:
+                policy.call_start(call_id)
+
+        if self.recorder is not None:
+            self.recorder.change(edit)
+
+    def _record_sos(self, alert_id: str, active: bool) -> None:
+        now = self._clock()
+
+        def edit(policy: RecordingPolicy) -> None:
+            if active:
+                policy.sos_start(alert_id, now)
+            else:
+                policy.sos_end(alert_id, now)
+
+        if self.recorder is not None:
+            self.recorder.change(edit)
+
+    def _check_space(self) -> None:
+        """Free space by the rules in camera/space.py; report a change of mode to the centre."""
+        if self.recorder is None:
+            return
+        store = self.recorder.store
+        plan = plan_space(store.segments(), store.free_bytes(),
+                          sos_active=self.recorder.policy.sos_active, limits=self._space_limits)
+        for seq in plan.delete:
+            store.delete(seq)
+        if plan.deleted_unuploaded_ordinary:
+            log.error("storage: deleted ordinary segments %s (not uploaded) to keep recording "
+                      "SOS evidence", plan.deleted_unuploaded_ordinary)
+        if plan.mode is not self._storage_mode or plan.deleted_unuploaded_ordinary:
+            self.recorder.change(lambda p, m=plan.mode: p.set_mode(m))
+            self._storage_mode = plan.mode
+            if plan.alert:
+                log.error("%s", plan.alert)
+                self._store([self._storage_event(plan, store.free_bytes())], self.core.state())
+
+    def _storage_event(self, plan: SpacePlan, free: int) -> Outgoing:
+        message = {
+            "v": 1, "device_id": self.config.device_id, "created_at": utc_iso(self._utc()),
+            "type": "storage_alert", "reason": (plan.alert or "")[:200],
+            "storage": {"free_mb": round(free / 2**20, 1), "mode": plan.mode.value,
+                        "deleted_unuploaded": len(plan.deleted_unuploaded_ordinary)},
+        }
+        return Outgoing(MessageKind.EVENT, Topics(self.config.device_id).event, message)
 
     # -- scheduled self-test -------------------------------------------------------------------
     def _selftest_deadline(self) -> float | None:

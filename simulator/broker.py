@@ -59,6 +59,7 @@ class PrivateBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.fleet = Fleet.create(fleet_dir or self.workdir / "fleet")
+        self.fleet.ensure_evidence_key()  # recordings are encrypted to the centre
         self.server = self.fleet.issue_server("broker", [HOST, "localhost"])
         self.ca: CertPair = self.fleet.ca
         (self.workdir / "data").mkdir(exist_ok=True)

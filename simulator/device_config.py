@@ -10,7 +10,9 @@ from simulator.broker import PrivateBroker
 
 def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: PrivateBroker,
                        gps_port: str | None = None, surveyed: dict[str, Any] | None = None,
-                       position_interval_s: float = 5.0, heartbeat_s: float = 30.0) -> str:
+                       position_interval_s: float = 5.0, heartbeat_s: float = 30.0,
+                       camera: bool = False, segment_s: float = 10.0,
+                       preroll_s: float = 30.0) -> str:
     """Enrols `device_id` in the broker's fleet (keys made in its identity directory) and
     returns its config."""
     b = broker.identity(device_id, profile)
@@ -26,6 +28,12 @@ def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: 
     ]
     if gps_port:
         lines.append(f'port = "{gps_port}"')
+    if camera:  # small frames: the simulator's camera encodes on the desktop's CPU
+        recipients = ", ".join(f'"{r}"' for r in broker.fleet.evidence_recipients())
+        lines[lines.index("[gps]"):lines.index("[gps]")] = [
+            "[evidence]", f"recipients = [{recipients}]", "",
+            "[camera]", 'source = "synthetic"', "width = 320", "height = 240", "fps = 15",
+            "bitrate = 400000", f"segment_s = {segment_s}", f"preroll_s = {preroll_s}", ""]
     if surveyed:
         lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in surveyed.items()]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from typing import Any
 
 from gpiozero.pins.mock import MockFactory
 
+from firmware.camera.synthetic import SyntheticCamera
 from firmware.config import load_device_config
 from firmware.device import DeviceRuntime
 from simulator.virtual_button import play, sequence_pattern
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                      port=args.gps_port))
     factory = MockFactory()
     battery = DrainingBattery(args.battery) if args.battery is not None else None
+    camera = None
+    if config.camera is not None:  # the simulator's camera: real H.264 of a test pattern
+        camera = SyntheticCamera(config.device_id, size=config.camera.size,
+                                 fps=config.camera.fps, bitrate=config.camera.bitrate)
     runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
-                            camera_probe=lambda: VIRTUAL_CAMERA_FRAMES)
+                            camera_probe=lambda: VIRTUAL_CAMERA_FRAMES, camera_source=camera)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from firmware.alert_state import (
     CLOSED_DISPLAY_S,
     AlertCore,
+    CallChange,
     CancelGesture,
     CommandPayload,
     DeviceIdentity,
@@ -22,6 +23,7 @@ from firmware.alert_state import (
     Now,
     Persist,
     Readings,
+    RecordSos,
     Show,
     Stage,
     Store,
@@ -243,3 +245,30 @@ def test_an_active_alert_survives_a_restart() -> None:
     assert reborn.active.alert_id == core.active.alert_id
     assert shown(actions) == [FeedbackState.ACKNOWLEDGED]
     assert stored(reborn.handle(CommandPayload(command(core, "ack")), at(101), READINGS)) == []
+
+
+def call_command(kind: str, call_id: str | None = None, cid: str = "f" * 32) -> bytes:
+    body = {"v": 1, "command_id": cid, "seq": next(_command_seq), "type": kind,
+            "issued_at": "2026-11-23T10:00:03.000Z", "operator": "dispatch"}
+    if call_id:
+        body["call_id"] = call_id
+    return json.dumps(CENTRE.sign(body)).encode()
+
+
+def test_dispatch_starts_and_ends_a_call_for_the_recorder() -> None:
+    core = make_core()
+    started = core.handle(CommandPayload(call_command("call_start", "call-17")), at(3), READINGS)
+    assert CallChange("call-17") in started
+    (applied,) = stored(started)
+    assert applied.message["type"] == "command_applied" and "alert_id" not in applied.message
+    ended = core.handle(CommandPayload(call_command("call_end", cid="e" * 32)), at(4), READINGS)
+    assert CallChange(None) in ended
+
+
+def test_an_sos_starts_recording_and_its_close_ends_it() -> None:
+    core = make_core()
+    raised = core.handle(Trigger("button_hold"), at(0), READINGS)
+    alert_id = core.active.alert_id
+    assert RecordSos(alert_id, True) in raised
+    closed = core.handle(CommandPayload(command(core, "close")), at(2), READINGS)
+    assert RecordSos(alert_id, False) in closed

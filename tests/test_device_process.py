@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from control_center.evidence import keys_from_fleet, verify_directory
 from protocol import Topics
 from simulator.device_config import render_device_toml
 from simulator.gps_receiver import PtyGps, RouteReceiver
@@ -21,7 +22,7 @@ class Device:
     """One virtual token process with a GPS on a real pty, plus its recorded output."""
 
     def __init__(self, broker, tmp_path: Path, device_id: str = "tok-test-01",
-                 profile: str = "token") -> None:
+                 profile: str = "token", camera: bool = False) -> None:
         self.id = device_id
         self.recorder = Recorder()
         self.gps = PtyGps(RouteReceiver(ROUTE, start_utc=datetime.now(UTC), seed=3), speed=2.0)
@@ -32,7 +33,9 @@ class Device:
         surveyed = {"lat": 52.3789, "lon": 4.9003} if profile == "pillar" else None
         config.write_text(render_device_toml(
             device_id=device_id, profile=profile, data_dir=directory / "data", broker=broker,
-            gps_port=None if surveyed else self.gps.port, surveyed=surveyed))
+            gps_port=None if surveyed else self.gps.port, surveyed=surveyed, camera=camera,
+            segment_s=1.0, preroll_s=2.0))
+        self.recordings = directory / "data" / "recordings"
         self.process = DeviceProcess(device_id, config, directory / "device.log", self.recorder,
                                      battery=90.0)
         self.log_file = directory / "device.log"
@@ -162,3 +165,21 @@ def test_a_pillar_tests_itself_at_start_up_and_reports_the_result_to_the_centre(
         assert selftest == {"at": selftest["at"], "ok": True, "failed": []}
     finally:
         pillar.close()
+
+
+def test_an_sos_on_a_token_records_evidence_that_verifies(broker, center, tmp_path) -> None:
+    token = Device(broker, tmp_path, "tok-cam-01", camera=True)
+    token.start()
+    try:
+        token.wait_kind("link", up=True)
+        token.press(1.7)
+        record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
+        token.wait_kind("segment", timeout=30)
+        center.service.send_command(record.alert_id, "close", "op-1")
+        token.wait_kind("feedback", state="closed")
+    finally:
+        token.close()  # a clean stop commits the open segment
+    report = verify_directory(token.recordings, keys_from_fleet(broker.fleet.directory))
+    assert report.ok, report.summary()
+    manifests = [json.loads(p.read_text()) for p in sorted(token.recordings.glob("*.json"))]
+    assert manifests and all("evidence" in m["flags"] for m in manifests)
