@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from pathlib import Path
 
 from paho.mqtt.packettypes import PacketTypes
@@ -113,10 +114,13 @@ def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
         refused = link.wait_for(Refused)
         assert "No matching subscribers" in refused.reason
         assert link.outbox.contains(rows[0].seq)
-        service = broker.centre_service(store)
+        stored = threading.Event()  # the device's PUBACK comes from the broker, before the store
+        service = broker.centre_service(
+            store, on_event=lambda e: e.kind == "alert" and stored.set())
         service.start()
         try:
             link.wait_for(Delivered)
+            assert stored.wait(15)
             alert_id = json.loads(rows[0].payload)["alert_id"]
             assert store.alert(alert_id) is not None
             assert link.outbox.pending() == []
