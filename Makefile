@@ -20,7 +20,7 @@ sim: venv sysdeps ## Simulate a paramedic SOS and a pillar SOS end to end, print
 test: venv sysdeps ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins)
 	$(PY) -m pytest -q
 
-bench: venv sysdeps ## Benchmarks: SOS trigger -> stored latency beside the raw MQTT floor
+bench: venv sysdeps ## Benchmarks: SOS latency beside the raw MQTT floor; evidence writer beside stock age
 	$(PY) -m bench
 
 soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)

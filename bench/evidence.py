@@ -32,6 +32,7 @@ from firmware.camera.recorder import HashingSink
 from firmware.camera.store import SegmentStore
 
 from . import camera_bench
+from .age_bench import stock_age_seconds
 from .report import EvidenceReport
 
 DEVICE_ID = "bench-cam-001"
@@ -89,22 +90,6 @@ class _OurWriter:
         self.store.close()
 
 
-def _stock(source: Path, target: Path, recipient: str, *, fsync: bool) -> float:
-    started = time.perf_counter()
-    with source.open("rb") as src:
-        subprocess.run(["age", "-r", recipient, "-o", str(target)], stdin=src, check=True,
-                       stderr=subprocess.PIPE)
-    if fsync:
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    elapsed = time.perf_counter() - started
-    target.unlink()
-    return elapsed
-
-
 def _write_source(path: Path, size_mb: int) -> None:
     with path.open("wb") as f:
         for _ in range(size_mb):
@@ -158,8 +143,10 @@ def _throughput(tmp: Path, size_mb: int, repeats: int, report: EvidenceReport) -
             wall, cpu = ours(source)
             walls["ours"].append(wall)
             cpus.append(cpu)
-            walls["stock"].append(_stock(source, tmp / "stock.age", recipient, fsync=False))
-            walls["stock_fsync"].append(_stock(source, tmp / "stock.age", recipient, fsync=True))
+            stock_file = tmp / "stock.age"
+            walls["stock"].append(stock_age_seconds(source, stock_file, recipient))
+            walls["stock_fsync"].append(
+                stock_age_seconds(source, stock_file, recipient, fsync=True))
     finally:
         ours.close()
         source.unlink()

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from control_center import ca_cli
 from control_center.config import CenterConfig, load_center_config
-from control_center.console import alert_line, record_line
+from control_center.console import alert_line, event_line, record_line
 from control_center.fleet import Fleet, FleetError
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
@@ -27,8 +27,7 @@ def _print_event(event: CenterEvent) -> None:
     if event.kind == "alert" and event.new:
         print(alert_line(m), flush=True)
     elif event.kind == "event" and event.new:
-        detail = m.get("reason") or m.get("command_id", "")[:8]
-        print(f"    {m['alert_id'][:8]} {event.device_id}: {m['type']} {detail}", flush=True)
+        print(event_line(m), flush=True)
     elif event.kind == "status" and m["state"] == "offline":
         print(f"OFFLINE {event.device_id}: the device vanished (last will)", flush=True)
 

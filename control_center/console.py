@@ -48,3 +48,14 @@ def record_line(record: AlertRecord) -> str:
     flag_text = f" [{'; '.join(flags)}]" if flags else ""
     return (f"{record.alert_id[:8]}  {record.status:<12} {stored}  {record.device_id} "
             f"({record.device_kind}) {describe_position(record.position)}{flag_text}")
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """An event from a device: about one of its alerts, or (storage) about the device itself."""
+    if event["type"] == "storage_alert":
+        storage = event["storage"]
+        return (f"STORAGE {event['device_id']}: {storage['mode']}, {storage['free_mb']:.0f} MiB "
+                f"free: {event['reason']}")
+    detail = event.get("reason") or event.get("command_id", "")[:8]
+    about = event.get("alert_id", "")[:8] or "device"
+    return f"    {about} {event['device_id']}: {event['type'].replace('_', ' ')} {detail}".rstrip()

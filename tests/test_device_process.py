@@ -152,9 +152,12 @@ def test_the_cancel_gesture_is_reported_to_the_operator_and_positions_continue(
     assert center.store.alert(record.alert_id).status == "open"
 
 
+@pytest.mark.parametrize("camera", [False, True], ids=["no-camera", "recording-camera"])
 def test_a_pillar_tests_itself_at_start_up_and_reports_the_result_to_the_centre(
-        broker, center, tmp_path) -> None:
-    pillar = Device(broker, tmp_path, "pil-test-01", profile="pillar")
+        broker, center, tmp_path, camera: bool) -> None:
+    """With a camera, the check counts the frames the recorder's camera delivers (it cannot
+    open the camera a second time)."""
+    pillar = Device(broker, tmp_path, "pil-test-01", profile="pillar", camera=camera)
     pillar.start()
     try:
         def reported():

@@ -107,5 +107,5 @@ def test_a_provisioned_device_completes_paramedic_sos_from_its_directory_alone(
     result = json.loads(done.stdout)
     assert result["ok"], result["problems"]
     (alert,) = result["alerts"]
-    assert alert["device_id"] == "tok-amb-0412" and alert["deliveries"] == 1
+    assert alert["device_id"] == "tok-amb-0412"
     assert (root / "var" / "lib" / "sos-device" / "outbox.sqlite").exists()  # it ran from there

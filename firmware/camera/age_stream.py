@@ -55,6 +55,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from protocol import bech32
+
 VERSION_LINE = b"age-encryption.org/v1\n"
 X25519_INFO = b"age-encryption.org/v1/X25519"
 CHUNK = 64 * 1024  # plaintext bytes per STREAM chunk
@@ -118,56 +120,9 @@ def _read_exact(source: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
-# -- Bech32 (BIP 173; age uses bech32, not bech32m, without the 90-character limit) ---------------
-_BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_BECH32_VALUES = {c: i for i, c in enumerate(_BECH32_CHARSET)}
-_BECH32_GEN = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-
-
-def _bech32_polymod(values: list[int]) -> int:
-    chk = 1
-    for value in values:
-        top = chk >> 25
-        chk = ((chk & 0x1FFFFFF) << 5) ^ value
-        for i, gen in enumerate(_BECH32_GEN):
-            if (top >> i) & 1:
-                chk ^= gen
-    return chk
-
-
-def _bech32_decode(text: str, want_hrp: str, what: str) -> bytes:
-    """The 8-bit payload of Bech32 `text`, whose prefix must be `want_hrp` (case-insensitive)."""
-    if text != text.lower() and text != text.upper():
-        raise ValueError(f"{what}: mixed upper and lower case")
-    text = text.lower()
-    sep = text.rfind("1")
-    if sep < 1 or len(text) - sep - 1 < 6:
-        raise ValueError(f"{what}: not Bech32 (no '1' separator followed by data)")
-    hrp, data = text[:sep], text[sep + 1:]
-    if hrp != want_hrp:
-        raise ValueError(f"{what}: prefix (HRP) is {hrp!r}, expected {want_hrp!r}")
-    try:
-        words = [_BECH32_VALUES[c] for c in data]
-    except KeyError as exc:
-        raise ValueError(f"{what}: invalid Bech32 character {exc.args[0]!r}") from None
-    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-    if _bech32_polymod(expanded + words) != 1:
-        raise ValueError(f"{what}: bad Bech32 checksum (typo or truncated key?)")
-    acc = bits = 0
-    out = bytearray()
-    for word in words[:-6]:
-        acc, bits = (acc << 5) | word, bits + 5
-        if bits >= 8:
-            bits -= 8
-            out.append((acc >> bits) & 0xFF)
-    if bits >= 5 or (acc << (8 - bits)) & 0xFF:
-        raise ValueError(f"{what}: bad Bech32 padding")
-    return bytes(out)
-
-
 def parse_recipient(text: str) -> bytes:
     """The 32-byte X25519 public key of an age recipient `age1...`."""
-    key = _bech32_decode(text.strip(), "age", "age recipient")
+    key = bech32.decode(text.strip(), "age", "age recipient")
     if len(key) != 32:
         raise ValueError(f"age recipient: {len(key)}-byte key, expected 32")
     return key
@@ -184,7 +139,7 @@ def parse_identities(text: str) -> list[bytes]:
         if not line.upper().startswith("AGE-SECRET-KEY-1"):
             raise ValueError(f"identity line {number}: not an AGE-SECRET-KEY-1... line "
                              f"(plugin and SSH identities are not supported)")
-        key = _bech32_decode(line, "age-secret-key-", f"identity line {number}")
+        key = bech32.decode(line, "age-secret-key-", f"identity line {number}")
         if len(key) != 32:
             raise ValueError(f"identity line {number}: {len(key)}-byte key, expected 32")
         keys.append(key)
