@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         segment_s=args.segment_s, on_commit=lambda seq: say(f"committed {seq}"))
     say("recovered " + " ".join(str(s) for s in recorder.recover(now_mono=time.monotonic())))
     camera = SyntheticCamera(args.device_id, size=(320, 240), fps=20, gop_s=0.5)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Wait for SIGTERM with sigwait, not a handler that sets an Event the main thread waits on:
+    # a handler runs on the main thread, and can interrupt that very wait while it holds the
+    # Event's lock (a self-deadlock seen once here: the camera recorded on, 'stopped' never came).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started now inherit it
     recorder.update()
     camera.start(recorder.on_frame)
-    stop.wait()
+    signal.sigwait({signal.SIGTERM})
     camera.stop()
     recorder.close()
     say("stopped")

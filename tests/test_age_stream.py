@@ -116,7 +116,7 @@ def test_file_sink_with_fsync_every_chunk(key: Key, tmp_path: Path) -> None:
     path = tmp_path / "seg.ts.age"
     syncs = []
     with path.open("wb") as f:
-        writer = AgeStreamWriter(f, [key.recipient], sync_every_chunk=True,
+        writer = AgeStreamWriter(f, [key.recipient], sync_interval_s=0,
                                  sync=lambda: syncs.append(os.fsync(f.fileno())))
         for i in range(0, len(data), 1316):
             writer.write(data[i:i + 1316])
@@ -126,6 +126,28 @@ def test_file_sink_with_fsync_every_chunk(key: Key, tmp_path: Path) -> None:
     done = subprocess.run(["age", "-d", "-i", str(key.path), str(path)], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == data
+
+
+def test_sync_interval_bounds_unsynced_time_not_chunks(key: Key) -> None:
+    """With a 1 s interval a sealed chunk is synced only once the last sync is 1 s old: the
+    loss on a power cut is bounded in time (plus the held chunk), not per chunk."""
+    now = [0.0]
+    syncs: list[float] = []
+    writer = AgeStreamWriter(io.BytesIO(), [key.recipient], sync_interval_s=1.0,
+                             sync=lambda: syncs.append(now[0]), clock=lambda: now[0])
+    assert syncs == [0.0]  # the header, at once
+    for _ in range(10):  # ten chunks sealed 0.3 s apart
+        now[0] += 0.3
+        writer.write(plaintext(CHUNK))
+    # chunks are sealed when the next one's first byte arrives: at 0.6, 0.9, ... 3.0 s
+    assert syncs == [0.0, 1.2, 2.4]
+    writer.close()
+    assert syncs[-1] == now[0] and writer.syncs == 4
+
+
+def test_sync_interval_needs_a_sync_function(key: Key) -> None:
+    with pytest.raises(ValueError, match="sync_interval_s needs sync"):
+        AgeStreamWriter(io.BytesIO(), [key.recipient], sync_interval_s=1.0)
 
 
 def test_two_recipients_each_decrypts(key: Key, tmp_path: Path) -> None:

@@ -109,6 +109,19 @@ def test_only_uploaded_segments_are_marked_deletable(tmp_path: Path) -> None:
     assert store.segments() == [] and not list(tmp_path.glob("000001*"))
 
 
+def test_the_chain_continues_after_every_segment_was_uploaded_and_deleted(tmp_path: Path) -> None:
+    store = SegmentStore(tmp_path)
+    commit(store, 1, b"a")
+    commit(store, 2, b"b")
+    for seq in (1, 2):
+        store.mark_uploaded(seq)
+        store.delete(seq)
+    store.close()
+    reopened = SegmentStore(tmp_path)  # a reboot with an empty card
+    assert reopened.segments() == []
+    assert reopened.last() == (2, hashlib.sha256(b'{"seq": 2}\n').hexdigest())
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
     """A real 1 MiB filesystem, so 'disk full' is the kernel's ENOSPC, not a mock."""
