@@ -106,6 +106,10 @@ def cmd_init(args: argparse.Namespace) -> None:
     recipient = fleet.ensure_evidence_key()
     print(f"evidence key {'kept' if had_evidence else 'created'}: {fleet.evidence_identity_file} "
           f"(recipient {recipient}; the identity never leaves the centre)")
+    had_live = fleet.live_identity_file.exists()
+    live = fleet.ensure_live_key()
+    print(f"live-view key {'kept' if had_live else 'created'}: {fleet.live_identity_file} "
+          f"(recipient {live}; on the serving centre, decrypts SOS live video only)")
 
 
 def cmd_server(args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from dataclasses import asdict
 
 from control_center import ca_cli
@@ -42,13 +41,14 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     store = Store(config.db)
     service = _service(config, store, client_id=config.client_id, group=config.group,
                        on_event=_print_event)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # Block the signals before any thread starts (threads inherit the mask) and wait for one
+    # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     service.start(wait_s=None)
     print(f"sos-center serving: broker {config.broker.host}:{config.broker.port}, "
           f"store {config.db}; Ctrl-C stops", flush=True)
-    stop.wait()
+    signal.sigwait(stopping)
     service.stop()
     store.close()
     return 0
@@ -115,10 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--operator", help="operator name to record (default: from the config)")
         p.set_defaults(command=name)
     ca_cli.add_parser(sub)
+    sub.add_parser("ingest", add_help=False,
+                   help="receive devices' evidence uploads over HTTPS (tus, mutual TLS); "
+                        "`sos-center ingest --help` lists its options")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "ingest" in argv:  # its own options, and no centre config (docs/UPLOAD.md)
+        at = argv.index("ingest")
+        if all(a.startswith("-") or argv[i - 1] in ("--config", "--log-level")
+               for i, a in enumerate(argv[:at])):
+            from control_center.ingest.cli import main as ingest_main
+
+            logging.basicConfig(level=logging.WARNING,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return ingest_main(argv[at + 1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

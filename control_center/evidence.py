@@ -153,10 +153,16 @@ def keys_from_fleet(fleet_dir: str | Path) -> KeysFor:
         fleet = Fleet(fleet_dir)
     except (OSError, ValueError) as exc:
         raise EvidenceError(f"cannot read the fleet registry: {exc}") from None
+    return keys_from_loaded_fleet(fleet)
+
+
+def keys_from_loaded_fleet(fleet: Fleet) -> KeysFor:
+    """As `keys_from_fleet`, for a Fleet already open (e.g. the ingest server's); it sees the
+    registry as of the fleet's last `reload()`."""
 
     def keys_for(device_id: str) -> list[TrustedKey]:
         found = []
-        for identity in fleet.identities:
+        for identity in list(fleet.identities):
             if identity.name != device_id or not identity.signing_key:
                 continue
             public = public_key_from_b64(identity.signing_key)
@@ -168,6 +174,26 @@ def keys_from_fleet(fleet_dir: str | Path) -> KeysFor:
         return found
 
     return keys_for
+
+
+def check_signed_manifest(manifest_path: str | Path, signature_path: str | Path,
+                          keys_for: KeysFor) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """One segment's manifest and signature, checked as `verify_directory` checks each one
+    (schema, signature by a key of the device the manifest names, key revocation), without
+    its ciphertext or neighbours. Returns (the manifest if it is valid, the findings): the
+    segment is acceptable when no finding is an ERROR. Files are named `NNNNNN.json` and
+    `NNNNNN.json.minisig` in the messages, as on the device."""
+    manifest_path, signature_path = Path(manifest_path), Path(signature_path)
+    report = Report(manifest_path.parent)
+    segment = Segment(manifest_path.name.removesuffix(MANIFEST_SUFFIX),
+                      manifest_path=manifest_path, signature_path=signature_path)
+    _read_manifest(report, segment)
+    if segment.manifest is None:
+        return None, report.findings
+    report.device_id = segment.data["device_id"]
+    report.segments = [segment]
+    _check_signatures(report, keys_for)
+    return segment.manifest, report.findings
 
 
 # -- verifying -----------------------------------------------------------------------------------

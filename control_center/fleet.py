@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from control_center import pki
 from control_center.pki import CertPair
 from protocol import bech32, signing
-from protocol.topics import PREFIX
+from protocol.topics import LIVE, PREFIX
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 CENTRE_ID = re.compile(r"^centre\.[a-z0-9][a-z0-9-]{0,62}$")
@@ -174,31 +174,34 @@ class Fleet:
     def evidence_recipients(self) -> list[str]:
         """The age recipients (`age1...`) devices encrypt evidence to: one a line of
         `evidence.pub` (a list, so the key can be rotated); none before `sos-center ca init`."""
-        try:
-            lines = self.evidence_pub_file.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [line.strip() for line in lines if line.strip().startswith("age1")]
+        return _recipients(self.evidence_pub_file)
 
     def ensure_evidence_key(self) -> str:
         """Make the age X25519 identity (0600) if there is none and make sure its recipient is
         in `evidence.pub`; returns the recipient. `age -d -i evidence-identity.txt` decrypts."""
-        path = self.evidence_identity_file
-        if not path.exists():
-            identity, recipient = age_x25519_keypair()
-            text = (f"# created: {_iso(dt.datetime.now(dt.UTC))}\n"
-                    f"# public key: {recipient}\n{identity}\n")
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(text)
-        found = re.search(r"^# public key: (age1\w+)$", path.read_text(), re.MULTILINE)
-        if found is None:
-            raise FleetError(f"{path}: no '# public key: age1...' line (add the output of "
-                             f"`age-keygen -y {path}` to {self.evidence_pub_file})")
-        recipient = found.group(1)
-        if recipient not in self.evidence_recipients():
-            with self.evidence_pub_file.open("a") as f:
-                f.write(recipient + "\n")
-        return recipient
+        return _ensure_age_key(self.evidence_identity_file, self.evidence_pub_file)
+
+    # -- live view (low-resolution video during an SOS, docs/LIVE.md) ------------------------------
+    # A key pair of its own: the live identity must sit on the serving centre to decrypt chunks as
+    # they arrive, while the evidence identity stays offline.
+    @property
+    def live_identity_file(self) -> Path:
+        """The centre's age identity for live chunks; on the serving centre (0600)."""
+        return self.directory / "live-identity.txt"
+
+    @property
+    def live_pub_file(self) -> Path:
+        return self.directory / "live.pub"
+
+    def live_recipients(self) -> list[str]:
+        """The age recipients devices encrypt live chunks to: one a line of `live.pub`; none
+        before `ensure_live_key()`."""
+        return _recipients(self.live_pub_file)
+
+    def ensure_live_key(self) -> str:
+        """Make the live age X25519 identity (0600) if there is none and make sure its recipient
+        is in `live.pub`; returns the recipient. `age -d -i live-identity.txt` decrypts a chunk."""
+        return _ensure_age_key(self.live_identity_file, self.live_pub_file)
 
     def write_broker_files(self) -> None:
         """Rewrite the CRL (it expires: pki.write_crl's `days`) and the ACL from the registry."""
@@ -243,13 +246,14 @@ def render_acl(fleet: Fleet) -> str:
         f"pattern write {PREFIX}/%u/position",
         f"pattern write {PREFIX}/%u/event",
         f"pattern write {PREFIX}/%u/status",
+        f"pattern write {PREFIX}/%u/{LIVE}",
         f"pattern read {PREFIX}/%u/cmd",
     ]
     for centre in sorted({i.name for i in fleet.identities
                           if i.kind == "centre" and i.status == "active"}):
         lines += ["", f"user {centre}"]
         lines += [f"topic read {PREFIX}/+/{leaf}" for leaf in ("alert", "position", "event",
-                                                                "status")]
+                                                                "status", LIVE)]
         lines.append(f"topic write {PREFIX}/+/cmd")
     return "\n".join(lines) + "\n"
 
@@ -294,6 +298,36 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # -- age X25519 keys, so the centre needs no `age` binary ----------------------------------------
+def _recipients(pub_file: Path) -> list[str]:
+    """The `age1...` lines of a recipients file; none if there is no file."""
+    try:
+        lines = pub_file.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in lines if line.strip().startswith("age1")]
+
+
+def _ensure_age_key(identity_file: Path, pub_file: Path) -> str:
+    """Make an age X25519 identity file (0600) if there is none, make sure its recipient is in
+    `pub_file`, and return the recipient."""
+    if not identity_file.exists():
+        identity, recipient = age_x25519_keypair()
+        text = (f"# created: {_iso(dt.datetime.now(dt.UTC))}\n"
+                f"# public key: {recipient}\n{identity}\n")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with os.fdopen(os.open(identity_file, flags, 0o600), "w") as f:
+            f.write(text)
+    found = re.search(r"^# public key: (age1\w+)$", identity_file.read_text(), re.MULTILINE)
+    if found is None:
+        raise FleetError(f"{identity_file}: no '# public key: age1...' line (add the output of "
+                         f"`age-keygen -y {identity_file}` to {pub_file})")
+    recipient = found.group(1)
+    if recipient not in _recipients(pub_file):
+        with pub_file.open("a") as f:
+            f.write(recipient + "\n")
+    return recipient
+
+
 def age_x25519_keypair() -> tuple[str, str]:
     """A new age X25519 (identity `AGE-SECRET-KEY-1...`, recipient `age1...`)."""
     key = X25519PrivateKey.generate()

@@ -4,6 +4,10 @@ Alerts, positions and events arrive through an MQTT 5 shared subscription
 (`$share/<group>/...`), so several centre instances split the load; status is subscribed by every
 instance so each knows who is online. The session is persistent (clean_start False plus a session
 expiry), so the broker queues what arrives while the centre restarts.
+
+Live video (docs/LIVE.md): with `live=LiveReceiver(...)` the centre also takes
+`$share/<group>/sos/v1/dev/+/live` at QoS 0 and hands each chunk to the receiver, beside (never
+through) the JSON-schema path; the observer gets a CenterEvent of kind "live".
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.fleet import Fleet
+from control_center.live import LiveReceiver, header_from_properties
 from control_center.store import Store
 from protocol import MessageKind, ProtocolError, Topics, decode, encode, new_id, utc_iso
 from protocol.mqtt import BrokerConfig, make_client, session_properties
 from protocol.signing import SignatureError, Signer, verify, window_error
-from protocol.topics import all_devices, parse_device_topic
+from protocol.topics import LIVE, all_devices, parse_device_topic, parse_live_topic
 
 log = logging.getLogger("sos.center")
 
@@ -40,7 +45,7 @@ class CommandError(RuntimeError):
 class CenterEvent:
     """What the centre just learnt, for the console or an automatic operator."""
 
-    kind: str  # "alert" | "position" | "event" | "status"
+    kind: str  # "alert" | "position" | "event" | "status" | "live" (LiveChunkResult.as_dict)
     device_id: str
     message: dict[str, Any]
     new: bool
@@ -59,13 +64,17 @@ class CenterService:
         trust: Callable[[str], list[Ed25519PublicKey]],
         clock: Callable[[], float] = time.time,
         consume: bool = True,
+        live: LiveReceiver | None = None,
     ) -> None:
         """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
         nothing and keeps no session, so it never takes alerts away from the serving instances.
 
         `signer` signs commands; `trust(device_id)` gives the keys a device's messages must be
-        signed with (see FleetTrust)."""
+        signed with (see FleetTrust).
+
+        `live`: where live video chunks go (None: the centre does not subscribe to them)."""
         self.store = store
+        self.live = live if consume else None
         self._signer = signer
         self._trust = trust
         self._consume = consume
@@ -174,6 +183,8 @@ class CenterService:
             return
         topics = [(f"$share/{self._group}/{all_devices(leaf)}", 1) for leaf in SHARED]
         topics.append((all_devices("status"), 1))
+        if self.live is not None:  # QoS 0: a late chunk is worthless, never queue or re-send it
+            topics.append((f"$share/{self._group}/{all_devices(LIVE)}", 0))
         client.subscribe(topics)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -231,6 +242,9 @@ class CenterService:
 
     def _handle_message(self, client, userdata, message) -> None:
         """Never raises: an exception here would end paho's network thread for good."""
+        if self.live is not None and parse_live_topic(message.topic) is not None:
+            self._handle_live(client, message)
+            return
         try:
             self._consume_message(message)
         except Exception:
@@ -239,6 +253,21 @@ class CenterService:
             return
         if message.qos > 0:
             client.ack(message.mid, message.qos)
+
+    def _handle_live(self, client, message) -> None:
+        """One live chunk to the receiver. Never raises, and is always acknowledged: a chunk
+        that failed is not worth a redelivery."""
+        try:
+            device_id = parse_live_topic(message.topic)
+            assert self.live is not None and device_id is not None
+            header = header_from_properties(getattr(message, "properties", None))
+            result = self.live.handle(device_id, bytes(message.payload), header)
+            self._on_event(CenterEvent("live", device_id, result.as_dict(), result.accepted))
+        except Exception:
+            log.exception("could not handle the live chunk on %s; dropped", message.topic)
+        finally:
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
 
     def _consume_message(self, message) -> None:
         """Validate, check the signature, store; a message refused here is acknowledged (it

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "and broker; one line each; exit 1 if any fails")
     selftest.add_argument("--led-sense-pin", type=int, default=None,
                           help="BCM pin of the board's LED sense line, if it has one")
+    upload = sub.add_parser(
+        "upload", help="upload recorded segments to the control centre now, with a progress "
+        "bar; exit 1 if any was refused or left for later (docs/UPLOAD-DEVICE.md)")
+    upload.add_argument("--now", action="store_true", required=True,
+                        help="run one upload pass in the foreground")
+    upload.add_argument("--retry-refused", action="store_true",
+                        help="offer segments the centre refused before once more")
     prov = sub.add_parser(
         "provision", help="turn a Pi root filesystem (or a directory) into an enrolled token or "
         "pillar: firmware, config, keys, certificate, systemd unit, udev rule, config.txt",
@@ -87,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.action == "provision":
         return cmd_provision(args)
+    if args.action == "upload":
+        from firmware.uplink.upload_cli import upload_now
+
+        return upload_now(args.config, ["--now"] + (["--retry-refused"]
+                                                    if args.retry_refused else []))
     from firmware.config import load_device_config
 
     try:
@@ -107,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     from firmware.device import DeviceRuntime
 
     stop = threading.Event()
+    # The runtime waits on its own queue, never on `stop` in this thread: setting it from a
+    # handler is safe here.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     DeviceRuntime(config).run(stop)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.uplink.upload_settings import UploadSettings
 from protocol.configfile import ConfigError, check, load_schema, load_toml
 from protocol.mqtt import BrokerConfig
 from protocol.signing import public_key_from_b64
@@ -46,6 +47,7 @@ class CameraConfig:
     bitrate: int
     segment_s: float
     preroll_s: float
+    sync_interval_s: float = 1.0  # at most this much recorded video is lost to a power cut
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class DeviceConfig:
     source: str
     camera: CameraConfig | None = None
     evidence_recipients: tuple[str, ...] = ()
+    upload: UploadSettings | None = None  # None: this device does not upload recordings
+    live_recipients: tuple[str, ...] = ()  # who can watch the live view during an SOS
 
 
 def _resolve_profile(name: str, base: Path) -> Path:
@@ -148,7 +152,19 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
         source=source,
         camera=_camera(data, source),
         evidence_recipients=tuple(data.get("evidence", {}).get("recipients", ())),
+        upload=_upload(data, profile, source),
+        live_recipients=tuple(data.get("live", {}).get("recipients", ())),
     )
+
+
+def _upload(data: dict[str, Any], profile: dict[str, Any], source: str) -> UploadSettings | None:
+    """The `[upload]` section over the board profile's (which knows the dock's pin)."""
+    if "upload" not in data:
+        return None
+    try:
+        return UploadSettings.from_dict({**profile.get("upload", {}), **data["upload"]})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _centre_keys(keys: list[str], source: str) -> list[str]:
@@ -172,4 +188,5 @@ def _camera(data: dict[str, Any], source: str) -> CameraConfig | None:
         size=(camera.get("width", 1920), camera.get("height", 1080)),
         fps=camera.get("fps", 30), bitrate=camera.get("bitrate", 8_000_000),
         segment_s=float(camera.get("segment_s", 10.0)),
-        preroll_s=float(camera.get("preroll_s", 30.0)))
+        preroll_s=float(camera.get("preroll_s", 30.0)),
+        sync_interval_s=float(camera.get("sync_interval_s", 1.0)))

@@ -175,6 +175,7 @@ class DeviceRuntime:
                 fps=config.camera.fps, size=config.camera.size,
                 policy=RecordingPolicy(preroll_s=config.camera.preroll_s),
                 segment_s=config.camera.segment_s, gps_track=self._gps_track,
+                sync_interval_s=config.camera.sync_interval_s,
                 on_commit=lambda seq: self._events.put(SegmentCommitted(seq)))
             if self._camera is None:
                 self._camera = PicameraSource(size=config.camera.size, fps=config.camera.fps,

@@ -5,6 +5,8 @@
     sos/v1/dev/{device_id}/event     device -> centre, QoS 1: cancel requests, command results
     sos/v1/dev/{device_id}/status    device -> centre, retained: online/heartbeat, offline (will)
     sos/v1/dev/{device_id}/cmd       centre -> device, QoS 1: ack, close
+    sos/v1/dev/{device_id}/live      device -> centre, QoS 0: encrypted live video chunks during
+                                     an SOS (no JSON schema: docs/LIVE.md)
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 from protocol.messages import MessageKind
 
 PREFIX = "sos/v1/dev"
+LIVE = "live"  # the live-video leaf: binary payload, header in a user property (docs/LIVE.md)
+# The MQTT 5 user property of a live publish that carries its signed header (canonical JSON).
+LIVE_HEADER_PROPERTY = "sos-live-header"
 
 # Which schema each device topic's payload follows.
 TOPIC_KINDS: dict[str, MessageKind] = {
@@ -54,6 +59,10 @@ class Topics:
     def command(self) -> str:
         return self._t("cmd")
 
+    @property
+    def live(self) -> str:
+        return self._t(LIVE)
+
 
 def parse_device_topic(topic: str) -> tuple[str, MessageKind] | None:
     """`sos/v1/dev/abc/alert` -> ("abc", ALERT); None for a topic outside the layout."""
@@ -69,3 +78,12 @@ def parse_device_topic(topic: str) -> tuple[str, MessageKind] | None:
 def all_devices(leaf: str) -> str:
     """Wildcard subscription for one leaf across every device."""
     return f"{PREFIX}/+/{leaf}"
+
+
+def parse_live_topic(topic: str) -> str | None:
+    """`sos/v1/dev/abc/live` -> "abc"; None for any other topic (live is not in TOPIC_KINDS:
+    its payload is an age file, not a JSON message)."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != PREFIX or parts[4] != LIVE or not parts[3]:
+        return None
+    return parts[3]

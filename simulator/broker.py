@@ -60,6 +60,7 @@ class PrivateBroker:
         self.port = port or free_port()
         self.fleet = Fleet.create(fleet_dir or self.workdir / "fleet")
         self.fleet.ensure_evidence_key()  # recordings are encrypted to the centre
+        self.fleet.ensure_live_key()  # and so is the live view during an SOS
         self.server = self.fleet.issue_server("broker", [HOST, "localhost"])
         self.ca: CertPair = self.fleet.ca
         (self.workdir / "data").mkdir(exist_ok=True)

@@ -41,9 +41,12 @@ class FrameSource(Protocol):
     `on_frame` is called from the source's own thread, one frame at a time and in order; it must
     not block for long (a slow consumer makes a real camera drop frames).
 
-    Extension point: a secondary low-resolution stream ("lores", for live streaming to a
-    supervisor) will be a second callback, e.g. `start(on_frame, on_lores=None)`, fed by a second
-    encoder on the same sensor; `EncodedFrame` stays the unit for both.
+    Lores: `start(on_frame, on_lores)` also runs a secondary low-resolution stream (for the live
+    view during an SOS, firmware/camera/live.py) from a second encoder on the same sensor, and
+    hands its access units to `on_lores`, with the same rules (its own thread, in order, never
+    block). `EncodedFrame` is the unit for both; lores keyframes carry SPS/PPS too, and a lores
+    frame has the capture times of the main frame of the same instant. `on_lores=None` (the
+    default, and what callers that pass only `on_frame` get) runs no second encoder.
     """
 
     @property
@@ -52,7 +55,7 @@ class FrameSource(Protocol):
     @property
     def size(self) -> tuple[int, int]: ...
 
-    def start(self, on_frame: FrameCallback) -> None: ...
+    def start(self, on_frame: FrameCallback, on_lores: FrameCallback | None = None) -> None: ...
 
     def stop(self) -> None: ...
 

@@ -7,8 +7,17 @@ against stub modules that follow picamera2's real signatures.
 We do not use picamera2's CircularOutput/CircularOutput2 (bugs #1403, #226): an `Output` subclass
 turns every access unit into an `EncodedFrame` and our own `Segmenter` keeps the pre-event buffer.
 
-Extension point (lores): `create_video_configuration(main=..., lores={"size": ...})` plus a second
-`H264Encoder` started with `start_encoder(encoder, output, name="lores")` and its own callback.
+Lores (live view, firmware/camera/live.py): with `start(on_frame, on_lores)` the configuration
+asks for a second stream, `create_video_configuration(main=..., lores={"size": ..., "format":
+"YUV420"})`, and a second `H264Encoder` (repeat=True, its own short `iperiod`) is started on it
+with `start_encoder(encoder, output, name="lores")` before `start_recording(..., name="main")`
+starts the camera, so both encoders see the same first request. picamera2's rules (read in its
+source): the lores size may not exceed main ("lores stream dimensions may not exceed main
+stream"); on a Pi 4 and earlier (VC4) lores must be a YUV format, and YUV420 is what the H.264
+encoder takes; `stop_recording()` stops every running encoder. Each encoder passes timestamps in
+microseconds since its own first frame, so each stream gets its own `_TimestampMap`. On a Pi 5
+(no hardware H.264) picamera2's `H264Encoder` is libav's software encoder: the lores one costs
+CPU, a few percent at 320x180.
 """
 
 from __future__ import annotations
@@ -72,9 +81,13 @@ class PicameraSource(FrameSource):
     def __init__(self, *, size: tuple[int, int] = (1920, 1080), fps: float = 30,
                  bitrate: int = 8_000_000, gop_s: float = 1.0, camera_num: int = 0,
                  clock: Callable[[], float] = time.monotonic,
-                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 lores_size: tuple[int, int] | None = None, lores_bitrate: int = 300_000,
+                 lores_gop_s: float = 0.5) -> None:
         if fps <= 0 or gop_s <= 0 or bitrate <= 0:
             raise ValueError("fps, gop_s and bitrate must be positive")
+        if lores_gop_s <= 0 or lores_bitrate <= 0:
+            raise ValueError("lores_gop_s and lores_bitrate must be positive")
         self._size = size
         self._fps = fps
         self.bitrate = bitrate
@@ -84,6 +97,16 @@ class PicameraSource(FrameSource):
         self._utc_clock = utc_clock
         self._camera: Any = None
         self.output: Any = None
+        # Default lores: 320 wide, the main stream's aspect ratio, even (1080p -> 320x180).
+        self.lores_size = lores_size or (320, max(16, round(320 * size[1] / size[0] / 2) * 2))
+        lw, lh = self.lores_size
+        if lw % 2 or lh % 2 or lw > size[0] or lh > size[1]:
+            # picamera2 itself refuses a lores larger than main, but only at start()
+            raise ValueError(f"lores size must be even and no larger than the main stream "
+                             f"{size[0]}x{size[1]}, got {lw}x{lh}")
+        self.lores_bitrate = lores_bitrate
+        self.lores_iperiod = max(1, round(fps * lores_gop_s))
+        self.lores_output: Any = None
 
     @property
     def fps(self) -> float:
@@ -93,7 +116,7 @@ class PicameraSource(FrameSource):
     def size(self) -> tuple[int, int]:
         return self._size
 
-    def start(self, on_frame: FrameCallback) -> None:
+    def start(self, on_frame: FrameCallback, on_lores: FrameCallback | None = None) -> None:
         if self._camera is not None:
             raise RuntimeError("camera already started")
         from picamera2 import Picamera2  # lazy on purpose: fails off the Pi
@@ -103,11 +126,20 @@ class PicameraSource(FrameSource):
         camera = Picamera2(self.camera_num)
         try:
             frame_us = round(1_000_000 / self._fps)
+            streams: dict[str, Any] = {"main": {"size": self._size}}
+            if on_lores is not None:
+                streams["lores"] = {"size": self.lores_size, "format": "YUV420"}
             config = camera.create_video_configuration(
-                main={"size": self._size},
+                **streams,
                 controls={"FrameDurationLimits": (frame_us, frame_us)},
             )
             camera.configure(config)
+            if on_lores is not None:
+                lores_encoder = H264Encoder(bitrate=self.lores_bitrate, repeat=True,
+                                            iperiod=self.lores_iperiod)
+                self.lores_output = _frame_output(Output, on_lores,
+                                                  _TimestampMap(self._clock, self._utc_clock))
+                camera.start_encoder(lores_encoder, self.lores_output, name="lores")
             # repeat=True: SPS/PPS on every keyframe, so any keyframe can start a segment.
             encoder = H264Encoder(bitrate=self.bitrate, repeat=True, iperiod=self.iperiod)
             self.output = _frame_output(Output, on_frame,

@@ -6,8 +6,10 @@ real time on the injected clock: frame n is due at t0 + n/fps (no drift accumula
 sleeps with `Event.wait` so `stop()` is immediate, and a thread that falls more than a frame
 behind skips the missed frames like a sensor would (counted in `dropped_frames`).
 
-Extension point (lores): a second, smaller stream for live streaming would be another `_H264Stream`
-fed with a downscaled picture and its own callback, in the same loop as the main one.
+Lores: `start(on_frame, on_lores)` also runs a second, smaller `_H264Stream` (default half the
+main size, 200 kbit/s, a keyframe every 0.5 s) fed in the same loop with the same picture scaled
+down by swscale; its frames carry the same capture times as the main frames with the same index.
+Without `on_lores` no second encoder runs.
 """
 
 from __future__ import annotations
@@ -167,13 +169,25 @@ class SyntheticCamera(FrameSource):
     def __init__(self, device_id: str, *, size: tuple[int, int] = (640, 480), fps: float = 25,
                  bitrate: int = 1_000_000, gop_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
-                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 lores_size: tuple[int, int] | None = None, lores_bitrate: int = 200_000,
+                 lores_gop_s: float = 0.5) -> None:
         if fps <= 0 or gop_s <= 0 or bitrate <= 0:
             raise ValueError("fps, gop_s and bitrate must be positive")
+        if lores_gop_s <= 0 or lores_bitrate <= 0:
+            raise ValueError("lores_gop_s and lores_bitrate must be positive")
         self._fps = fps
         self._size = size
         self.bitrate = bitrate
         self.gop_frames = max(1, round(fps * gop_s))
+        self._lores_size = lores_size or half_size(size)
+        lw, lh = self._lores_size
+        if lw % 2 or lh % 2 or lw < 16 or lh < 16 or lw > size[0] or lh > size[1]:
+            raise ValueError(f"lores size must be even, at least 16x16 and no larger than the "
+                             f"main stream {size[0]}x{size[1]}, got {lw}x{lh}")
+        self.lores_bitrate = lores_bitrate
+        self.lores_gop_frames = max(1, round(fps * lores_gop_s))
+        self.lores_frames_delivered = 0
         self._clock = clock
         self._utc_clock = utc_clock
         self._pattern = TestPattern(device_id, size)
@@ -190,12 +204,20 @@ class SyntheticCamera(FrameSource):
     def size(self) -> tuple[int, int]:
         return self._size
 
-    def start(self, on_frame: FrameCallback) -> None:
+    @property
+    def lores_size(self) -> tuple[int, int]:
+        return self._lores_size
+
+    def start(self, on_frame: FrameCallback, on_lores: FrameCallback | None = None) -> None:
         if self._thread is not None:
             raise RuntimeError("camera already started")
         encoder = _H264Stream(self._size, self._fps, self.bitrate, self.gop_frames)
+        lores = None
+        if on_lores is not None:
+            lores = (_H264Stream(self._lores_size, self._fps, self.lores_bitrate,
+                                 self.lores_gop_frames), on_lores)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(encoder, on_frame),
+        self._thread = threading.Thread(target=self._run, args=(encoder, on_frame, lores),
                                         name="synthetic-camera", daemon=True)
         self._thread.start()
 
@@ -207,11 +229,14 @@ class SyntheticCamera(FrameSource):
         if thread is not threading.current_thread():  # stop() from inside on_frame is fine
             thread.join()
 
-    def _run(self, encoder: _H264Stream, on_frame: FrameCallback) -> None:
+    def _run(self, encoder: _H264Stream, on_frame: FrameCallback,
+             lores: tuple[_H264Stream, FrameCallback] | None = None) -> None:
         interval = 1.0 / self._fps
         t0 = self._clock()
         n = 0
         pending: dict[int, tuple[float, datetime]] = {}  # frame index -> capture times
+        lores_pending: dict[int, tuple[float, datetime]] = {}
+        lw, lh = self._lores_size
         while not self._stop.is_set():
             due = t0 + n * interval
             late = self._clock() - due
@@ -227,19 +252,37 @@ class SyntheticCamera(FrameSource):
             pending[n] = (due, utc)
             picture = self._pattern.render(n, utc)
             picture.pts = n
+            small = None
+            if lores is not None:  # scaled before the main encoder sees the picture
+                small = picture.reformat(width=lw, height=lh)
+                small.pts = n
+                lores_pending[n] = (due, utc)
             self._deliver(encoder.encode(picture), pending, on_frame)
+            if lores is not None:
+                self._deliver(lores[0].encode(small), lores_pending, lores[1], lores=True)
             n += 1
         self._deliver(encoder.encode(None), pending, on_frame)
+        if lores is not None:
+            self._deliver(lores[0].encode(None), lores_pending, lores[1], lores=True)
 
     def _deliver(self, packets: list[tuple[bytes, bool, int]],
-                 pending: dict[int, tuple[float, datetime]], on_frame: FrameCallback) -> None:
+                 pending: dict[int, tuple[float, datetime]], on_frame: FrameCallback, *,
+                 lores: bool = False) -> None:
         for data, keyframe, index in packets:
             pts_s, utc = pending.pop(index)
             try:
                 on_frame(EncodedFrame(data, pts_s, keyframe, utc))
             except Exception:  # a consumer's bug must not kill the camera
-                log.exception("on_frame failed")
-            self.frames_delivered += 1
+                log.exception("on_lores failed" if lores else "on_frame failed")
+            if lores:
+                self.lores_frames_delivered += 1
+            else:
+                self.frames_delivered += 1
+
+
+def half_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The default lores size: half the main size in each direction, rounded down to even."""
+    return max(16, size[0] // 4 * 2), max(16, size[1] // 4 * 2)
 
 
 def encode_clip(device_id: str, frames: int, *, size: tuple[int, int] = (640, 480),

@@ -10,21 +10,30 @@ across a restart): the row stays and is offered again after `unrouted_retry_s`. 
 
 Limits: one broker; up to `max_inflight` (paho's 20) unacknowledged publishes in flight, the rest
 queue in paho's memory in order.
+
+Live video (`publish_live`, docs/LIVE.md) bypasses all of this: QoS 0, only while connected, never
+in the outbox, and at most `max_live_unsent` chunks waiting in paho's queue for the socket (paho's
+queue has no bound of its own), so a slow link drops live chunks instead of growing memory.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware.uplink.outbox import Outbox, OutboxRow
 from protocol import Topics
 from protocol.mqtt import BrokerConfig, make_client, session_properties
+from protocol.topics import LIVE_HEADER_PROPERTY
 
 log = logging.getLogger("sos.uplink")
 
@@ -98,6 +107,8 @@ class MqttUplink:
         self._client.on_message = self._handle_message
         self._client.on_connect_fail = self._handle_connect_fail
         self._refusal_logged = False
+        self.max_live_unsent = 4
+        self._live_unsent: list[paho.MQTTMessageInfo] = []  # live publishes not yet on the wire
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +157,31 @@ class MqttUplink:
         it. (The last will, published by the broker, is QoS 1.)
         """
         self._client.publish(self.topics.status, self._status_payload(), qos=0, retain=True)
+
+    def publish_live(self, topic: str, payload: bytes, header: dict[str, Any]) -> bool:
+        """One live video chunk: QoS 0, not retained, the signed `header` as canonical JSON in
+        the MQTT 5 user property `sos-live-header`, the age ciphertext as payload.
+
+        Never through the outbox: a late chunk is worthless and the evidence recording reaches
+        the centre later anyway. Returns False, and sends nothing, while disconnected or while
+        `max_live_unsent` earlier chunks still wait in paho's queue for the socket (a slow
+        link); the caller counts it as not sent.
+        """
+        if not self.connected or self._stopped.is_set():
+            return False
+        with self._lock:
+            self._live_unsent = [info for info in self._live_unsent if not _on_wire(info)]
+            if len(self._live_unsent) >= self.max_live_unsent:
+                return False
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [(LIVE_HEADER_PROPERTY, json.dumps(
+            header, sort_keys=True, separators=(",", ":")))]
+        info = self._client.publish(topic, payload, qos=0, retain=False, properties=properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        with self._lock:
+            self._live_unsent.append(info)
+        return True
 
     # -- paho callbacks (paho's network thread) ------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -237,3 +273,11 @@ class MqttUplink:
             self._timers.discard(threading.current_thread())  # type: ignore[arg-type]
         if not self._stopped.is_set() and (not row.durable or self._outbox.contains(row.seq)):
             self.send([row])
+
+
+def _on_wire(info: paho.MQTTMessageInfo) -> bool:
+    """A QoS 0 publish has left paho's queue (written to the socket, or failed for good)."""
+    try:
+        return info.is_published()
+    except (ValueError, RuntimeError):
+        return True

@@ -6,6 +6,10 @@ frames at the configured FrameDurationLimits and hands each to the running encod
 libcamera's request loop; the H264Encoder encodes on its own thread with PyAV's libx264 and calls
 `Output.outputframe(frame, keyframe, timestamp, packet, audio)` from there, as the V4L2 encoder
 does. Tests install it by putting tests/stubs first on sys.path.
+
+A lores stream (`create_video_configuration(lores=...)`, `start_encoder(..., name="lores")`) runs
+a second encoder on the same sensor requests; `configure` applies picamera2's lores checks (not
+larger than main; YUV, as on a Pi 4).
 """
 
 from .picamera2 import Picamera2

@@ -64,6 +64,13 @@ class Picamera2:
             raise RuntimeError("the stub only understands configuration dicts")
         if self.started:
             raise RuntimeError("Camera must be stopped before configuring")
+        lores = camera_config.get("lores")
+        if lores is not None:  # picamera2's own checks (Picamera2.check_camera_config)
+            (main_w, main_h), (lores_w, lores_h) = camera_config["main"]["size"], lores["size"]
+            if lores_w > main_w or lores_h > main_h:
+                raise RuntimeError("lores stream dimensions may not exceed main stream")
+            if not str(lores["format"]).startswith(("YUV", "YVU", "NV")):  # the VC4 rule
+                raise RuntimeError("lores stream must be YUV")
         self.camera_config = camera_config
 
     def camera_configuration(self) -> dict[str, Any] | None:

@@ -1,0 +1,382 @@
+"""HTTP for the ingest server: TLS per connection, tus requests mapped onto IngestServer.
+
+`HTTPServer` does the TLS handshake in each connection's own thread (so a slow client cannot
+hold up the others) and can cut every open connection at stop(). `_Handler` parses and answers
+requests; what an upload is and how it is checked and stored is `server.IngestServer`'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+
+from control_center import pki
+from control_center.ingest.receipts import receipt_bytes, receipt_header
+from control_center.ingest.tus import (
+    EXTENSIONS,
+    OFFSET_CONTENT_TYPE,
+    TUS_VERSION,
+    Refusal,
+    header_int,
+)
+from control_center.ingest.uploads import REFUSED, STORED, Upload
+
+if TYPE_CHECKING:
+    from control_center.ingest.server import IngestServer
+
+log = logging.getLogger("control_center.ingest")
+
+CHUNK = 1 << 20  # bytes read from the socket per write to the part file
+CHECKPOINT = 8 << 20  # fsync (and commit the offset) at least this often within one body
+DRAIN_LIMIT = 64 << 20  # a refused request's body up to this size is read and dropped
+FILES = "/files/"
+RAW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+
+
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() waits for handlers: stop() leaves nothing running
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], ingest: IngestServer) -> None:
+        self.ingest = ingest
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would look up the host's FQDN
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def finish_request(self, request, client_address) -> None:
+        """TLS handshake in the connection's own thread, then the HTTP exchange."""
+        request.settimeout(self.ingest.timeout_s)
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            tls = self.ingest.gate.context().wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            log.info("TLS refused for %s:%s: %s", *client_address[:2], exc)
+            with self.connections_lock:
+                self.connections.discard(request)
+            return
+        with self.connections_lock:
+            self.connections.discard(request)
+            self.connections.add(tls)
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(tls)
+            with contextlib.suppress(OSError):
+                tls.close()
+
+    def cut_all(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            cut(connection)
+
+
+def cut(connection: socket.socket) -> None:
+    """Make the connection's reader see the end of the stream, from another thread."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sos-ingest/1"
+    sys_version = ""
+    server: HTTPServer
+    body_read = False  # whether this request's body was consumed (else a refusal closes)
+
+    @property
+    def ingest(self) -> IngestServer:
+        return self.server.ingest
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _reply(self, status: int, headers: dict[str, str] | None = None,
+               body: bytes = b"", content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Tus-Resumable", TUS_VERSION)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if body or (status not in (204, 304) and self.command != "HEAD"):
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _refuse(self, refusal: Refusal, *, body_unread: bool = False) -> None:
+        if body_unread:
+            self._drain()
+        headers = {}
+        if refusal.retry_after is not None:
+            headers["Retry-After"] = str(refusal.retry_after)
+        if refusal.status == 412:
+            headers["Tus-Version"] = TUS_VERSION
+        if refusal.offset is not None:
+            headers["Upload-Offset"] = str(refusal.offset)
+        self._reply(refusal.status, headers, refusal.body())
+
+    def _drain(self) -> None:
+        """Read and drop an unread request body, so the client (which sends all of it before
+        it reads an answer) gets the refusal and the connection stays usable; a body over
+        DRAIN_LIMIT, or one not announced by Content-Length, closes the connection instead."""
+        self.body_read = True
+        text = self.headers.get("Content-Length")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if text is None and not chunked:
+            return
+        if chunked or not re.fullmatch(r"[0-9]{1,19}", text.strip()) or int(text) > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        left = int(text)
+        try:
+            while left:
+                chunk = self.rfile.read(min(left, CHUNK))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        if left:
+            self.close_connection = True
+
+    def _device(self) -> str:
+        try:
+            return self.ingest.gate.device(self.connection.getpeercert(binary_form=True))
+        except Refusal as refusal:
+            self.ingest.event("access_refused", _peer_name(self.connection),
+                              method=self.command, path=self.path[:200], reason=refusal.message)
+            raise
+
+    def _tus(self) -> None:
+        version = self.headers.get("Tus-Resumable")
+        if version != TUS_VERSION:
+            raise Refusal(412, f"this server speaks tus {TUS_VERSION}; the request says "
+                               f"Tus-Resumable: {version}")
+
+    def _upload(self, device: str, upload_id: str) -> Upload:
+        uploads = self.ingest.uploads
+        upload = uploads.get(upload_id) if uploads is not None else None
+        if upload is None:
+            raise Refusal(404, f"no upload {upload_id[:40]} on this server")
+        if upload.device_id != device:
+            raise Refusal(403, f"upload {upload_id} belongs to another device")
+        if upload.state == REFUSED:
+            raise Refusal(410, f"upload {upload_id} was refused and discarded: {upload.error}")
+        return upload
+
+    def _route(self) -> tuple[str, str | None, str | None]:
+        """(kind, id, rest) for /files/, /files/<id>, /files/<id>/receipt, /raw/<name>."""
+        path = self.path.split("?", 1)[0]
+        if path in ("/files", FILES):
+            return "files", None, None
+        match = re.fullmatch(r"/files/([0-9a-f]{32})(/receipt)?", path)
+        if match:
+            return "upload", match.group(1), match.group(2)
+        match = re.fullmatch(r"/raw/([^/]+)", path)
+        if match:
+            return "raw", match.group(1), None
+        return "none", None, None
+
+    def _dispatch(self, handler) -> None:
+        self.body_read = False
+        try:
+            handler()
+        except Refusal as refusal:
+            self._refuse(refusal, body_unread=not self.body_read)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("ingest: %s %s failed", self.command, self.path)
+            self.close_connection = True
+            self._refuse(Refusal(500, "the ingest server failed on this request (see its log)",
+                                 retry=True, retry_after=self.ingest.retry_after_s))
+
+    # -- methods ---------------------------------------------------------------------------------
+    def do_OPTIONS(self) -> None:
+        self._dispatch(self._options)
+
+    def do_POST(self) -> None:
+        self._dispatch(self._post)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(self._head)
+
+    def do_PATCH(self) -> None:
+        self._dispatch(self._patch)
+
+    def do_GET(self) -> None:
+        self._dispatch(self._get)
+
+    def do_PUT(self) -> None:
+        self._dispatch(self._put)
+
+    def _options(self) -> None:
+        self._device()
+        self._reply(204, {"Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS,
+                          "Tus-Max-Size": str(self.ingest.max_size)})
+
+    def _post(self) -> None:
+        kind, _, _ = self._route()
+        if kind != "files":
+            raise Refusal(404, f"POST {self.path[:80]}: uploads are created at {FILES}")
+        device = self._device()
+        self.ingest.check_open()
+        self.ingest.check_busy()
+        self._tus()
+        if int(self.headers.get("Content-Length") or 0):
+            raise Refusal(400, "a creation request carries no body (creation-with-upload is "
+                               "not supported): send the bytes with PATCH")
+        length = header_int(self.headers.get("Upload-Length"), "Upload-Length")
+        upload = self.ingest.create(device, self.headers.get("Upload-Metadata"), length)
+        self._reply(201, {"Location": f"{FILES}{upload.id}"})
+
+    def _head(self) -> None:
+        kind, upload_id, rest = self._route()
+        if kind != "upload" or rest:
+            raise Refusal(404, f"HEAD {self.path[:80]}: not an upload")
+        device = self._device()
+        self._tus()
+        upload = self._upload(device, upload_id or "")
+        self._reply(200, {"Upload-Offset": str(upload.offset),
+                          "Upload-Length": str(upload.length), "Cache-Control": "no-store"})
+
+    def _get(self) -> None:
+        kind, upload_id, rest = self._route()
+        if kind != "upload" or not rest:
+            raise Refusal(404, f"GET {self.path[:80]}: only /files/<id>/receipt can be read")
+        device = self._device()
+        upload = self._upload(device, upload_id or "")
+        if upload.state != STORED or upload.receipt is None:
+            raise Refusal(404, f"upload {upload.id} is not stored yet ({upload.offset} of "
+                               f"{upload.length} bytes received)", retry=True)
+        self._reply(200, {"Cache-Control": "no-store"}, receipt_bytes(upload.receipt))
+
+    def _patch(self) -> None:
+        ingest = self.ingest
+        kind, upload_id, rest = self._route()
+        if kind != "upload" or rest:
+            raise Refusal(404, f"PATCH {self.path[:80]}: not an upload")
+        device = self._device()
+        ingest.check_open()
+        self._tus()
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != OFFSET_CONTENT_TYPE:
+            raise Refusal(415, f"a PATCH body must be Content-Type: {OFFSET_CONTENT_TYPE}")
+        offset = header_int(self.headers.get("Upload-Offset"), "Upload-Offset")
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise Refusal(411, "send the PATCH with a Content-Length; chunked bodies are not "
+                               "supported")
+        size = header_int(self.headers.get("Content-Length"), "Content-Length", status=411)
+        upload = self._upload(device, upload_id or "")
+        if upload.state == STORED:
+            if offset != upload.length or size:
+                raise Refusal(409, f"upload {upload.id} is complete and stored",
+                              offset=upload.length)
+            self._done(upload)
+            return
+        lock = ingest.upload_lock(upload.id, self.connection)
+        if lock is None:
+            raise Refusal(423, f"upload {upload.id} is receiving on another connection",
+                          retry=True, retry_after=1)
+        try:
+            upload = self._upload(device, upload.id)  # as it is now that we hold it
+            if upload.state == STORED:
+                if offset != upload.length or size:
+                    raise Refusal(409, f"upload {upload.id} is complete and stored",
+                                  offset=upload.length)
+                self._done(upload)
+                return
+            if offset != upload.offset:
+                raise Refusal(409, f"Upload-Offset is {offset}, but upload {upload.id} has "
+                                   f"{upload.offset} bytes: resume from there",
+                              offset=upload.offset)
+            if offset + size > upload.length:
+                raise Refusal(400, f"{size} bytes at offset {offset} would pass Upload-Length "
+                                   f"{upload.length}")
+            if size:
+                ingest.check_space(upload.length - offset)
+                with ingest.receiving():
+                    reached = ingest.receive(upload, self.rfile, size)
+                ingest.done_receiving(upload.id)
+                self.body_read = True
+                if reached is None:
+                    self.close_connection = True
+                    return
+            if upload.offset == upload.length:
+                upload = ingest.complete(upload)
+                self._done(upload)
+            else:
+                self._reply(204, {"Upload-Offset": str(upload.offset)})
+        finally:
+            ingest.release_upload(upload.id, lock)
+
+    def _done(self, upload: Upload) -> None:
+        assert upload.receipt is not None
+        self._reply(204, {"Upload-Offset": str(upload.length),
+                          "Upload-Receipt": receipt_header(upload.receipt)})
+
+    def _put(self) -> None:
+        ingest = self.ingest
+        kind, name, _ = self._route()
+        if kind != "raw" or not ingest.raw_put:
+            raise Refusal(404, f"PUT {self.path[:80]}: not served here")
+        self._device()
+        ingest.check_open()
+        if not RAW_NAME.match(name or ""):
+            raise Refusal(400, "a raw name is 1-100 letters, digits, '.', '_' or '-'")
+        size = header_int(self.headers.get("Content-Length"), "Content-Length", status=411)
+        ingest.check_space(size)
+        directory = ingest.workdir / "raw"
+        directory.mkdir(exist_ok=True)
+        target = directory / (name or "")
+        tmp = target.with_name(target.name + ".part")
+        with ingest.receiving(), open(tmp, "wb") as f:
+            hasher = hashlib.sha256()  # the same work per byte as an upload
+            buffer = bytearray(min(CHUNK, max(size, 1)))
+            view = memoryview(buffer)
+            left, since = size, 0
+            while left:
+                n = self.rfile.readinto(view[:min(left, len(buffer))])
+                if not n:
+                    self.close_connection = True
+                    return
+                f.write(view[:n])
+                hasher.update(view[:n])
+                left -= n
+                since += n
+                if since >= CHECKPOINT:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    since = 0
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        self._reply(201, {"Location": f"/raw/{name}"}, b"")
+
+
+def _peer_name(connection: socket.socket) -> str:
+    try:
+        der = connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        return pki.common_name(x509.load_der_x509_certificate(der)) if der else "unknown"
+    except (ValueError, AttributeError, OSError):
+        return "unknown"
