@@ -42,6 +42,7 @@ from firmware.alert_state import (
 )
 from firmware.battery import BatterySource, NoBattery, SysfsBattery
 from firmware.camera.frames import EncodedFrame, FrameSource
+from firmware.camera.live import LiveStreamer
 from firmware.camera.picam import PicameraSource
 from firmware.camera.recorder import SegmentRecorder
 from firmware.camera.recording import RecordingPolicy
@@ -65,6 +66,7 @@ from firmware.sos_button.feedback import FeedbackOutputs, FeedbackState
 from firmware.sos_button.gpio import SosButton
 from firmware.sos_button.logic import ButtonProfile, CancelRequested, Triggered
 from firmware.systemd_notify import notify, watchdog_interval_s
+from firmware.uplink.docking import DockDetector, run_when_docked
 from firmware.uplink.mqtt import (
     CommandReceived,
     Connected,
@@ -74,6 +76,8 @@ from firmware.uplink.mqtt import (
     Refused,
 )
 from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
+from firmware.uplink.upload_plan import Progress
+from firmware.uplink.uploader import Uploader, UploadSummary, uploader_from_config
 from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso
 from protocol.signing import Signer, load_or_make_key, public_key_from_b64
 
@@ -91,6 +95,11 @@ class SelftestDone:
 @dataclass(frozen=True)
 class SegmentCommitted:
     seq: int
+
+
+@dataclass(frozen=True)
+class UploadPassDone:
+    """Segments may have left the card: plan its space again."""
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -180,6 +189,27 @@ class DeviceRuntime:
             if self._camera is None:
                 self._camera = PicameraSource(size=config.camera.size, fps=config.camera.fps,
                                               bitrate=config.camera.bitrate)
+        # Live view during an SOS: the camera's low-resolution stream, to the centre's live key.
+        self.live: LiveStreamer | None = None
+        if self._camera is not None and config.live_recipients:
+            live_topic = Topics(config.device_id).live
+            self.live = LiveStreamer(
+                config.device_id, list(config.live_recipients), signer,
+                lambda payload, header: self.uplink.publish_live(live_topic, payload, header),
+                fps=config.camera.fps if config.camera else 25.0,
+                size=getattr(self._camera, "lores_size", (160, 120)))
+        # Shift-end upload: when docked (GPIO or station network) or asked to.
+        self.uploader: Uploader | None = None
+        self.dock: DockDetector | None = None
+        self._upload_thread: threading.Thread | None = None
+        if config.upload is not None and self.recorder is not None:
+            # The store remembers the chain head, so even the newest segment may go once
+            # receipted (keep_chain_anchor=False): the card is empty after a full upload.
+            self.uploader = uploader_from_config(config, config.upload,
+                                                 store=self.recorder.store,
+                                                 on_progress=self._upload_progress,
+                                                 keep_chain_anchor=False)
+            self.dock = DockDetector.from_settings(config.upload, pin_factory=pin_factory)
         offline = {"v": 1, "device_id": config.device_id, "device_kind": config.kind,
                    "state": "offline"}
         self.uplink = MqttUplink(
@@ -200,8 +230,14 @@ class DeviceRuntime:
         self._execute(self.core.restore(self.outbox.load_state(), self._now()))
         self._sync_button()
         if self.recorder is not None and self._camera is not None:
-            self._camera.start(self._on_frame)
+            self._camera.start(self._on_frame, self.live.on_lores if self.live else None)
             self._check_space()
+        if self.uploader is not None and self.dock is not None:
+            dock = self.dock
+            self._upload_thread = threading.Thread(
+                target=run_when_docked, args=(dock, self._upload_pass), name="upload",
+                daemon=True)
+            self._upload_thread.start()
         if self.gps:
             self.gps.start()
         self.uplink.start()
@@ -240,9 +276,17 @@ class DeviceRuntime:
             self.close()
 
     def close(self) -> None:
+        if self.dock is not None:
+            self.dock.close()  # ends a running pass between two chunks; it resumes next boot
+        if self._upload_thread is not None:
+            self._upload_thread.join(timeout=30)
+        if self.uploader is not None:
+            self.uploader.close()
         if self._camera is not None and self.recorder is not None:
             self._camera.stop()
             self.recorder.close()  # the open segment is committed, not left for recovery
+        if self.live is not None:
+            self.live.close()
         self.button.close()
         self.uplink.stop()
         if self.gps:
@@ -273,6 +317,8 @@ class DeviceRuntime:
                 pass  # the uplink logged it and retries; feedback is driven by the link state
             case SegmentCommitted(seq):
                 self._observe("segment", {"seq": seq, "wall": time.time()})
+                self._check_space()
+            case UploadPassDone():
                 self._check_space()
             case SelftestDone(results):
                 self._selftest_thread = None
@@ -369,6 +415,11 @@ class DeviceRuntime:
 
     def _record_sos(self, alert_id: str, active: bool) -> None:
         now = self._clock()
+        if self.live is not None:  # the operator sees the camera for as long as the SOS lasts
+            if active:
+                self.live.start(alert_id)
+            else:
+                self.live.stop()
 
         def edit(policy: RecordingPolicy) -> None:
             if active:
@@ -406,6 +457,38 @@ class DeviceRuntime:
                         "deleted_unuploaded": len(plan.deleted_unuploaded_ordinary)},
         }
         return Outgoing(MessageKind.EVENT, Topics(self.config.device_id).event, message)
+
+    # -- shift-end upload ------------------------------------------------------------------------
+    def request_upload(self) -> None:
+        """Upload now, docked or not (an explicit request)."""
+        if self.dock is not None:
+            self.dock.request()
+
+    def _upload_pass(self, stop: threading.Event) -> UploadSummary:
+        """Upload thread: one pass; what it did goes to the log and the observer."""
+        assert self.uploader is not None
+        self._observe("upload_started", {"wall": time.time(),
+                                         "pending": len(self.uploader.pending())})
+        summary = self.uploader.run_once(stop)
+        log.info("upload pass: %d segment(s) uploaded, %d byte(s) sent (%d resent), "
+                 "%d refused, %d left for later", summary.segments_uploaded, summary.bytes_sent,
+                 summary.bytes_resent, len(summary.refused), len(summary.deferred))
+        self._observe("upload", {
+            "wall": time.time(), "uploaded": summary.uploaded, "bytes_sent": summary.bytes_sent,
+            "bytes_resent": summary.bytes_resent, "receipts": len(summary.receipts),
+            "refused": {str(k): v for k, v in summary.refused.items()},
+            "deferred": {str(k): v for k, v in summary.deferred.items()},
+            "busy": summary.busy, "elapsed_s": round(summary.elapsed_s, 3),
+            "remaining": len(self.uploader.pending())})
+        self._events.put(UploadPassDone())
+        return summary
+
+    def _upload_progress(self, progress: Progress) -> None:
+        self._observe("upload_progress", {"wall": time.time(),
+                                          "segments_done": progress.segments_done,
+                                          "segments_total": progress.segments_total,
+                                          "bytes_done": progress.bytes_done,
+                                          "bytes_total": progress.bytes_total})
 
     # -- scheduled self-test -------------------------------------------------------------------
     def _selftest_deadline(self) -> float | None:

@@ -17,7 +17,9 @@ from simulator.runner import RunResult, ScenarioRun, dumps
 from simulator.scenario import available, load_scenario
 
 SHOWN = {"setup", "button", "kill", "start", "broker", "problem", "error", "ack", "close",
-         "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback"}
+         "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback",
+         "call_start", "call_end", "dock", "undock", "upload_started", "upload_progress",
+         "upload", "segment_stored", "segment_refused", "live"}
 
 
 class TimelinePrinter:
@@ -29,6 +31,7 @@ class TimelinePrinter:
         self.delay_s = delay_s
         self._pending: list[tuple[float, int, Entry]] = []
         self._count = 0
+        self._last_progress: tuple[str, int] | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, daemon=True)
@@ -37,6 +40,11 @@ class TimelinePrinter:
     def __call__(self, entry: Entry) -> None:
         if entry.kind not in SHOWN:
             return
+        if entry.kind == "upload_progress":  # the bar once per segment, not once per chunk
+            step = (entry.source, entry.data["segments_done"])
+            if step == self._last_progress:
+                return
+            self._last_progress = step
         with self._lock:
             self._count += 1
             heapq.heappush(self._pending, (entry.wall, self._count, entry))
@@ -67,6 +75,19 @@ def print_summary(result: RunResult) -> None:
         ack = f"{a['ack_latency_ms']:.1f} ms" if a["ack_latency_ms"] is not None else "-"
         print(f"{a['alert_id'][:8]:<9} {a['device_id']:<14} {latency:>9} {ack:>12} "
               f"{a['deliveries']:>5}x  {' > '.join(a['feedback'])}")
+    if result.recordings:
+        rec, up, live = (result.recordings[k] for k in ("recording", "upload", "live"))
+        print(f"\nrecording: {rec['segments']} segment(s), {rec['total_s']} s, "
+              f"{rec['evidence_segments']} flagged as evidence; "
+              f"{'VERIFIED' if rec['verify'] else 'NOT VERIFIED'} (sos-evidence verify)")
+        print(f"upload:    {up['segments_uploaded']} segment(s), {up['bytes'] / 1e6:.1f} MB, "
+              f"{up['receipts']} signed receipt(s), {up['verified_at_centre']} verified at the "
+              "centre")
+        newest = live.get("latency_newest_ms", {})
+        if live.get("chunks"):
+            print(f"live:      {live['chunks']} chunk(s) during the SOS, {live['lost']} lost; "
+                  f"newest frame {newest['p50']:.0f} ms (p50) / {newest['p95']:.0f} ms (p95) "
+                  "behind the camera")
     if result.ok:
         print(f"\nOK: {len(result.alerts)} alert(s), each stored once at the control centre and "
               "acknowledged on the device.")

@@ -7,12 +7,16 @@ from typing import Any
 
 from simulator.broker import PrivateBroker
 
+DOCK_PIN = 24  # the simulated dock's GPIO input (hw/profiles has none: a real dock is wired per
+#                board, or detected by the station network)
+
 
 def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: PrivateBroker,
                        gps_port: str | None = None, surveyed: dict[str, Any] | None = None,
                        position_interval_s: float = 5.0, heartbeat_s: float = 30.0,
                        camera: bool = False, segment_s: float = 10.0,
-                       preroll_s: float = 30.0) -> str:
+                       preroll_s: float = 30.0, upload_url: str | None = None,
+                       dock_pin: int = DOCK_PIN) -> str:
     """Enrols `device_id` in the broker's fleet (keys made in its identity directory) and
     returns its config."""
     b = broker.identity(device_id, profile)
@@ -30,10 +34,17 @@ def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: 
         lines.append(f'port = "{gps_port}"')
     if camera:  # small frames: the simulator's camera encodes on the desktop's CPU
         recipients = ", ".join(f'"{r}"' for r in broker.fleet.evidence_recipients())
-        lines[lines.index("[gps]"):lines.index("[gps]")] = [
+        live = ", ".join(f'"{r}"' for r in broker.fleet.live_recipients())
+        section = [
             "[evidence]", f"recipients = [{recipients}]", "",
             "[camera]", 'source = "synthetic"', "width = 320", "height = 240", "fps = 15",
             "bitrate = 400000", f"segment_s = {segment_s}", f"preroll_s = {preroll_s}", ""]
+        if live:
+            section += ["[live]", f"recipients = [{live}]", ""]
+        if upload_url:  # docked = the simulator drives this mock pin high
+            section += ["[upload]", f'url = "{upload_url}"', f"dock_pin = {dock_pin}",
+                        "check_interval_s = 1.0", "max_backoff_s = 5.0", ""]
+        lines[lines.index("[gps]"):lines.index("[gps]")] = section
     if surveyed:
         lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in surveyed.items()]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from firmware.uplink.upload_plan import Progress, render_bar
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -147,4 +149,22 @@ def _describe(kind: str, event: dict[str, Any]) -> str:
             if event["op"] == "press":
                 return f"button pressed for {event['hold_s']} s (with contact bounce)"
             return "cancel gesture on the button"
+        case "dock":
+            return "docked at the station" if event["docked"] else "taken off the dock"
+        case "upload_started":
+            return f"upload started: {event['pending']} segment(s) to send"
+        case "upload_progress":
+            return "upload " + render_bar(Progress(
+                event["segments_total"], event["bytes_total"], event["segments_done"],
+                event["bytes_done"]))
+        case "upload":
+            text = (f"upload pass done: {len(event['uploaded'])} segment(s) receipted, "
+                    f"{event['bytes_sent'] / 1e6:.1f} MB sent ({event['bytes_resent']} B resent)")
+            if event["refused"]:
+                text += f", REFUSED {sorted(event['refused'])}"
+            if event["remaining"]:
+                text += f", {event['remaining']} left for later"
+            return text
+        case "segment":
+            return f"segment {event['seq']:06d} closed"
     return kind

@@ -16,14 +16,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from control_center.audit import AuditLog
 from control_center.console import alert_line, event_line
-from control_center.service import CenterEvent, CenterService, CommandError
+from control_center.ingest import DirectoryStore, IngestServer
+from control_center.live import LiveReceiver
+from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import Store
 from protocol import utc_iso
-from simulator.broker import PrivateBroker
+from simulator.broker import HOST, PrivateBroker
 from simulator.device_config import render_device_toml
 from simulator.gps_receiver import PtyGps, RouteReceiver
 from simulator.processes import DeviceProcess, Entry, Recorder
+from simulator.recordings import recording_results
 from simulator.scenario import DeviceSpec, Scenario, Step
 
 OPERATOR = "auto-operator"
@@ -40,6 +44,7 @@ class RunResult:
     problems: list[str]
     workdir: str
     entries: list[Entry] = field(repr=False, default_factory=list)
+    recordings: dict[str, Any] | None = None  # recording, upload, live (scenarios with a camera)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,7 +55,7 @@ class RunResult:
             "alerts": self.alerts,
             "problems": self.problems,
             "workdir": self.workdir,
-        }
+        } | (self.recordings or {})
 
 
 class AutoOperator:
@@ -113,7 +118,19 @@ class ScenarioRun:
         self.broker = PrivateBroker(workdir / "broker", port=port, fleet_dir=fleet_dir)
         self.provisioned = provisioned or {}
         self.store = Store(workdir / "center.sqlite")
-        self.center = self.broker.centre_service(self.store, on_event=self._center_event)
+        self.ingest: IngestServer | None = None
+        self.live: LiveReceiver | None = None
+        if scenario.records:  # evidence comes home by upload; the live view during an SOS
+            fleet = self.broker.fleet
+            server = fleet.issue_server("ingest", [HOST, "localhost"])
+            self.ingest = IngestServer(
+                fleet, DirectoryStore(workdir / "evidence"), AuditLog(workdir / "audit.jsonl"),
+                workdir=workdir / "ingest", cert_file=server.cert_file,
+                key_file=server.key_file, host=HOST, on_event=self._ingest_event)
+            self.live = LiveReceiver(fleet.live_identity_file, workdir / "live",
+                                     FleetTrust(fleet))
+        self.center = self.broker.centre_service(self.store, on_event=self._center_event,
+                                                 live=self.live)
         self.operator = AutoOperator(self.center, self.recorder,
                                      scenario.operator_ack_delay_s / speed,
                                      scenario.operator_close_delay_s / speed)
@@ -126,6 +143,10 @@ class ScenarioRun:
         rec = self.recorder
         try:
             self.broker.start()
+            if self.ingest is not None:
+                self.ingest.start()
+                rec.add("sim", "setup", f"evidence ingest on {self.ingest.url}/files/ "
+                        "(tus, mutual TLS)")
             self.center.start()
             rec.add("sim", "setup", f"broker on {self.broker.centre.host}:{self.broker.port} "
                     "(mutual TLS, per-device ACL), control centre subscribed")
@@ -170,7 +191,9 @@ class ScenarioRun:
         return render_device_toml(
             device_id=spec.id, profile=spec.profile, data_dir=directory / "data",
             broker=self.broker, gps_port=gps_port, surveyed=spec.surveyed,
-            position_interval_s=max(1.0, 5.0 / self.speed))
+            position_interval_s=max(1.0, 5.0 / self.speed), camera=spec.camera,
+            segment_s=spec.segment_s / self.speed, preroll_s=min(30.0, 10.0 / self.speed),
+            upload_url=self.ingest.url if self.ingest and spec.camera else None)
 
     def _play_timeline(self) -> None:
         self._t0 = time.monotonic()
@@ -210,6 +233,20 @@ class ScenarioRun:
             case "broker_start":
                 self.broker.start()
                 rec.add("sim", "broker", "broker started again")
+            case "call_start" | "call_end":
+                try:
+                    self.center.send_call(step.device, step.action, "dispatch", step.call_id)
+                except CommandError as exc:
+                    rec.add("sim", "problem", f"{step.action} to {step.device} failed: {exc}")
+                else:
+                    what = f"call {step.call_id} started" if step.call_id else "call ended"
+                    rec.add("dispatch", step.action, f"{step.device}: {what}",
+                            device=step.device, call_id=step.call_id)
+            case "dock" | "undock":
+                self.devices[step.device].send({"op": step.action})
+                rec.add("sim", step.action, f"{step.device}: "
+                        + ("put on its dock at the station" if step.action == "dock"
+                           else "taken off its dock"), device=step.device)
         return now
 
     def _remaining(self) -> float:
@@ -218,8 +255,28 @@ class ScenarioRun:
     def _finished(self) -> bool:
         alerts = self.store.alerts(open_only=False)
         return (len(alerts) >= self.scenario.expected_alerts
+                and all(self._uploaded(s.device) for s in self.scenario.timeline
+                        if s.action == "dock")
                 and all(a.status == "closed" for a in alerts)
                 and all(self._feedback_after(a.alert_id)[-1:] == ["idle"] for a in alerts))
+
+    def _uploaded(self, device_id: str | None) -> bool:
+        """The device finished an upload pass after its last docking, with nothing left."""
+        docked = self.recorder.find(kind="dock", device=device_id)
+        if not docked:
+            return False
+        return any(e.data.get("remaining") == 0 and not e.data.get("deferred")
+                   for e in self.recorder.find(source=device_id, kind="upload")
+                   if e.wall >= docked[-1].wall)
+
+    def _ingest_event(self, entry: dict[str, Any]) -> None:
+        event = entry.get("event")
+        if event in ("segment_stored", "segment_refused"):
+            what = "stored and receipted" if event == "segment_stored" else "REFUSED"
+            self.recorder.add("ingest", event, f"{entry.get('device_id')} segment "
+                              f"{entry.get('seq', 0):06d} {what}"
+                              + (f": {entry['reason']}" if entry.get("reason") else ""),
+                              device=entry.get("device_id"), seq=entry.get("seq"))
 
     def _center_event(self, event: CenterEvent) -> None:
         m = event.message
@@ -235,6 +292,19 @@ class ScenarioRun:
             where = f"{p['lat']:.5f},{p['lon']:.5f}" if p["lat"] is not None else "unknown"
             self.recorder.add("centre", "position", f"position of {m['alert_id'][:8]}: {where} "
                               f"({p['source']})", alert_id=m["alert_id"])
+        elif event.kind == "live":
+            m = event.message
+            if not event.new:
+                self.recorder.add("centre", "problem", f"live chunk from {event.device_id} "
+                                  f"refused: {m.get('reason')}")
+                return
+            if m["seq"] == 0:
+                behind = m["latency_newest_ms"] or 0
+                self.recorder.add("centre", "live", f"live view of {str(m['alert_id'])[:8]} is "
+                                  f"playing ({behind:.0f} ms behind the camera)",
+                                  alert_id=m["alert_id"])
+            self.recorder.add("centre", "live_chunk", f"live chunk {m['seq']}",
+                              alert_id=m["alert_id"], latency_ms=m["latency_newest_ms"])
         elif event.kind == "event" and event.new:
             self.recorder.add("centre", "event", event_line(m).strip(),
                               alert_id=m.get("alert_id"))
@@ -247,6 +317,8 @@ class ScenarioRun:
         for gps in self.gps.values():
             gps.stop()
         self.center.stop()
+        if self.ingest is not None:
+            self.ingest.stop()
         self.broker.stop()
 
     # -- results ---------------------------------------------------------------------------------
@@ -308,9 +380,13 @@ class ScenarioRun:
             elif "acknowledged" not in a["feedback"]:
                 problems.append(f"alert {a['alert_id'][:8]}: the device never showed "
                                 "acknowledged")
+        recordings = None
+        if self.scenario.records:
+            recordings = recording_results(self, alerts)
+            problems += recordings.pop("problems")
         self.store.close()
         return RunResult(self.scenario.name, self.speed, not problems, alerts, expected, problems,
-                         str(self.workdir), list(self.recorder.entries))
+                         str(self.workdir), list(self.recorder.entries), recordings)
 
 
 def _iso(wall: float) -> str:

@@ -9,7 +9,9 @@ from typing import Any
 
 from protocol.configfile import ConfigError, check, load_toml
 
-ACTIONS = ("press", "cancel", "kill", "start", "broker_stop", "broker_start")
+ACTIONS = ("press", "cancel", "kill", "start", "broker_stop", "broker_start",
+           "call_start", "call_end", "dock", "undock")
+DEVICE_ACTIONS = ("press", "cancel", "kill", "start", "call_start", "call_end", "dock", "undock")
 
 _SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -38,6 +40,10 @@ _SCHEMA: dict[str, Any] = {
                                 "type": "array", "minItems": 2, "maxItems": 2}},
                             "drift_ppm": {"type": "number"}}},
                 "surveyed": {"type": "object"},
+                "camera": {"type": "boolean", "description":
+                           "records evidence video, streams it live during an SOS and "
+                           "uploads it when docked"},
+                "segment_s": {"type": "number", "minimum": 1},
             }}},
         "timeline": {"type": "array", "items": {
             "type": "object", "additionalProperties": False, "required": ["at_s", "action"],
@@ -47,6 +53,7 @@ _SCHEMA: dict[str, Any] = {
                 "device": {"type": "string"},
                 "hold_s": {"type": "number", "exclusiveMinimum": 0},
                 "expect_alert": {"type": "boolean"},
+                "call_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"},
             }}},
     },
 }
@@ -59,6 +66,8 @@ class DeviceSpec:
     battery: float | None
     gps: dict[str, Any] | None
     surveyed: dict[str, float] | None
+    camera: bool = False
+    segment_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Step:
     device: str | None = None
     hold_s: float | None = None
     expect_alert: bool = True
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,10 @@ class Scenario:
     operator_ack_delay_s: float = 2.0
     operator_close_delay_s: float = 8.0
     source: Path = field(default=Path("."))
+
+    @property
+    def records(self) -> bool:
+        return any(d.camera for d in self.devices)
 
     @property
     def expected_alerts(self) -> int:
@@ -104,7 +118,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     ids = {d["id"] for d in data["devices"]}
     for step in data["timeline"]:
         check(step, _SCHEMA["properties"]["timeline"]["items"], str(path))
-        needs_device = step["action"] in ("press", "cancel", "kill", "start")
+        needs_device = step["action"] in DEVICE_ACTIONS
         if needs_device and step.get("device") not in ids:
             raise ConfigError(f"{path}: timeline step at {step['at_s']} s: key 'device' must "
                               f"name one of {sorted(ids)}")
@@ -112,7 +126,8 @@ def load_scenario(name_or_path: str) -> Scenario:
         name=data["name"],
         description=" ".join(data["description"].split()),
         devices=[DeviceSpec(d["id"], d["profile"], d.get("battery"), d.get("gps"),
-                            d.get("surveyed")) for d in data["devices"]],
+                            d.get("surveyed"), d.get("camera", False), d.get("segment_s", 10.0))
+                 for d in data["devices"]],
         timeline=sorted((Step(**s) for s in data["timeline"]), key=lambda s: s.at_s),
         duration_s=data.get("duration_s", 60.0),
         operator_ack_delay_s=data.get("operator_ack_delay_s", 2.0),

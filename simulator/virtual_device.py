@@ -6,6 +6,7 @@ as JSON lines on stdin and reports what a person near the device would notice as
 stdout. It is a real process so the simulator can SIGKILL it and start it again.
 
 stdin:  {"op": "press", "hold_s": 2.0, "seed": 7, "gap_s": 0.5}   {"op": "cancel", "seed": 3}
+        {"op": "dock"} {"op": "undock"} (the dock's GPIO input, when [upload] has a dock_pin)
 stdout: {"ev": "ready"} {"ev": "link", "up": true} {"ev": "trigger", "alert_id": ...}
         {"ev": "button", ...} {"ev": "button_released", ...} (a press has been played)
         {"ev": "feedback", "state": "sending"} ... each with "wall" (Unix time)
@@ -59,11 +60,18 @@ def _cancel_gesture(rng: random.Random) -> list[tuple[float, bool]]:
     return sequence_pattern(rng, [(quiet_s, 0.2), (0.5, 0.2), (0.5, 0.2), (0.5, 3.3)])
 
 
-def serve_stdin(pin, pull_up: bool, stop: threading.Event) -> None:
+def serve_stdin(pin, pull_up: bool, stop: threading.Event, dock_pin=None) -> None:
     for line in sys.stdin:
         try:
             order = json.loads(line)
             rng = random.Random(order.get("seed", 0))
+            if order["op"] in ("dock", "undock"):
+                if dock_pin is None:
+                    raise ValueError("this device has no dock input ([upload] dock_pin)")
+                docked = order["op"] == "dock"
+                dock_pin.drive_high() if docked else dock_pin.drive_low()
+                emit("dock", {"docked": docked})
+                continue
             if order["op"] == "press":
                 # gap_s: released time before the first contact, as a thumb lifting between presses
                 pattern = sequence_pattern(rng, [(float(order.get("gap_s", 0.0)),
@@ -106,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)
-    threading.Thread(target=serve_stdin, args=(pin, config.button.pull_up, stop),
+    dock_pin = None
+    if config.upload is not None and config.upload.dock_pin is not None:
+        dock_pin = factory.pin(config.upload.dock_pin)
+    threading.Thread(target=serve_stdin, args=(pin, config.button.pull_up, stop, dock_pin),
                      daemon=True).start()
     emit("ready", {"device_id": config.device_id, "pending": runtime.outbox.count()})
     runtime.run(stop)
