@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from control_center import ca_cli
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, event_line, record_line
 from control_center.fleet import Fleet, FleetError
+from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
 from protocol.configfile import ConfigError
@@ -27,6 +29,9 @@ def _print_event(event: CenterEvent) -> None:
         print(alert_line(m), flush=True)
     elif event.kind == "event" and event.new:
         print(event_line(m), flush=True)
+    elif event.kind == "live" and event.new and m["seq"] == 0:
+        print(f"LIVE {event.device_id}: video of alert {m['alert_id'][:8]} is playing: "
+              f"{Path(m['path']).parent / 'index.m3u8'}", flush=True)
     elif event.kind == "status" and m["state"] == "offline":
         print(f"OFFLINE {event.device_id}: the device vanished (last will)", flush=True)
 
@@ -39,15 +44,25 @@ def _service(config: CenterConfig, store: Store, **kwargs) -> CenterService:
 
 def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     store = Store(config.db)
+    live = None
+    if config.live_dir is not None:
+        fleet = Fleet(config.fleet_dir)
+        if not fleet.live_identity_file.exists():
+            print(f"config error: key 'center.live_dir' is set but {fleet.live_identity_file} "
+                  "is missing (run `sos-center ca init` again to make the live-view key)",
+                  file=sys.stderr)
+            return 2
+        live = LiveReceiver(fleet.live_identity_file, config.live_dir, FleetTrust(fleet))
     service = _service(config, store, client_id=config.client_id, group=config.group,
-                       on_event=_print_event)
+                       on_event=_print_event, live=live)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     service.start(wait_s=None)
     print(f"sos-center serving: broker {config.broker.host}:{config.broker.port}, "
-          f"store {config.db}; Ctrl-C stops", flush=True)
+          f"store {config.db}" + (f", live view in {config.live_dir}" if live else "")
+          + "; Ctrl-C stops", flush=True)
     signal.sigwait(stopping)
     service.stop()
     store.close()

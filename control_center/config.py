@@ -17,6 +17,7 @@ class CenterConfig:
     group: str
     operator: str
     broker: BrokerConfig
+    live_dir: Path | None = None  # None: this instance does not receive live video
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
@@ -37,4 +38,5 @@ def load_center_config(path: str | Path) -> CenterConfig:
         broker=BrokerConfig(broker["host"], broker["port"], ca_file=rel(broker["ca_file"]),
                             cert_file=rel(broker.get("cert_file")),
                             key_file=rel(broker.get("key_file"))),
+        live_dir=Path(rel(center["live_dir"]) or "") if "live_dir" in center else None,
     )

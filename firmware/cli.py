@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="surveyed position (pillars)")
     prov.add_argument("--battery-sysfs", help="power-supply directory (tokens), e.g. "
                       "/sys/class/power_supply/battery")
+    prov.add_argument("--ingest", metavar="URL",
+                      help="the centre's evidence ingest (sos-center ingest), e.g. "
+                           "https://ingest.example:8443: the device uploads its recordings there "
+                           "when docked (token: the board's dock pin in [upload]) or, for a "
+                           "pillar, whenever the centre answers")
     return parser
 
 
@@ -78,7 +83,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
             broker_host=host, broker_port=port,
             gps_port=None if args.gps_port == "none" else args.gps_port,
             surveyed=parse_surveyed(args.surveyed) if args.surveyed else None,
-            battery_sysfs=args.battery_sysfs)
+            battery_sysfs=args.battery_sysfs, ingest_url=args.ingest)
         report = provision(request)
     except (ProvisionError, FleetError, ConfigError) as exc:
         print(f"provision: {exc}", file=sys.stderr)

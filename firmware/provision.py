@@ -22,6 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from control_center import pki
 from control_center.fleet import Fleet
@@ -56,6 +57,7 @@ class Request:
     gps_port: str | None = "/dev/serial0"
     surveyed: dict[str, float] | None = None
     battery_sysfs: str | None = None
+    ingest_url: str | None = None  # https://host:port of `sos-center ingest`: uploads recordings
 
 
 @dataclass
@@ -128,6 +130,10 @@ def _check(request: Request) -> None:
                              "(run: sos-center ca init)")
 
 
+# profile -> (width, height, fps, bitrate) of the evidence video
+CAMERA_MODES = {"token": (1920, 1080, 30, 8_000_000), "pillar": (1280, 720, 25, 4_000_000)}
+
+
 def render_config(request: Request, fleet: Fleet) -> str:
     """device.toml with paths relative to /etc/sos-device, so the same tree works from / on the
     Pi and from a directory in the simulator."""
@@ -142,9 +148,20 @@ def render_config(request: Request, fleet: Fleet) -> str:
         "", "[trust]", f"centre_keys = [{keys}]",
     ]
     recipients = fleet.evidence_recipients()
-    if recipients:
+    if recipients:  # a camera only where its footage can be encrypted to the centre
+        width, height, fps, bitrate = CAMERA_MODES[request.profile]
         lines += ["", "[evidence]", "recipients = [" + ", ".join(f'"{r}"' for r in recipients)
-                  + "]"]
+                  + "]",
+                  "", "[camera]", 'source = "picamera2"', f"width = {width}",
+                  f"height = {height}", f"fps = {fps}", f"bitrate = {bitrate}"]
+        live = fleet.live_recipients()
+        if live:
+            lines += ["", "[live]", "recipients = [" + ", ".join(f'"{r}"' for r in live) + "]"]
+        if request.ingest_url:
+            lines += ["", "[upload]", f'url = "{request.ingest_url}"']
+            if request.profile == "pillar":  # always online: upload whenever the centre answers
+                host = urlsplit(request.ingest_url).hostname
+                lines += [f'station_host = "{host}"', "check_interval_s = 300"]
     if request.battery_sysfs:
         lines += ["", "[battery]", f'sysfs = "{request.battery_sysfs}"']
     lines += ["", "[gps]"]

@@ -34,6 +34,8 @@ from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
 VIRTUAL_CAMERA_FRAMES = 5  # a device simulated without [camera] still passes the camera check
+SIM_MAX_PIXELS = 640 * 480  # larger camera modes are simulated at SIM_CAMERA_SIZE
+SIM_CAMERA_SIZE = (320, 240)
 
 
 def emit(name: str, fields: dict[str, Any]) -> None:
@@ -106,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     battery = DrainingBattery(args.battery) if args.battery is not None else None
     camera = None
     if config.camera is not None:  # the simulator's camera: real H.264 of a test pattern
-        camera = SyntheticCamera(config.device_id, size=config.camera.size,
-                                 fps=config.camera.fps, bitrate=config.camera.bitrate)
+        size, fps, bitrate = config.camera.size, config.camera.fps, config.camera.bitrate
+        if size[0] * size[1] > SIM_MAX_PIXELS:  # a provisioned 1080p30 config, on a desktop CPU
+            logging.getLogger("sos.sim").warning(
+                "camera %dx%d simulated at %dx%d (the desktop encodes in software)",
+                size[0], size[1], *SIM_CAMERA_SIZE)
+            size, bitrate = SIM_CAMERA_SIZE, min(bitrate, 800_000)
+        camera = SyntheticCamera(config.device_id, size=size, fps=fps, bitrate=bitrate)
     probe = None if camera else (lambda: VIRTUAL_CAMERA_FRAMES)  # a camera counts its frames
     runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
                             camera_probe=probe, camera_source=camera)
