@@ -80,9 +80,12 @@ def print_summary(result: RunResult) -> None:
         print(f"\nrecording: {rec['segments']} segment(s), {rec['total_s']} s, "
               f"{rec['evidence_segments']} flagged as evidence; "
               f"{'VERIFIED' if rec['verify'] else 'NOT VERIFIED'} (sos-evidence verify)")
-        print(f"upload:    {up['segments_uploaded']} segment(s), {up['bytes'] / 1e6:.1f} MB, "
-              f"{up['receipts']} signed receipt(s), {up['verified_at_centre']} verified at the "
-              "centre")
+        if up["receipts"]:
+            print(f"upload:    {up['segments_uploaded']} segment(s), {up['bytes'] / 1e6:.1f} MB, "
+                  f"{up['receipts']} signed receipt(s), {up['verified_at_centre']} verified at "
+                  "the centre")
+        else:
+            print("upload:    none (not docked in this scenario; the recordings stay on the card)")
         newest = live.get("latency_newest_ms", {})
         if live.get("chunks"):
             print(f"live:      {live['chunks']} chunk(s) during the SOS, {live['lost']} lost; "
