@@ -13,14 +13,14 @@ help: ## Show this help
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-sim: venv sysdeps ## Simulate a paramedic SOS and a pillar SOS end to end, print the timeline
-	$(VENV)/bin/sos-sim run paramedic-sos
+sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) and a pillar SOS
+	$(VENV)/bin/sos-sim run shift
 	$(VENV)/bin/sos-sim run pillar-sos
 
 test: venv sysdeps ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins)
 	$(PY) -m pytest -q
 
-bench: venv sysdeps ## Benchmarks: SOS latency beside the raw MQTT floor; evidence writer beside stock age
+bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency
 	$(PY) -m bench
 
 soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
