@@ -56,6 +56,6 @@ def event_line(event: dict[str, Any]) -> str:
         storage = event["storage"]
         return (f"STORAGE {event['device_id']}: {storage['mode']}, {storage['free_mb']:.0f} MiB "
                 f"free: {event['reason']}")
-    detail = event.get("reason") or event.get("command_id", "")[:8]
+    detail = event.get("reason") or event.get("call_id") or event.get("command_id", "")[:8]
     about = event.get("alert_id", "")[:8] or "device"
     return f"    {about} {event['device_id']}: {event['type'].replace('_', ' ')} {detail}".rstrip()

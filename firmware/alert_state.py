@@ -12,6 +12,10 @@ Life of an alert:
 While an alert is active the device sends a position update every `position_interval_s` until the
 operator closes it. A cancel is a request reported to the operator, never a silent stop: position
 updates go on until the operator closes the alert.
+
+Independently, the core keeps the current dispatch call (`call_id`), which the recorder follows:
+set by dispatch's `call_start`/`call_end` commands or toggled by the wearer's call gesture (token,
+no alert active), and resumed after a reboot.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
 from protocol.signing import SeqMemory, SignatureError, verify, window_error
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
+CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
 
 
@@ -50,6 +55,11 @@ class Trigger:
 @dataclass(frozen=True)
 class CancelGesture:
     pass
+
+
+@dataclass(frozen=True)
+class CallGesture:
+    """The wearer's call gesture: start a call's recording, or end the one running."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ class Tick:
     pass
 
 
-CoreEvent = Trigger | CancelGesture | LinkUp | LinkDown | MessageDelivered | CommandPayload | Tick
+CoreEvent = (Trigger | CancelGesture | CallGesture | LinkUp | LinkDown | MessageDelivered
+             | CommandPayload | Tick)
 
 
 # -- context and outputs -------------------------------------------------------------------------
@@ -111,7 +122,8 @@ class Persist:
 
 @dataclass(frozen=True)
 class CallChange:
-    """Dispatch started (call_id) or ended (None) a call: the recorder follows."""
+    """A call started (call_id) or ended (None), by dispatch or the wearer: the recorder
+    follows."""
 
     call_id: str | None
 
@@ -164,7 +176,9 @@ class AlertCore:
     active: ActiveAlert | None = None
     link_up: bool = False
     feedback: FeedbackState = FeedbackState.IDLE
+    call_id: str | None = None  # the call being recorded, if any
     _idle_at: float | None = None
+    _transient: FeedbackState = FeedbackState.CLOSED  # shown until _idle_at (no active alert)
     _seen_commands: deque[str] = field(default_factory=lambda: deque(maxlen=REMEMBERED_COMMANDS))
     _command_seqs: SeqMemory = field(default_factory=SeqMemory)
 
@@ -178,19 +192,26 @@ class AlertCore:
         if self.active is not None:
             active = {"alert_id": self.active.alert_id, "stage": self.active.stage.value}
         return {"active": active, "seen_commands": list(self._seen_commands),
-                "command_seqs": self._command_seqs.to_json()}
+                "command_seqs": self._command_seqs.to_json(), "call_id": self.call_id}
 
     def restore(self, state: dict[str, Any] | None, now: Now) -> list[Action]:
-        """Resume after a restart: an alert that was active stays active."""
+        """Resume after a restart: an alert that was active stays active, a call that was being
+        recorded goes on being recorded under the same id."""
         if not state:
             return []
         self._seen_commands.extend(state.get("seen_commands", []))
         self._command_seqs = SeqMemory.from_json(state.get("command_seqs"))
+        actions: list[Action] = []
+        self.call_id = state.get("call_id")
+        if self.call_id is not None:
+            actions += [CallChange(self.call_id),
+                        Log("warning", f"resumed call {self.call_id} after a restart")]
         active = state.get("active")
         if not active:
-            return []
+            return actions
         self.active = ActiveAlert(active["alert_id"], Stage(active["stage"]), now.mono)
         return [
+            *actions,
             Log("warning", f"resumed active SOS {self.active.alert_id} ({self.active.stage}) "
                            "after a restart"),
             RecordSos(self.active.alert_id, True),
@@ -210,6 +231,8 @@ class AlertCore:
                 return self._on_trigger(trigger, now, readings)
             case CancelGesture():
                 return self._on_cancel(now)
+            case CallGesture():
+                return self._on_call_gesture(now)
             case LinkUp():
                 self.link_up = True
                 return self._refresh_feedback()
@@ -264,6 +287,24 @@ class AlertCore:
             *self._refresh_feedback(),
         ]
 
+    def _on_call_gesture(self, now: Now) -> list[Action]:
+        if self.identity.device_kind != "token":
+            return [Log("warning", "call gesture ignored: this device does not record calls")]
+        if self.active is not None:  # the button logic does not recognise it then; a race
+            return [Log("info", f"call gesture ignored: SOS {self.active.alert_id} is active")]
+        if self.call_id is None:
+            self.call_id = f"{self.identity.device_id}-{now.utc:%Y%m%dT%H%M%SZ}"
+            call_id, kind, shown = self.call_id, "call_started", FeedbackState.CALL_STARTED
+            text = f"call started by the wearer's gesture: {call_id}"
+        else:
+            call_id, self.call_id = self.call_id, None
+            kind, shown = "call_ended", FeedbackState.CALL_ENDED
+            text = f"call {call_id} ended by the wearer's gesture"
+        self._transient, self._idle_at = shown, now.mono + CALL_DISPLAY_S
+        event = self._event(kind, now, call_id=call_id)
+        return [Store([event], self.state()), CallChange(self.call_id), Log("info", text),
+                *self._refresh_feedback()]
+
     def _on_delivered(self, kind: MessageKind, alert_id: str | None) -> list[Action]:
         active = self.active
         if kind is MessageKind.ALERT and active is not None and active.alert_id == alert_id \
@@ -291,6 +332,7 @@ class AlertCore:
         if kind in ("call_start", "call_end"):
             self._seen_commands.append(command_id)
             call_id = command.get("call_id") if kind == "call_start" else None
+            self.call_id = call_id
             applied = self._event("command_applied", now, None, command_id)
             return [Store([applied], self.state()), CallChange(call_id),
                     Log("info", f"call {'started: ' + call_id if call_id else 'ended'} "
@@ -309,7 +351,7 @@ class AlertCore:
             actions = [Log("info", f"SOS {alert_id} acknowledged by {command['operator']}")]
         else:
             self.active = None
-            self._idle_at = now.mono + CLOSED_DISPLAY_S
+            self._transient, self._idle_at = FeedbackState.CLOSED, now.mono + CLOSED_DISPLAY_S
             actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}"),
                        RecordSos(alert_id, False)]
         applied = self._event("command_applied", now, alert_id, command_id)
@@ -355,7 +397,8 @@ class AlertCore:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _event(self, kind: str, now: Now, alert_id: str | None = None,
-               command_id: str | None = None, reason: str | None = None) -> Outgoing:
+               command_id: str | None = None, reason: str | None = None, *,
+               call_id: str | None = None) -> Outgoing:
         message: dict[str, Any] = {
             "v": 1,
             "device_id": self.identity.device_id,
@@ -369,12 +412,14 @@ class AlertCore:
             message["command_id"] = command_id
         if reason is not None:
             message["reason"] = reason
+        if call_id is not None:
+            message["call_id"] = call_id
         return Outgoing(MessageKind.EVENT, self.topics.event, message)
 
     def _wanted_feedback(self) -> FeedbackState:
         active = self.active
         if active is None:
-            return FeedbackState.CLOSED if self._idle_at is not None else FeedbackState.IDLE
+            return self._transient if self._idle_at is not None else FeedbackState.IDLE
         if active.stage is Stage.SENDING:
             return FeedbackState.SENDING if self.link_up else FeedbackState.RETRYING
         return {

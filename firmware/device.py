@@ -23,6 +23,7 @@ from firmware.alert_state import (
     Action,
     AlertCore,
     CallChange,
+    CallGesture,
     CancelGesture,
     CommandPayload,
     CoreEvent,
@@ -64,7 +65,12 @@ from firmware.selftest import (
 )
 from firmware.sos_button.feedback import FeedbackOutputs, FeedbackState
 from firmware.sos_button.gpio import SosButton
-from firmware.sos_button.logic import ButtonProfile, CancelRequested, Triggered
+from firmware.sos_button.logic import (
+    ButtonProfile,
+    CallToggleRequested,
+    CancelRequested,
+    Triggered,
+)
 from firmware.systemd_notify import notify, watchdog_interval_s
 from firmware.uplink.docking import DockDetector, run_when_docked
 from firmware.uplink.mqtt import (
@@ -305,6 +311,8 @@ class DeviceRuntime:
                 self._observe("trigger", {"wall": recognised, "at": at, "alert_id": active})
             case CancelRequested():
                 self._handle(CancelGesture())
+            case CallToggleRequested():
+                self._handle(CallGesture())
             case Connected():
                 self._observe("link", {"up": True, "wall": time.time()})
                 self._handle(LinkUp())

@@ -10,9 +10,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.alert_state import (
+    CALL_DISPLAY_S,
     CLOSED_DISPLAY_S,
     AlertCore,
     CallChange,
+    CallGesture,
     CancelGesture,
     CommandPayload,
     DeviceIdentity,
@@ -272,3 +274,89 @@ def test_an_sos_starts_recording_and_its_close_ends_it() -> None:
     assert RecordSos(alert_id, True) in raised
     closed = core.handle(CommandPayload(command(core, "close")), at(2), READINGS)
     assert RecordSos(alert_id, False) in closed
+
+
+# -- the current call: dispatch's commands and the wearer's gesture ----------------------------
+
+
+def test_the_call_gesture_starts_a_call_with_a_device_made_id() -> None:
+    core = make_core()
+    actions = core.handle(CallGesture(), at(10), READINGS)
+    (event,) = stored(actions)
+    validate(MessageKind.EVENT, {**event.message, "seq": 1})
+    assert event.message["type"] == "call_started" and "alert_id" not in event.message
+    assert event.message["call_id"] == core.call_id == "tok-001-20261123T100010Z"
+    assert CallChange("tok-001-20261123T100010Z") in actions
+    (store,) = [a for a in actions if isinstance(a, Store)]
+    assert store.state["call_id"] == core.call_id
+    assert shown(actions) == [FeedbackState.CALL_STARTED]
+
+
+def test_the_call_gesture_again_ends_the_call() -> None:
+    core = make_core()
+    core.handle(CallGesture(), at(10), READINGS)
+    actions = core.handle(CallGesture(), at(20), READINGS)
+    (event,) = stored(actions)
+    validate(MessageKind.EVENT, {**event.message, "seq": 2})
+    assert event.message["type"] == "call_ended"
+    assert event.message["call_id"] == "tok-001-20261123T100010Z"
+    assert CallChange(None) in actions and core.call_id is None
+    assert shown(actions) == [FeedbackState.CALL_ENDED]
+
+
+def test_the_call_acknowledgement_returns_to_idle_after_its_display_time() -> None:
+    core = make_core()
+    core.handle(CallGesture(), at(10), READINGS)
+    assert core.next_deadline() == at(10 + CALL_DISPLAY_S).mono
+    assert shown(core.handle(Tick(), at(10 + CALL_DISPLAY_S), READINGS)) == [FeedbackState.IDLE]
+    assert core.call_id is not None  # only the acknowledgement ends, not the call
+
+
+def test_the_call_gesture_is_ignored_while_an_sos_is_active() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    actions = core.handle(CallGesture(), at(5), READINGS)
+    assert stored(actions) == [] and shown(actions) == []
+    assert not any(isinstance(a, CallChange) for a in actions) and core.call_id is None
+
+
+def test_the_pillar_ignores_the_call_gesture() -> None:
+    core = make_core("pillar")
+    actions = core.handle(CallGesture(), at(5), READINGS)
+    assert stored(actions) == [] and core.call_id is None
+
+
+def test_a_call_survives_a_restart_and_recording_resumes() -> None:
+    core = make_core()
+    core.handle(CallGesture(), at(10), READINGS)
+    saved = json.loads(json.dumps(core.state()))
+
+    reborn = AlertCore(DeviceIdentity("tok-001", "token", 5.0),
+                       command_keys=[public_key_from_b64(CENTRE.public_key_b64)])
+    actions = reborn.restore(saved, at(100))
+    assert CallChange("tok-001-20261123T100010Z") in actions
+    assert reborn.call_id == "tok-001-20261123T100010Z" and reborn.active is None
+    (event,) = stored(reborn.handle(CallGesture(), at(110), READINGS))
+    assert (event.message["type"], event.message["call_id"]) == \
+        ("call_ended", "tok-001-20261123T100010Z")
+
+
+def test_dispatch_call_end_ends_a_call_the_gesture_started() -> None:
+    core = make_core()
+    core.handle(CallGesture(), at(1), READINGS)
+    ended = core.handle(CommandPayload(call_command("call_end", cid="1" * 32)), at(3), READINGS)
+    assert CallChange(None) in ended and core.call_id is None
+    (store,) = [a for a in ended if isinstance(a, Store)]
+    assert store.state["call_id"] is None
+    (event,) = stored(core.handle(CallGesture(), at(20), READINGS))
+    assert event.message["type"] == "call_started"  # the next gesture starts a new call
+
+
+def test_the_gesture_ends_a_call_dispatch_started() -> None:
+    core = make_core()
+    core.handle(CommandPayload(call_command("call_start", "call-17", cid="2" * 32)), at(3),
+                READINGS)
+    actions = core.handle(CallGesture(), at(10), READINGS)
+    (event,) = stored(actions)
+    assert (event.message["type"], event.message["call_id"]) == ("call_ended", "call-17")
+    assert CallChange(None) in actions

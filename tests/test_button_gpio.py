@@ -11,6 +11,7 @@ import pytest
 from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory, MockPin
 
+from firmware.alert_state import CALL_DISPLAY_S
 from firmware.sos_button.feedback import PATTERNS, FeedbackOutputs, FeedbackState
 from firmware.sos_button.gpio import SosButton
 from firmware.sos_button.logic import (
@@ -18,6 +19,7 @@ from firmware.sos_button.logic import (
     TOKEN_PROFILE,
     ButtonEvent,
     ButtonProfile,
+    CallToggleRequested,
     CancelRequested,
     Triggered,
 )
@@ -206,6 +208,8 @@ DOCUMENTED = {
     FeedbackState.RETRYING: ((0.1, 0.9, None), (0.15, 0.15, 3)),
     FeedbackState.CANCELLED: ((0.6, 0.3, 2), (0.6, 0.3, 2)),
     FeedbackState.CLOSED: ((0.6, 0.3, 3), (0.6, 0.3, 3)),
+    FeedbackState.CALL_STARTED: ((1.5, 0.5, 1), (1.5, 0.5, 1)),
+    FeedbackState.CALL_ENDED: ((1.5, 0.5, 2), (1.5, 0.5, 2)),
 }
 
 
@@ -298,3 +302,23 @@ def test_delivered_vibrates_twice_on_the_pin() -> None:
         factory.reset()
     assert levels == [False, True, False, True, False]
     assert all(0.05 <= t < 1.0 for t in on_times)  # wide: the machine is shared and noisy
+
+
+# -- call gesture ----------------------------------------------------------------------------
+
+
+def test_call_gesture_on_a_mock_pin_is_delivered_at_its_deadline(factory) -> None:
+    sos, clock, events = fake_button(factory, TOKEN_PROFILE)
+    gesture = sequence_pattern(random.Random(40), [(2.5, 0.15), (0.6, 0.15)])
+    t0 = feed(sos, clock, gesture)
+    released = t0 + gesture[-1][0]
+    advance(sos, clock, released + 0.1)  # the release has been committed
+    assert sos.next_deadline() == pytest.approx(released + 1.6)  # no edge will come: a timer
+    advance(sos, clock, released + 5.0)
+    assert events == [CallToggleRequested(at=pytest.approx(released + 1.6))]
+
+
+def test_call_acknowledgements_end_before_the_core_returns_to_idle() -> None:
+    for state in (FeedbackState.CALL_STARTED, FeedbackState.CALL_ENDED):
+        pulses = PATTERNS[state].pulses
+        assert pulses.n * (pulses.on_time + pulses.off_time) <= CALL_DISPLAY_S

@@ -14,6 +14,7 @@ from firmware.sos_button.logic import (
     ButtonEvent,
     ButtonLogic,
     ButtonProfile,
+    CallToggleRequested,
     CancelRequested,
     Triggered,
 )
@@ -261,3 +262,80 @@ def test_late_tick_reports_the_exact_cancel_instant() -> None:
 def test_profile_rejects_a_tap_that_could_trigger() -> None:
     with pytest.raises(ValueError):
         ButtonProfile(trigger_hold_s=0.5, cancel_tap_max_s=0.6)
+
+
+# -- call gesture (token, no alert active) ---------------------------------------------------
+
+CALL = [(QUIET, TAP), (GAP, TAP)]
+
+
+def final_release(pattern: Pattern) -> float:
+    """Where the debouncer dates the last release: its last bounce edge (the one that sticks)."""
+    assert not pattern[-1][1]
+    return pattern[-1][0]
+
+
+def test_call_gesture_toggles_once_the_button_stays_released() -> None:
+    pattern = sequence_pattern(random.Random(30), CALL)
+    events = run(ButtonLogic(TOKEN_PROFILE), pattern)
+    assert events == [CallToggleRequested(at=pytest.approx(final_release(pattern) + 1.6))]
+
+
+def test_call_gesture_repeated_after_a_quiet_spell_toggles_again() -> None:
+    pattern = sequence_pattern(random.Random(31), CALL + CALL)
+    assert [type(e) for e in run(ButtonLogic(TOKEN_PROFILE), pattern)] == \
+        [CallToggleRequested] * 2
+
+
+def test_a_third_tap_before_the_confirmation_drops_the_call_toggle() -> None:
+    pattern = sequence_pattern(random.Random(32), [*CALL, (1.4, TAP)])
+    assert run(ButtonLogic(TOKEN_PROFILE), pattern) == []
+
+
+@pytest.mark.parametrize("taps", [1, 2])
+@pytest.mark.parametrize("pause", [0.4, 1.5])
+def test_an_sos_hold_right_after_taps_triggers_on_time(taps: int, pause: float) -> None:
+    pattern = sequence_pattern(random.Random(33), [*CALL[:taps], (pause, 2.0)])
+    events = run(ButtonLogic(TOKEN_PROFILE), pattern)
+    assert events == [Triggered(at=pytest.approx(clean_start(pattern) + 1.5))]
+
+
+def test_call_gesture_is_not_recognised_while_an_alert_is_active() -> None:
+    assert run(active_token(), sequence_pattern(random.Random(34), CALL)) == []
+
+
+def test_an_alert_becoming_active_drops_a_pending_call_toggle() -> None:
+    logic = ButtonLogic(TOKEN_PROFILE)
+    pattern = sequence_pattern(random.Random(35), CALL)
+    events = run(logic, pattern, end=final_release(pattern) + 1.0)
+    logic.set_alert_active(True)
+    assert events + tick_until(logic, math.inf) == []
+
+
+def test_the_pillar_never_toggles_a_call() -> None:
+    events = run(ButtonLogic(PILLAR_PROFILE), sequence_pattern(random.Random(36), CALL))
+    assert [type(e) for e in events] == [Triggered] * 2
+    # What the device builds from the pillar's board profile: no call gesture either.
+    assert ButtonProfile(trigger_hold_s=0.1, cancellable=False).call_taps == 0
+
+
+def test_mashing_never_toggles_a_call() -> None:
+    rng = random.Random(37)
+    for _ in range(300):
+        presses = [(rng.choice((QUIET, rng.uniform(0.04, 0.25))), rng.uniform(0.04, 0.2))]
+        presses += [(rng.uniform(0.04, 0.25), rng.uniform(0.04, 0.2))
+                    for _ in range(rng.randint(2, 30))]
+        events = run(ButtonLogic(TOKEN_PROFILE), sequence_pattern(rng, presses))
+        assert not any(isinstance(e, CallToggleRequested) for e in events), presses
+
+
+def test_late_tick_reports_the_exact_call_toggle_instant() -> None:
+    pattern = sequence_pattern(random.Random(38), CALL)
+    events = run(ButtonLogic(TOKEN_PROFILE), pattern, ticks=False)
+    assert events == [CallToggleRequested(at=pytest.approx(final_release(pattern) + 1.6))]
+
+
+@pytest.mark.parametrize("bad", [{"call_taps": -1}, {"call_confirm_s": 1.5}])
+def test_profile_rejects_a_call_gesture_that_could_toggle_mid_rhythm(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ButtonProfile(**bad)

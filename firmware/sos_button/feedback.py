@@ -4,7 +4,9 @@ One LED plus pulses that drive the buzzer and the vibration motor alike, so what
 at the pillar is what a gloved paramedic feels on the token. Pulses are a one-shot code played
 when a state is entered: SHORT pulses = system status, LONG pulses = a person acted (operator
 answered, you cancelled, operator closed); the count (1, 2, 3) tells which. The LED keeps a
-rhythm for ongoing states and mirrors the pulses, then goes dark, for the final ones.
+rhythm for ongoing states and mirrors the pulses, then goes dark, for the final ones. The call
+acknowledgements (no alert involved) use very long pulses (1.5 s): one = recording started,
+two = recording ended.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Pattern:
 
 
 SHORT, LONG, GAP = 0.15, 0.6, 0.3
+CALL_PULSE, CALL_GAP = 1.5, 0.5  # very long: unlike any SOS pulse (alert_state.CALL_DISPLAY_S)
 
 PATTERNS: dict[FeedbackState, Pattern] = {
     FeedbackState.IDLE: Pattern(OFF, OFF),
@@ -68,6 +71,12 @@ PATTERNS: dict[FeedbackState, Pattern] = {
     # Final states: the LED mirrors the pulses, then stays dark.
     FeedbackState.CANCELLED: Pattern(blink(LONG, GAP, n=2), blink(LONG, GAP, n=2)),
     FeedbackState.CLOSED: Pattern(blink(LONG, GAP, n=3), blink(LONG, GAP, n=3)),
+    # Call acknowledgements (the wearer's tap-tap, never during an SOS): one very long pulse =
+    # recording started, two = recording ended; the LED mirrors them, then stays dark.
+    FeedbackState.CALL_STARTED: Pattern(blink(CALL_PULSE, CALL_GAP, n=1),
+                                        blink(CALL_PULSE, CALL_GAP, n=1)),
+    FeedbackState.CALL_ENDED: Pattern(blink(CALL_PULSE, CALL_GAP, n=2),
+                                      blink(CALL_PULSE, CALL_GAP, n=2)),
 }
 
 

@@ -3,7 +3,8 @@
 gpiozero's own bounce_time is not trusted (drivers differ, MockFactory ignores it, open bugs on
 dropped and extra edges), so it is off: every callback only says "look again", the adapter reads
 the actual level and the tested ButtonLogic does the debouncing. A timer thread calls tick() at
-the logic's deadlines, because a trigger must fire while the button is still held.
+the logic's deadlines, because a trigger must fire while the button is still held (and a call
+toggle once the button has stayed released long enough, with no edge to wake us).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class SosButton:
-    """One SOS button. ``on_event`` is called without any lock held, from the thread that saw
-    the edge (the GPIO callback thread) or from the timer thread; keep it short.
+    """One SOS button. ``on_event`` gets each ButtonEvent (Triggered, CancelRequested,
+    CallToggleRequested) without any lock held, from the thread that saw the edge (the GPIO
+    callback thread) or from the timer thread; keep it short.
 
     With a fake ``clock`` use ``timer_thread=False`` and call poll() yourself: the timer thread
     waits in real time.

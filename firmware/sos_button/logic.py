@@ -1,4 +1,4 @@
-"""SOS button logic: debounce, hold-to-trigger and the cancel gesture.
+"""SOS button logic: debounce, hold-to-trigger, the cancel gesture and the call gesture.
 
 Pure: no I/O, no clock, no threads. Every call carries its time, so tests replay bouncy contact
 patterns in fake time and get exact, repeatable answers, and the GPIO adapter stays thin.
@@ -27,6 +27,15 @@ class ButtonProfile:
     presses cannot end inside the gesture, and a hold alone never cancels because the taps must
     come first. Taps count only after the alert became active, so the press that raised the
     alarm is never part of it. The maximum gap bounds the whole gesture (under 10 s).
+
+    Call gesture (only if ``call_taps`` > 0, only while NO alert is active), see docs/BUTTON.md:
+    the same quiet lead-in, taps and gaps as the cancel gesture but exactly ``call_taps`` taps,
+    then the button stays released for ``call_confirm_s``: CallToggleRequested fires at that
+    instant. Any press before then (a third tap, mashing, a hold) drops it, and every press is
+    still timed for the SOS hold as usual, so the gesture never delays or eats an SOS.
+    ``call_confirm_s`` exceeds ``cancel_gap_max_s``, so a tap that could still continue the rhythm
+    always comes before the confirmation: "exactly N taps" is decided before anything fires.
+    ``call_taps=None`` (the default) means 2 if ``cancellable`` (the token), else 0 (the pillar).
     """
 
     debounce_s: float = 0.030
@@ -38,15 +47,21 @@ class ButtonProfile:
     cancel_gap_max_s: float = 1.5
     cancel_quiet_s: float = 2.0
     cancel_hold_s: float = 3.0
+    call_taps: int | None = None  # None: 2 if cancellable (token), else 0 (pillar); 0 = disabled
+    call_confirm_s: float = 1.6
 
     def __post_init__(self) -> None:
+        if self.call_taps is None:
+            object.__setattr__(self, "call_taps", 2 if self.cancellable else 0)
         if self.debounce_s < 0:
             raise ValueError("debounce_s must be >= 0")
         if self.trigger_hold_s <= self.debounce_s:
             raise ValueError("trigger_hold_s must be longer than debounce_s")
-        if not self.cancellable:
+        if self.call_taps < 0:
+            raise ValueError("call_taps must be >= 0 (0 disables the call gesture)")
+        if not (self.cancellable or self.call_taps):
             return
-        if self.cancel_taps < 1:
+        if self.cancellable and self.cancel_taps < 1:
             raise ValueError("cancel_taps must be >= 1")
         if not self.debounce_s < self.cancel_tap_max_s < self.trigger_hold_s:
             # A tap must be readable and must never raise an alarm by itself.
@@ -55,14 +70,18 @@ class ButtonProfile:
             raise ValueError("need debounce_s <= cancel_gap_min_s < cancel_gap_max_s")
         if self.cancel_quiet_s <= self.cancel_gap_max_s:
             raise ValueError("cancel_quiet_s must be longer than cancel_gap_max_s")
-        if self.cancel_hold_s <= self.cancel_tap_max_s:
+        if self.cancellable and self.cancel_hold_s <= self.cancel_tap_max_s:
             raise ValueError("cancel_hold_s must be longer than cancel_tap_max_s")
+        if self.call_taps and self.call_confirm_s <= self.cancel_gap_max_s:
+            # Otherwise a tap still in rhythm could come after the toggle: "exactly N" breaks.
+            raise ValueError("call_confirm_s must be longer than cancel_gap_max_s")
 
 
 TOKEN_PROFILE = ButtonProfile()
-"""Paramedic body camera: 1.5 s hold, so a bump cannot raise an alarm; cancellable."""
+"""Paramedic body camera: 1.5 s hold, so a bump cannot raise an alarm; cancellable; tap-tap
+starts or ends a call's recording."""
 
-PILLAR_PROFILE = ButtonProfile(trigger_hold_s=0.1, cancellable=False)
+PILLAR_PROFILE = ButtonProfile(trigger_hold_s=0.1, cancellable=False, call_taps=0)
 """Street pillar: a short press is enough; only the operator ends the call (EN 81-28)."""
 
 
@@ -80,7 +99,15 @@ class CancelRequested:
     at: float
 
 
-ButtonEvent = Triggered | CancelRequested
+@dataclass(frozen=True)
+class CallToggleRequested:
+    """The call gesture's taps were followed by call_confirm_s of release; ``at`` is that
+    exact instant. The device starts a call's recording, or ends the one running."""
+
+    at: float
+
+
+ButtonEvent = Triggered | CancelRequested | CallToggleRequested
 
 
 class _Goal(Enum):
@@ -88,8 +115,14 @@ class _Goal(Enum):
     CANCEL = auto()
 
 
+class _Due(Enum):
+    COMMIT = auto()  # the raw level becomes the stable level
+    HOLD = auto()  # the press reached its goal's hold
+    CALL = auto()  # the call gesture's release reached call_confirm_s
+
+
 class ButtonLogic:
-    """Turns raw levels into Triggered / CancelRequested events.
+    """Turns raw levels into Triggered / CancelRequested / CallToggleRequested events.
 
     Debounce: the stable level follows the raw level once the raw level has stayed unchanged for
     debounce_s; the new stable level is dated from the raw edge that started it. A stable press
@@ -114,6 +147,7 @@ class ButtonLogic:
         self._last_release = -math.inf  # edge that started the last stable release
         self._taps: int | None = None  # taps of the running cancel sequence, None: none running
         self._press_taps: int | None = None  # taps before the current press, None: not in one
+        self._call_t: float | None = None  # pending call confirmation (while released)
 
     def edge(self, t: float, pressed: bool) -> list[ButtonEvent]:
         """A raw level seen at time t; repeating the current level is harmless."""
@@ -136,37 +170,45 @@ class ButtonLogic:
         return None if nxt is None else nxt[0]
 
     def set_alert_active(self, active: bool) -> None:
-        """Cancel only applies while an alert is active; any change restarts the gesture."""
+        """Cancel only applies while an alert is active, the call gesture only while none is;
+        any change restarts the gesture (and drops a pending call toggle)."""
         if active == self._alert:
             return
         self._alert = active
         self._taps = None
         self._press_taps = None
+        self._call_t = None
         if self._goal is _Goal.CANCEL:
             # A press meant as a cancel neither cancels nor raises a new alarm.
             self._goal_t = None
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _next(self) -> tuple[float, bool] | None:
-        """(time, is_commit) of the next thing that happens by itself, if any."""
+    def _next(self) -> tuple[float, _Due] | None:
+        """(time, what) of the next thing that happens by itself, if any."""
         if self._raw != self._stable:
-            return self._raw_t + self._p.debounce_s, True
+            return self._raw_t + self._p.debounce_s, _Due.COMMIT
         if self._stable and self._goal_t is not None:
-            return self._goal_t, False
+            return self._goal_t, _Due.HOLD
+        if not self._stable and self._call_t is not None:
+            return self._call_t, _Due.CALL
         return None
 
     def _advance(self, t: float) -> list[ButtonEvent]:
         self._now = t
         events: list[ButtonEvent] = []
         while (nxt := self._next()) is not None and nxt[0] <= t:
-            when, is_commit = nxt
-            if is_commit:
+            when, due = nxt
+            if due is _Due.COMMIT:
                 self._commit()
-            else:
+            elif due is _Due.HOLD:
                 self._goal_t = None
                 events.append(Triggered(when) if self._goal is _Goal.TRIGGER
                               else CancelRequested(when))
+            else:
+                self._call_t = None
+                self._taps = None  # a new toggle needs a new quiet lead-in
+                events.append(CallToggleRequested(when))
         return events
 
     def _commit(self) -> None:
@@ -179,26 +221,38 @@ class ButtonLogic:
 
     def _on_press(self, p: float) -> None:
         self._press_t = p
+        self._call_t = None  # any press before the confirmation drops the call toggle
         self._press_taps = self._sequence_position(p - self._last_release)
-        if self._press_taps == self._p.cancel_taps:
+        if self._alert and self._press_taps == self._p.cancel_taps:
             self._goal, self._goal_t = _Goal.CANCEL, p + self._p.cancel_hold_s
         else:
+            # Without an alert every press, taps included, is timed for the SOS hold.
             self._goal, self._goal_t = _Goal.TRIGGER, p + self._p.trigger_hold_s
 
     def _on_release(self, r: float) -> None:
         p = self._p
         before = self._press_taps
+        target = self._gesture_taps()
         is_tap = r - self._press_t <= p.cancel_tap_max_s
-        in_sequence = before is not None and before < p.cancel_taps
+        in_sequence = before is not None and target is not None and before < target
         self._taps = before + 1 if in_sequence and is_tap else None
         self._press_taps = None
         self._last_release = r
         self._goal_t = None
+        if not self._alert and self._taps is not None and self._taps == target:
+            self._call_t = r + p.call_confirm_s
+
+    def _gesture_taps(self) -> int | None:
+        """Taps of the gesture that applies now (cancel while alerting, else call), if any."""
+        p = self._p
+        if self._alert:
+            return p.cancel_taps if p.cancellable else None
+        return p.call_taps or None
 
     def _sequence_position(self, gap: float) -> int | None:
         """How many gesture taps precede a press that follows a release of ``gap`` seconds."""
         p = self._p
-        if not (p.cancellable and self._alert):
+        if self._gesture_taps() is None:
             return None
         if gap >= p.cancel_quiet_s:
             return 0

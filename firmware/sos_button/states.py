@@ -12,3 +12,5 @@ class FeedbackState(StrEnum):
     RETRYING = "retrying"  # sending failed, retrying
     CANCELLED = "cancelled"  # the device sent a cancel request
     CLOSED = "closed"  # the operator closed it (returning to IDLE is the device's business)
+    CALL_STARTED = "call_started"  # the wearer's gesture started a call's recording
+    CALL_ENDED = "call_ended"  # the wearer's gesture ended it
