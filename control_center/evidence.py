@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from control_center.fleet import Fleet
-from firmware.camera import minisign
+from firmware.camera import age_stream, minisign
 from firmware.camera.manifest import (
     FIRST_SEQ,
     MANIFEST_SUFFIX,
@@ -462,6 +462,94 @@ def decrypt_segment(path: str | Path, identity: str | Path, out: str | Path) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Decrypted:
+    """What `decrypt_or_salvage` did with one segment."""
+
+    output: Path | None  # None: nothing could be recovered, so no file was written
+    complete: bool  # the whole segment was decrypted
+    salvaged: bool  # the salvage decryptor wrote it (the segment was cut short)
+    chunks: int  # authenticated 64 KiB chunks written by the salvage decryptor (0 for age)
+    plaintext_bytes: int
+    sha256: str  # of the input .ts.age, as read
+    manifest: dict[str, Any] | None  # the manifest beside the input (NOT verified), if readable
+    stopped_because: str = ""  # salvage: where and why it stopped
+    age_error: str = ""  # stock age's complaint, when it was tried and failed
+
+
+def decrypt_or_salvage(path: str | Path, identity: str | Path, out: str | Path) -> Decrypted:
+    """Decrypt one segment; if it was cut short, recover the authenticated part of it.
+
+    A segment whose manifest (`NNNNNN.json` beside it) has a `cut` goes straight to the salvage
+    decryptor (`firmware.camera.age_stream.salvage_into`); any other goes to stock `age`
+    (`decrypt_segment`), and only if age fails AND the salvage decryptor finds the file merely
+    truncated (not altered, not another key's) is the authenticated prefix kept. `out` is
+    written (beside it first, then renamed) only when at least one chunk was recovered;
+    otherwise `output` is None. An altered chunk, a wrong identity or a file that is not age
+    raise EvidenceError, as with `decrypt_segment`."""
+    path, out = Path(path), Path(out)
+    manifest = _manifest_beside(path)
+    try:
+        digest, _ = _sha256_file(path)
+    except OSError as exc:
+        raise EvidenceError(f"{path}: cannot read it: {exc}") from None
+    age_error = ""
+    if not (manifest or {}).get("cut"):
+        if shutil.which("age") is None:
+            raise EvidenceError(f"the `age` binary is not installed; {AGE_HINT}")
+        try:
+            decrypt_segment(path, identity, out)
+        except EvidenceError as exc:
+            age_error = str(exc)
+        else:
+            return Decrypted(out, True, False, 0, out.stat().st_size, digest, manifest)
+    try:
+        keys = age_stream.parse_identities(Path(identity).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EvidenceError(f"{identity}: cannot use it as an age identity file: {exc}") from None
+    tmp = out.with_name(out.name + ".part")
+    try:
+        with open(path, "rb") as source, open(tmp, "wb") as sink:
+            report = age_stream.salvage_into(source, keys, sink)
+    except age_stream.AgeFormatError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EvidenceError(f"{path}: cannot be decrypted: {exc}"
+                            + (f" (stock {age_error})" if age_error else "")) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finished = report.stopped_because == age_stream.FINISHED
+    if not finished and not _truncation(report.stopped_because):
+        tmp.unlink(missing_ok=True)  # damage or trailing data: not what a power cut leaves
+        raise EvidenceError(f"{path}: not decrypted: {report.stopped_because}; it was altered "
+                            f"or damaged, not cut short" + (f" ({age_error})" if age_error else ""))
+    if report.chunks == 0:
+        tmp.unlink(missing_ok=True)
+        output = None
+    else:
+        os.replace(tmp, out)
+        output = out
+    return Decrypted(output, finished, True, report.chunks, report.bytes, digest, manifest,
+                     "" if finished else report.stopped_because, age_error)
+
+
+def _truncation(stopped_because: str) -> bool:
+    """Whether `salvage_into` stopped because the file ends early (see its texts)."""
+    return stopped_because.startswith("file ends") or "(truncated" in stopped_because
+
+
+def _manifest_beside(path: Path) -> dict[str, Any] | None:
+    """The manifest `NNNNNN.json` next to `NNNNNN.ts.age`, parsed but not verified."""
+    if not path.name.endswith(SEGMENT_SUFFIX):
+        return None
+    try:
+        data = json.loads(path.with_name(path.name.removesuffix(SEGMENT_SUFFIX)
+                                         + MANIFEST_SUFFIX).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and not manifest_problems(data) else None
+
+
 @dataclass
 class Export:
     report: Report
@@ -569,6 +657,11 @@ def verification_record(export: Export, call_id: str) -> str:
 
 
 # -- small helpers -------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    return _sha256_file(Path(path))[0]
+
+
 def _sha256_file(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0

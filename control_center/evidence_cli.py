@@ -1,19 +1,34 @@
 """`sos-evidence`: verify, decrypt and export a device's recorded segments.
 
-Exit status: 0 everything verified (or done); 1 `verify` found problems, or `export --force`
+Exit status: 0 everything verified (or done; for `decrypt`, also when only the authenticated
+part of a segment cut short could be recovered); 1 `verify` found problems, or `export --force`
 wrote evidence that did not verify; 2 refused or could not run (bad arguments, no key, age
-failed, export of unverified evidence without --force).
+failed, an altered segment, export of unverified evidence without --force, the audit log could
+not be written); 3 `decrypt` recovered nothing (a segment cut off before its first 64 KiB).
+
+Audit: `decrypt` and `export` append a `decrypted` / `exported` entry to the hash-chained
+audit log named by --audit (default: $SOS_AUDIT_LOG; neither: no audit), with the operator
+(--operator, default the login name) as its actor. See docs/EVIDENCE.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from control_center import evidence
+from control_center.audit import AuditLog
 from control_center.evidence import EvidenceError, KeysFor
 from firmware.camera import minisign
+
+AUDIT_ENV = "SOS_AUDIT_LOG"
+NOTHING_RECOVERED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,11 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_trust(verify)
     verify.set_defaults(run=_verify)
 
-    decrypt = commands.add_parser("decrypt", help="decrypt one .ts.age segment with age")
+    decrypt = commands.add_parser(
+        "decrypt", help="decrypt one .ts.age segment with age; of one cut short (power loss), "
+        "recover the authenticated part",
+        description="Decrypt one segment with the stock age binary. If its manifest says it was "
+        "cut short (`cut`), or age fails because the file is truncated, write the part that "
+        "authenticates (whole 64 KiB chunks) and say how much was recovered. Exit 0 when "
+        "anything was written, 3 when nothing could be recovered, 2 when it cannot be "
+        "decrypted (wrong key, altered file).")
     decrypt.add_argument("--identity", required=True, help="age identity file (the centre's "
                          "evidence-identity.txt)")
-    decrypt.add_argument("input")
-    decrypt.add_argument("-o", "--output", required=True)
+    decrypt.add_argument("input", help="the segment, NNNNNN.ts.age (its NNNNNN.json beside it "
+                         "is read for `cut`, device id and seq)")
+    decrypt.add_argument("-o", "--output", required=True, help="the decrypted .ts")
+    _add_audit(decrypt)
     decrypt.set_defaults(run=_decrypt)
 
     export = commands.add_parser("export", help="verify, then write one call's .ts and .gpx")
@@ -50,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true",
                         help="export even if verification fails (the record says so)")
     _add_trust(export)
+    _add_audit(export)
     export.set_defaults(run=_export)
 
     pubkey = commands.add_parser("pubkey", help="print a device's minisign public key file "
@@ -66,10 +91,55 @@ def _add_trust(parser: argparse.ArgumentParser) -> None:
     trust.add_argument("--fleet", help="fleet directory: the key is looked up by device id")
 
 
+def _add_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audit", metavar="FILE", default=os.environ.get(AUDIT_ENV) or None,
+                        help=f"append who did this to this audit log (control_center.audit; "
+                             f"default: ${AUDIT_ENV} if set, otherwise no audit)")
+    parser.add_argument("--operator", metavar="NAME", default=None,
+                        help="who is doing it, for the audit log (default: the login name)")
+
+
 def _keys(args: argparse.Namespace) -> KeysFor:
     if args.pubkey:
         return evidence.keys_from_pubkey_file(args.pubkey)
     return evidence.keys_from_fleet(args.fleet)
+
+
+@contextlib.contextmanager
+def _audit_log(args: argparse.Namespace) -> Iterator[AuditLog | None]:
+    """The audit log (None without one), opened before any work: a log that cannot be opened
+    stops the command before evidence is decrypted."""
+    if not args.audit:
+        yield None
+        return
+    try:
+        audit = AuditLog(args.audit)
+    except OSError as exc:
+        raise EvidenceError(f"cannot open the audit log {args.audit}: {exc}") from None
+    try:
+        yield audit
+    finally:
+        audit.close()
+
+
+def _operator(args: argparse.Namespace) -> str:
+    if args.operator:
+        return args.operator
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment and no passwd entry
+        return f"uid-{os.getuid()}"
+
+
+def _record(audit: AuditLog | None, event: str, args: argparse.Namespace,
+            **fields: Any) -> None:
+    if audit is None:
+        return
+    try:
+        audit.append(event, _operator(args), **fields)
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(f"{event}, but the audit log {args.audit} could not be written: "
+                            f"{exc}") from None
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -81,32 +151,61 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
-    out = evidence.decrypt_segment(args.input, args.identity, args.output)
-    print(f"decrypted {args.input} -> {out}")
+    with _audit_log(args) as audit:
+        done = evidence.decrypt_or_salvage(args.input, args.identity, args.output)
+        name = Path(args.input).name
+        if done.output is None:
+            print(f"sos-evidence: NOTHING RECOVERED from {name}: it was cut short before its "
+                  f"first complete 64 KiB chunk ({done.stopped_because}); no output written",
+                  file=sys.stderr)
+            return NOTHING_RECOVERED
+        if done.complete:
+            print(f"decrypted {args.input} -> {done.output}")
+        else:
+            print(f"PARTLY RECOVERED {name} -> {done.output}: {done.plaintext_bytes} bytes in "
+                  f"{done.chunks} authenticated 64 KiB chunk(s); the rest of the segment was "
+                  f"lost (cut short: {done.stopped_because})")
+        manifest = done.manifest or {}
+        stem = name.removesuffix(".ts.age")
+        _record(audit, "decrypted", args, device_id=manifest.get("device_id"),
+                seq=manifest.get("seq", int(stem) if stem.isdigit() else None),
+                sha256=done.sha256, input=str(Path(args.input).resolve()),
+                output=str(done.output.resolve()),
+                output_sha256=evidence.file_sha256(done.output), complete=done.complete,
+                plaintext_bytes=done.plaintext_bytes,
+                method="salvage" if done.salvaged else "age")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     keys = _keys(args)
-    try:
-        done = evidence.export_call(args.directory, args.call, identity=args.identity,
-                                    outdir=args.output, keys_for=keys, force=args.force)
-    except evidence.Refused as refused:
-        for finding in refused.report.findings:
+    with _audit_log(args) as audit:
+        try:
+            done = evidence.export_call(args.directory, args.call, identity=args.identity,
+                                        outdir=args.output, keys_for=keys, force=args.force)
+        except evidence.Refused as refused:
+            for finding in refused.report.findings:
+                print(finding)
+            print(refused.report.summary())
+            raise
+        for finding in done.report.findings:
             print(finding)
-        print(refused.report.summary())
-        raise
-    for finding in done.report.findings:
-        print(finding)
-    print(done.report.summary())
-    if done.forced:
-        print("!" * 78, file=sys.stderr)
-        print(f"WARNING: --force: call {args.call} EXPORTED ALTHOUGH VERIFICATION FAILED "
-              f"({len(done.report.errors)} error(s)); {done.record.name} says so",
-              file=sys.stderr)
-        print("!" * 78, file=sys.stderr)
-    print(f"exported call {args.call}: {len(done.segments)} segment(s) -> {done.video}; "
-          f"{done.track_points} track point(s) -> {done.track}; record {done.record}")
+        print(done.report.summary())
+        if done.forced:
+            print("!" * 78, file=sys.stderr)
+            print(f"WARNING: --force: call {args.call} EXPORTED ALTHOUGH VERIFICATION FAILED "
+                  f"({len(done.report.errors)} error(s)); {done.record.name} says so",
+                  file=sys.stderr)
+            print("!" * 78, file=sys.stderr)
+        print(f"exported call {args.call}: {len(done.segments)} segment(s) -> {done.video}; "
+              f"{done.track_points} track point(s) -> {done.track}; record {done.record}")
+        inputs = [s.ciphertext_path for s in done.segments if s.ciphertext_path is not None]
+        _record(audit, "exported", args, device_id=done.report.device_id, call_id=args.call,
+                seqs=[s.seq for s in done.segments],
+                sha256=[evidence.file_sha256(p) for p in inputs],
+                output=str(done.video.resolve()), output_sha256=evidence.file_sha256(done.video),
+                track=str(done.track.resolve()), record=str(done.record.resolve()),
+                verified=done.report.ok, forced=done.forced)
     return 1 if done.forced else 0
 
 

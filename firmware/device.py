@@ -104,8 +104,8 @@ class SegmentCommitted:
 
 
 @dataclass(frozen=True)
-class UploadPassDone:
-    """Segments may have left the card: plan its space again."""
+class CheckSpace:
+    """Plan the card's space again: segments left it (upload), or a write failed."""
 
 FIRMWARE_VERSION = "0.1.0"
 
@@ -181,7 +181,8 @@ class DeviceRuntime:
         )
         self.recorder: SegmentRecorder | None = None
         self._camera = camera_source
-        self._space_limits = space_limits or SpaceLimits()
+        self._space_limits = space_limits or _space_limits_for(config)
+        self._write_failed = False  # the card refused a frame; cleared by the next commit
         self._storage_mode = RecordMode.NORMAL
         if config.camera is not None:
             self.recorder = SegmentRecorder(
@@ -291,6 +292,7 @@ class DeviceRuntime:
         if self._camera is not None and self.recorder is not None:
             self._camera.stop()
             self.recorder.close()  # the open segment is committed, not left for recovery
+            self.recorder.store.close()
         if self.live is not None:
             self.live.close()
         self.button.close()
@@ -324,9 +326,10 @@ class DeviceRuntime:
             case Refused():
                 pass  # the uplink logged it and retries; feedback is driven by the link state
             case SegmentCommitted(seq):
+                self._write_failed = False
                 self._observe("segment", {"seq": seq, "wall": time.time()})
                 self._check_space()
-            case UploadPassDone():
+            case CheckSpace():
                 self._check_space()
             case SelftestDone(results):
                 self._selftest_thread = None
@@ -394,7 +397,13 @@ class DeviceRuntime:
     def _on_frame(self, frame: EncodedFrame) -> None:
         """Camera thread: record the frame, and count it for the self-test."""
         if self.recorder is not None:
-            self.recorder.on_frame(frame)
+            try:
+                self.recorder.on_frame(frame)
+            except OSError as exc:  # the card is full or failing: say so once, plan the space
+                if not self._write_failed:
+                    self._write_failed = True
+                    log.error("recording: the card refused a write (%s); checking its space", exc)
+                    self._events.put(CheckSpace())
         with self._frame_arrived:
             self._frames_seen += 1
             self._frame_arrived.notify_all()
@@ -451,9 +460,13 @@ class DeviceRuntime:
             log.error("storage: deleted ordinary segments %s (not uploaded) to keep recording "
                       "SOS evidence", plan.deleted_unuploaded_ordinary)
         if plan.mode is not self._storage_mode or plan.deleted_unuploaded_ordinary:
-            self.recorder.change(lambda p, m=plan.mode: p.set_mode(m))
             self._storage_mode = plan.mode
-            if plan.alert:
+            try:  # stopping ordinary recording closes the open segment
+                self.recorder.change(lambda p, m=plan.mode: p.set_mode(m))
+            except OSError as exc:  # closing it needed room that was not there
+                log.error("recording: could not close the open segment on a full card (%s); "
+                          "it is recovered at the next start", exc)
+            if plan.alert:  # sent even when the card just failed
                 log.error("%s", plan.alert)
                 self._store([self._storage_event(plan, store.free_bytes())], self.core.state())
 
@@ -488,7 +501,7 @@ class DeviceRuntime:
             "deferred": {str(k): v for k, v in summary.deferred.items()},
             "busy": summary.busy, "elapsed_s": round(summary.elapsed_s, 3),
             "remaining": len(self.uploader.pending())})
-        self._events.put(UploadPassDone())
+        self._events.put(CheckSpace())
         return summary
 
     def _upload_progress(self, progress: Progress) -> None:
@@ -573,6 +586,20 @@ class DeviceRuntime:
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
         return status
+
+
+def _space_limits_for(config: DeviceConfig) -> SpaceLimits:
+    """The default limits, with room for two whole segments at the camera's bitrate before
+    nothing can be written (the card is only checked at commits and heartbeats)."""
+    limits = SpaceLimits()
+    if config.camera is None:
+        return limits
+    segment = int(config.camera.bitrate / 8 * config.camera.segment_s)
+    min_write = max(limits.min_write, 2 * segment)
+    reserve = max(limits.reserve, min_write)
+    low = max(limits.low_water, reserve)
+    return SpaceLimits(low_water=low, high_water=max(limits.high_water, low), reserve=reserve,
+                       min_write=min_write)
 
 
 def _alert_id_of(row: OutboxRow) -> str | None:
