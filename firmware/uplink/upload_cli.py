@@ -70,7 +70,7 @@ def summary_lines(summary: UploadSummary) -> list[str]:
     mb = summary.bytes_sent / 1e6
     rate = f" ({mb / summary.elapsed_s:.1f} MB/s)" if summary.elapsed_s > 0 and mb else ""
     lines = [f"uploaded {summary.segments_uploaded} segment(s), sent {mb:.1f} MB in "
-             f"{summary.elapsed_s:.1f} s{rate}, resent {summary.bytes_resent / 1e6:.1f} MB"]
+             f"{summary.elapsed_s:.1f} s{rate}, resent {summary.bytes_resent} bytes"]
     for seq, reason in sorted(summary.refused.items()):
         lines.append(f"REFUSED segment {seq:06d}: {reason} (kept on the device)")
     for seq, reason in sorted(summary.deferred.items()):
@@ -78,6 +78,13 @@ def summary_lines(summary: UploadSummary) -> list[str]:
     if not summary.refused and not summary.deferred:
         lines.append("nothing left to upload")
     return lines
+
+
+def _run_pass(uploader: Any, stop: threading.Event, outcome: dict[str, Any]) -> None:
+    try:
+        outcome["summary"] = uploader.run_once(stop)
+    except BaseException as exc:  # handed to the main thread, which reports it
+        outcome["error"] = exc
 
 
 def upload_now(config_path: str | Path, argv: list[str], *,
@@ -117,7 +124,18 @@ def upload_now(config_path: str | Path, argv: list[str], *,
             again = uploader.retry_refused()
             if again:
                 print(f"offering {len(again)} refused segment(s) again", file=out)
-        summary = uploader.run_once(stop)
+        # The pass runs on a worker: the Ctrl-C handler runs on this thread and sets `stop`,
+        # which this thread must therefore never be waiting on (a handler interrupting a wait
+        # on the same Event can deadlock); it waits in join() instead.
+        outcome: dict[str, Any] = {}
+        worker = threading.Thread(target=_run_pass, args=(uploader, stop, outcome),
+                                  name="upload-pass")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+        if "error" in outcome:
+            raise outcome["error"]
+        summary = outcome["summary"]
     except (OSError, sqlite3.Error) as exc:  # the card or the upload state, not the network
         print(f"upload: cannot run on this device's storage: {exc}", file=sys.stderr)
         return 1
