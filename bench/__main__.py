@@ -1,5 +1,5 @@
 """`python -m bench`: SOS trigger -> stored latency beside the bare MQTT floor, in one run;
-then the evidence video section (bench/evidence.py).
+then the evidence video, upload and live view sections.
 
 Lines:
   floor   a bare paho MQTT 5 QoS 1 publish -> subscriber on_message (and -> PUBACK), TLS
@@ -10,8 +10,16 @@ the verdict: ours p99 minus floor p99 against the target. A missed target still 
 
 Evidence video: our segment writer (encrypt + hash + sign + fsync + commit) in MB/s beside the
 stock `age -r` on the same bytes (target: ours >= 90% of stock), stock + fsync as the fair
-comparison, and the camera's CPU share for a 1080p30 8 Mbit/s stream. --skip-sos and
---skip-evidence run one section only.
+comparison, and the camera's CPU share for a 1080p30 8 Mbit/s stream (bench/evidence.py).
+
+Upload: the shift-end uploader's goodput beside a raw HTTPS PUT of the same segment files to
+the same ingest server over the same TLS, stored as durably (target: ours >= 90% of it;
+bench/upload_bench.py).
+
+Live view: glass-to-glass latency p50/p95 of the newest and the first frame of each live chunk
+during an SOS, chunks and losses (bench/live_bench.py).
+
+--skip-sos, --skip-evidence, --skip-upload and --skip-live leave a section out.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ from simulator.broker import BrokerError, PrivateBroker
 
 from .evidence import run_evidence
 from .floor import FloorError, FloorSamples, run_floor
+from .live_bench import run_live
 from .report import Report, combined_json
 from .sos import DEVICE_ID, run_sos
 from .stats import summarise
 from .storage import run_micro, sample_alert
+from .upload_bench import run_upload
 
 TARGET_MS = 20.0
 
@@ -40,10 +50,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure SOS trigger -> alert stored at the control centre, beside a bare "
-                    "MQTT QoS 1 round trip through the same private TLS Mosquitto.",
-        epilog="Takes about presses x 0.2 s plus set-up (about a minute for 200), plus about "
-               "a minute for the evidence video section at 64 MB. "
-               "Exit status 0 whether or not a target is met; 1 if a part could not run.",
+                    "MQTT QoS 1 round trip through the same private TLS Mosquitto; then the "
+                    "evidence segment writer beside stock age, the shift-end upload beside a "
+                    "raw HTTPS PUT to the same server, and the live view's glass-to-glass "
+                    "latency.",
+        epilog="Takes about presses x 0.2 s plus set-up (about 45 s for 200), about 10 s for "
+               "the evidence video section at 64 MB, 15 s for the upload section at 64 MB "
+               "(half of it the relay lines) and --live-seconds plus 2 s for the live view: "
+               "about 80 s in all on 2 cores. Exit status 0 whether or not a target is met; "
+               "1 if a part could not run.",
     )
     parser.add_argument("--presses", type=int, default=200, metavar="N",
                         help="counted samples per line: presses, floor round trips and "
@@ -59,17 +74,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-ms", type=float, default=TARGET_MS, metavar="MS",
                         help=f"allowed p99 gap ours vs floor (default {TARGET_MS:g})")
     parser.add_argument("--tmpdir", type=Path, default=None,
-                        help="where the temporary broker, outbox and store live; fsync cost "
-                             "depends on this filesystem (default: the system temp dir)")
+                        help="where every section's temporary broker, outbox, stores and "
+                             "segments live; fsync cost depends on this filesystem (default: "
+                             "the system temp dir)")
     parser.add_argument("--evidence-mb", type=int, default=64, metavar="MB",
                         help="plaintext per evidence throughput run, 10**6 bytes; each line "
                              "runs 3 times interleaved and the best counts (default 64)")
+    parser.add_argument("--upload-mb", type=int, default=64, metavar="MB",
+                        help="plaintext per upload run, in 8 MB segments (10**6 bytes); each "
+                             "line runs 3 times interleaved and the best counts (default 64)")
+    parser.add_argument("--upload-link-mbit", type=float, default=400.0, metavar="MBIT",
+                        help="pace of the relay the upload section's last two lines go "
+                             "through, Mbit/s (default 400; 0 leaves them out)")
+    parser.add_argument("--live-seconds", type=float, default=10.0, metavar="S",
+                        help="seconds of live view streamed (default 10: about 20 chunks)")
     parser.add_argument("--skip-sos", action="store_true", help="skip the SOS latency section")
     parser.add_argument("--skip-evidence", action="store_true",
                         help="skip the evidence video section")
+    parser.add_argument("--skip-upload", action="store_true", help="skip the upload section")
+    parser.add_argument("--skip-live", action="store_true", help="skip the live view section")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead (the SOS keys as before, plus "
-                             "\"evidence_video\")")
+                             "\"evidence_video\", \"upload\" and \"live_view\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
@@ -77,8 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("need --presses >= 1, --warmup >= 0 and --timeout > 0")
     if args.evidence_mb < 1:
         parser.error("need --evidence-mb >= 1")
-    if args.skip_sos and args.skip_evidence:
-        parser.error("--skip-sos and --skip-evidence together leave nothing to run")
+    if args.upload_mb < 8:
+        parser.error("need --upload-mb >= 8 (one 8 MB segment)")
+    if args.live_seconds <= 0 or args.upload_link_mbit < 0:
+        parser.error("need --live-seconds > 0 and --upload-link-mbit >= 0")
+    if args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live:
+        parser.error("skipping every section leaves nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
     return args
@@ -177,12 +207,31 @@ def main(argv: list[str] | None = None) -> int:
                 "tmpdir": str(Path(tmp).parent), "filesystem": filesystem_of(Path(tmp)),
                 "cpus": os.cpu_count()})
         evidence.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    upload = None
+    if not args.skip_upload:
+        began = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="upload-bench-", dir=args.tmpdir) as tmp:
+            upload = run_upload(Path(tmp), segments=args.upload_mb // 8, segment_mb=8,
+                                link_mbit=args.upload_link_mbit, progress=progress, context={
+                                    "tmpdir": str(Path(tmp).parent),
+                                    "filesystem": filesystem_of(Path(tmp)),
+                                    "cpus": os.cpu_count()})
+        upload.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    live = None
+    if not args.skip_live:
+        began = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="live-bench-", dir=args.tmpdir) as tmp:
+            live = run_live(Path(tmp), args.live_seconds, progress=progress,
+                            context={"cpus": os.cpu_count()})
+        live.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    parts = (report, evidence, upload, live)
     if args.json:
-        print(combined_json(report, evidence))
+        print(combined_json(*parts))
     else:
-        print("\n\n".join(part.as_table() for part in (report, evidence) if part is not None))
+        print("\n\n".join(part.as_table() for part in parts if part is not None))
     progress(f"done in {round(time.monotonic() - started, 1)} s")
-    return 1 if broke or errors or (evidence is not None and evidence.errors) else 0
+    failed = any(part is not None and part.errors for part in (evidence, upload, live))
+    return 1 if broke or errors or failed else 0
 
 
 if __name__ == "__main__":

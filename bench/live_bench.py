@@ -18,7 +18,8 @@ adds to live_newest and live_first (not to live_device).
 
 `live_rows(tmpdir)` returns the rows as dicts (the `bench.stats.Summary` keys: key, label, n,
 p50_ms, p95_ms, p99_ms, max_ms) plus a last `live_counts` row (chunks, lost, refused, dropped,
-unsent, kbit_s, seconds).
+unsent, kbit_s, seconds); `run_live(tmpdir)` returns them as a `bench.report.LiveReport` (the
+section of `python -m bench`), a run that broke as an entry in its `errors`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import queue
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +38,15 @@ from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, FleetTrust
 from control_center.store import Store
 from firmware.camera.live import LiveStreamer
-from firmware.camera.synthetic import SyntheticCamera
+from firmware.camera.synthetic import SyntheticCamera, half_size
 from firmware.uplink.mqtt import Connected, MqttUplink
 from firmware.uplink.outbox import Outbox
 from protocol import MessageKind, Topics, encode, new_id
 from protocol.signing import Signer, load_or_make_key
 from simulator.broker import PrivateBroker
 
-from .stats import summarise
+from .report import LiveReport
+from .stats import Summary, summarise
 
 DEVICE_ID = "bench-live-001"
 FPS = 25
@@ -129,6 +132,27 @@ def live_rows(tmpdir: Path, seconds: float = 10.0, timeout_s: float = 30.0) -> l
          "kbit_s": round(stats["bytes_sent"] * 8 / 1000 / video_s, 1),
          "seconds": round(video_s, 2)},
     ]
+
+
+def run_live(tmpdir: Path, seconds: float = 10.0, *,
+             progress: Callable[[str], None] = lambda text: None,
+             context: dict[str, Any] | None = None) -> LiveReport:
+    """`live_rows` as the live view section of `python -m bench`."""
+    report = LiveReport(seconds=seconds, context={
+        "main": "x".join(map(str, MAIN_SIZE)), "lores": "x".join(map(str, half_size(MAIN_SIZE))),
+        "fps": FPS, "chunk_s": CHUNK_S, **(context or {})})
+    progress(f"live view: one SOS streamed for {seconds:g} s through a private Mosquitto")
+    try:
+        rows = live_rows(Path(tmpdir), seconds)
+    except Exception as exc:  # broker, encoder, timeouts: report them and go on
+        report.errors.append(f"live view: {type(exc).__name__}: {exc}")
+        return report
+    for row in rows:
+        if "p50_ms" in row:
+            report.summaries.append(Summary(**row))
+        else:
+            report.counts = {k: v for k, v in row.items() if k not in ("key", "label")}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

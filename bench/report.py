@@ -179,11 +179,194 @@ class EvidenceReport:
         return "\n".join(out)
 
 
-def combined_json(sos: Report | None, evidence: EvidenceReport | None) -> str:
-    """The SOS object as before (when it ran), plus "evidence_video" (when it ran)."""
+@dataclass
+class UploadReport:
+    """The "upload" section: our shift-end uploader's goodput beside a raw HTTPS PUT of the same
+    bytes to the same server over the same TLS in the same run (target: ours >= 90% of it).
+
+    The raw PUT is the fair floor: it stores each segment file durably as an upload does (body
+    written, fdatasync, renamed, directory fsynced before the 201), but without tus, checks,
+    receipt or audit. A second raw line adds the SHA-256 of the body, the one per-byte job an
+    upload cannot skip, to show how much of the gap is per byte and how much per segment.
+    """
+
+    segments: int
+    segment_bytes: int  # mean size of one .ts.age
+    repeats: int
+    chunk_bytes: int  # the device default (UploadSettings.chunk_bytes)
+    big_chunk_bytes: int
+    link_mbit: float  # pace of the relay for the "over a link" lines; 0: not measured
+    target_ratio: float
+    raw_mb_s: float = math.nan
+    raw_sha_mb_s: float = math.nan
+    ours_mb_s: float = math.nan
+    ours_big_mb_s: float = math.nan
+    raw_link_mb_s: float = math.nan
+    ours_link_mb_s: float = math.nan
+    resent_bytes: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_mb_s / self.raw_mb_s
+
+    @property
+    def ratio_big(self) -> float:
+        return self.ours_big_mb_s / self.raw_mb_s
+
+    @property
+    def ratio_link(self) -> float:
+        return self.ours_link_mb_s / self.raw_link_mb_s
+
+    @property
+    def complete(self) -> bool:
+        return not self.errors and not math.isnan(self.ratio)
+
+    @property
+    def target_met(self) -> bool:
+        return self.complete and self.ratio >= self.target_ratio
+
+    def as_json(self) -> str:
+        return json.dumps(_finite(self.as_dict()), indent=2, allow_nan=False)
+
+    def ms_per_segment(self, mb_s: float) -> float:
+        return self.segment_bytes / 1e6 / mb_s * 1000
+
+    def verdict(self) -> str:
+        target = f"(target: at least {100 * self.target_ratio:g}%)"
+        if not self.complete:
+            return f"ours / raw PUT: not measured {target} -> INCOMPLETE RUN, no verdict"
+        return (f"ours / raw PUT: {self.ratio:.2f} = {100 * self.ratio:.0f}% {target} -> "
+                f"{'MET' if self.target_met else 'NOT MET'}")
+
+    def as_dict(self) -> dict[str, Any]:
+        def r(value: float, digits: int = 2) -> float:
+            return round(value, digits)
+        return {
+            "context": self.context | {"segments": self.segments,
+                                       "segment_bytes": self.segment_bytes,
+                                       "repeats": self.repeats, "best_of": self.repeats,
+                                       "interleaved": True, "chunk_bytes": self.chunk_bytes,
+                                       "big_chunk_bytes": self.big_chunk_bytes,
+                                       "link_mbit": self.link_mbit},
+            "goodput_mb_s": {"raw_put": r(self.raw_mb_s), "raw_put_sha256": r(self.raw_sha_mb_s),
+                             "ours": r(self.ours_mb_s), "ours_big_chunks": r(self.ours_big_mb_s),
+                             "raw_put_link": r(self.raw_link_mb_s),
+                             "ours_link": r(self.ours_link_mb_s)},
+            "ms_per_segment": {
+                "raw_put": r(self.ms_per_segment(self.raw_mb_s)),
+                "raw_put_sha256": r(self.ms_per_segment(self.raw_sha_mb_s)),
+                "ours": r(self.ms_per_segment(self.ours_mb_s)),
+                "ours_big_chunks": r(self.ms_per_segment(self.ours_big_mb_s)),
+                "raw_put_link": r(self.ms_per_segment(self.raw_link_mb_s)),
+                "ours_link": r(self.ms_per_segment(self.ours_link_mb_s))},
+            "resent_bytes": self.resent_bytes,
+            "verdict": {"ratio": r(self.ratio, 3), "ratio_big_chunks": r(self.ratio_big, 3),
+                        "ratio_link": r(self.ratio_link, 3),
+                        "target_ratio": self.target_ratio, "met": self.target_met,
+                        "text": self.verdict()},
+            "errors": self.errors,
+        }
+
+    def as_table(self) -> str:
+        c = self.context
+        kib, big = self.chunk_bytes // 1024, self.big_chunk_bytes // 1024
+        out = [f"upload: the shift-end upload of {self.segments} recorded segments "
+               f"({self.segment_bytes / 1e6:.1f} MB each) to one ingest server on 127.0.0.1 in "
+               f"its own process, mutual TLS with the device's certificate, one persistent "
+               f"connection per line; best of {self.repeats} interleaved runs each",
+               "fair baseline: a raw HTTPS PUT of each .ts.age to the same server over the same "
+               "TLS, stored durably as an upload is (written, fdatasync, renamed, directory "
+               "fsynced before its 201); no tus, checks, receipt or audit",
+               f"temp data (device and server) on {c.get('filesystem', '?')} under "
+               f"{c.get('tmpdir', '?')}; {c.get('cpus', '?')} CPU(s)", ""]
+        rows = [
+            ("raw PUT, one per segment file (the baseline)", self.raw_mb_s),
+            ("raw PUT + SHA-256 of the body (per-byte work an upload cannot skip)",
+             self.raw_sha_mb_s),
+            (f"ours: tus uploader, {kib} KiB chunks (the device default)", self.ours_mb_s),
+            (f"ours: tus uploader, {big} KiB chunks (a cut resends up to {big} KiB)",
+             self.ours_big_mb_s),
+        ]
+        if self.link_mbit:
+            rows += [(f"raw PUT through a {self.link_mbit:g} Mbit/s paced relay",
+                      self.raw_link_mb_s),
+                     (f"ours, {kib} KiB chunks, through the same relay", self.ours_link_mb_s)]
+        label_w = max(len(label) for label, _ in rows) + 2
+        out.append(f"{'':{label_w}}{'MB/s':>9}{'ms/segment':>12}")
+        out += [f"{label:{label_w}}{value:>9.1f}{self.ms_per_segment(value):>12.1f}"
+                for label, value in rows]
+        extra = self.ms_per_segment(self.ours_mb_s) - self.ms_per_segment(self.raw_sha_mb_s)
+        big_extra = (self.ms_per_segment(self.ours_big_mb_s)
+                     - self.ms_per_segment(self.raw_sha_mb_s))
+        out += ["", f"ours beyond the raw PUT + SHA-256, per segment: {extra:.1f} ms at {kib} KiB "
+                f"chunks, {big_extra:.1f} ms at {big} KiB: per PATCH an fdatasync, an offset "
+                "commit and a round trip; per segment a POST (manifest schema and signature "
+                "check, fsyncs, audit line), the completion (chain check, store fsyncs, two "
+                "audit lines, signed receipt), the device's location commit and receipt check",
+                f"ours with {big} KiB chunks / raw PUT: {self.ratio_big:.2f}; bytes resent by "
+                f"ours: {self.resent_bytes}"]
+        if self.link_mbit:
+            out.append(f"through the {self.link_mbit:g} Mbit/s relay (the link sets the pace, "
+                       f"as at a dock): ours / raw PUT {self.ratio_link:.2f}")
+        out += [""] + [f"ERROR: {e}" for e in self.errors] + [self.verdict()]
+        return "\n".join(out)
+
+
+@dataclass
+class LiveReport:
+    """The "live view" section: glass-to-glass latency of the live view during an SOS
+    (bench.live_bench), for the newest and the first frame of each chunk, and the losses."""
+
+    seconds: float
+    summaries: list[Summary] = field(default_factory=list)  # newest, first, device, transit
+    counts: dict[str, Any] = field(default_factory=dict)  # chunks, lost, refused, ...
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "context": self.context | {"seconds": self.seconds},
+            "latency": [s.as_dict() for s in self.summaries],
+            "counts": self.counts,
+            "errors": self.errors,
+        }
+
+    def as_table(self) -> str:
+        c = self.context
+        out = [f"live view during an SOS: synthetic camera {c.get('main', '?')} main + "
+               f"{c.get('lores', '?')} lores at {c.get('fps', '?')} fps, {c.get('chunk_s', '?')} s "
+               "chunks (MPEG-TS, age, signed) -> MQTT QoS 0 through one private Mosquitto "
+               "(mutual TLS) -> centre (verify, decrypt, HLS files); "
+               f"{self.seconds:g} s streamed",
+               f"device and centre on one machine and one clock; {c.get('cpus', '?')} CPU(s)",
+               ""]
+        if self.summaries:
+            label_w = max(len(s.label) for s in self.summaries) + 2
+            out.append(f"{'':{label_w}}{'n':>5}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  (ms)")
+            out += [_row(s, label_w) for s in self.summaries]
+        if self.counts:
+            k = self.counts
+            out += ["", f"chunks at the centre: {k.get('chunks')}, lost: {k.get('lost')}, "
+                        f"refused: {k.get('refused')}, dropped on the device: "
+                        f"{k.get('dropped')}, unsent: {k.get('unsent')}; "
+                        f"{k.get('kbit_s')} kbit/s on the wire"]
+        out += [f"ERROR: {e}" for e in self.errors]
+        return "\n".join(out)
+
+
+def combined_json(sos: Report | None, evidence: EvidenceReport | None,
+                  upload: UploadReport | None = None, live: LiveReport | None = None) -> str:
+    """The SOS object as before (when it ran), plus "evidence_video", "upload" and
+    "live_view" (each when it ran)."""
     data = sos.as_dict() if sos is not None else {}
     if evidence is not None:
         data["evidence_video"] = evidence.as_dict()
+    if upload is not None:
+        data["upload"] = upload.as_dict()
+    if live is not None:
+        data["live_view"] = live.as_dict()
     return json.dumps(_finite(data), indent=2, allow_nan=False)
 
 

@@ -1,31 +1,47 @@
 """Shift-end upload goodput: our tus uploader beside a raw HTTPS PUT of the same bytes.
 
-`python -m bench.upload_bench [--segments N] [--segment-mb MB] [--chunk-kib KIB] [--repeats R]`
-prints MB/s (10**6 bytes of segment files per second of wall time) for:
-  raw PUT   each segment's .ts.age sent as one `PUT /raw/<name>` to the same ingest server
-            (`IngestServer(raw_put=True)`: it hashes and fsyncs like an upload), over one
-            persistent mutual-TLS connection with the device's identity; the floor
-  ours      `Uploader.run_once` on the same segments: POST + HEAD per segment, PATCHes of
-            `chunk_bytes` (the server fsyncs at the end of each), the final hash and chain
-            check on the server, the receipt checked, kept (fsync) and the files deleted
-and ours / raw (target 0.9). Both run against one server on 127.0.0.1 in the same run,
-interleaved `repeats` times on freshly recorded segments (real ones: the project's age writer,
-chained and signed manifests, SegmentStore.commit); the best run of each counts.
+`python -m bench.upload_bench [--segments N] [--segment-mb MB] [--chunk-kib KIB]
+[--big-chunk-kib KIB] [--repeats R] [--tmpdir DIR] [--json]` prints MB/s (10**6 bytes of
+segment files per second of wall time) and ms per segment for:
+  raw PUT          each segment's .ts.age sent as one `PUT /raw/<name>` to the same ingest
+                   server (`IngestServer(raw_put=True)`), over one persistent mutual-TLS
+                   connection with the device's identity; the server writes it, fdatasyncs it,
+                   renames it and fsyncs the directory before its 201: stored as durably as an
+                   upload, with none of the protocol. The baseline.
+  raw PUT+SHA-256  the same, hashing the body as it arrives (`?sha256`): the one per-byte job an
+                   upload also does, so the gap splits into per-byte and per-segment parts
+  ours             `Uploader.run_once` on the same segments with the device's default
+                   `chunk_bytes`: POST per segment (checked manifest), PATCHes (each fsynced and
+                   its offset committed before the answer), completion on the server (hash and
+                   chain check, store, audit, signed receipt), the receipt checked, kept (fsync)
+                   and the files deleted on the device
+  ours, big chunks the same with `--big-chunk-kib` chunks (one PATCH per segment at 8 MiB)
+  ... over a link  raw PUT and ours again through a TCP relay on 127.0.0.1 that paces the
+                   device's direction to `--link-mbit` (default 400, a dock's Wi-Fi or a shared
+                   gigabit port; 0 leaves these out): what the fixed costs come to when the
+                   link, not loopback, sets the pace
+and ours / raw PUT against the target 0.9. All run against one server process on 127.0.0.1 in
+the same run, interleaved `repeats` times on freshly recorded segments (real ones: the project's
+age writer, chained and signed manifests, SegmentStore.commit); the best run of each counts.
+`run_upload(tmpdir)` returns a `bench.report.UploadReport`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,13 +49,16 @@ from typing import Any
 from control_center.audit import AuditLog
 from control_center.fleet import Fleet
 from control_center.ingest import DirectoryStore, IngestServer
-from firmware.camera.age_stream import CHUNK, AgeStreamWriter
+from firmware.camera.age_stream import AgeStreamWriter
 from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import TusClient, mutual_tls_context
+from firmware.uplink.upload_settings import DEFAULT_CHUNK_BYTES
 from firmware.uplink.uploader import Uploader
 from protocol.signing import load_or_make_key
 from simulator.broker import PrivateBroker
+
+from .report import UploadReport
 
 DEVICE_ID = "bench-up-001"
 TARGET_RATIO = 0.9
@@ -55,6 +74,7 @@ class _Recorder:
         last = store.last()
         self.seq = last[0] + 1 if last else 1
         self.prev = last[1] if last else None
+        self.plaintext = os.urandom(1_000_000)  # encrypted with a fresh key per segment
 
     def record(self, size_mb: int) -> int:
         seq, self.seq = self.seq, self.seq + 1
@@ -68,7 +88,7 @@ class _Recorder:
 
         age = AgeStreamWriter(Tee(), [self.recipient])  # type: ignore[arg-type]
         for _ in range(size_mb):
-            age.write(os.urandom(1_000_000))
+            age.write(self.plaintext)
         age.close()
         file.flush()
         size = file.tell()
@@ -97,27 +117,24 @@ class _Piece:
         return data
 
 
-def _raw_put(url_port: int, context: Any, paths: list[Path], blocksize: int,
-             piece_bytes: int | None = None) -> float:
-    """Seconds to PUT every file over one persistent connection, streamed from the file: each
-    file as one PUT, or (`piece_bytes`) as one PUT per piece of that size, which costs the
-    server a request and an fsync per piece, as a PATCH does."""
+def _raw_put(url_port: int, context: Any, paths: list[Path], blocksize: int, *,
+             sha256: bool = False) -> float:
+    """Seconds to PUT every file, one PUT each, over one persistent connection, streamed from
+    the file in `blocksize` reads as the uploader streams its PATCH bodies."""
     conn = http.client.HTTPSConnection("127.0.0.1", url_port, context=context, timeout=60,
                                        blocksize=blocksize)
+    query = "?sha256" if sha256 else ""
     started = time.perf_counter()
     try:
         for path in paths:
             size = path.stat().st_size
-            step = piece_bytes or size
             with path.open("rb") as f:
-                for index, offset in enumerate(range(0, size, step)):
-                    length = min(step, size - offset)
-                    conn.request("PUT", f"/raw/{path.name}.{index}", body=_Piece(f, length),
-                                 headers={"Content-Length": str(length)})
-                    response = conn.getresponse()
-                    response.read()
-                    if response.status != 201:
-                        raise RuntimeError(f"raw PUT {path.name}: HTTP {response.status}")
+                conn.request("PUT", f"/raw/{path.name}{query}", body=_Piece(f, size),
+                             headers={"Content-Length": str(size)})
+                response = conn.getresponse()
+                response.read()
+                if response.status != 201:
+                    raise RuntimeError(f"raw PUT {path.name}: HTTP {response.status}")
     finally:
         conn.close()
     return time.perf_counter() - started
@@ -163,11 +180,99 @@ class _ServerProcess:
             self.proc.wait()
 
 
-def upload_rows(tmpdir: str | Path, *, segments: int = 8, segment_mb: int = 8,
-                chunk_bytes: int = 1 << 20, repeats: int = 3) -> list[dict[str, Any]]:
-    """[{name, label, mb_s, ...}] for raw PUT and ours (best of `repeats`), then the ratio row
-    {name: "ratio", value, target, met}. Raises if a part cannot run."""
-    tmp = Path(tmpdir)
+class _PacedRelay:
+    """A TCP relay on 127.0.0.1 to `target_port` that lets the client's bytes through at
+    `rate` bytes/s at most (no credit saved up while idle, as on a real link) and the server's
+    answers through at once. One thread per direction per connection."""
+
+    def __init__(self, target_port: int, rate: float) -> None:
+        self.target_port, self.rate = target_port, rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._start(self._accept)
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="paced-relay", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, server]
+            self._start(self._pump, client, server, self.rate)
+            self._start(self._pump, server, client, None)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, rate: float | None) -> None:
+        began, sent = time.monotonic(), 0
+        try:
+            while data := source.recv(64 * 1024):
+                if rate:
+                    sent += len(data)
+                    due, now = began + sent / rate, time.monotonic()
+                    if due > now:
+                        time.sleep(due - now)
+                    elif now - due > 0.005:  # the link was idle: it saved no credit
+                        began, sent = now, 0
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() would not
+        self.listener.close()
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout=10)
+        for sock in sockets:
+            sock.close()
+
+
+def run_upload(tmpdir: str | Path, *, segments: int = 8, segment_mb: int = 8,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, big_chunk_bytes: int = 8 << 20,
+               link_mbit: float = 400.0, repeats: int = 3,
+               progress: Callable[[str], None] = lambda text: None,
+               context: dict[str, Any] | None = None) -> UploadReport:
+    """Measure every line; a part that cannot run is an entry in `errors`."""
+    report = UploadReport(segments=segments, segment_bytes=0, repeats=repeats,
+                          chunk_bytes=chunk_bytes, big_chunk_bytes=big_chunk_bytes,
+                          link_mbit=link_mbit, target_ratio=TARGET_RATIO,
+                          context=dict(context or {}))
+    link = f", then raw PUT and ours through a {link_mbit:g} Mbit/s relay" if link_mbit else ""
+    progress(f"upload: {repeats} x {segments} segments of {segment_mb} MB: raw PUT, raw PUT + "
+             f"SHA-256, ours at {chunk_bytes // 1024} KiB and {big_chunk_bytes // 1024} KiB "
+             f"chunks{link}, interleaved")
+    try:
+        _measure(Path(tmpdir), segments, segment_mb, chunk_bytes, big_chunk_bytes, link_mbit,
+                 repeats, report)
+    except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
+        report.errors.append(f"upload: {type(exc).__name__}: {exc}")
+    return report
+
+
+def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_chunk_bytes: int,
+             link_mbit: float, repeats: int, report: UploadReport) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     fleet_broker = PrivateBroker(tmp / "fleet")  # its fleet and identities; never started
     fleet = fleet_broker.fleet
@@ -178,50 +283,61 @@ def upload_rows(tmpdir: str | Path, *, segments: int = 8, segment_mb: int = 8,
     store = SegmentStore(tmp / "device" / "recordings")
     recorder = _Recorder(store, fleet_broker.signing_key_file(DEVICE_ID),
                          fleet.evidence_recipients()[0])
-    blocksize = 64 * 1024
-    times: dict[str, list[float]] = {"raw": [], "pieces": [], "ours": []}
+    blocksize = 64 * 1024  # TusClient's default; the raw PUT streams in the same reads
+    lines = ["raw", "raw_sha", "raw_link", "ours", "ours_big", "ours_link"]  # raw ones first:
+    if not link_mbit:  # an upload deletes the segments it sent
+        lines = [key for key in lines if not key.endswith("_link")]
+    times: dict[str, list[float]] = {key: [] for key in lines}
     total = 0
     server = _ServerProcess(fleet.directory, centre, cert.cert_file, cert.key_file)
+    relay = _PacedRelay(server.port, link_mbit * 1e6 / 8) if link_mbit else None
+    port = {"now": server.port}  # where the uploader connects: the server, or the relay
+    uploader: Uploader | None = None
     try:
-        files_url = f"https://127.0.0.1:{server.port}/files/"
         uploader = Uploader(store, tmp / "device" / "upload.sqlite",
-                            lambda: TusClient(files_url, context, blocksize=blocksize),
+                            lambda: TusClient(f"https://127.0.0.1:{port['now']}/files/",
+                                              context, blocksize=blocksize),
                             fleet.centre_public_keys(), DEVICE_ID, chunk_bytes=chunk_bytes,
                             keep_chain_anchor=False)
-        for _ in range(repeats):  # interleaved, so drift hits both lines alike
+        for _ in range(repeats):  # interleaved, so drift hits every line alike
             seqs = [recorder.record(segment_mb) for _ in range(segments)]
             paths = [store.path(seq, ".ts.age") for seq in seqs]
             total = sum(p.stat().st_size for p in paths)
-            times["raw"].append(_raw_put(server.port, context, paths, blocksize))
-            shutil.rmtree(centre / "ingest" / "raw", ignore_errors=True)
-            times["pieces"].append(_raw_put(server.port, context, paths, blocksize,
-                                            piece_bytes=chunk_bytes))
-            started = time.perf_counter()
-            summary = uploader.run_once(threading.Event())
-            times["ours"].append(time.perf_counter() - started)
-            if summary.uploaded != seqs:
-                raise RuntimeError(f"uploader left segments behind: refused "
-                                   f"{summary.refused}, deferred {summary.deferred}")
-            shutil.rmtree(centre / "evidence" / DEVICE_ID, ignore_errors=True)  # disk use
-            shutil.rmtree(centre / "ingest" / "raw", ignore_errors=True)
-        uploader.close()
+            for key in lines:
+                if key.startswith("raw"):
+                    via = relay.port if relay is not None and key == "raw_link" else server.port
+                    times[key].append(_raw_put(via, context, paths, blocksize,
+                                               sha256=key == "raw_sha"))
+                    shutil.rmtree(centre / "ingest" / "raw", ignore_errors=True)  # disk use
+                    continue
+                if key != "ours":  # an upload deleted them: record the same amount again
+                    seqs = [recorder.record(segment_mb) for _ in range(segments)]
+                    paths = [store.path(seq, ".ts.age") for seq in seqs]
+                uploader.chunk_bytes = big_chunk_bytes if key == "ours_big" else chunk_bytes
+                port["now"] = relay.port if relay is not None and key == "ours_link" else \
+                    server.port
+                started = time.perf_counter()
+                summary = uploader.run_once(threading.Event())
+                times[key].append(time.perf_counter() - started)
+                if summary.uploaded != seqs:
+                    raise RuntimeError(f"the uploader left segments behind: refused "
+                                       f"{summary.refused}, deferred {summary.deferred}")
+                report.resent_bytes += summary.bytes_resent
+                shutil.rmtree(centre / "evidence" / DEVICE_ID, ignore_errors=True)  # disk use
     finally:
+        if uploader is not None:
+            uploader.close()
+        if relay is not None:
+            relay.close()
         server.close()
         store.close()
-    raw, pieces, ours = (total / 1e6 / min(times[k]) for k in ("raw", "pieces", "ours"))
-    common = {"segments": segments, "bytes": total, "repeats": repeats}
-    kib = chunk_bytes // 1024
-    return [
-        {"name": "raw_put", "label": "raw HTTPS PUT, one per segment", "mb_s": raw, **common},
-        {"name": "raw_put_pieces", "label": f"raw HTTPS PUT, one per {kib} KiB piece",
-         "mb_s": pieces, "chunk_bytes": chunk_bytes, **common},
-        {"name": "ours", "label": f"our tus uploader, {kib} KiB chunks", "mb_s": ours,
-         "chunk_bytes": chunk_bytes, **common},
-        {"name": "ratio", "label": "ours / raw PUT", "value": ours / raw,
-         "target": TARGET_RATIO, "met": ours / raw >= TARGET_RATIO},
-        {"name": "ratio_pieces", "label": f"ours / raw PUT per {kib} KiB (like for like)",
-         "value": ours / pieces, "target": TARGET_RATIO, "met": ours / pieces >= TARGET_RATIO},
-    ]
+    mb = total / 1e6
+    report.segment_bytes = total // segments
+    report.raw_mb_s, report.raw_sha_mb_s, report.ours_mb_s, report.ours_big_mb_s = (
+        mb / min(times[k]) for k in ("raw", "raw_sha", "ours", "ours_big"))
+    if link_mbit:
+        report.raw_link_mb_s = mb / min(times["raw_link"])
+        report.ours_link_mb_s = mb / min(times["ours_link"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,29 +346,40 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(*args_in[1:5])
     parser = argparse.ArgumentParser(prog="python -m bench.upload_bench",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--segments", type=int, default=8)
-    parser.add_argument("--segment-mb", type=int, default=8)
-    parser.add_argument("--chunk-kib", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--segments", type=int, default=8, help="segments per run (8)")
+    parser.add_argument("--segment-mb", type=int, default=8,
+                        help="plaintext per segment, 10**6 bytes (8: about 6 s of 1080p30)")
+    parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
+                        help=f"our PATCH size (default {DEFAULT_CHUNK_BYTES // 1024}, the "
+                             "device's upload.chunk_bytes default)")
+    parser.add_argument("--big-chunk-kib", type=int, default=8192,
+                        help="PATCH size of the second 'ours' line (8192)")
+    parser.add_argument("--link-mbit", type=float, default=400.0,
+                        help="pace of the relay for the '... over a link' lines, Mbit/s "
+                             "(400; 0 leaves them out)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; best counts")
     parser.add_argument("--tmpdir", type=Path, default=None)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(args_in)
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="upload-bench-", dir=args.tmpdir) as tmp:
-        rows = upload_rows(tmp, segments=args.segments, segment_mb=args.segment_mb,
-                           chunk_bytes=args.chunk_kib * 1024, repeats=args.repeats)
-    print(f"shift-end upload, {args.segments} x {args.segment_mb} MB segments, best of "
-          f"{args.repeats} ({os.cpu_count()} CPUs, loopback, mutual TLS)")
-    for row in rows:
-        if row["name"].startswith("ratio"):
-            verdict = "met" if row["met"] else "MISSED"
-            print(f"  {row['label']:<44} {row['value']:8.2f}   (target {row['target']:.2f}: "
-                  f"{verdict})")
-        else:
-            print(f"  {row['label']:<44} {row['mb_s']:8.1f} MB/s")
-    return 0
+        report = run_upload(tmp, segments=args.segments, segment_mb=args.segment_mb,
+                            chunk_bytes=args.chunk_kib * 1024,
+                            big_chunk_bytes=args.big_chunk_kib * 1024,
+                            link_mbit=args.link_mbit, repeats=args.repeats,
+                            context={"tmpdir": str(Path(tmp).parent), "cpus": os.cpu_count(),
+                                     "filesystem": _filesystem(Path(tmp))})
+    if args.json:
+        print(report.as_json())
+    else:
+        print(report.as_table())
+    return 1 if report.errors else 0
 
 
-_ = CHUNK  # the age chunk size, for readers comparing with chunk_bytes
+def _filesystem(path: Path) -> str:
+    from .__main__ import filesystem_of
+    return filesystem_of(path)
+
 
 if __name__ == "__main__":
     sys.exit(main())

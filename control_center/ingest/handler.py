@@ -30,6 +30,7 @@ from control_center.ingest.tus import (
     header_int,
 )
 from control_center.ingest.uploads import REFUSED, STORED, Upload
+from firmware.camera.store import fsync_dir
 
 if TYPE_CHECKING:
     from control_center.ingest.server import IngestServer
@@ -99,6 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "sos-ingest/1"
     sys_version = ""
     server: HTTPServer
+    disable_nagle_algorithm = True  # an answer's body is not held back behind its headers
     body_read = False  # whether this request's body was consumed (else a refusal closes)
 
     @property
@@ -323,8 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
             if upload.offset == upload.length:
-                upload = ingest.complete(upload)
+                upload = ingest.complete(upload, discard=False)
                 self._done(upload)
+                if ingest.uploads is not None:  # after the answer, off its path
+                    ingest.uploads.discard_files(upload.id)
             else:
                 self._reply(204, {"Upload-Offset": str(upload.offset)})
         finally:
@@ -350,8 +354,9 @@ class _Handler(BaseHTTPRequestHandler):
         directory.mkdir(exist_ok=True)
         target = directory / (name or "")
         tmp = target.with_name(target.name + ".part")
+        query = self.path.partition("?")[2]
+        hasher = hashlib.sha256() if "sha256" in query.split("&") else None  # as an upload
         with ingest.receiving(), open(tmp, "wb") as f:
-            hasher = hashlib.sha256()  # the same work per byte as an upload
             buffer = bytearray(min(CHUNK, max(size, 1)))
             view = memoryview(buffer)
             left, since = size, 0
@@ -361,16 +366,18 @@ class _Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 f.write(view[:n])
-                hasher.update(view[:n])
+                if hasher is not None:
+                    hasher.update(view[:n])
                 left -= n
                 since += n
                 if since >= CHECKPOINT:
                     f.flush()
-                    os.fsync(f.fileno())
+                    os.fdatasync(f.fileno())
                     since = 0
             f.flush()
-            os.fsync(f.fileno())
+            os.fdatasync(f.fileno())
         os.replace(tmp, target)
+        fsync_dir(directory)  # stored under its name, durably, before the answer
         self._reply(201, {"Location": f"/raw/{name}"}, b"")
 
 

@@ -9,6 +9,7 @@ identities, server certificates and anything unregistered or revoked get a 403.
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 import threading
@@ -50,12 +51,9 @@ class DeviceGate:
         if not cert_der:
             raise Refusal(403, "no client certificate: connect with the device's fleet "
                                "certificate")
-        cert = x509.load_der_x509_certificate(cert_der)
-        try:
-            name = pki.common_name(cert)
-        except ValueError:
-            raise Refusal(403, "the client certificate has no single common name") from None
-        serial = f"{cert.serial_number:x}"
+        name, serial = _name_and_serial(cert_der)
+        if name is None:
+            raise Refusal(403, "the client certificate has no single common name")
         if name.startswith("centre.") or CENTRE_ID.match(name):
             raise Refusal(403, f"{name} is a control-centre identity; only devices upload "
                                f"evidence")
@@ -80,6 +78,18 @@ class DeviceGate:
             if stamp != self._registry_stamp:
                 self.fleet.reload()
                 self._registry_stamp = stamp
+
+
+@functools.lru_cache(maxsize=256)
+def _name_and_serial(cert_der: bytes) -> tuple[str | None, str]:
+    """(common name or None, serial in hex) of a DER certificate; parsed once per certificate,
+    not once per request (the registry is still consulted every time)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        name: str | None = pki.common_name(cert)
+    except ValueError:
+        name = None
+    return name, f"{cert.serial_number:x}"
 
 
 def _mtime(path: Path) -> int | None:

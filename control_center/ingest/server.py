@@ -83,6 +83,7 @@ class IngestServer:
         self._upload_locks: dict[str, threading.Lock] = {}
         self._receiving: dict[str, socket.socket] = {}  # upload id -> connection of its PATCH
         self._hashers: dict[str, tuple[int, Any]] = {}  # upload id -> (offset, sha256 so far)
+        self._buffers = threading.local()
 
     # -- life cycle ------------------------------------------------------------------------------
     @property
@@ -92,9 +93,13 @@ class IngestServer:
 
     def start(self) -> None:
         self.uploads = Uploads(self.workdir)
-        for upload in self.uploads.recover():  # a crash while storing: finish the job first
-            with contextlib.suppress(Refusal):
+        for upload in self.uploads.recover():  # every byte in: finish the job first
+            try:
                 self._complete(upload)
+            except Refusal:
+                pass  # refused (audited), or the store failed: the device's next PATCH retries
+            except (OSError, ValueError):  # one broken upload must not keep the server down
+                log.exception("ingest: cannot finish upload %s at start", upload.id)
         self._httpd = HTTPServer((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ingest",
@@ -276,8 +281,7 @@ class IngestServer:
         hasher = self._hasher(upload, part)
         offset = upload.offset
         committed = offset
-        buffer = bytearray(min(CHUNK, max(size, 1)))
-        view = memoryview(buffer)
+        view = self._buffer()[:min(CHUNK, max(size, 1))]
         broken = False
         with open(part, "rb+") as f:
             f.seek(offset)
@@ -285,7 +289,7 @@ class IngestServer:
             try:
                 while left:
                     try:
-                        n = body.readinto(view[:min(left, len(buffer))])
+                        n = body.readinto(view[:min(left, len(view))])
                     except (OSError, ValueError):
                         n = 0
                     if not n:
@@ -296,8 +300,11 @@ class IngestServer:
                     offset += n
                     left -= n
                     if offset - committed >= CHECKPOINT:
-                        committed = self._commit(upload, f, offset)
-                committed = self._commit(upload, f, offset)
+                        committed = self._commit(upload, f, offset, sync=False)
+                if offset > committed:
+                    committed = self._commit(upload, f, offset, sync=True)
+                elif offset > upload.offset:  # a checkpoint took the last bytes: sync its row
+                    self.uploads.set_offset(upload.id, offset)
             except OSError as exc:  # the disk, not the client: keep only what is durable
                 f.truncate(committed)
                 os.fsync(f.fileno())
@@ -313,11 +320,21 @@ class IngestServer:
             return None
         return offset
 
-    def _commit(self, upload: Upload, f, offset: int) -> int:
+    def _buffer(self) -> memoryview:
+        """This thread's receive buffer (one per connection thread, reused by its PATCHes: no
+        fresh 1 MiB to allocate and fault in per request)."""
+        view = getattr(self._buffers, "view", None)
+        if view is None:
+            view = self._buffers.view = memoryview(bytearray(CHUNK))
+        return view
+
+    def _commit(self, upload: Upload, f, offset: int, *, sync: bool) -> int:
+        """Make the part file durable up to `offset`, then record that offset (the row's
+        commit fsyncs the WAL only with `sync`: the offset a PATCH answers with)."""
         assert self.uploads is not None
         f.flush()
-        os.fsync(f.fileno())
-        self.uploads.set_offset(upload.id, offset)
+        os.fdatasync(f.fileno())
+        self.uploads.set_offset(upload.id, offset, sync=sync)
         return offset
 
     def _hasher(self, upload: Upload, part: Path):
@@ -336,14 +353,16 @@ class IngestServer:
         return hasher
 
     # -- completion ------------------------------------------------------------------------------
-    def complete(self, upload: Upload) -> Upload:
+    def complete(self, upload: Upload, *, discard: bool = True) -> Upload:
         """All bytes are in: verify, store, audit, receipt. Raises Refusal (422: refused and
         discarded; 503: the store failed, the upload stays complete and can be finished by
-        repeating the last PATCH with no body)."""
+        repeating the last PATCH with no body). `discard=False` leaves the stored upload's
+        work files for the caller to delete (`uploads.discard_files`) once it has answered;
+        a crash before that deletes them at the next start."""
         with self.device_lock(upload.device_id):
-            return self._complete(upload)
+            return self._complete(upload, discard=discard)
 
-    def _complete(self, upload: Upload) -> Upload:
+    def _complete(self, upload: Upload, *, discard: bool = True) -> Upload:
         assert self.uploads is not None
         device, seq = upload.device_id, upload.seq
         manifest_raw = self.uploads.manifest_path(upload).read_bytes()
@@ -363,7 +382,7 @@ class IngestServer:
                        stage="complete", status=refusal.status, reason=refusal.message,
                        sha256=digest, manifest_sha256=upload.manifest_sha256)
             raise
-        self.uploads.set_state(upload.id, STORING)
+        self.uploads.set_state(upload.id, STORING, sync=False)  # lost: recover() sees it all in
         try:
             location = (self.store.location(device, seq) if already else
                         self.store.put(device, seq, part, manifest_raw, signature))
@@ -379,7 +398,8 @@ class IngestServer:
         upload.receipt = self._receipt(upload)
         upload.state = STORED
         self.uploads.set_state(upload.id, STORED, receipt=upload.receipt)
-        self.uploads.discard_files(upload.id)
+        if discard:
+            self.uploads.discard_files(upload.id)
         return upload
 
     def _receipt(self, upload: Upload) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Under the work directory:
 
-    uploads.sqlite                    one row per upload (WAL, synchronous=FULL)
+    uploads.sqlite                    one row per upload (WAL; see "durability" below)
     uploads/<id>/000123.json          the manifest and signature sent with the POST
     uploads/<id>/000123.json.minisig
     uploads/<id>/000123.ts.age.part   the bytes received so far
@@ -10,6 +10,13 @@ Under the work directory:
 `offset` in the row is the durable offset: it is written only after the part file was
 fsynced up to it. Bytes beyond it (a crash between write and commit) are cut off at start-up.
 States: uploading -> storing -> stored, or -> refused (its files are deleted).
+
+Durability: rows are created and states stored, refused and the offset a PATCH answers with
+are committed with `synchronous=FULL` (the WAL is fsynced before the answer). The offsets
+committed inside a long body and the passing `storing` state are committed without a WAL fsync
+(`sync=False`): a process crash keeps them (the WAL is in the page cache), a power loss may
+roll them back to the previous synced commit, which is always a smaller offset whose bytes were
+fsynced, or `uploading` with every byte in, which `recover()` completes like `storing`.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Uploads:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._synced = True  # the connection's current synchronous mode is FULL
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, device_id TEXT NOT NULL,"
             " seq INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL,"
@@ -91,10 +99,9 @@ class Uploads:
     # -- rows ------------------------------------------------------------------------------------
     def create(self, upload: Upload) -> None:
         """Record a new upload whose directory holds its manifest and signature; makes the
-        empty part file durable first."""
+        empty part file's name durable first."""
         part = self.part_file(upload)
-        with open(part, "wb") as f:
-            os.fsync(f.fileno())
+        part.touch(exist_ok=False)  # empty: nothing to fsync but its name, in its directory
         fsync_dir(part.parent)
         fsync_dir(self.root)
         self._write(upload)
@@ -125,22 +132,22 @@ class Uploads:
                 "ORDER BY rowid", (UPLOADING, STORING)).fetchall()
         return [_upload(r) for r in rows]
 
-    def set_offset(self, upload_id: str, offset: int) -> None:
-        """Call only after the part file was fsynced up to `offset`."""
-        with self._lock:
-            self._db.execute("UPDATE uploads SET offset = ? WHERE id = ?", (offset, upload_id))
+    def set_offset(self, upload_id: str, offset: int, *, sync: bool = True) -> None:
+        """Call only after the part file was fsynced up to `offset`. `sync=False`: no WAL
+        fsync (a power loss may roll it back to an earlier, smaller offset)."""
+        self._execute("UPDATE uploads SET offset = ? WHERE id = ?", (offset, upload_id), sync)
 
     def set_state(self, upload_id: str, state: str, *, error: str | None = None,
-                  receipt: dict[str, Any] | None = None) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE uploads SET state = ?, error = ?, receipt = ? WHERE id = ?",
-                (state, error, json.dumps(receipt) if receipt is not None else None, upload_id))
+                  receipt: dict[str, Any] | None = None, sync: bool = True) -> None:
+        self._execute("UPDATE uploads SET state = ?, error = ?, receipt = ? WHERE id = ?",
+                      (state, error, json.dumps(receipt) if receipt is not None else None,
+                       upload_id), sync)
 
     def recover(self) -> list[Upload]:
         """At start-up: cut every part file back to its durable offset (or the offset back to
         the file, if the file is shorter), delete the files of finished or never recorded
-        uploads; returns the uploads left in `storing`."""
+        uploads; returns the uploads to finish: left in `storing`, or in `uploading` with every
+        byte in (a `storing` lost to a power cut, or a store that failed)."""
         for upload in self.unfinished():
             part = self.part_file(upload)
             size = part.stat().st_size if part.exists() else 0
@@ -157,7 +164,8 @@ class Uploads:
             upload = self.get(directory.name)
             if upload is None or upload.state in (STORED, REFUSED):
                 shutil.rmtree(directory, ignore_errors=True)
-        return [u for u in self.unfinished() if u.state == STORING]
+        return [u for u in self.unfinished()
+                if u.state == STORING or (u.state == UPLOADING and u.offset == u.length)]
 
     def close(self) -> None:
         with self._lock:
@@ -166,9 +174,17 @@ class Uploads:
     def _write(self, upload: Upload) -> None:
         values = [getattr(upload, c) for c in _COLUMNS]
         values[-1] = json.dumps(upload.receipt) if upload.receipt is not None else None
+        self._execute(f"INSERT INTO uploads ({', '.join(_COLUMNS)}) VALUES "
+                      f"({', '.join('?' * len(_COLUMNS))})", values, True)
+
+    def _execute(self, sql: str, values: Any, sync: bool) -> None:
+        """One write in its own transaction; `sync` decides whether its commit fsyncs the WAL
+        (FULL) or not (NORMAL). The FULL commit makes every earlier one durable too."""
         with self._lock:
-            self._db.execute(f"INSERT INTO uploads ({', '.join(_COLUMNS)}) VALUES "
-                             f"({', '.join('?' * len(_COLUMNS))})", values)
+            if sync != self._synced:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+                self._synced = sync
+            self._db.execute(sql, values)
 
 
 def now() -> str:

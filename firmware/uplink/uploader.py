@@ -161,9 +161,9 @@ class _Local:
 
 
 class _Finisher:
-    """Runs each segment's local finish (keep the receipt, mark uploaded, delete: an fsync
-    each, tens of ms on an SD card) on a worker thread, in order, while the next segment
-    uploads. `drain()` waits until all are done."""
+    """Runs each segment's local finish (forget its location, keep the receipt, mark
+    uploaded, delete: an fsync each, tens of ms on an SD card) on a worker thread, in order,
+    while the next segment uploads. `drain()` waits until all are done."""
 
     def __init__(self) -> None:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -205,7 +205,8 @@ class _EndPass(Exception):
 
 # -- persisted state -------------------------------------------------------------------------
 class UploadState:
-    """seq -> upload location and refusals (durable), and a "sent up to" mark per segment."""
+    """seq -> upload location and refusals (durable), and a "sent up to" mark per segment.
+    Shared by the pass and its finishing thread (one lock around both connections)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -218,52 +219,63 @@ class UploadState:
         self._marks = sqlite3.connect(self.path, isolation_level=None, timeout=10.0,
                                       check_same_thread=False)
         self._marks.execute("PRAGMA synchronous=NORMAL")
+        self._guard = threading.RLock()
 
     def location(self, seq: int, manifest_sha256: str) -> str | None:
-        row = self._db.execute("SELECT manifest_sha256, location FROM uploads WHERE seq = ?",
-                               (seq,)).fetchone()
-        if row is None:
-            return None
-        if row[0] != manifest_sha256:  # the seq now names another segment (chain restart)
-            self.forget(seq)
-            return None
-        return row[1]
+        with self._guard:
+            row = self._db.execute("SELECT manifest_sha256, location FROM uploads "
+                                   "WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                return None
+            if row[0] != manifest_sha256:  # the seq now names another segment (chain restart)
+                self.forget(seq)
+                return None
+            return row[1]
 
     def set_location(self, seq: int, manifest_sha256: str, location: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO uploads(seq, manifest_sha256, location) "
-                         "VALUES (?, ?, ?)", (seq, manifest_sha256, location))
+        with self._guard:
+            self._db.execute("INSERT OR REPLACE INTO uploads(seq, manifest_sha256, location) "
+                             "VALUES (?, ?, ?)", (seq, manifest_sha256, location))
 
     def forget(self, seq: int) -> None:
-        self._db.execute("DELETE FROM uploads WHERE seq = ?", (seq,))
-        self._marks.execute("DELETE FROM sent WHERE seq = ?", (seq,))
+        with self._guard:
+            self._db.execute("DELETE FROM uploads WHERE seq = ?", (seq,))
+            self._marks.execute("DELETE FROM sent WHERE seq = ?", (seq,))
 
     def sent_to(self, seq: int) -> int:
-        row = self._marks.execute("SELECT sent_to FROM sent WHERE seq = ?", (seq,)).fetchone()
+        with self._guard:
+            row = self._marks.execute("SELECT sent_to FROM sent WHERE seq = ?",
+                                      (seq,)).fetchone()
         return row[0] if row else 0
 
     def set_sent_to(self, seq: int, offset: int) -> None:
-        self._marks.execute("INSERT OR REPLACE INTO sent(seq, sent_to) VALUES (?, ?)",
-                            (seq, offset))
+        with self._guard:
+            self._marks.execute("INSERT OR REPLACE INTO sent(seq, sent_to) VALUES (?, ?)",
+                                (seq, offset))
 
     def refusals(self) -> dict[int, tuple[str, str]]:
         """seq -> (manifest sha256, reason)."""
-        return {s: (m, r) for s, m, r in
-                self._db.execute("SELECT seq, manifest_sha256, reason FROM refused")}
+        with self._guard:
+            return {s: (m, r) for s, m, r in
+                    self._db.execute("SELECT seq, manifest_sha256, reason FROM refused")}
 
     def refuse(self, seq: int, manifest_sha256: str, reason: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO refused(seq, manifest_sha256, reason) "
-                         "VALUES (?, ?, ?)", (seq, manifest_sha256, reason))
+        with self._guard:
+            self._db.execute("INSERT OR REPLACE INTO refused(seq, manifest_sha256, reason) "
+                             "VALUES (?, ?, ?)", (seq, manifest_sha256, reason))
 
     def clear_refusals(self, seqs: Iterable[int] | None = None) -> list[int]:
         """Offer refused segments again (all, or `seqs`); the seqs cleared."""
-        current = sorted(self.refusals())
-        chosen = current if seqs is None else [s for s in seqs if s in current]
-        self._db.executemany("DELETE FROM refused WHERE seq = ?", [(s,) for s in chosen])
+        with self._guard:
+            current = sorted(self.refusals())
+            chosen = current if seqs is None else [s for s in seqs if s in current]
+            self._db.executemany("DELETE FROM refused WHERE seq = ?", [(s,) for s in chosen])
         return chosen
 
     def close(self) -> None:
-        self._marks.close()
-        self._db.close()
+        with self._guard:
+            self._marks.close()
+            self._db.close()
 
 
 class _FileLock:
@@ -557,13 +569,15 @@ class Uploader:
                       "stays on the device", local.seq, "; ".join(problems))
             summary.deferred[local.seq] = reason
             return
-        # Forgetting the location first is safe: without it the next pass POSTs again, gets
-        # the stored upload back and fetches its receipt.
-        self.state.forget(local.seq)
         finisher.submit(lambda: self._finish(local, receipt, summary))
 
     def _finish(self, local: _Local, receipt: dict[str, Any], summary: UploadSummary) -> None:
-        """Receipt kept (fsync), then marked uploaded, then deleted: in this order, always."""
+        """Location forgotten, receipt kept (fsync), then marked uploaded, then deleted: in
+        this order, always."""
+        # Forgetting the location first is safe: without it the next pass POSTs again, gets
+        # the stored upload back and fetches its receipt. (A crash before it: the next pass
+        # HEADs the saved location, finds every byte there and fetches the receipt.)
+        self.state.forget(local.seq)
         try:
             self._keep_receipt(receipt)
         except OSError as exc:
