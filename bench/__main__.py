@@ -30,7 +30,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from simulator.broker import BrokerError, PrivateBroker
 
@@ -199,31 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         except BrokerError as exc:
             print(f"bench: cannot start the broker: {exc}", file=sys.stderr)
             broke = True
-    evidence = None
-    if not args.skip_evidence:
-        began = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="evidence-bench-", dir=args.tmpdir) as tmp:
-            evidence = run_evidence(Path(tmp), args.evidence_mb, progress=progress, context={
-                "tmpdir": str(Path(tmp).parent), "filesystem": filesystem_of(Path(tmp)),
-                "cpus": os.cpu_count()})
-        evidence.context["elapsed_s"] = round(time.monotonic() - began, 1)
-    upload = None
-    if not args.skip_upload:
-        began = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="upload-bench-", dir=args.tmpdir) as tmp:
-            upload = run_upload(Path(tmp), segments=args.upload_mb // 8, segment_mb=8,
-                                link_mbit=args.upload_link_mbit, progress=progress, context={
-                                    "tmpdir": str(Path(tmp).parent),
-                                    "filesystem": filesystem_of(Path(tmp)),
-                                    "cpus": os.cpu_count()})
-        upload.context["elapsed_s"] = round(time.monotonic() - began, 1)
-    live = None
-    if not args.skip_live:
-        began = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="live-bench-", dir=args.tmpdir) as tmp:
-            live = run_live(Path(tmp), args.live_seconds, progress=progress,
-                            context={"cpus": os.cpu_count()})
-        live.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    evidence = None if args.skip_evidence else _timed_section(
+        "evidence-bench-", args.tmpdir, lambda tmp, context: run_evidence(
+            tmp, args.evidence_mb, progress=progress, context=context))
+    upload = None if args.skip_upload else _timed_section(
+        "upload-bench-", args.tmpdir, lambda tmp, context: run_upload(
+            tmp, segments=args.upload_mb // 8, segment_mb=8, link_mbit=args.upload_link_mbit,
+            progress=progress, context=context))
+    live = None if args.skip_live else _timed_section(
+        "live-bench-", args.tmpdir, lambda tmp, context: run_live(
+            tmp, args.live_seconds, progress=progress, context={"cpus": context["cpus"]}))
     parts = (report, evidence, upload, live)
     if args.json:
         print(combined_json(*parts))
@@ -232,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"done in {round(time.monotonic() - started, 1)} s")
     failed = any(part is not None and part.errors for part in (evidence, upload, live))
     return 1 if broke or errors or failed else 0
+
+
+def _timed_section(prefix: str, tmpdir: Path | None,
+                   run: Callable[[Path, dict[str, Any]], Any]) -> Any:
+    """Run one section in its own temporary directory; its report gets `elapsed_s`."""
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=tmpdir) as tmp:
+        context = {"tmpdir": str(Path(tmp).parent), "filesystem": filesystem_of(Path(tmp)),
+                   "cpus": os.cpu_count()}
+        report = run(Path(tmp), context)
+    report.context["elapsed_s"] = round(time.monotonic() - began, 1)
+    return report
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -51,3 +54,24 @@ def center(broker: PrivateBroker, tmp_path: Path) -> Iterator[CenterProbe]:
     yield probe
     service.stop()
     store.close()
+
+
+# -- picamera2 off the Pi: stub modules that follow its real signatures (FIELD-NOTES) ----------
+STUBS = Path(__file__).parent / "stubs"
+
+
+def _drop_picamera2_modules() -> None:
+    for name in [n for n in sys.modules if n == "picamera2" or n.startswith("picamera2.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def picamera2(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Install the stub package as `picamera2` for this test only."""
+    _drop_picamera2_modules()
+    monkeypatch.syspath_prepend(str(STUBS))
+    module = importlib.import_module("picamera2")
+    assert Path(module.__file__).is_relative_to(STUBS)
+    module.Picamera2.instances.clear()
+    yield module
+    _drop_picamera2_modules()

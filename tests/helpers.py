@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import queue
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from protocol import new_id
@@ -72,3 +76,24 @@ class RawClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class RecordingProcess:
+    """`simulator.recording_process` as a real process (to SIGKILL mid-segment), with a way to
+    wait for the lines it prints (`recovered ...`, `committed N`, `stopped`)."""
+
+    def __init__(self, keys: dict[str, Any], directory: Path, segment_s: float = 1.0) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simulator.recording_process", "--dir", str(directory),
+             "--recipient", keys["recipient"], "--signing-key", str(keys["signing_key"]),
+             "--segment-s", str(segment_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout],
+                         daemon=True).start()
+
+    def expect(self, prefix: str, timeout: float = 30.0) -> str:
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line.startswith(prefix):
+                return line

@@ -3,11 +3,9 @@ that keep picamera2's real signatures and call `Output.outputframe` from an enco
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -18,25 +16,7 @@ from firmware.camera.frames import EncodedFrame, FrameSource, starts_stream
 from firmware.camera.picam import PicameraSource
 from firmware.camera.synthetic import frames_within
 
-STUBS = Path(__file__).parent / "stubs"
 UTC0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-
-
-def _drop_picamera2_modules() -> None:
-    for name in [n for n in sys.modules if n == "picamera2" or n.startswith("picamera2.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def picamera2(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """Install the stub package as `picamera2` for this test only."""
-    _drop_picamera2_modules()
-    monkeypatch.syspath_prepend(str(STUBS))
-    module = importlib.import_module("picamera2")
-    assert Path(module.__file__).is_relative_to(STUBS)
-    module.Picamera2.instances.clear()
-    yield module
-    _drop_picamera2_modules()
 
 
 def test_module_imports_without_picamera2() -> None:

@@ -6,7 +6,6 @@ import json
 import queue
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from firmware.camera.recording import RecordingPolicy
 from firmware.camera.store import SegmentStore
 from firmware.camera.synthetic import SyntheticCamera
 from protocol.signing import load_or_make_key
+from tests.helpers import RecordingProcess
 
 
 @pytest.fixture
@@ -77,23 +77,6 @@ def test_a_recorded_call_verifies_decrypts_with_age_and_plays(keys, tmp_path) ->
     subprocess.run(["minisign", "-V", "-p", str(keys["pub"]), "-m",
                     str(first.with_suffix("").with_suffix(".json")), "-x", str(sig)], check=True,
                    capture_output=True)
-
-
-class RecordingProcess:
-    def __init__(self, keys, directory: Path) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simulator.recording_process", "--dir", str(directory),
-             "--recipient", keys["recipient"], "--signing-key", str(keys["signing_key"])],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout],
-                         daemon=True).start()
-
-    def expect(self, prefix: str, timeout: float = 30.0) -> str:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line.startswith(prefix):
-                return line
 
 
 def crash_many_times(keys, directory: Path, kills: int, seed: int) -> list[int]:

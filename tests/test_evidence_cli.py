@@ -9,11 +9,8 @@ recovered video is checked with ffprobe (it must decode frames).
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from control_center.fleet import age_x25519_keypair
 from firmware.camera import minisign
 from firmware.camera.age_stream import CHUNK, SEALED_CHUNK, decrypt_salvage, parse_identities
 from protocol.signing import load_or_make_key
+from tests.helpers import RecordingProcess
 
 DEVICE = "tok-rec-01"  # simulator.recording_process's default
 CALL = "call-crash-test"
@@ -38,24 +36,6 @@ def tool(name: str) -> str:
         pytest.fail(f"`{name}` is not installed and these tests need it: apt-get install "
                     f"{'ffmpeg' if name == 'ffprobe' else name}")
     return path
-
-
-class RecordingProcess:
-    def __init__(self, keys: dict, directory: Path) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simulator.recording_process", "--dir", str(directory),
-             "--recipient", keys["recipient"], "--signing-key", str(keys["signing_key"]),
-             "--segment-s", str(SEGMENT_S)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout],
-                         daemon=True).start()
-
-    def expect(self, prefix: str, timeout: float = 30.0) -> str:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line.startswith(prefix):
-                return line
 
 
 def payload_offset(ciphertext: bytes) -> int:
@@ -86,7 +66,7 @@ def card(tmp_path_factory: pytest.TempPathFactory) -> dict:
     keys = {"identity": root / "identity.txt", "recipient": recipient,
             "signing_key": signing_key, "pub": root / "device.pub"}
     directory = root / "card"
-    first = RecordingProcess(keys, directory)
+    first = RecordingProcess(keys, directory, SEGMENT_S)
     try:
         first.expect("recovered")
         assert first.expect("committed") == "committed 1"
@@ -98,7 +78,7 @@ def card(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         first.proc.kill()  # mid-segment: segment 2 is a .part file
         first.proc.wait()
-    second = RecordingProcess(keys, directory)
+    second = RecordingProcess(keys, directory, SEGMENT_S)
     try:
         assert second.expect("recovered") == "recovered 2"  # printed once it is closed
     finally:

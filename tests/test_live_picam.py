@@ -3,12 +3,9 @@ which keeps picamera2's signatures, its lores checks, and one encoder thread per
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -26,25 +23,7 @@ from firmware.camera.picam import PicameraSource
 from protocol import new_id
 from protocol.signing import Signer
 
-STUBS = Path(__file__).parent / "stubs"
 UTC0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-
-
-def _drop_picamera2_modules() -> None:
-    for name in [n for n in sys.modules if n == "picamera2" or n.startswith("picamera2.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def picamera2(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """Install the stub package as `picamera2` for this test only."""
-    _drop_picamera2_modules()
-    monkeypatch.syspath_prepend(str(STUBS))
-    module = importlib.import_module("picamera2")
-    assert Path(module.__file__).is_relative_to(STUBS)
-    module.Picamera2.instances.clear()
-    yield module
-    _drop_picamera2_modules()
 
 
 class Frames:

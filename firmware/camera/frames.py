@@ -74,3 +74,22 @@ def starts_stream(data: bytes) -> bool:
     """True when a decoder can start at this access unit: it carries SPS, PPS and an IDR slice."""
     types = set(nal_types(data))
     return {NAL_SPS, NAL_PPS, NAL_IDR} <= types
+
+
+def check_stream_settings(*, fps: float, gop_s: float, bitrate: int, lores_gop_s: float,
+                          lores_bitrate: int) -> None:
+    """What every camera source refuses at construction, with the same words."""
+    if fps <= 0 or gop_s <= 0 or bitrate <= 0:
+        raise ValueError("fps, gop_s and bitrate must be positive")
+    if lores_gop_s <= 0 or lores_bitrate <= 0:
+        raise ValueError("lores_gop_s and lores_bitrate must be positive")
+
+
+def check_lores_size(main: tuple[int, int], lores: tuple[int, int]) -> tuple[int, int]:
+    """`lores` if an H.264 encoder can take it beside `main`: even, at least 16x16, no larger
+    than the main stream (picamera2 refuses a larger one too, but only at start())."""
+    lw, lh = lores
+    if lw % 2 or lh % 2 or lw < 16 or lh < 16 or lw > main[0] or lh > main[1]:
+        raise ValueError(f"lores size must be even, at least 16x16 and no larger than the main "
+                         f"stream {main[0]}x{main[1]}, got {lw}x{lh}")
+    return lores

@@ -28,7 +28,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .frames import EncodedFrame, FrameCallback, FrameSource
+from .frames import (
+    EncodedFrame,
+    FrameCallback,
+    FrameSource,
+    check_lores_size,
+    check_stream_settings,
+)
 
 
 class _TimestampMap:
@@ -84,10 +90,8 @@ class PicameraSource(FrameSource):
                  utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  lores_size: tuple[int, int] | None = None, lores_bitrate: int = 300_000,
                  lores_gop_s: float = 0.5) -> None:
-        if fps <= 0 or gop_s <= 0 or bitrate <= 0:
-            raise ValueError("fps, gop_s and bitrate must be positive")
-        if lores_gop_s <= 0 or lores_bitrate <= 0:
-            raise ValueError("lores_gop_s and lores_bitrate must be positive")
+        check_stream_settings(fps=fps, gop_s=gop_s, bitrate=bitrate, lores_gop_s=lores_gop_s,
+                              lores_bitrate=lores_bitrate)
         self._size = size
         self._fps = fps
         self.bitrate = bitrate
@@ -98,12 +102,8 @@ class PicameraSource(FrameSource):
         self._camera: Any = None
         self.output: Any = None
         # Default lores: 320 wide, the main stream's aspect ratio, even (1080p -> 320x180).
-        self.lores_size = lores_size or (320, max(16, round(320 * size[1] / size[0] / 2) * 2))
-        lw, lh = self.lores_size
-        if lw % 2 or lh % 2 or lw > size[0] or lh > size[1]:
-            # picamera2 itself refuses a lores larger than main, but only at start()
-            raise ValueError(f"lores size must be even and no larger than the main stream "
-                             f"{size[0]}x{size[1]}, got {lw}x{lh}")
+        self.lores_size = check_lores_size(
+            size, lores_size or (320, max(16, round(320 * size[1] / size[0] / 2) * 2)))
         self.lores_bitrate = lores_bitrate
         self.lores_iperiod = max(1, round(fps * lores_gop_s))
         self.lores_output: Any = None

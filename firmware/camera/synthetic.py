@@ -24,7 +24,13 @@ from typing import Any
 
 import av
 
-from .frames import EncodedFrame, FrameCallback, FrameSource
+from .frames import (
+    EncodedFrame,
+    FrameCallback,
+    FrameSource,
+    check_lores_size,
+    check_stream_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,19 +178,13 @@ class SyntheticCamera(FrameSource):
                  utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  lores_size: tuple[int, int] | None = None, lores_bitrate: int = 200_000,
                  lores_gop_s: float = 0.5) -> None:
-        if fps <= 0 or gop_s <= 0 or bitrate <= 0:
-            raise ValueError("fps, gop_s and bitrate must be positive")
-        if lores_gop_s <= 0 or lores_bitrate <= 0:
-            raise ValueError("lores_gop_s and lores_bitrate must be positive")
+        check_stream_settings(fps=fps, gop_s=gop_s, bitrate=bitrate, lores_gop_s=lores_gop_s,
+                              lores_bitrate=lores_bitrate)
         self._fps = fps
         self._size = size
         self.bitrate = bitrate
         self.gop_frames = max(1, round(fps * gop_s))
-        self._lores_size = lores_size or half_size(size)
-        lw, lh = self._lores_size
-        if lw % 2 or lh % 2 or lw < 16 or lh < 16 or lw > size[0] or lh > size[1]:
-            raise ValueError(f"lores size must be even, at least 16x16 and no larger than the "
-                             f"main stream {size[0]}x{size[1]}, got {lw}x{lh}")
+        self._lores_size = check_lores_size(size, lores_size or half_size(size))
         self.lores_bitrate = lores_bitrate
         self.lores_gop_frames = max(1, round(fps * lores_gop_s))
         self.lores_frames_delivered = 0
