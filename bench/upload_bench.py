@@ -297,8 +297,7 @@ def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_ch
         uploader = Uploader(store, tmp / "device" / "upload.sqlite",
                             lambda: TusClient(f"https://127.0.0.1:{port['now']}/files/",
                                               context, blocksize=blocksize),
-                            fleet.centre_public_keys(), DEVICE_ID, chunk_bytes=chunk_bytes,
-                            keep_chain_anchor=False)
+                            fleet.centre_public_keys(), DEVICE_ID, chunk_bytes=chunk_bytes)
         for _ in range(repeats):  # interleaved, so drift hits every line alike
             seqs = [recorder.record(segment_mb) for _ in range(segments)]
             paths = [store.path(seq, ".ts.age") for seq in seqs]

@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from protocol import utc_iso
+
 EVENTS = ("upload_created", "upload_resumed", "upload_interrupted", "segment_stored",
           "segment_refused", "receipt_issued", "access_refused", "decrypted", "exported")
 RESERVED = ("time", "event", "actor", "prev")
@@ -136,4 +138,4 @@ def verify_log(path: str | Path) -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(datetime.now(UTC))

@@ -102,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "upload":
         from firmware.uplink.upload_cli import upload_now
 
-        # keep_chain_anchor=False as in the daemon: the card's index keeps the chain head, so
-        # the newest segment may go too once it has its receipt.
-        return upload_now(args.config,
-                          ["--now"] + (["--retry-refused"] if args.retry_refused else []),
-                          uploader_options={"keep_chain_anchor": False})
+        return upload_now(args.config, retry_refused=args.retry_refused)
     from firmware.config import load_device_config
 
     try:

@@ -210,12 +210,9 @@ class DeviceRuntime:
         self.dock: DockDetector | None = None
         self._upload_thread: threading.Thread | None = None
         if config.upload is not None and self.recorder is not None:
-            # The store remembers the chain head, so even the newest segment may go once
-            # receipted (keep_chain_anchor=False): the card is empty after a full upload.
             self.uploader = uploader_from_config(config, config.upload,
                                                  store=self.recorder.store,
-                                                 on_progress=self._upload_progress,
-                                                 keep_chain_anchor=False)
+                                                 on_progress=self._upload_progress)
             self.dock = DockDetector.from_settings(config.upload, pin_factory=pin_factory)
         offline = {"v": 1, "device_id": config.device_id, "device_kind": config.kind,
                    "state": "offline"}
@@ -488,8 +485,7 @@ class DeviceRuntime:
     def _upload_pass(self, stop: threading.Event) -> UploadSummary:
         """Upload thread: one pass; what it did goes to the log and the observer."""
         assert self.uploader is not None
-        self._observe("upload_started", {"wall": time.time(),
-                                         "pending": len(self.uploader.pending())})
+        self._observe("upload_started", {"wall": time.time()})
         summary = self.uploader.run_once(stop)
         log.info("upload pass: %d segment(s) uploaded, %d byte(s) sent (%d resent), "
                  "%d refused, %d left for later", summary.segments_uploaded, summary.bytes_sent,
@@ -500,7 +496,7 @@ class DeviceRuntime:
             "refused": {str(k): v for k, v in summary.refused.items()},
             "deferred": {str(k): v for k, v in summary.deferred.items()},
             "busy": summary.busy, "elapsed_s": round(summary.elapsed_s, 3),
-            "remaining": len(self.uploader.pending())})
+            "remaining": len(self.uploader.pending())})  # recorded meanwhile, or deferred
         self._events.put(CheckSpace())
         return summary
 

@@ -152,7 +152,7 @@ def _describe(kind: str, event: dict[str, Any]) -> str:
         case "dock":
             return "docked at the station" if event["docked"] else "taken off the dock"
         case "upload_started":
-            return f"upload started: {event['pending']} segment(s) to send"
+            return "upload started"
         case "upload_progress":
             return "upload " + render_bar(Progress(
                 event["segments_total"], event["bytes_total"], event["segments_done"],

@@ -185,7 +185,10 @@ def test_the_loop_runs_a_pass_when_docked_and_ends_on_close(factory) -> None:
         passes.append(stop)
         detector.close()  # the runtime shutting down during the pass
 
-    run_when_docked(detector, run_pass)  # returns because close() ended the loop
+    loop = threading.Thread(target=run_when_docked, args=(detector, run_pass), daemon=True)
+    loop.start()
+    loop.join(timeout=10)
+    assert not loop.is_alive(), "close() did not end the loop"
     assert len(passes) == 1 and passes[0].is_set()
 
 

@@ -93,7 +93,15 @@ def test_retry_after_as_an_http_date_counts_from_now() -> None:
 
 def test_retry_after_in_the_past_means_now() -> None:
     assert parse_retry_after("Wed, 01 May 2024 09:00:00 GMT", NOW) == 0.0
-    assert parse_retry_after("-5") == 0.0
+
+
+@pytest.mark.parametrize("value", ["-5", "1.5", "inf", "1e400", "nan", "\u00b2", "\u0663"])
+def test_retry_after_that_is_not_ascii_delta_seconds_is_unreadable(value: str) -> None:
+    assert parse_retry_after(value, NOW) is None
+
+
+def test_a_huge_retry_after_is_capped_at_a_day() -> None:
+    assert parse_retry_after("999999999") == 86_400.0
 
 
 def test_unreadable_or_missing_retry_after_is_none() -> None:

@@ -14,6 +14,7 @@ import io
 import json
 import random
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -270,7 +271,7 @@ def test_everything_uploads_and_each_segment_is_deleted_after_its_receipt(card, 
     store, camera = card
     seqs = [camera.record(150_000) for _ in range(3)]
     server = ScriptedServer(centre)
-    uploader = scripted_uploader(store, server, centre, keep_chain_anchor=False)
+    uploader = scripted_uploader(store, server, centre)
     summary = uploader.run_once(threading.Event())
     assert summary.uploaded == seqs and summary.complete and not summary.refused
     assert [r["seq"] for r in summary.receipts] == seqs
@@ -279,19 +280,31 @@ def test_everything_uploads_and_each_segment_is_deleted_after_its_receipt(card, 
     assert kept == summary.receipts
 
 
-def test_the_newest_segment_stays_as_the_chain_anchor_until_a_newer_one_exists(card,
-                                                                               centre) -> None:
+def test_a_receipted_segment_that_cannot_be_finished_is_deferred_not_complete(
+        card, centre, monkeypatch) -> None:
+    store, camera = card
+    seq = camera.record(10_000)
+
+    def locked(_seq: int) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "mark_uploaded", locked)
+    uploader = scripted_uploader(store, ScriptedServer(centre), centre)
+    summary = uploader.run_once(threading.Event())
+    assert not summary.complete and seq in summary.deferred
+    assert len(files_of(store, seq)) == 3  # still on the card, receipt kept for the next pass
+    monkeypatch.undo()
+    assert uploader.run_once(threading.Event()).complete and files_of(store, seq) == []
+
+
+def test_a_new_recorder_continues_the_chain_after_everything_was_uploaded(card,
+                                                                         centre) -> None:
     store, camera = card
     first, last = camera.record(10_000), camera.record(10_000)
-    server = ScriptedServer(centre)
-    uploader = scripted_uploader(store, server, centre)
+    uploader = scripted_uploader(store, ScriptedServer(centre), centre)
     assert uploader.run_once(threading.Event()).uploaded == [first, last]
-    assert [(s.seq, s.uploaded) for s in store.segments()] == [(last, True)]
-    assert len(files_of(store, last)) == 3  # the recorder continues seq and chain from here
-    newer = camera.record(10_000)
-    assert uploader.run_once(threading.Event()).uploaded == [newer]
-    assert [(s.seq, s.uploaded) for s in store.segments()] == [(newer, True)]
-    assert files_of(store, last) == []
+    assert store.segments() == [] and files_of(store, last) == []
+    assert store.last()[0] == last  # the index kept the chain head: no restart at seq 1
 
 
 def test_evidence_and_sos_segments_are_uploaded_first(card, centre) -> None:
@@ -320,7 +333,7 @@ def test_a_refused_segment_stays_and_is_not_offered_again(card, centre, caplog) 
     bad, good = camera.record(30_000), camera.record(30_000)
     corrupt(store, bad)
     server = ScriptedServer(centre)
-    uploader = scripted_uploader(store, server, centre, keep_chain_anchor=False)
+    uploader = scripted_uploader(store, server, centre)
     with caplog.at_level("ERROR", logger="sos.upload"):
         summary = uploader.run_once(threading.Event())
     assert summary.uploaded == [good]
@@ -605,7 +618,7 @@ def test_e2e_segments_reach_the_centre_and_leave_the_device(device, ingest) -> N
     ordinary = camera.record(300_000)
     evidence = camera.record(200_000, flags=("evidence", "sos"))
     local = {s: store.path(s, ".ts.age").read_bytes() for s in (ordinary, evidence)}
-    uploader = real_uploader(store, ingest, keep_chain_anchor=False)
+    uploader = real_uploader(store, ingest)
     summary = uploader.run_once(threading.Event())
     assert summary.uploaded == [evidence, ordinary] and summary.complete
     assert summary.bytes_sent == sum(len(b) for b in local.values())
@@ -641,8 +654,7 @@ def test_e2e_cut_mid_patch_then_reboot_resends_at_most_one_chunk(device, ingest)
         before = proxy.upstream_bytes
 
         rebooted_store = SegmentStore(store.directory)
-        rebooted = real_uploader(rebooted_store, ingest, port=proxy.port,
-                                 keep_chain_anchor=False)
+        rebooted = real_uploader(rebooted_store, ingest, port=proxy.port)
         summary = rebooted.run_once(threading.Event())
         rebooted_store.close()
     finally:
@@ -670,7 +682,7 @@ def test_e2e_a_device_that_lost_its_upload_state_posts_again_and_resumes(device,
     state = store.directory.parent / "upload.sqlite"
     for path in state.parent.glob("upload.sqlite*"):
         path.unlink()  # the saved location is gone
-    summary = real_uploader(store, ingest, keep_chain_anchor=False).run_once(threading.Event())
+    summary = real_uploader(store, ingest).run_once(threading.Event())
     assert summary.uploaded == [seq] and ingest.stored(seq) is not None
     # POST found the same upload; the PATCH from 0 got a 409 (its chunk dropped), then HEAD.
     assert summary.bytes_sent == (size - 3 * CHUNK) + CHUNK
@@ -681,7 +693,7 @@ def test_e2e_a_corrupted_segment_is_refused_and_stays_on_the_device(device, inge
     bad = camera.record(3 * CHUNK)
     good = camera.record(CHUNK)
     corrupt(store, bad)  # same size, so only the final hash check can tell
-    uploader = real_uploader(store, ingest, keep_chain_anchor=False)
+    uploader = real_uploader(store, ingest)
     summary = uploader.run_once(threading.Event())
     assert summary.uploaded == [good]
     assert list(summary.refused) == [bad] and "altered or damaged" in summary.refused[bad]
@@ -715,7 +727,7 @@ def test_e2e_an_invalid_receipt_does_not_delete_and_a_later_pass_does(device, in
     assert summary.uploaded == [] and "invalid receipt" in summary.deferred[seq]
     assert len(files_of(store, seq)) == 3 and not store.segments()[0].uploaded
     assert ingest.stored(seq) is not None  # the centre has it; the device keeps its copy
-    honest = real_uploader(store, ingest, keep_chain_anchor=False).run_once(threading.Event())
+    honest = real_uploader(store, ingest).run_once(threading.Event())
     assert honest.uploaded == [seq] and honest.bytes_sent == 0  # GET .../receipt
     assert files_of(store, seq) == []
 
@@ -773,7 +785,7 @@ def test_e2e_upload_now_prints_one_line_per_segment_and_a_summary(tmp_path, inge
         device_id=DEVICE, data_dir=data_dir, broker=ingest.tls, centre_keys=ingest.centre_keys,
         upload=UploadSettings.from_dict({"url": ingest.server.url, "chunk_bytes": CHUNK}))
     out = io.StringIO()
-    status = upload_now("device.toml", ["--now"], load_config=lambda path: config, out=out)
+    status = upload_now("device.toml", load_config=lambda path: config, out=out)
     lines = out.getvalue().splitlines()
     assert status == 0
     assert lines[0].startswith("[") and "0/2 segments" in lines[0]
@@ -793,7 +805,7 @@ def test_e2e_upload_now_exits_non_zero_when_a_segment_is_refused(tmp_path, inges
         device_id=DEVICE, data_dir=data_dir, broker=ingest.tls, centre_keys=ingest.centre_keys,
         upload=UploadSettings.from_dict({"url": ingest.server.url}))
     out = io.StringIO()
-    status = upload_now("device.toml", ["--now"], load_config=lambda path: config, out=out)
+    status = upload_now("device.toml", load_config=lambda path: config, out=out)
     assert status == 1
     assert f"REFUSED segment {seq:06d}" in out.getvalue()
 

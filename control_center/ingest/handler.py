@@ -246,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.ingest.check_open()
         self.ingest.check_busy()
         self._tus()
-        if int(self.headers.get("Content-Length") or 0):
+        if header_int(self.headers.get("Content-Length") or "0", "Content-Length"):
             raise Refusal(400, "a creation request carries no body (creation-with-upload is "
                                "not supported): send the bytes with PATCH")
         length = header_int(self.headers.get("Upload-Length"), "Upload-Length")

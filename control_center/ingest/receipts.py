@@ -55,10 +55,6 @@ def receipt_header(receipt: dict[str, Any]) -> str:
     return base64.b64encode(receipt_bytes(receipt)).decode()
 
 
-def parse_receipt_header(value: str) -> dict[str, Any]:
-    return json.loads(base64.b64decode(value, validate=True))
-
-
 def receipt_problems(receipt: Any) -> list[str]:
     """Everything in `receipt` that breaks protocol/schemas/receipt.schema.json, or []."""
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"

@@ -55,12 +55,6 @@ def parse_metadata(header: str | None) -> dict[str, bytes]:
     return found
 
 
-def encode_metadata(values: dict[str, bytes | str]) -> str:
-    """The Upload-Metadata header value for `values` (what a client sends)."""
-    return ",".join(f"{key} {base64.b64encode(v.encode() if isinstance(v, str) else v).decode()}"
-                    for key, v in values.items())
-
-
 def header_int(value: str | None, name: str, status: int = 400) -> int:
     """A non-negative decimal header value, or Refusal naming the header."""
     if value is None:

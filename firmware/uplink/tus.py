@@ -34,6 +34,7 @@ import base64
 import binascii
 import http.client
 import json
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -164,13 +165,16 @@ def decode_receipt(value: str) -> dict[str, Any]:
     return data
 
 
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() accepts "²"
+
+
 def _offset_header(headers: Mapping[str, str], name: str, *, required: bool = True) -> int | None:
     value = headers.get(name)
     if value is None:
         if required:
             raise ProtocolError(f"answer without {name}")
         return None
-    if not value.strip().isdigit():
+    if not _DIGITS.fullmatch(value.strip()):
         raise ProtocolError(f"{name} is not a non-negative integer: {value[:40]!r}")
     return int(value)
 

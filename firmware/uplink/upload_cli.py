@@ -11,7 +11,6 @@ flight; what was sent is kept and the next pass resumes it.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sqlite3
 import sys
@@ -24,17 +23,6 @@ from firmware.uplink.upload_plan import Progress, render_bar
 from firmware.uplink.upload_settings import UploadSettings
 from firmware.uplink.uploader import UploadSummary, uploader_from_config
 from protocol.configfile import ConfigError
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sos-device upload",
-        description="Upload the recorded segments to the control centre now (one pass).")
-    parser.add_argument("--now", action="store_true", required=True,
-                        help="run one pass now, in the foreground")
-    parser.add_argument("--retry-refused", action="store_true",
-                        help="offer segments the centre refused before once more")
-    return parser
 
 
 class ProgressPrinter:
@@ -87,16 +75,15 @@ def _run_pass(uploader: Any, stop: threading.Event, outcome: dict[str, Any]) -> 
         outcome["error"] = exc
 
 
-def upload_now(config_path: str | Path, argv: list[str], *,
+def upload_now(config_path: str | Path, *, retry_refused: bool = False,
                load_config: Callable[[str | Path], Any] | None = None,
                out: TextIO | None = None,
                uploader_options: dict[str, Any] | None = None) -> int:
-    """`sos-device --config CONFIG upload --now [--retry-refused]`; `argv` is what follows
-    `upload`. The keyword arguments are for tests: another config loader (it must give a
+    """`sos-device --config CONFIG upload --now [--retry-refused]` (firmware/cli.py parses
+    it). The other keyword arguments are for tests: another config loader (it must give a
     DeviceConfig-like object with `upload: UploadSettings`), the output stream, and extra
     Uploader arguments (e.g. `client_factory`)."""
     out = out or sys.stdout
-    args = _parser().parse_args(argv)
     if load_config is None:
         from firmware.config import load_device_config as load_config
     try:
@@ -120,7 +107,7 @@ def upload_now(config_path: str | Path, argv: list[str], *,
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        if args.retry_refused:
+        if retry_refused:
             again = uploader.retry_refused()
             if again:
                 print(f"offering {len(again)} refused segment(s) again", file=out)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -67,20 +68,18 @@ class Backoff:
         return jittered
 
 
+DELTA_SECONDS = re.compile(r"[0-9]{1,9}")
+MAX_RETRY_AFTER_S = 86_400.0  # a server asking for more is wrong; come back within a day
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header: delta-seconds, or an HTTP date (needs `now`,
     an aware datetime). None when absent or unreadable; never negative."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable
+    if DELTA_SECONDS.fullmatch(value):  # RFC 9110: 1*DIGIT (ASCII only: "²" is not a digit)
+        return min(float(value), MAX_RETRY_AFTER_S)
     if now is None:
         return None
     try:
@@ -89,7 +88,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, (when - now).total_seconds())
+    return min(MAX_RETRY_AFTER_S, max(0.0, (when - now).total_seconds()))
 
 
 # -- progress --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ One pass (`Uploader.run_once`) under an exclusive file lock, so the running daem
 `sos-device upload --now` never upload at the same time (the second one returns `busy`):
 
 1. finish what a crash interrupted: segments already marked uploaded (their receipt is kept)
-   are deleted, except the newest segment in the index (see "chain anchor" below);
+   are deleted (the store keeps the chain head, so even the newest one may go);
 2. order the rest (upload_plan.order: evidence/SOS first, then oldest first), skipping segments
    the centre refused before;
 3. per segment: HEAD the persisted upload location (or POST to create it, persist the
@@ -27,10 +27,8 @@ State (`state_path`, SQLite WAL): seq -> upload location and refusals, `synchron
 per-segment "sent up to" mark used to count resent bytes is written with `synchronous=NORMAL`
 (it is bookkeeping, not worth an fsync per chunk).
 
-Chain anchor: the recorder continues seq and the hash chain from the newest segment in the
-store's index (`SegmentStore.last()`); with the index empty a restarted recorder would begin
-again at seq 1. So by default the newest segment is marked uploaded but its files are kept
-until a newer segment exists (`keep_chain_anchor=False` deletes it too).
+A receipted segment that cannot be finished on the device (a locked index, a failing card) is
+left there and reported as deferred; the next pass deletes it.
 """
 
 from __future__ import annotations
@@ -324,7 +322,6 @@ class Uploader:
         max_attempts: int = 6,
         receipts_path: str | Path | None = None,
         lock_path: str | Path | None = None,
-        keep_chain_anchor: bool = True,
     ) -> None:
         """`sleep(seconds)` waits between attempts; default: wait on the pass's stop event, so
         stopping also ends a backoff. Receipts go to `receipts_path` (default `receipts.jsonl`
@@ -350,7 +347,6 @@ class Uploader:
             self.state_path.with_name("receipts.jsonl")
         self._lock = _FileLock(Path(lock_path) if lock_path else
                                self.state_path.with_name("upload.lock"))
-        self.keep_chain_anchor = keep_chain_anchor
 
     # -- public ------------------------------------------------------------------------------
     def run_once(self, stop: threading.Event) -> UploadSummary:
@@ -373,13 +369,20 @@ class Uploader:
 
     def pending(self) -> list[Candidate]:
         """The segments a pass would upload, in order (refused ones left out)."""
-        refused = self.state.refusals()
-        return order(local.candidate() for local in self._locals()
-                     if local.seq not in refused or refused[local.seq][0] !=
-                     local.manifest_sha256)
+        return self._plan(UploadSummary())[0]
 
-    def refused(self) -> dict[int, str]:
-        return {seq: reason for seq, (_, reason) in self.state.refusals().items()}
+    def _plan(self, summary: UploadSummary) -> tuple[list[Candidate], dict[int, _Local]]:
+        """What to upload, in order; segments refused before (same manifest) and unreadable
+        ones go into the summary instead."""
+        refusals = self.state.refusals()
+        locals_: dict[int, _Local] = {}
+        for local in self._locals(summary.deferred):
+            earlier = refusals.get(local.seq)
+            if earlier is not None and earlier[0] == local.manifest_sha256:
+                summary.refused[local.seq] = earlier[1]
+            else:
+                locals_[local.seq] = local
+        return order(local.candidate() for local in locals_.values()), locals_
 
     def retry_refused(self, seqs: Iterable[int] | None = None) -> list[int]:
         """Offer refused segments again in the next pass (all, or `seqs`)."""
@@ -391,15 +394,7 @@ class Uploader:
     # -- one pass ----------------------------------------------------------------------------
     def _pass(self, stop: threading.Event, summary: UploadSummary) -> None:
         self._delete_uploaded()
-        refusals = self.state.refusals()
-        locals_: dict[int, _Local] = {}
-        for local in self._locals():
-            earlier = refusals.get(local.seq)
-            if earlier is not None and earlier[0] == local.manifest_sha256:
-                summary.refused[local.seq] = earlier[1]
-            else:
-                locals_[local.seq] = local
-        planned = order(local.candidate() for local in locals_.values())
+        planned, locals_ = self._plan(summary)
         progress = Progress.start(planned)
         self._on_progress(progress)
         client: TusClient | None = None
@@ -569,7 +564,18 @@ class Uploader:
                       "stays on the device", local.seq, "; ".join(problems))
             summary.deferred[local.seq] = reason
             return
-        finisher.submit(lambda: self._finish(local, receipt, summary))
+        finisher.submit(lambda: self._finish_or_defer(local, receipt, summary))
+
+    def _finish_or_defer(self, local: _Local, receipt: dict[str, Any],
+                         summary: UploadSummary) -> None:
+        """Finisher thread: a local failure (a locked index, the card) leaves the segment on
+        the device and in `deferred`, so the pass does not claim to be complete."""
+        try:
+            self._finish(local, receipt, summary)
+        except (OSError, sqlite3.Error) as exc:
+            summary.deferred[local.seq] = f"receipted, but finishing it on the device failed: {exc}"
+            log.error("segment %06d: receipted, but finishing it on the device failed (%s); it "
+                      "stays on the device and the next pass finishes it", local.seq, exc)
 
     def _finish(self, local: _Local, receipt: dict[str, Any], summary: UploadSummary) -> None:
         """Location forgotten, receipt kept (fsync), then marked uploaded, then deleted: in
@@ -588,8 +594,7 @@ class Uploader:
         self.store.mark_uploaded(local.seq)
         summary.uploaded.append(local.seq)
         summary.receipts.append(receipt)
-        if not self._is_anchor(local.seq):
-            self.store.delete(local.seq)
+        self.store.delete(local.seq)
         log.info("segment %06d stored by the centre (receipt %s)", local.seq,
                  receipt.get("receipt_id"))
 
@@ -605,20 +610,14 @@ class Uploader:
         if new:
             fsync_dir(self.receipts_path.parent)
 
-    def _is_anchor(self, seq: int) -> bool:
-        if not self.keep_chain_anchor:
-            return False
-        last = self.store.last()
-        return last is not None and last[0] == seq
-
     def _delete_uploaded(self) -> None:
-        """Segments marked uploaded (receipt kept) whose files a crash or the chain anchor
-        left behind."""
+        """Segments marked uploaded (receipt kept) whose files a crash left behind."""
         for segment in self.store.segments():
-            if segment.uploaded and not self._is_anchor(segment.seq):
+            if segment.uploaded:
                 self.store.delete(segment.seq)
 
-    def _locals(self) -> Iterator[_Local]:
+    def _locals(self, unreadable: dict[int, str] | None = None) -> Iterator[_Local]:
+        """The segments not yet uploaded; one that cannot be read goes into `unreadable`."""
         for segment in self.store.segments():
             if segment.uploaded:
                 continue
@@ -629,6 +628,8 @@ class Uploader:
             except OSError as exc:
                 log.error("segment %06d: cannot read it from the card (%s); skipped",
                           segment.seq, exc)
+                if unreadable is not None:
+                    unreadable[segment.seq] = f"cannot read it from the card: {exc}"
 
     def _read(self, seq: int, evidence: bool) -> _Local:
         path = self.store.path(seq, SEGMENT_SUFFIX)
