@@ -424,8 +424,7 @@ class DeviceRuntime:
             else:
                 policy.call_start(call_id)
 
-        if self.recorder is not None:
-            self.recorder.change(edit)
+        self._change_recording(edit)
 
     def _record_sos(self, alert_id: str, active: bool) -> None:
         now = self._clock()
@@ -441,8 +440,18 @@ class DeviceRuntime:
             else:
                 policy.sos_end(alert_id, now)
 
-        if self.recorder is not None:
+        self._change_recording(edit)
+
+    def _change_recording(self, edit: Callable[[RecordingPolicy], object]) -> None:
+        """The recorder follows a call, an SOS or the storage mode. A write that fails on the
+        way (a full card, when a segment closes) is the recorder's to handle: it keeps what
+        was written as a cut segment and logs it; here the space is planned again."""
+        if self.recorder is None:
+            return
+        try:
             self.recorder.change(edit)
+        except OSError:
+            self._events.put(CheckSpace())
 
     def _check_space(self) -> None:
         """Free space by the rules in camera/space.py; report a change of mode to the centre."""
@@ -458,11 +467,7 @@ class DeviceRuntime:
                       "SOS evidence", plan.deleted_unuploaded_ordinary)
         if plan.mode is not self._storage_mode or plan.deleted_unuploaded_ordinary:
             self._storage_mode = plan.mode
-            try:  # stopping ordinary recording closes the open segment
-                self.recorder.change(lambda p, m=plan.mode: p.set_mode(m))
-            except OSError as exc:  # closing it needed room that was not there
-                log.error("recording: could not close the open segment on a full card (%s); "
-                          "it is recovered at the next start", exc)
+            self._change_recording(lambda p, m=plan.mode: p.set_mode(m))
             if plan.alert:  # sent even when the card just failed
                 log.error("%s", plan.alert)
                 self._store([self._storage_event(plan, store.free_bytes())], self.core.state())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import queue
 import random
@@ -19,7 +20,7 @@ from firmware.camera.age_stream import decrypt_salvage, parse_identities
 from firmware.camera.recorder import SegmentRecorder
 from firmware.camera.recording import RecordingPolicy
 from firmware.camera.store import SegmentStore
-from firmware.camera.synthetic import SyntheticCamera
+from firmware.camera.synthetic import SyntheticCamera, encode_clip
 from protocol.signing import load_or_make_key
 from tests.helpers import RecordingProcess
 
@@ -124,3 +125,41 @@ def test_soak_fifty_kills(keys, tmp_path) -> None:
     directory = tmp_path / "card"
     recovered = crash_many_times(keys, directory, kills=50, seed=11)
     check_after_crashes(keys, directory, recovered)
+
+
+class CardFullOnce(SegmentStore):
+    """The real store, whose first commit fails as a full card does (after the data reached
+    the file, before its manifest could be written)."""
+
+    failed = False
+
+    def commit(self, seq, segment, **kwargs) -> None:
+        if not self.failed:
+            self.failed = True
+            segment.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().commit(seq, segment, **kwargs)
+
+
+def test_a_failed_commit_becomes_a_cut_segment_and_recording_goes_on(keys, tmp_path) -> None:
+    cards = tmp_path / "card"
+    policy = RecordingPolicy(preroll_s=0.0)
+    policy.call_start("call-full")
+    recorder = SegmentRecorder(
+        CardFullOnce(cards), device_id="tok-rec-01", recipients=[keys["recipient"]],
+        signing_key=load_or_make_key(keys["signing_key"]), fps=20, size=(320, 240),
+        policy=policy, segment_s=1.0)
+    recorder.update()
+    failures = 0
+    for frame in encode_clip("tok-rec-01", 100, size=(320, 240), fps=20, gop_s=0.5):
+        try:
+            recorder.on_frame(frame)
+        except OSError:
+            failures += 1
+    recorder.close()
+    assert failures == 1  # reported once, to the caller that plans the space
+    manifests = {int(p.name[:6]): json.loads(p.read_text()) for p in cards.glob("*.json")}
+    assert manifests[1]["cut"] == {"reason": "crash-recovery", "truncated": True}
+    assert len(manifests) >= 4 and all(not m["cut"] for seq, m in manifests.items() if seq > 1)
+    report = verify_directory(cards, keys_from_pubkey_file(keys["pub"]))
+    assert report.ok, report.summary()  # the chain goes on through the cut segment

@@ -12,11 +12,13 @@ chain shows exactly where, and the next segment continues the chain.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -28,8 +30,11 @@ from firmware.camera.frames import EncodedFrame
 from firmware.camera.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.recording import RecordingPolicy
 from firmware.camera.segmenter import FrameOut, SegmentEnd, Segmenter, SegmentStart
-from firmware.camera.store import SegmentStore
+from firmware.camera.space import RecordMode
+from firmware.camera.store import Interrupted, SegmentStore
 from firmware.camera.tsmux import TsSegmentWriter
+
+log = logging.getLogger(__name__)
 
 
 class HashingSink:
@@ -116,53 +121,93 @@ class SegmentRecorder:
         self._prev_sha = last[1] if last else None
         first = last[0] + 1 if last else FIRST_SEQ
         self._segmenter = Segmenter(segment_s, policy.preroll_s, first_seq=first)
-        self.committed: list[int] = []
+        self._restart_pending = False
 
     # -- after a crash ---------------------------------------------------------------------------
     def recover(self, *, now_mono: float) -> list[int]:
         """Close interrupted segments (call before the camera starts); returns their seqs."""
-        closed = []
-        for interrupted in self.store.recover():
-            path = self.store.close_interrupted(interrupted)
-            data = path.read_bytes()
-            utc = self._utc()
-            manifest = build_manifest(
-                device_id=self.device_id, seq=interrupted.seq, start_utc=utc, end_utc=utc,
-                start_mono=now_mono, end_mono=now_mono, frames=0, gps_track=[],
-                call_id=self.policy.call_id, flags=["evidence"],  # unknown window: keep it
-                ciphertext_sha256=hashlib.sha256(data).hexdigest(), ciphertext_bytes=len(data),
-                prev_manifest_sha256=self._prev_sha,
-                chain_restart=None if self._prev_sha or interrupted.seq == FIRST_SEQ
-                else "index lost",
-                cut={"reason": "crash-recovery", "truncated": True})
-            body, signature = sign_manifest(manifest, self._key)
-            self._prev_sha = manifest_sha256(manifest)
-            self.store.index_existing(interrupted.seq, manifest=body, signature=signature,
-                                      manifest_sha256=self._prev_sha, evidence=True,
-                                      call_id=manifest["call_id"])
-            closed.append(interrupted.seq)
+        closed = [self._close_interrupted(interrupted, now_mono)
+                  for interrupted in self.store.recover()]
         if closed:
             self._segmenter = Segmenter(self._segmenter.segment_s, self.policy.preroll_s,
                                         first_seq=max(closed) + 1)
         return closed
 
+    def _close_interrupted(self, interrupted: Interrupted, now_mono: float) -> int:
+        """Keep what was written of a cut segment, with a manifest that says it was cut."""
+        path = self.store.close_interrupted(interrupted)
+        data = path.read_bytes()
+        utc = self._utc()
+        manifest = build_manifest(
+            device_id=self.device_id, seq=interrupted.seq, start_utc=utc, end_utc=utc,
+            start_mono=now_mono, end_mono=now_mono, frames=0, gps_track=[],
+            call_id=self.policy.call_id, flags=["evidence"],  # unknown window: keep it
+            ciphertext_sha256=hashlib.sha256(data).hexdigest(), ciphertext_bytes=len(data),
+            prev_manifest_sha256=self._prev_sha,
+            chain_restart=None if self._prev_sha or interrupted.seq == FIRST_SEQ
+            else "index lost",
+            cut={"reason": "crash-recovery", "truncated": True})
+        body, signature = sign_manifest(manifest, self._key)
+        self.store.index_existing(interrupted.seq, manifest=body, signature=signature,
+                                  manifest_sha256=manifest_sha256(manifest), evidence=True,
+                                  call_id=manifest["call_id"])
+        self._prev_sha = manifest_sha256(manifest)
+        return interrupted.seq
+
     # -- live ------------------------------------------------------------------------------------
     def on_frame(self, frame: EncodedFrame) -> None:
-        """From the camera's thread."""
-        with self._lock:
+        """From the camera's thread. An OSError (a full or failing card) is raised after the
+        recorder has recovered from it: see `_failed`."""
+        with self._lock, self._recovering():
+            if self._restart_pending:  # after a failure: record again as soon as it can
+                self._restart_pending = False
+                self._apply()
             self._handle(self._segmenter.push(frame))
 
     def change(self, edit: Callable[[RecordingPolicy], object]) -> None:
         """Change the policy (a call starts or ends, an SOS, the storage mode) and act on it,
         atomically with respect to the camera thread: no segment starts in between."""
-        with self._lock:
+        with self._lock, self._recovering():
             edit(self.policy)
             self._apply()
 
     def update(self) -> None:
         """Act on the policy as it is now."""
-        with self._lock:
+        with self._lock, self._recovering():
             self._apply()
+
+    @contextlib.contextmanager
+    def _recovering(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: OSError) -> None:
+        """A write or a commit failed: close the open segment as a cut one, now, as after a
+        crash (its bytes so far, a manifest saying it was cut), so the chain stays whole and
+        the next segment can start. If even that fails, the `.part` file stays for `recover()`
+        at the next start, and recording stops until then (the chain cannot go on without it).
+        """
+        segment, self._open = self._open, None
+        if segment is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            segment.file.close()
+        try:
+            self._close_interrupted(self.store.interrupted(segment.seq), self._segmenter.last_pts)
+        except OSError as again:
+            log.error("recording: segment %06d could not be closed either (%s); recording "
+                      "stops until the next start, which recovers it", segment.seq, again)
+            self._segmenter = Segmenter(self._segmenter.segment_s, 0.0, first_seq=segment.seq)
+            self.policy.set_mode(RecordMode.FULL)
+            return
+        log.error("recording: segment %06d was cut short by a failed write (%s); kept as a cut "
+                  "segment, recording goes on", segment.seq, exc)
+        self._segmenter = Segmenter(self._segmenter.segment_s, self.policy.preroll_s,
+                                    first_seq=segment.seq + 1)
+        self._restart_pending = True
 
     def _apply(self) -> None:
         want = self.policy.should_record()
@@ -197,7 +242,7 @@ class SegmentRecorder:
         self._open = _Open(seq, file, hashed, age, ts, self._utc(), self.policy.call_id)
 
     def _finish(self, end: SegmentEnd) -> None:
-        segment, self._open = self._open, None
+        segment = self._open  # stays open until committed: see `_failed`
         assert segment is not None and segment.seq == end.seq
         segment.ts.close()
         segment.age.close()
@@ -211,9 +256,9 @@ class SegmentRecorder:
             ciphertext_bytes=segment.hashed.bytes, prev_manifest_sha256=self._prev_sha,
             chain_restart=None if self._prev_sha or end.seq == FIRST_SEQ else "index lost")
         body, signature = sign_manifest(manifest, self._key)
-        self._prev_sha = manifest_sha256(manifest)
         self.store.commit(end.seq, segment.file, manifest=body, signature=signature,
-                          manifest_sha256=self._prev_sha, evidence="evidence" in flags,
-                          call_id=manifest["call_id"])
-        self.committed.append(end.seq)
+                          manifest_sha256=manifest_sha256(manifest),
+                          evidence="evidence" in flags, call_id=manifest["call_id"])
+        self._open = None
+        self._prev_sha = manifest_sha256(manifest)
         self._on_commit(end.seq)

@@ -105,6 +105,11 @@ class Segmenter:
 
     # -- input --------------------------------------------------------------------------------
 
+    @property
+    def last_pts(self) -> float:
+        """The pts of the newest frame seen (0.0 before any)."""
+        return self._last_pts
+
     def push(self, frame: EncodedFrame) -> list[SegmentEvent]:
         if not self._recording:
             self._buffer(frame)

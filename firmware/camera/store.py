@@ -125,8 +125,21 @@ class SegmentStore:
                             hashlib.sha256(raw).hexdigest())
         for stale in self.directory.glob("*.tmp"):
             stale.unlink()  # a temp file is never the only copy of anything
-        return [Interrupted(int(p.name[:6]), p)
-                for p in sorted(self.directory.glob("*.ts.age" + PART))]
+        cut = [Interrupted(int(p.name[:6]), p)
+               for p in sorted(self.directory.glob("*.ts.age" + PART))]
+        # A commit that failed after its rename (the manifest could not be written) left a
+        # segment file with no manifest: cut short as well.
+        cut += [Interrupted(int(p.name[:6]), p)
+                for p in sorted(self.directory.glob("[0-9]" * 6 + ".ts.age"))
+                if not self.path(int(p.name[:6]), ".json").exists()
+                and int(p.name[:6]) not in known]
+        return sorted(cut, key=lambda i: i.seq)
+
+    def interrupted(self, seq: int) -> Interrupted:
+        """Segment `seq` as cut short in this run (a write or the commit failed): its `.part`
+        file, or the segment file if the commit had renamed it before failing."""
+        part = self.path(seq, ".ts.age" + PART)
+        return Interrupted(seq, part if part.exists() else self.path(seq, ".ts.age"))
 
     def close_interrupted(self, interrupted: Interrupted) -> Path:
         """Keep the bytes written before the cut as the segment file (it decrypts up to its
