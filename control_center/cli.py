@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="centre config TOML (default: $SOS_CENTER_CONFIG or %(default)s)")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="consume alerts and print one line per new alert, until Ctrl-C")
+    sub.add_parser("serve", help="consume alerts and print one line per new alert, until Ctrl-C; "
+                   "with center.live_dir, also write each SOS's live view there (HLS)")
     alerts = sub.add_parser("alerts", help="list open alerts (oldest first)")
     alerts.add_argument("--all", action="store_true", help="include closed alerts")
     alerts.add_argument("--json", action="store_true", help="machine-readable output")

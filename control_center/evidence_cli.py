@@ -132,14 +132,18 @@ def _operator(args: argparse.Namespace) -> str:
 
 
 def _record(audit: AuditLog | None, event: str, args: argparse.Namespace,
-            **fields: Any) -> None:
+            written: list[Path], **fields: Any) -> None:
+    """Audit what was done; if that fails, the `written` outputs are removed: no plaintext
+    leaves this tool without its audit entry."""
     if audit is None:
         return
     try:
         audit.append(event, _operator(args), **fields)
     except (OSError, ValueError) as exc:
-        raise EvidenceError(f"{event}, but the audit log {args.audit} could not be written: "
-                            f"{exc}") from None
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise EvidenceError(f"{event}, but the audit log {args.audit} could not be written "
+                            f"({exc}); the output was removed") from None
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -167,7 +171,7 @@ def _decrypt(args: argparse.Namespace) -> int:
                   f"lost (cut short: {done.stopped_because})")
         manifest = done.manifest or {}
         stem = name.removesuffix(".ts.age")
-        _record(audit, "decrypted", args, device_id=manifest.get("device_id"),
+        _record(audit, "decrypted", args, [done.output], device_id=manifest.get("device_id"),
                 seq=manifest.get("seq", int(stem) if stem.isdigit() else None),
                 sha256=done.sha256, input=str(Path(args.input).resolve()),
                 output=str(done.output.resolve()),
@@ -200,7 +204,8 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported call {args.call}: {len(done.segments)} segment(s) -> {done.video}; "
               f"{done.track_points} track point(s) -> {done.track}; record {done.record}")
         inputs = [s.ciphertext_path for s in done.segments if s.ciphertext_path is not None]
-        _record(audit, "exported", args, device_id=done.report.device_id, call_id=args.call,
+        _record(audit, "exported", args, [done.video, done.track, done.record],
+                device_id=done.report.device_id, call_id=args.call,
                 seqs=[s.seq for s in done.segments],
                 sha256=[evidence.file_sha256(p) for p in inputs],
                 output=str(done.video.resolve()), output_sha256=evidence.file_sha256(done.video),

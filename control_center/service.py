@@ -34,6 +34,7 @@ from protocol.topics import LIVE, all_devices, parse_device_topic, parse_live_to
 log = logging.getLogger("sos.center")
 
 SHARED = ("alert", "position", "event")
+LIVE_IDLE_S = 60.0  # a live stream with no chunk for this long is ended (#EXT-X-ENDLIST)
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason: nobody subscribed to the device's commands
 
 
@@ -65,6 +66,7 @@ class CenterService:
         clock: Callable[[], float] = time.time,
         consume: bool = True,
         live: LiveReceiver | None = None,
+        live_idle_s: float = LIVE_IDLE_S,
     ) -> None:
         """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
         nothing and keeps no session, so it never takes alerts away from the serving instances.
@@ -75,6 +77,7 @@ class CenterService:
         `live`: where live video chunks go (None: the centre does not subscribe to them)."""
         self.store = store
         self.live = live if consume else None
+        self._live_idle_s = live_idle_s
         self._signer = signer
         self._trust = trust
         self._consume = consume
@@ -311,6 +314,8 @@ class CenterService:
                 self._on_event(CenterEvent(leaf, device_id, body, new))
             case MessageKind.STATUS:
                 self.store.set_device_status(device_id, body, now)
+                if self.live is not None:  # heartbeats pace the clean-up: a device that lost
+                    self.live.end_idle(self._live_idle_s)  # power mid-SOS sends no final chunk
                 self._on_event(CenterEvent("status", device_id, body, True))
                 if body["state"] == "online" and self._consume:
                     self._resend_missed_decision(device_id, body)

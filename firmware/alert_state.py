@@ -293,7 +293,10 @@ class AlertCore:
         if self.active is not None:  # the button logic does not recognise it then; a race
             return [Log("info", f"call gesture ignored: SOS {self.active.alert_id} is active")]
         if self.call_id is None:
-            self.call_id = f"{self.identity.device_id}-{now.utc:%Y%m%dT%H%M%SZ}"
+            # The time for people, a random part because the clock may not be set yet after a
+            # reboot (two calls in one second, or a clock that restarted, must not merge).
+            self.call_id = (f"{self.identity.device_id}-{now.utc:%Y%m%dT%H%M%SZ}-"
+                            f"{self.new_alert_id()[:6]}")
             call_id, kind, shown = self.call_id, "call_started", FeedbackState.CALL_STARTED
             text = f"call started by the wearer's gesture: {call_id}"
         else:

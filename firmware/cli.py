@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sos-device",
         description="Firmware of the SOS video token and the SOS pillar: the SOS button, GPS, "
-                    "feedback outputs and the durable uplink to the control centre.",
+                    "feedback outputs, the durable uplink to the control centre, encrypted "
+                    "evidence video with live view during an SOS, and the shift-end upload.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="device config TOML (default: $SOS_DEVICE_CONFIG or %(default)s)")

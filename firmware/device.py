@@ -198,13 +198,12 @@ class DeviceRuntime:
                                               bitrate=config.camera.bitrate)
         # Live view during an SOS: the camera's low-resolution stream, to the centre's live key.
         self.live: LiveStreamer | None = None
-        if self._camera is not None and config.live_recipients:
+        if self._camera is not None and config.camera is not None and config.live_recipients:
             live_topic = Topics(config.device_id).live
             self.live = LiveStreamer(
                 config.device_id, list(config.live_recipients), signer,
                 lambda payload, header: self.uplink.publish_live(live_topic, payload, header),
-                fps=config.camera.fps if config.camera else 25.0,
-                size=getattr(self._camera, "lores_size", (160, 120)))
+                fps=config.camera.fps, size=self._camera.lores_size)
         # Shift-end upload: when docked (GPIO or station network) or asked to.
         self.uploader: Uploader | None = None
         self.dock: DockDetector | None = None

@@ -293,7 +293,6 @@ class ScenarioRun:
             self.recorder.add("centre", "position", f"position of {m['alert_id'][:8]}: {where} "
                               f"({p['source']})", alert_id=m["alert_id"])
         elif event.kind == "live":
-            m = event.message
             if not event.new:
                 self.recorder.add("centre", "problem", f"live chunk from {event.device_id} "
                                   f"refused: {m.get('reason')}")

@@ -285,8 +285,8 @@ def test_the_call_gesture_starts_a_call_with_a_device_made_id() -> None:
     (event,) = stored(actions)
     validate(MessageKind.EVENT, {**event.message, "seq": 1})
     assert event.message["type"] == "call_started" and "alert_id" not in event.message
-    assert event.message["call_id"] == core.call_id == "tok-001-20261123T100010Z"
-    assert CallChange("tok-001-20261123T100010Z") in actions
+    assert event.message["call_id"] == core.call_id == "tok-001-20261123T100010Z-000000"
+    assert CallChange("tok-001-20261123T100010Z-000000") in actions
     (store,) = [a for a in actions if isinstance(a, Store)]
     assert store.state["call_id"] == core.call_id
     assert shown(actions) == [FeedbackState.CALL_STARTED]
@@ -299,7 +299,7 @@ def test_the_call_gesture_again_ends_the_call() -> None:
     (event,) = stored(actions)
     validate(MessageKind.EVENT, {**event.message, "seq": 2})
     assert event.message["type"] == "call_ended"
-    assert event.message["call_id"] == "tok-001-20261123T100010Z"
+    assert event.message["call_id"] == "tok-001-20261123T100010Z-000000"
     assert CallChange(None) in actions and core.call_id is None
     assert shown(actions) == [FeedbackState.CALL_ENDED]
 
@@ -334,11 +334,11 @@ def test_a_call_survives_a_restart_and_recording_resumes() -> None:
     reborn = AlertCore(DeviceIdentity("tok-001", "token", 5.0),
                        command_keys=[public_key_from_b64(CENTRE.public_key_b64)])
     actions = reborn.restore(saved, at(100))
-    assert CallChange("tok-001-20261123T100010Z") in actions
-    assert reborn.call_id == "tok-001-20261123T100010Z" and reborn.active is None
+    assert CallChange("tok-001-20261123T100010Z-000000") in actions
+    assert reborn.call_id == "tok-001-20261123T100010Z-000000" and reborn.active is None
     (event,) = stored(reborn.handle(CallGesture(), at(110), READINGS))
     assert (event.message["type"], event.message["call_id"]) == \
-        ("call_ended", "tok-001-20261123T100010Z")
+        ("call_ended", "tok-001-20261123T100010Z-000000")
 
 
 def test_dispatch_call_end_ends_a_call_the_gesture_started() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from control_center.audit import verify_log
+from control_center.audit import AuditLog, verify_log
 from control_center.evidence import file_sha256
 from control_center.evidence_cli import NOTHING_RECOVERED, main
 from control_center.fleet import age_x25519_keypair
@@ -265,6 +265,19 @@ def test_an_audit_log_that_cannot_be_opened_stops_the_decryption(card, tmp_path,
     out = tmp_path / "x.ts"
     assert decrypt(card, card["dir"] / "000001.ts.age", out, "--audit", str(tmp_path)) == 2
     assert "cannot open the audit log" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plaintext_whose_audit_entry_cannot_be_written_is_removed(card, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AuditLog, "append", disk_full)
+    out = tmp_path / "x.ts"
+    assert decrypt(card, card["dir"] / "000001.ts.age", out,
+                   "--audit", str(tmp_path / "audit.jsonl")) == 2
+    assert "the output was removed" in capsys.readouterr().err
     assert not out.exists()
 
 

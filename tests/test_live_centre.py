@@ -213,13 +213,19 @@ def test_a_stream_whose_final_chunk_never_came_is_ended_by_the_centre(live_key, 
 
 # -- over the real broker --------------------------------------------------------------------------
 @pytest.fixture
-def live_centre(broker, tmp_path) -> Iterator[tuple[CenterProbe, LiveReceiver]]:
+def live_idle_s() -> float:
+    return 60.0
+
+
+@pytest.fixture
+def live_centre(broker, tmp_path, live_idle_s) -> Iterator[tuple[CenterProbe, LiveReceiver]]:
     broker.fleet.ensure_live_key()
     rx = LiveReceiver(broker.fleet.live_identity_file, tmp_path / "live",
                       FleetTrust(broker.fleet))
     store = Store(tmp_path / "center.sqlite")
     probe: CenterProbe
-    service = broker.centre_service(store, on_event=lambda e: probe.record(e), live=rx)
+    service = broker.centre_service(store, on_event=lambda e: probe.record(e), live=rx,
+                                    live_idle_s=live_idle_s)
     probe = CenterProbe(service, store)
     service.start()
     yield probe, rx
@@ -315,3 +321,41 @@ def test_end_to_end_a_device_streams_an_sos_to_a_playable_file_at_the_centre(
     assert first["p50"] > newest["p50"]
     assert all(m["latency_newest_ms"] is not None for m in received)
     assert live.stats()["chunks_dropped"] == 0
+
+
+@pytest.mark.parametrize("live_idle_s", [0.0])
+def test_a_stream_left_without_its_final_chunk_is_ended_when_a_status_arrives(
+        broker, live_centre, clip, tmp_path) -> None:
+    """A device that lost power mid-SOS sends no final chunk: the serving centre ends the
+    stream (#EXT-X-ENDLIST) on the next device status (here with no idle time allowed)."""
+    probe, rx = live_centre
+    broker.identity(DEVICE)
+    chunks = make_chunks(("", broker.fleet.live_recipients()[0]), clip[:13],
+                         key=load_or_make_key(broker.signing_key_file(DEVICE)))
+    client = make_client(DEVICE, broker.identity(DEVICE))
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect(broker.centre.host, broker.centre.port)
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [(LIVE_HEADER_PROPERTY, json.dumps(chunks[0][1]))]
+        client.publish(Topics(DEVICE).live, chunks[0][0], qos=0, properties=properties)
+        probe.wait_for(lambda: len(live_events(probe)) >= 1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    playlist = rx.stream_dir(chunks[0][1]["alert_id"]) / "index.m3u8"
+    assert not playlist.read_text().endswith("#EXT-X-ENDLIST\n")
+    status = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
+    outbox = Outbox(tmp_path / "outbox.sqlite", signer=device_signer(broker, DEVICE))
+    uplink = MqttUplink(DEVICE, broker.identity(DEVICE), outbox, lambda event: None,
+                        will_payload=status, status_payload=lambda: status)
+    uplink.start()  # its retained status on connect
+    try:
+        probe.wait_for(lambda: any(e.kind == "status" for e in probe.events))
+    finally:
+        uplink.stop()
+        outbox.close()
+    assert playlist.read_text().endswith("#EXT-X-ENDLIST\n")

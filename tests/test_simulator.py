@@ -112,6 +112,8 @@ def test_the_operator_had_a_playable_live_view_during_the_sos(shift) -> None:
     assert live["alerts"][alert["alert_id"]]["chunks"] > 0 and live["refused"] == 0
     assert live["latency_newest_ms"]["p50"] > 0
     assert probe_frames(out / "live" / alert["alert_id"] / "live.ts") > 0
+    playlist = (out / "live" / alert["alert_id"] / "index.m3u8").read_text()
+    assert playlist.endswith("#EXT-X-ENDLIST\n")  # the stream ended with the SOS
 
 
 def probe_frames(path: Path) -> int:

@@ -6,6 +6,7 @@ picamera2, the simulator's synthetic camera) differ only in how they produce `En
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,9 @@ class FrameSource(Protocol):
     @property
     def size(self) -> tuple[int, int]: ...
 
+    @property
+    def lores_size(self) -> tuple[int, int]: ...
+
     def start(self, on_frame: FrameCallback, on_lores: FrameCallback | None = None) -> None: ...
 
     def stop(self) -> None: ...
@@ -93,3 +97,12 @@ def check_lores_size(main: tuple[int, int], lores: tuple[int, int]) -> tuple[int
         raise ValueError(f"lores size must be even, at least 16x16 and no larger than the main "
                          f"stream {main[0]}x{main[1]}, got {lw}x{lh}")
     return lores
+
+
+def deliver(callback: FrameCallback, frame: EncodedFrame, what: str) -> None:
+    """Hand `frame` to a consumer from a camera's thread: a consumer's exception is logged and
+    never reaches the encoder (it would stop the camera for every other consumer too)."""
+    try:
+        callback(frame)
+    except Exception:
+        logging.getLogger("sos.camera").exception("%s failed", what)

@@ -369,10 +369,6 @@ class LiveStreamer:
         with self._pending_cond:
             return sum(len(c.payload) for c in self._pending)
 
-    @property
-    def open_chunk_bytes(self) -> int:
-        return self._sink.size
-
     def stats(self) -> dict[str, Any]:
         return {
             "alert_id": self._alert_id,

@@ -34,6 +34,7 @@ from .frames import (
     FrameSource,
     check_lores_size,
     check_stream_settings,
+    deliver,
 )
 
 
@@ -62,7 +63,7 @@ class _TimestampMap:
 
 
 def _frame_output(output_base: type, on_frame: FrameCallback,
-                  times: _TimestampMap) -> Any:
+                  times: _TimestampMap, what: str = "on_frame") -> Any:
     """An instance of a `picamera2.outputs.Output` subclass that feeds `on_frame`."""
 
     class FrameOutput(output_base):  # type: ignore[misc, valid-type]
@@ -78,7 +79,7 @@ def _frame_output(output_base: type, on_frame: FrameCallback,
             with self._lock:
                 pts_s, utc = times.map(timestamp)
                 data = frame if isinstance(frame, bytes) else bytes(frame)  # mmap/memoryview
-                on_frame(EncodedFrame(data, pts_s, bool(keyframe), utc))
+                deliver(on_frame, EncodedFrame(data, pts_s, bool(keyframe), utc), what)
 
     return FrameOutput()
 
@@ -102,7 +103,7 @@ class PicameraSource(FrameSource):
         self._camera: Any = None
         self.output: Any = None
         # Default lores: 320 wide, the main stream's aspect ratio, even (1080p -> 320x180).
-        self.lores_size = check_lores_size(
+        self._lores_size = check_lores_size(
             size, lores_size or (320, max(16, round(320 * size[1] / size[0] / 2) * 2)))
         self.lores_bitrate = lores_bitrate
         self.lores_iperiod = max(1, round(fps * lores_gop_s))
@@ -115,6 +116,10 @@ class PicameraSource(FrameSource):
     @property
     def size(self) -> tuple[int, int]:
         return self._size
+
+    @property
+    def lores_size(self) -> tuple[int, int]:
+        return self._lores_size
 
     def start(self, on_frame: FrameCallback, on_lores: FrameCallback | None = None) -> None:
         if self._camera is not None:
@@ -138,7 +143,8 @@ class PicameraSource(FrameSource):
                 lores_encoder = H264Encoder(bitrate=self.lores_bitrate, repeat=True,
                                             iperiod=self.lores_iperiod)
                 self.lores_output = _frame_output(Output, on_lores,
-                                                  _TimestampMap(self._clock, self._utc_clock))
+                                                  _TimestampMap(self._clock, self._utc_clock),
+                                                  "on_lores")
                 camera.start_encoder(lores_encoder, self.lores_output, name="lores")
             # repeat=True: SPS/PPS on every keyframe, so any keyframe can start a segment.
             encoder = H264Encoder(bitrate=self.bitrate, repeat=True, iperiod=self.iperiod)

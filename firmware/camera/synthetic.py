@@ -30,6 +30,7 @@ from .frames import (
     FrameSource,
     check_lores_size,
     check_stream_settings,
+    deliver,
 )
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,6 @@ class SyntheticCamera(FrameSource):
         self._pattern = TestPattern(device_id, size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.frames_delivered = 0
         self.dropped_frames = 0
 
     @property
@@ -270,14 +270,10 @@ class SyntheticCamera(FrameSource):
                  lores: bool = False) -> None:
         for data, keyframe, index in packets:
             pts_s, utc = pending.pop(index)
-            try:
-                on_frame(EncodedFrame(data, pts_s, keyframe, utc))
-            except Exception:  # a consumer's bug must not kill the camera
-                log.exception("on_lores failed" if lores else "on_frame failed")
+            deliver(on_frame, EncodedFrame(data, pts_s, keyframe, utc),
+                    "on_lores" if lores else "on_frame")
             if lores:
                 self.lores_frames_delivered += 1
-            else:
-                self.frames_delivered += 1
 
 
 def half_size(size: tuple[int, int]) -> tuple[int, int]:
