@@ -82,9 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evidence-mb", type=int, default=64, metavar="MB",
                         help="plaintext per evidence throughput run, 10**6 bytes; each line "
                              "runs 3 times interleaved and the best counts (default 64)")
-    parser.add_argument("--upload-mb", type=int, default=64, metavar="MB",
+    parser.add_argument("--upload-mb", type=int, default=128, metavar="MB",
                         help="plaintext per upload run, in 8 MB segments (10**6 bytes); each "
-                             "line runs 3 times interleaved and the best counts (default 64)")
+                             "line runs 3 times interleaved and the best counts (default 128)")
     parser.add_argument("--upload-link-mbit", type=float, default=400.0, metavar="MBIT",
                         help="pace of the relay the upload section's last two lines go "
                              "through, Mbit/s (default 400; 0 leaves them out)")

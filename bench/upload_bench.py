@@ -1,7 +1,7 @@
 """Shift-end upload goodput: our tus uploader beside a raw HTTPS PUT of the same bytes.
 
 `python -m bench.upload_bench [--segments N] [--segment-mb MB] [--chunk-kib KIB]
-[--big-chunk-kib KIB] [--repeats R] [--tmpdir DIR] [--json]` prints MB/s (10**6 bytes of
+[--small-chunk-kib KIB] [--repeats R] [--tmpdir DIR] [--json]` prints MB/s (10**6 bytes of
 segment files per second of wall time) and ms per segment for:
   raw PUT          each segment's .ts.age sent as one `PUT /raw/<name>` to the same ingest
                    server (`IngestServer(raw_put=True)`), over one persistent mutual-TLS
@@ -11,11 +11,15 @@ segment files per second of wall time) and ms per segment for:
   raw PUT+SHA-256  the same, hashing the body as it arrives (`?sha256`): the one per-byte job an
                    upload also does, so the gap splits into per-byte and per-segment parts
   ours             `Uploader.run_once` on the same segments with the device's default
-                   `chunk_bytes`: POST per segment (checked manifest), PATCHes (each fsynced and
-                   its offset committed before the answer), completion on the server (hash and
-                   chain check, store, audit, signed receipt), the receipt checked, kept (fsync)
-                   and the files deleted on the device
-  ours, big chunks the same with `--big-chunk-kib` chunks (one PATCH per segment at 8 MiB)
+                   `chunk_bytes` (16 MiB: one request per segment here): on the byte connection
+                   one PATCH (or POST with the body) per segment, the last answered at once
+                   (`Prefer: respond-async`); on a second connection the next segment's POST
+                   (checked manifest) while this one sends; on the server's worker threads the
+                   completion (fdatasync, SHA-256, chain check, store, audit, signed receipt);
+                   on a third connection the receipt fetched, checked, kept (fsync) and the
+                   files deleted on the device. Timed until the last segment is deleted.
+  ours, small      the same with `--small-chunk-kib` chunks (1 MiB: a PATCH per MiB, each
+                   fsynced and committed by the server before its answer)
   ... over a link  raw PUT and ours again through a TCP relay on 127.0.0.1 that paces the
                    device's direction to `--link-mbit` (default 400, a dock's Wi-Fi or a shared
                    gigabit port; 0 leaves these out): what the fixed costs come to when the
@@ -249,29 +253,29 @@ class _PacedRelay:
             sock.close()
 
 
-def run_upload(tmpdir: str | Path, *, segments: int = 8, segment_mb: int = 8,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES, big_chunk_bytes: int = 8 << 20,
+def run_upload(tmpdir: str | Path, *, segments: int = 16, segment_mb: int = 8,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, small_chunk_bytes: int = 1 << 20,
                link_mbit: float = 400.0, repeats: int = 3,
                progress: Callable[[str], None] = lambda text: None,
                context: dict[str, Any] | None = None) -> UploadReport:
     """Measure every line; a part that cannot run is an entry in `errors`."""
     report = UploadReport(segments=segments, segment_bytes=0, repeats=repeats,
-                          chunk_bytes=chunk_bytes, big_chunk_bytes=big_chunk_bytes,
+                          chunk_bytes=chunk_bytes, small_chunk_bytes=small_chunk_bytes,
                           link_mbit=link_mbit, target_ratio=TARGET_RATIO,
                           context=dict(context or {}))
     link = f", then raw PUT and ours through a {link_mbit:g} Mbit/s relay" if link_mbit else ""
     progress(f"upload: {repeats} x {segments} segments of {segment_mb} MB: raw PUT, raw PUT + "
-             f"SHA-256, ours at {chunk_bytes // 1024} KiB and {big_chunk_bytes // 1024} KiB "
+             f"SHA-256, ours at {chunk_bytes // 1024} KiB and {small_chunk_bytes // 1024} KiB "
              f"chunks{link}, interleaved")
     try:
-        _measure(Path(tmpdir), segments, segment_mb, chunk_bytes, big_chunk_bytes, link_mbit,
+        _measure(Path(tmpdir), segments, segment_mb, chunk_bytes, small_chunk_bytes, link_mbit,
                  repeats, report)
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
         report.errors.append(f"upload: {type(exc).__name__}: {exc}")
     return report
 
 
-def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_chunk_bytes: int,
+def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, small_chunk_bytes: int,
              link_mbit: float, repeats: int, report: UploadReport) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     fleet_broker = PrivateBroker(tmp / "fleet")  # its fleet and identities; never started
@@ -284,7 +288,7 @@ def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_ch
     recorder = _Recorder(store, fleet_broker.signing_key_file(DEVICE_ID),
                          fleet.evidence_recipients()[0])
     blocksize = 64 * 1024  # TusClient's default; the raw PUT streams in the same reads
-    lines = ["raw", "raw_sha", "raw_link", "ours", "ours_big", "ours_link"]  # raw ones first:
+    lines = ["raw", "raw_sha", "raw_link", "ours", "ours_small", "ours_link"]  # raw ones first:
     if not link_mbit:  # an upload deletes the segments it sent
         lines = [key for key in lines if not key.endswith("_link")]
     times: dict[str, list[float]] = {key: [] for key in lines}
@@ -312,7 +316,7 @@ def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_ch
                 if key != "ours":  # an upload deleted them: record the same amount again
                     seqs = [recorder.record(segment_mb) for _ in range(segments)]
                     paths = [store.path(seq, ".ts.age") for seq in seqs]
-                uploader.chunk_bytes = big_chunk_bytes if key == "ours_big" else chunk_bytes
+                uploader.chunk_bytes = small_chunk_bytes if key == "ours_small" else chunk_bytes
                 port["now"] = relay.port if relay is not None and key == "ours_link" else \
                     server.port
                 started = time.perf_counter()
@@ -332,8 +336,8 @@ def _measure(tmp: Path, segments: int, segment_mb: int, chunk_bytes: int, big_ch
         store.close()
     mb = total / 1e6
     report.segment_bytes = total // segments
-    report.raw_mb_s, report.raw_sha_mb_s, report.ours_mb_s, report.ours_big_mb_s = (
-        mb / min(times[k]) for k in ("raw", "raw_sha", "ours", "ours_big"))
+    report.raw_mb_s, report.raw_sha_mb_s, report.ours_mb_s, report.ours_small_mb_s = (
+        mb / min(times[k]) for k in ("raw", "raw_sha", "ours", "ours_small"))
     if link_mbit:
         report.raw_link_mb_s = mb / min(times["raw_link"])
         report.ours_link_mb_s = mb / min(times["ours_link"])
@@ -345,14 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(*args_in[1:5])
     parser = argparse.ArgumentParser(prog="python -m bench.upload_bench",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--segments", type=int, default=8, help="segments per run (8)")
+    parser.add_argument("--segments", type=int, default=16,
+                        help="segments per run (16: the last one's completion, which nothing "
+                             "overlaps, weighs 1/16)")
     parser.add_argument("--segment-mb", type=int, default=8,
                         help="plaintext per segment, 10**6 bytes (8: about 6 s of 1080p30)")
     parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
                         help=f"our PATCH size (default {DEFAULT_CHUNK_BYTES // 1024}, the "
                              "device's upload.chunk_bytes default)")
-    parser.add_argument("--big-chunk-kib", type=int, default=8192,
-                        help="PATCH size of the second 'ours' line (8192)")
+    parser.add_argument("--small-chunk-kib", type=int, default=1024,
+                        help="PATCH size of the second 'ours' line (1024)")
     parser.add_argument("--link-mbit", type=float, default=400.0,
                         help="pace of the relay for the '... over a link' lines, Mbit/s "
                              "(400; 0 leaves them out)")
@@ -364,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="upload-bench-", dir=args.tmpdir) as tmp:
         report = run_upload(tmp, segments=args.segments, segment_mb=args.segment_mb,
                             chunk_bytes=args.chunk_kib * 1024,
-                            big_chunk_bytes=args.big_chunk_kib * 1024,
+                            small_chunk_bytes=args.small_chunk_kib * 1024,
                             link_mbit=args.link_mbit, repeats=args.repeats,
                             context={"tmpdir": str(Path(tmp).parent), "cpus": os.cpu_count(),
                                      "filesystem": _filesystem(Path(tmp))})

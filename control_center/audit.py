@@ -10,7 +10,9 @@ Each line is one event as canonical JSON (keys sorted, no spaces, ASCII) with at
     prev    SHA-256 (hex) of the previous line's bytes without its newline; null on line 1
 
 plus the event's own fields (`device_id`, `seq`, `sha256` of the ciphertext, `reason`, ...).
-Each line is written with one write() and fsynced before `append` returns. Appends are
+Each line is written with one write() and, unless the caller says `durable=False`, fsynced
+before `append` returns (a line written without its own fsync is made durable by the next
+fsynced one, as the file is append-only; a power cut can cut only the newest lines). Appends are
 serialised by a thread lock and an flock on the file, so several threads and processes (the
 ingest server and `sos-evidence`) can share one log.
 
@@ -54,8 +56,10 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
         self._known: tuple[int, str | None] | None = None  # (file size, hash of its last line)
 
-    def append(self, event: str, actor: str, **fields: Any) -> dict[str, Any]:
-        """Write one event and return it as written (with `time` and `prev`)."""
+    def append(self, event: str, actor: str, *, durable: bool = True,
+               **fields: Any) -> dict[str, Any]:
+        """Write one event and return it as written (with `time` and `prev`); `durable=False`
+        leaves the fsync to the next durable append (for steps nothing else depends on)."""
         if not EVENT_NAME.match(event):
             raise ValueError(f"audit event {event!r} is not a lower-case word ([a-z0-9_])")
         if not actor:
@@ -74,7 +78,8 @@ class AuditLog:
                 line = json.dumps(entry, sort_keys=True, separators=(",", ":"),
                                   ensure_ascii=True, allow_nan=False).encode() + b"\n"
                 os.write(self._fd, lead + line)
-                os.fsync(self._fd)
+                if durable:
+                    os.fsync(self._fd)
                 self._known = (size + len(lead) + len(line), line_hash(line))
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -23,6 +23,7 @@ from control_center.evidence import decrypt_segment, keys_from_fleet, verify_dir
 from control_center.evidence_cli import main as sos_evidence
 from control_center.fleet import Fleet
 from control_center.ingest import receipt_problems
+from control_center.ingest.uploads import Uploads
 from control_center.pki import CertPair
 from protocol.signing import SignatureError, public_key_from_b64, verify
 from tests.test_evidence_verify import tiny_ts
@@ -71,12 +72,12 @@ def stored_files(env: Env, device_id: str = DEVICE) -> list[str]:
 
 
 # -- the normal path -----------------------------------------------------------------------------
-def test_options_advertises_tus_core_and_creation(env: Env) -> None:
+def test_options_advertises_tus_core_creation_and_creation_with_upload(env: Env) -> None:
     reply = env.client(env.start(max_size=50 << 20)).options()
     assert reply.status == 204
     assert reply.header("tus-resumable") == "1.0.0"
     assert reply.header("tus-version") == "1.0.0"
-    assert reply.header("tus-extension") == "creation"
+    assert reply.header("tus-extension") == "creation,creation-with-upload"
     assert reply.header("tus-max-size") == str(50 << 20)
 
 
@@ -231,6 +232,101 @@ def test_bytes_past_the_durable_offset_are_cut_off_at_restart(env: Env) -> None:
     client = env.client(env.start())
     assert client.head(location).header("upload-offset") == "5000"
     assert client.patch(location, 5000, data[5000:]).status == 204
+
+
+def test_a_last_patch_preferring_respond_async_is_answered_before_the_receipt(
+        env: Env, video) -> None:
+    seg = env.card().record(video(1))
+    server = env.start()
+    gate = threading.Event()
+    complete = server.complete
+
+    def held(upload):  # the completion waits until the test has its answer
+        gate.wait(15)
+        return complete(upload)
+
+    server.complete = held  # type: ignore[method-assign]
+    client = env.client(server)
+    location = client.create(seg).header("location") or ""
+    done = client.patch(location, 0, seg.data(), prefer="respond-async")
+    assert (done.status, done.header("upload-offset"), done.header("preference-applied"),
+            done.header("upload-receipt")) == (204, str(seg.size), "respond-async", None)
+    assert client.head(location).header("upload-offset") == str(seg.size)
+    assert client.receipt(location).status == 404  # no wait: not stored yet, ask again
+    gate.set()
+    reply = client.receipt(location, wait=10)
+    assert reply.status == 200
+    verify(reply.json(), centre_keys(env.fleet))
+    assert (env.store.root / DEVICE / "000001.ts.age").read_bytes() == seg.data()
+
+
+def test_the_last_body_is_durable_only_once_completed_so_a_restart_cuts_it_back(
+        env: Env) -> None:
+    seg = env.card().record(random_bytes(BIG))
+    data = seg.data()
+    server = env.start()
+    gate = threading.Event()
+    complete = server.complete
+    server.complete = lambda upload: gate.wait(15) and complete(upload)  # type: ignore
+    client = env.client(server)
+    location = client.create(seg).header("location") or ""
+    half = len(data) // 2
+    assert client.patch(location, 0, data[:half]).status == 204  # durable before its answer
+    assert client.patch(location, half, data[half:], prefer="respond-async").status == 204
+    rows = Uploads(env.workdir)  # what a server killed now would find in its database
+    (upload,) = rows.unfinished()
+    assert upload.offset == half
+    rows.close()
+    gate.set()
+    reply = client.receipt(location, wait=10)
+    assert reply.status == 200 and reply.json()["ciphertext_bytes"] == len(data)
+
+
+def test_creation_with_upload_takes_the_bytes_in_the_post(env: Env, video) -> None:
+    seg = env.card().record(video(1))
+    client = env.client(env.start())
+    created = client.create(seg, body=seg.data())
+    assert (created.status, created.header("upload-offset")) == (201, str(seg.size))
+    receipt = decode_receipt(created.header("upload-receipt") or "")
+    assert receipt["seq"] == 1 and receipt["ciphertext_sha256"] == seg.ciphertext_sha256
+    assert (env.store.root / DEVICE / "000001.ts.age").read_bytes() == seg.data()
+
+
+def test_a_second_post_with_a_body_does_not_append_it_again(env: Env) -> None:
+    seg = env.card().record(random_bytes(BIG))
+    data = seg.data()
+    client = env.client(env.start())
+    first = client.create(seg, body=data[:1000])
+    assert (first.status, first.header("upload-offset")) == (201, "1000")
+    again = client.create(seg, body=data[:5000])  # a device that did not learn the answer
+    assert again.header("location") == first.header("location")
+    assert again.header("upload-offset") == "1000"  # the body was read and dropped
+    done = client.patch(again.header("location") or "", 1000, data[1000:])
+    assert done.status == 204 and done.header("upload-receipt")
+
+
+def test_a_receipt_request_for_a_refused_segment_gets_422_and_the_reason(env: Env,
+                                                                         video) -> None:
+    seg = env.card().record(video(1))
+    data = bytearray(seg.data())
+    data[len(data) // 2] ^= 0x01
+    client = env.client(env.start())
+    location = client.create(seg).header("location") or ""
+    assert client.patch(location, 0, bytes(data), prefer="respond-async").status == 204
+    reply = client.receipt(location, wait=10)
+    assert reply.status == 422 and reply.json()["retry"] is False
+    assert "altered or damaged" in reply.json()["error"]
+    assert stored_files(env) == []
+
+
+def test_a_receipt_request_for_an_upload_missing_bytes_gets_409_with_its_offset(
+        env: Env, video) -> None:
+    seg = env.card().record(video(1))
+    client = env.client(env.start())
+    location = client.create(seg).header("location") or ""
+    assert client.patch(location, 0, seg.data()[:10]).status == 204
+    reply = client.receipt(location, wait=5)
+    assert (reply.status, reply.header("upload-offset")) == (409, "10")
 
 
 def test_a_patch_at_the_wrong_offset_is_409_with_the_real_offset(env: Env, video) -> None:

@@ -160,21 +160,30 @@ class Tus:
     def options(self) -> Reply:
         return self.request("OPTIONS", "/files/")
 
-    def create(self, seg: Seg, *, length: int | None = None, **override: bytes | str) -> Reply:
-        return self.request("POST", "/files/", {
-            "Tus-Resumable": "1.0.0", "Upload-Length": str(seg.size if length is None else length),
-            "Upload-Metadata": metadata(seg, **override)})
+    def create(self, seg: Seg, *, length: int | None = None, body: bytes | None = None,
+               **override: bytes | str) -> Reply:
+        """POST; with `body`, creation-with-upload."""
+        headers = {"Tus-Resumable": "1.0.0",
+                   "Upload-Length": str(seg.size if length is None else length),
+                   "Upload-Metadata": metadata(seg, **override)}
+        if body is not None:
+            headers["Content-Type"] = "application/offset+octet-stream"
+        return self.request("POST", "/files/", headers, body)
 
     def head(self, location: str) -> Reply:
         return self.request("HEAD", location, {"Tus-Resumable": "1.0.0"})
 
-    def patch(self, location: str, offset: int, data: bytes) -> Reply:
-        return self.request("PATCH", location, {
-            "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
-            "Content-Type": "application/offset+octet-stream"}, data)
+    def patch(self, location: str, offset: int, data: bytes, *,
+              prefer: str | None = None) -> Reply:
+        headers = {"Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
+                   "Content-Type": "application/offset+octet-stream"}
+        if prefer:
+            headers["Prefer"] = prefer
+        return self.request("PATCH", location, headers, data)
 
-    def receipt(self, location: str) -> Reply:
-        return self.request("GET", f"{location}/receipt")
+    def receipt(self, location: str, *, wait: int | None = None) -> Reply:
+        return self.request("GET", f"{location}/receipt",
+                            {"Prefer": f"wait={wait}"} if wait is not None else {})
 
     def upload(self, seg: Seg, data: bytes | None = None) -> Reply:
         """POST then one PATCH with every byte; the PATCH's reply."""

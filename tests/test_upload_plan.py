@@ -138,7 +138,7 @@ def test_settings_defaults() -> None:
     settings = UploadSettings.from_dict({"url": "https://ingest.example:8443/"})
     assert settings.url == "https://ingest.example:8443"
     assert settings.files_url == "https://ingest.example:8443/files/"
-    assert settings.chunk_bytes == 1 << 20
+    assert settings.chunk_bytes == 16 << 20  # one request for a 10 s 1080p segment
     assert settings.station is None and settings.dock_pin is None
 
 

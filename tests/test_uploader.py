@@ -31,6 +31,7 @@ from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manif
 from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import (
     ConnectionLost,
+    Created,
     OffsetMismatch,
     PatchResult,
     Refused,
@@ -118,27 +119,35 @@ class PowerCut(BaseException):
 # -- a scripted in-memory tus server ---------------------------------------------------------
 class ScriptedServer:
     """Holds uploads like the real server; `fail` queues an exception for a method's next
-    call(s), so a test says exactly which request fails how."""
+    call(s) (about segment `seq` only, if given), so a test says exactly which request fails
+    how. With `respond_async` it honours `Prefer: respond-async` as the real server does (the
+    receipt, or the refusal, then comes from GET .../receipt); without, it answers the last
+    PATCH with the receipt, as a server that ignores the preference may."""
 
-    def __init__(self, centre: Signer) -> None:
+    def __init__(self, centre: Signer, *, respond_async: bool = False) -> None:
         self.centre = centre
+        self.respond_async = respond_async
         self.uploads: dict[str, dict[str, Any]] = {}
-        self.failures: dict[str, list[Exception]] = {}
+        self.failures: dict[tuple[str, int | None], list[Exception]] = {}
         self.calls: list[str] = []
         self.clients = 0
+        self._lock = threading.Lock()  # the uploader calls from three threads
 
-    def fail(self, method: str, *errors: Exception) -> None:
-        self.failures.setdefault(method, []).extend(errors)
+    def fail(self, method: str, *errors: Exception, seq: int | None = None) -> None:
+        self.failures.setdefault((method, seq), []).extend(errors)
 
     def client(self) -> ScriptedClient:
-        self.clients += 1
+        with self._lock:
+            self.clients += 1
         return ScriptedClient(self)
 
-    def check(self, method: str) -> None:
-        self.calls.append(method)
-        queued = self.failures.get(method)
-        if queued:
-            raise queued.pop(0)
+    def check(self, method: str, seq: int | None) -> None:
+        with self._lock:
+            self.calls.append(method)
+            for key in ((method, seq), (method, None)):
+                queued = self.failures.get(key)
+                if queued:
+                    raise queued.pop(0)
 
 
 class ScriptedClient:
@@ -146,55 +155,91 @@ class ScriptedClient:
         self.server = server
         self.body_bytes_sent = 0
 
-    def create(self, length: int, metadata: dict[str, bytes]) -> str:
-        self.server.check("create")
+    def create(self, length: int, metadata: dict[str, bytes], *, source: BinaryIO | None = None,
+               body_length: int = 0, respond_async: bool = False,
+               on_sent: Callable[[int], None] | None = None) -> Created:
         manifest = json.loads(metadata["manifest"])
+        self.server.check("create", manifest["seq"])
         for location, upload in self.server.uploads.items():
-            if upload["manifest"] == metadata["manifest"]:
-                return location  # POSTing the same segment again: the same upload
+            if upload["manifest"] == metadata["manifest"]:  # the same segment: the same upload
+                return Created(location, len(upload["data"]), upload["receipt"])
         location = f"/files/{len(self.server.uploads) + 1}"
-        self.server.uploads[location] = {"length": length, "data": bytearray(),
-                                         "manifest": metadata["manifest"], "parsed": manifest,
-                                         "receipt": None}
-        return location
+        upload = self.server.uploads[location] = {
+            "length": length, "data": bytearray(), "manifest": metadata["manifest"],
+            "parsed": manifest, "receipt": None, "refused": None}
+        if source is not None and body_length:
+            self._append(upload, source, body_length, on_sent)
+            if len(upload["data"]) == length:
+                self._complete(upload)
+                if not (respond_async and self.server.respond_async):
+                    self._raise_refusal(upload)
+        return Created(location, len(upload["data"]), upload["receipt"])
 
     def _upload(self, location: str) -> dict[str, Any]:
         if location not in self.server.uploads:
             raise UploadGone("no such upload", 404)
         return self.server.uploads[location]
 
+    def _seq(self, location: str) -> int | None:
+        upload = self.server.uploads.get(location)
+        return upload["parsed"]["seq"] if upload else None
+
     def head(self, location: str) -> tuple[int, int | None]:
-        self.server.check("head")
+        self.server.check("head", self._seq(location))
         upload = self._upload(location)
         return len(upload["data"]), upload["length"]
 
-    def patch(self, location: str, offset: int, source: BinaryIO, length: int) -> PatchResult:
-        self.server.check("patch")
+    def patch(self, location: str, offset: int, source: BinaryIO, length: int, *,
+              respond_async: bool = False,
+              on_sent: Callable[[int], None] | None = None) -> PatchResult:
+        self.server.check("patch", self._seq(location))
         upload = self._upload(location)
         if offset != len(upload["data"]):
             raise OffsetMismatch("offset", 409)
-        data = source.read(length)
-        self.body_bytes_sent += len(data)
-        upload["data"] += data
+        self._append(upload, source, length, on_sent)
         if len(upload["data"]) < upload["length"]:
             return PatchResult(len(upload["data"]), None)
+        self._complete(upload)
+        if respond_async and self.server.respond_async:
+            return PatchResult(len(upload["data"]), None)
+        self._raise_refusal(upload)
+        return PatchResult(len(upload["data"]), upload["receipt"])
+
+    def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        self.server.check("receipt", self._seq(location))
+        upload = self._upload(location)
+        if len(upload["data"]) < upload["length"]:
+            raise OffsetMismatch(f"holds {len(upload['data'])} bytes", 409)
+        self._raise_refusal(upload)
+        return upload["receipt"]
+
+    def close(self) -> None:
+        pass
+
+    def _append(self, upload: dict[str, Any], source: BinaryIO, length: int,
+                on_sent: Callable[[int], None] | None) -> None:
+        data = source.read(length)
+        self.body_bytes_sent += len(data)
+        if on_sent is not None:
+            on_sent(len(data))
+        upload["data"] += data
+
+    def _complete(self, upload: dict[str, Any]) -> None:
         manifest = upload["parsed"]
         digest = hashlib.sha256(upload["data"]).hexdigest()
         if digest != manifest["ciphertext_sha256"]:
-            raise Refused("the segment was altered or damaged before it was sent", 422)
+            upload["refused"] = "the segment was altered or damaged before it was sent"
+            return
         upload["receipt"] = make_receipt(
             self.server.centre, device_id=manifest["device_id"], seq=manifest["seq"],
             ciphertext_sha256=digest,
             manifest_sha256=hashlib.sha256(upload["manifest"]).hexdigest(),
             ciphertext_bytes=len(upload["data"]), store="directory")
-        return PatchResult(len(upload["data"]), upload["receipt"])
 
-    def receipt(self, location: str) -> dict[str, Any] | None:
-        self.server.check("receipt")
-        return self._upload(location)["receipt"]
-
-    def close(self) -> None:
-        pass
+    @staticmethod
+    def _raise_refusal(upload: dict[str, Any]) -> None:
+        if upload["refused"]:
+            raise Refused(upload["refused"], 422)
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +398,81 @@ def test_a_refused_segment_stays_and_is_not_offered_again(card, centre, caplog) 
     assert bad in {c.seq for c in uploader.pending()}
 
 
+def test_with_a_server_that_answers_at_once_the_receipts_come_from_a_second_connection(
+        card, centre) -> None:
+    store, camera = card
+    seqs = [camera.record(3 * CHUNK) for _ in range(3)]
+    server = ScriptedServer(centre, respond_async=True)
+    summary = scripted_uploader(store, server, centre).run_once(threading.Event())
+    assert summary.uploaded == seqs and summary.complete
+    assert server.calls.count("receipt") == 3 and files_of(store, seqs[-1]) == []
+
+
+def test_the_next_segment_is_created_on_its_own_connection_not_the_byte_one(card,
+                                                                           centre) -> None:
+    store, camera = card
+    first, second = camera.record(3 * CHUNK), camera.record(3 * CHUNK)
+    server = ScriptedServer(centre, respond_async=True)
+    requests: list[tuple[int, str, int | None]] = []  # (client, method, seq)
+
+    class Watching(ScriptedClient):
+        def create(self, length: int, metadata: dict[str, bytes], **kwargs: Any) -> Created:
+            requests.append((id(self), "create", int(metadata["seq"])))
+            return super().create(length, metadata, **kwargs)
+
+        def patch(self, location: str, *args: Any, **kwargs: Any) -> PatchResult:
+            requests.append((id(self), "patch", self._seq(location)))
+            return super().patch(location, *args, **kwargs)
+
+    uploader = Uploader(store, store.directory.parent / "upload.sqlite",
+                        lambda: Watching(server), [centre.public_key_b64], DEVICE,
+                        chunk_bytes=CHUNK, sleep=Sleeps())
+    assert uploader.run_once(threading.Event()).uploaded == [first, second]
+    byte_connection = next(c for c, method, _ in requests if method == "patch")
+    assert (byte_connection, "create", first) in requests  # with its first chunk
+    creators = {c for c, method, seq in requests if method == "create" and seq == second}
+    assert creators and byte_connection not in creators
+    assert {seq for c, method, seq in requests if method == "patch"} == {first, second}
+
+
+def test_a_segment_refused_after_the_server_answered_at_once_stays(card, centre) -> None:
+    store, camera = card
+    bad, good = camera.record(3 * CHUNK), camera.record(3 * CHUNK)
+    corrupt(store, bad)
+    server = ScriptedServer(centre, respond_async=True)
+    summary = scripted_uploader(store, server, centre).run_once(threading.Event())
+    assert summary.uploaded == [good]
+    assert summary.refused == {bad: "the segment was altered or damaged before it was sent "
+                                    "(HTTP 422)"}
+    assert len(files_of(store, bad)) == 3
+
+
+def test_a_segment_the_server_lost_before_storing_is_sent_again_in_the_same_pass(
+        card, centre) -> None:
+    store, camera = card
+    seq = camera.record(3 * CHUNK)
+    server = ScriptedServer(centre, respond_async=True)
+
+    def restarted() -> None:  # the server died before its completion: it kept 2 chunks
+        upload = next(iter(server.uploads.values()))
+        del upload["data"][2 * CHUNK:]
+        upload["receipt"] = None
+
+    class Restarting(ScriptedClient):
+        def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+            if server.calls.count("receipt") == 0:
+                restarted()
+            return super().receipt(location, wait_s)
+
+    uploader = Uploader(store, store.directory.parent / "upload.sqlite",
+                        lambda: Restarting(server), [centre.public_key_b64], DEVICE,
+                        chunk_bytes=CHUNK, sleep=Sleeps())
+    size = store.path(seq, ".ts.age").stat().st_size
+    summary = uploader.run_once(threading.Event())
+    assert summary.uploaded == [seq] and summary.complete
+    assert summary.bytes_resent == size - 2 * CHUNK  # only what the server lost
+
+
 def test_retry_later_waits_at_least_retry_after_and_then_goes_on(card, centre) -> None:
     store, camera = card
     seq = camera.record(20_000)
@@ -370,7 +490,7 @@ def test_the_pass_ends_after_max_attempts_and_defers_the_rest(card, centre) -> N
     store, camera = card
     first, second = camera.record(5_000), camera.record(5_000)
     server = ScriptedServer(centre)
-    server.fail("create", *[ConnectionLost("refused")] * 3)
+    server.fail("create", *[ConnectionLost("refused")] * 3, seq=first)
     sleeps = Sleeps()
     uploader = scripted_uploader(store, server, centre, sleep=sleeps, max_attempts=3,
                                  backoff=Backoff(base_s=1.0, jitter=0.0))
@@ -384,7 +504,7 @@ def test_not_authorised_ends_the_pass_without_blaming_any_segment(card, centre) 
     store, camera = card
     first, second = camera.record(5_000), camera.record(5_000)
     server = ScriptedServer(centre)
-    server.fail("create", Unauthorized("certificate revoked", 403))
+    server.fail("create", Unauthorized("certificate revoked", 403), seq=first)
     summary = scripted_uploader(store, server, centre).run_once(threading.Event())
     assert not summary.refused and set(summary.deferred) == {first, second}
     assert summary.deferred[first] == "not authorised: certificate revoked"
@@ -432,23 +552,22 @@ def store_size(server: ScriptedServer) -> int:
     return sum(len(u["data"]) for u in server.uploads.values())
 
 
-def test_a_restart_after_the_last_patch_fetches_the_receipt(card, centre) -> None:
+def test_a_restart_after_the_last_patch_fetches_the_receipt(card, centre, monkeypatch) -> None:
     store, camera = card
     seq = camera.record(3 * CHUNK)
-    server = ScriptedServer(centre)
+    server = ScriptedServer(centre, respond_async=True)
 
     class LosesTheReceipt(ScriptedClient):
-        def patch(self, *args: Any) -> PatchResult:
-            result = super().patch(*args)
-            if result.receipt is not None:
-                raise PowerCut()  # the device died before it kept the receipt
-            return result
+        def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+            raise PowerCut()  # the device died before it had the receipt
 
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
     crashing = Uploader(store, store.directory.parent / "upload.sqlite",
                         lambda: LosesTheReceipt(server), [centre.public_key_b64], DEVICE,
                         chunk_bytes=CHUNK, sleep=Sleeps())
-    with pytest.raises(PowerCut):
-        crashing.run_once(threading.Event())
+    crashing.run_once(threading.Event())
+    assert [type(e) for e in died] == [PowerCut] and len(files_of(store, seq)) == 3
     del crashing
     rebooted = scripted_uploader(SegmentStore(store.directory), server, centre)
     summary = rebooted.run_once(threading.Event())
@@ -711,15 +830,13 @@ def test_e2e_an_invalid_receipt_does_not_delete_and_a_later_pass_does(device, in
 
     def tampering_factory() -> TusClient:
         client = real()
-        patch = client.patch
+        receipt = client.receipt
 
-        def tampered(*args: Any) -> PatchResult:
-            result = patch(*args)
-            if result.receipt is None:
-                return result
-            return PatchResult(result.offset, {**result.receipt, "ciphertext_sha256": "0" * 64})
+        def tampered(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+            result = receipt(*args, **kwargs)
+            return result and {**result, "ciphertext_sha256": "0" * 64}
 
-        client.patch = tampered  # type: ignore[method-assign]
+        client.receipt = tampered  # type: ignore[method-assign]
         return client
 
     summary = real_uploader(store, ingest, client_factory=tampering_factory).run_once(

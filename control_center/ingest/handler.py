@@ -28,8 +28,10 @@ from control_center.ingest.tus import (
     TUS_VERSION,
     Refusal,
     header_int,
+    parse_prefer,
+    preferred_wait,
 )
-from control_center.ingest.uploads import REFUSED, STORED, Upload
+from control_center.ingest.uploads import REFUSED, STORED, UPLOADING, Upload
 from firmware.camera.store import fsync_dir
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("control_center.ingest")
 
 CHUNK = 1 << 20  # bytes read from the socket per write to the part file
-CHECKPOINT = 8 << 20  # fsync (and commit the offset) at least this often within one body
+CHECKPOINT = 32 << 20  # fsync (and commit the offset) at least this often within one body
 DRAIN_LIMIT = 64 << 20  # a refused request's body up to this size is read and dropped
 FILES = "/files/"
 RAW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
@@ -176,16 +178,30 @@ class _Handler(BaseHTTPRequestHandler):
             raise Refusal(412, f"this server speaks tus {TUS_VERSION}; the request says "
                                f"Tus-Resumable: {version}")
 
-    def _upload(self, device: str, upload_id: str) -> Upload:
-        uploads = self.ingest.uploads
-        upload = uploads.get(upload_id) if uploads is not None else None
+    def _upload(self, device: str, upload_id: str, *, refused: int = 410) -> Upload:
+        """The device's own upload; `refused` is the status for one that was refused (410:
+        gone; a receipt request gets 422 and the reason instead)."""
+        upload = self.ingest.upload(upload_id)
         if upload is None:
             raise Refusal(404, f"no upload {upload_id[:40]} on this server")
         if upload.device_id != device:
             raise Refusal(403, f"upload {upload_id} belongs to another device")
         if upload.state == REFUSED:
+            if refused == 422:
+                raise Refusal(422, upload.error or f"segment {upload.seq} was refused")
             raise Refusal(410, f"upload {upload_id} was refused and discarded: {upload.error}")
         return upload
+
+    def _prefer(self) -> dict[str, str]:
+        return parse_prefer(self.headers.get("Prefer"))
+
+    def _body_size(self) -> int:
+        """The request body's size; a body must be announced by Content-Length."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise Refusal(411, "send the body with a Content-Length; chunked bodies are not "
+                               "supported")
+        return header_int(self.headers.get("Content-Length") or "0", "Content-Length",
+                          status=411)
 
     def _route(self) -> tuple[str, str | None, str | None]:
         """(kind, id, rest) for /files/, /files/<id>, /files/<id>/receipt, /raw/<name>."""
@@ -246,12 +262,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.ingest.check_open()
         self.ingest.check_busy()
         self._tus()
-        if header_int(self.headers.get("Content-Length") or "0", "Content-Length"):
-            raise Refusal(400, "a creation request carries no body (creation-with-upload is "
-                               "not supported): send the bytes with PATCH")
+        size = self._body_size()
+        if size and self._content_type() != OFFSET_CONTENT_TYPE:
+            raise Refusal(415, f"a creation request's body (creation-with-upload) must be "
+                               f"Content-Type: {OFFSET_CONTENT_TYPE}")
         length = header_int(self.headers.get("Upload-Length"), "Upload-Length")
+        if size > length:
+            raise Refusal(400, f"a {size}-byte body would pass Upload-Length {length}")
         upload = self.ingest.create(device, self.headers.get("Upload-Metadata"), length)
-        self._reply(201, {"Location": f"{FILES}{upload.id}"})
+        headers = {"Location": f"{FILES}{upload.id}"}
+        if size and upload.state == UPLOADING and upload.offset == 0:
+            taken = self._take_body(device, upload, 0, size)
+            if taken is None:
+                return  # the connection broke: the device asks HEAD
+            upload = taken
+        elif size:  # the device did not know it had begun this one: resume from HEAD
+            self._drain()
+        headers["Upload-Offset"] = str(upload.offset)
+        receipt = self._settle(upload) if upload.offset == upload.length else None
+        if receipt is not None:
+            headers["Upload-Receipt"] = receipt_header(receipt)
+        self._reply(201, headers)
 
     def _head(self) -> None:
         kind, upload_id, rest = self._route()
@@ -268,34 +299,48 @@ class _Handler(BaseHTTPRequestHandler):
         if kind != "upload" or not rest:
             raise Refusal(404, f"GET {self.path[:80]}: only /files/<id>/receipt can be read")
         device = self._device()
-        upload = self._upload(device, upload_id or "")
-        if upload.state != STORED or upload.receipt is None:
-            raise Refusal(404, f"upload {upload.id} is not stored yet ({upload.offset} of "
-                               f"{upload.length} bytes received)", retry=True)
-        self._reply(200, {"Cache-Control": "no-store"}, receipt_bytes(upload.receipt))
+        upload = self._upload(device, upload_id or "", refused=422)
+        stored = self.ingest.await_settled(upload.id, preferred_wait(self._prefer()))
+        if stored is None or stored.receipt is None:
+            raise Refusal(404, f"upload {upload.id} is being checked and stored; ask again "
+                               f"(Prefer: wait=N waits for it)", retry=True, retry_after=1)
+        self._reply(200, {"Cache-Control": "no-store"}, receipt_bytes(stored.receipt))
 
     def _patch(self) -> None:
-        ingest = self.ingest
         kind, upload_id, rest = self._route()
         if kind != "upload" or rest:
             raise Refusal(404, f"PATCH {self.path[:80]}: not an upload")
         device = self._device()
-        ingest.check_open()
+        self.ingest.check_open()
         self._tus()
-        if self.headers.get("Content-Type", "").split(";")[0].strip() != OFFSET_CONTENT_TYPE:
+        if self._content_type() != OFFSET_CONTENT_TYPE:
             raise Refusal(415, f"a PATCH body must be Content-Type: {OFFSET_CONTENT_TYPE}")
         offset = header_int(self.headers.get("Upload-Offset"), "Upload-Offset")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise Refusal(411, "send the PATCH with a Content-Length; chunked bodies are not "
-                               "supported")
-        size = header_int(self.headers.get("Content-Length"), "Content-Length", status=411)
-        upload = self._upload(device, upload_id or "")
+        size = self._body_size()
+        upload = self._take_body(device, self._upload(device, upload_id or ""), offset, size)
+        if upload is None:
+            return  # the connection broke: the device asks HEAD
+        if upload.offset < upload.length:
+            self._reply(204, {"Upload-Offset": str(upload.offset)})
+            return
+        receipt = self._settle(upload)
+        headers = {"Upload-Offset": str(upload.length)}
+        if receipt is not None:
+            headers["Upload-Receipt"] = receipt_header(receipt)
+        elif "respond-async" in self._prefer():
+            headers["Preference-Applied"] = "respond-async"
+        self._reply(204, headers)
+
+    def _take_body(self, device: str, upload: Upload, offset: int, size: int) -> Upload | None:
+        """Receive a body of `size` bytes at `offset` under the upload's lock (an older
+        connection still sending it is cut); the upload as it is then, or None if this
+        connection broke (what arrived is kept)."""
+        ingest = self.ingest
         if upload.state == STORED:
             if offset != upload.length or size:
                 raise Refusal(409, f"upload {upload.id} is complete and stored",
                               offset=upload.length)
-            self._done(upload)
-            return
+            return upload
         lock = ingest.upload_lock(upload.id, self.connection)
         if lock is None:
             raise Refusal(423, f"upload {upload.id} is receiving on another connection",
@@ -306,8 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if offset != upload.length or size:
                     raise Refusal(409, f"upload {upload.id} is complete and stored",
                                   offset=upload.length)
-                self._done(upload)
-                return
+                return upload
             if offset != upload.offset:
                 raise Refusal(409, f"Upload-Offset is {offset}, but upload {upload.id} has "
                                    f"{upload.offset} bytes: resume from there",
@@ -323,16 +367,26 @@ class _Handler(BaseHTTPRequestHandler):
                 self.body_read = True
                 if reached is None:
                     self.close_connection = True
-                    return
-            if upload.offset == upload.length:
-                upload = ingest.complete(upload, discard=False)
-                self._done(upload)
-                if ingest.uploads is not None:  # after the answer, off its path
-                    ingest.uploads.discard_files(upload.id)
-            else:
-                self._reply(204, {"Upload-Offset": str(upload.offset)})
+                    return None
+            return upload
         finally:
             ingest.release_upload(upload.id, lock)
+
+    def _settle(self, upload: Upload) -> dict[str, Any] | None:
+        """Every byte is in: queue the completion; with `Prefer: respond-async` answer at
+        once (the receipt is then fetched with GET .../receipt), else wait for the receipt
+        (None if it takes longer than the server's timeout). Raises the completion's
+        Refusal (422 refused, 503 store failed)."""
+        if upload.state == STORED:
+            return upload.receipt
+        self.ingest.request_completion(upload.id)
+        if "respond-async" in self._prefer():
+            return None
+        stored = self.ingest.await_settled(upload.id, self.ingest.timeout_s)
+        return stored.receipt if stored is not None else None
+
+    def _content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";")[0].strip()
 
     def _done(self, upload: Upload) -> None:
         assert upload.receipt is not None

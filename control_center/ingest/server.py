@@ -1,8 +1,12 @@
 """The evidence ingest server: an upload's life from creation to receipt.
 
-tus 1.0.0 (core + creation) over HTTPS with mutual TLS; the HTTP side is in `handler.py`.
-Creating checks the manifest before any byte is sent; receiving appends durably; completing
-verifies the bytes and the chain, stores, audits and receipts. docs/UPLOAD.md has the protocol,
+tus 1.0.0 (core, creation, creation-with-upload) over HTTPS with mutual TLS; the HTTP side is
+in `handler.py`. Creating checks the manifest before any byte is sent; receiving appends (a
+body that leaves the upload short is made durable before its answer); completing verifies the
+bytes and the chain, stores, audits and receipts. Completion runs on worker threads, so the
+connection that brought the last byte can carry the device's next segment while this one is
+checked and stored (RFC 7240 `Prefer: respond-async`); the receipt is then fetched with
+`GET .../receipt`, which waits for it (`Prefer: wait=N`). docs/UPLOAD.md has the protocol,
 status codes and limits.
 """
 
@@ -13,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ log = logging.getLogger("control_center.ingest")
 
 MAX_SIZE = 1 << 30  # Tus-Max-Size: larger uploads are refused (413)
 LOCK_WAIT_S = 5.0  # a PATCH waits this long for an older PATCH of the same upload to stop
+MAX_BACKLOG = 32  # uploads received whole but not yet stored; beyond it new bodies get 503
 
 
 class IngestServer:
@@ -53,7 +60,8 @@ class IngestServer:
                  host: str = "127.0.0.1", port: int = 0, max_uploads: int = 8,
                  min_free_bytes: int = 0, max_size: int = MAX_SIZE, raw_put: bool = False,
                  retry_after_s: int = 5, space_retry_after_s: int = 300,
-                 timeout_s: float = 60.0,
+                 timeout_s: float = 60.0, completion_workers: int = 2,
+                 max_backlog: int = MAX_BACKLOG,
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.fleet = fleet
         self.store = store
@@ -72,6 +80,8 @@ class IngestServer:
         self.retry_after_s = retry_after_s
         self.space_retry_after_s = space_retry_after_s
         self.timeout_s = timeout_s
+        self.completion_workers = max(1, completion_workers)
+        self.max_backlog = max_backlog
         self.on_event = on_event
         self.uploads: Uploads | None = None
         self._httpd: HTTPServer | None = None
@@ -80,9 +90,18 @@ class IngestServer:
         self._lock = threading.Lock()
         self._active = 0  # PATCH and raw PUT bodies being received
         self._device_locks: dict[str, threading.Lock] = {}
+        self._creation_locks: dict[str, threading.Lock] = {}
         self._upload_locks: dict[str, threading.Lock] = {}
         self._receiving: dict[str, socket.socket] = {}  # upload id -> connection of its PATCH
-        self._hashers: dict[str, tuple[int, Any]] = {}  # upload id -> (offset, sha256 so far)
+        # Completion: ids queued or being completed, the last failure of each (a store that
+        # failed: retried when the device asks again), and the offset of uploads whose last
+        # body is in but not yet fsynced (the row keeps the durable offset; see receive()).
+        self._settled = threading.Condition(threading.RLock())
+        self._pending: set[str] = set()
+        self._failed: dict[str, Refusal] = {}
+        self._received: dict[str, int] = {}
+        self._completions: queue.Queue[str | None] = queue.Queue()
+        self._workers: list[threading.Thread] = []
         self._buffers = threading.local()
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -95,11 +114,16 @@ class IngestServer:
         self.uploads = Uploads(self.workdir)
         for upload in self.uploads.recover():  # every byte in: finish the job first
             try:
-                self._complete(upload)
+                self.complete(upload)
             except Refusal:
                 pass  # refused (audited), or the store failed: the device's next PATCH retries
             except (OSError, ValueError):  # one broken upload must not keep the server down
                 log.exception("ingest: cannot finish upload %s at start", upload.id)
+        self._workers = [threading.Thread(target=self._complete_queued, daemon=True,
+                                          name=f"ingest-complete-{n}")
+                         for n in range(self.completion_workers)]
+        for worker in self._workers:
+            worker.start()
         self._httpd = HTTPServer((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ingest",
@@ -118,6 +142,11 @@ class IngestServer:
         if self._thread is not None:
             self._thread.join()
         self._httpd = None
+        for _ in self._workers:  # queued completions are finished first
+            self._completions.put(None)
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
         if self.uploads is not None:
             self.uploads.close()
             self.uploads = None
@@ -137,8 +166,9 @@ class IngestServer:
         self.stop()
 
     # -- shared checks ---------------------------------------------------------------------------
-    def event(self, event: str, actor: str, **fields: Any) -> dict[str, Any]:
-        entry = self.audit.append(event, actor, **fields)
+    def event(self, event: str, actor: str, *, durable: bool = True,
+              **fields: Any) -> dict[str, Any]:
+        entry = self.audit.append(event, actor, durable=durable, **fields)
         if self.on_event is not None:
             try:
                 self.on_event(entry)
@@ -155,6 +185,10 @@ class IngestServer:
         if self._active >= self.max_uploads:
             raise Refusal(503, f"the ingest server is receiving {self._active} uploads, its "
                                f"limit; try again later", retry=True,
+                          retry_after=self.retry_after_s)
+        if len(self._pending) >= self.max_backlog:
+            raise Refusal(503, f"the ingest server has {len(self._pending)} received segments "
+                               f"still to store, its limit; try again later", retry=True,
                           retry_after=self.retry_after_s)
 
     def check_space(self, needed: int) -> None:
@@ -181,8 +215,14 @@ class IngestServer:
                 self._active -= 1
 
     def device_lock(self, device_id: str) -> threading.Lock:
+        """Held while one of the device's uploads is checked against the store and stored."""
         with self._lock:
             return self._device_locks.setdefault(device_id, threading.Lock())
+
+    def creation_lock(self, device_id: str) -> threading.Lock:
+        """Held while the device's upload of a segment is found or created (one per segment)."""
+        with self._lock:
+            return self._creation_locks.setdefault(device_id, threading.Lock())
 
     def upload_lock(self, upload_id: str, connection: socket.socket) -> threading.Lock | None:
         """The upload's lock, taken for `connection`; an older PATCH of the same upload (a
@@ -245,14 +285,18 @@ class IngestServer:
                 scratch: Path) -> Upload:
         assert self.uploads is not None
         admission = verify.admit(device, metadata, length, scratch, self.keys_for)
-        with self.device_lock(device):
+        # Not the device lock: that one is held while a completion stores the device's last
+        # segment, and creating the next must not wait for it. The chain check here is the
+        # early one; completion checks again under the device lock.
+        with self.creation_lock(device):
             found = self.uploads.find(device, admission.seq, admission.manifest_sha256)
             if found is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+                found = self._with_received(found)
                 if found.state == UPLOADING:
-                    self.event("upload_resumed", device, device_id=device, seq=found.seq,
-                               upload_id=found.id, offset=found.offset, length=found.length,
-                               manifest_sha256=found.manifest_sha256,
+                    self.event("upload_resumed", device, durable=False, device_id=device,
+                               seq=found.seq, upload_id=found.id, offset=found.offset,
+                               length=found.length, manifest_sha256=found.manifest_sha256,
                                sha256=found.ciphertext_sha256)
                 return found
             already = verify.check_chain(self.store, admission.manifest,
@@ -267,18 +311,36 @@ class IngestServer:
                 self.uploads.add_stored(upload)
                 return upload
             self.uploads.create(upload)
-        self.event("upload_created", device, device_id=device, seq=upload.seq,
+        self.event("upload_created", device, durable=False, device_id=device, seq=upload.seq,
                    upload_id=upload.id, length=length, manifest_sha256=upload.manifest_sha256,
                    sha256=upload.ciphertext_sha256)
         return upload
 
     # -- receiving -------------------------------------------------------------------------------
+    def upload(self, upload_id: str) -> Upload | None:
+        """The upload as the device sees it: its row, with the offset of a last body that is
+        in but not yet fsynced (see receive())."""
+        upload = self.uploads.get(upload_id) if self.uploads is not None else None
+        return self._with_received(upload) if upload is not None else None
+
+    def _with_received(self, upload: Upload) -> Upload:
+        received = self._received.get(upload.id)
+        if received is not None and received > upload.offset:
+            upload.offset = received
+        return upload
+
     def receive(self, upload: Upload, body, size: int) -> int | None:
-        """Append `size` bytes from `body` at the upload's offset; returns the new durable
-        offset, or None if the connection broke first (what arrived is kept, durably)."""
+        """Append `size` bytes from `body` at the upload's offset; returns the new offset, or
+        None if the connection broke first (what arrived is kept, durably).
+
+        A body that leaves the upload short is fdatasynced and its offset committed before
+        the answer, so a crashed server resumes where the device was told it stands. A body
+        that completes the upload is not: its completion fsyncs it first thing (off this
+        connection's path); until then its offset lives in memory, and a server that dies
+        before that cuts the part file back to the last durable offset, so the device resends
+        that last body (at most one chunk)."""
         assert self.uploads is not None
         part = self.uploads.part_file(upload)
-        hasher = self._hasher(upload, part)
         offset = upload.offset
         committed = offset
         view = self._buffer()[:min(CHUNK, max(size, 1))]
@@ -296,27 +358,29 @@ class IngestServer:
                         broken = True
                         break
                     f.write(view[:n])
-                    hasher.update(view[:n])
                     offset += n
                     left -= n
-                    if offset - committed >= CHECKPOINT:
+                    if offset - committed >= CHECKPOINT and offset < upload.length:
                         committed = self._commit(upload, f, offset, sync=False)
-                if offset > committed:
+                if offset == upload.length and not broken:
+                    f.flush()
+                    self._received[upload.id] = offset
+                elif offset > committed:
                     committed = self._commit(upload, f, offset, sync=True)
                 elif offset > upload.offset:  # a checkpoint took the last bytes: sync its row
                     self.uploads.set_offset(upload.id, offset)
             except OSError as exc:  # the disk, not the client: keep only what is durable
                 f.truncate(committed)
                 os.fsync(f.fileno())
-                self._hashers.pop(upload.id, None)
+                self._received.pop(upload.id, None)
                 self.uploads.set_offset(upload.id, committed)
                 raise Refusal(507, f"the ingest server could not write the upload: {exc}",
                               retry=True, retry_after=self.space_retry_after_s) from exc
-        self._hashers[upload.id] = (offset, hasher)
         upload.offset = offset
         if broken:
-            self.event("upload_interrupted", upload.device_id, device_id=upload.device_id,
-                       seq=upload.seq, upload_id=upload.id, offset=offset, length=upload.length)
+            self.event("upload_interrupted", upload.device_id, durable=False,
+                       device_id=upload.device_id, seq=upload.seq, upload_id=upload.id,
+                       offset=offset, length=upload.length)
             return None
         return offset
 
@@ -337,69 +401,121 @@ class IngestServer:
         self.uploads.set_offset(upload.id, offset, sync=sync)
         return offset
 
-    def _hasher(self, upload: Upload, part: Path):
-        known = self._hashers.get(upload.id)
-        if known is not None and known[0] == upload.offset:
-            return known[1]
-        hasher = hashlib.sha256()
-        with open(part, "rb") as f:
-            left = upload.offset
-            while left:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                left -= len(chunk)
-        return hasher
-
     # -- completion ------------------------------------------------------------------------------
-    def complete(self, upload: Upload, *, discard: bool = True) -> Upload:
-        """All bytes are in: verify, store, audit, receipt. Raises Refusal (422: refused and
-        discarded; 503: the store failed, the upload stays complete and can be finished by
-        repeating the last PATCH with no body). `discard=False` leaves the stored upload's
-        work files for the caller to delete (`uploads.discard_files`) once it has answered;
-        a crash before that deletes them at the next start."""
-        with self.device_lock(upload.device_id):
-            return self._complete(upload, discard=discard)
+    def request_completion(self, upload_id: str) -> None:
+        """Queue the upload (every byte in) for completion, unless it is queued already."""
+        with self._settled:
+            if upload_id in self._pending:
+                return
+            self._pending.add(upload_id)
+            self._failed.pop(upload_id, None)
+        self._completions.put(upload_id)
 
-    def _complete(self, upload: Upload, *, discard: bool = True) -> Upload:
+    def await_settled(self, upload_id: str, wait_s: float) -> Upload | None:
+        """The upload once stored, waiting up to `wait_s` for its completion (queued here if
+        it is not yet); None if it is still being completed. Raises Refusal: 404 unknown, 409
+        (with the offset) if bytes are missing, 422 refused, 503 if the store failed."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with self._settled:
+            upload = self.upload(upload_id)
+            if upload is None:
+                raise Refusal(404, f"no upload {upload_id[:40]} on this server")
+            if upload.state == UPLOADING and upload.offset < upload.length:
+                raise Refusal(409, f"upload {upload.id} holds {upload.offset} of "
+                                   f"{upload.length} bytes: send the rest from there",
+                              offset=upload.offset)
+            if upload.state not in (STORED, REFUSED) and upload_id not in self._pending:
+                self.request_completion(upload_id)
+            while upload_id in self._pending and (left := deadline - time.monotonic()) > 0:
+                self._settled.wait(left)
+            upload = self.upload(upload_id)
+            assert upload is not None
+            if upload.state == STORED:
+                return upload
+            if upload.state == REFUSED:
+                raise Refusal(422, upload.error or f"segment {upload.seq} was refused")
+            if upload_id in self._pending:
+                return None
+            raise self._failed.get(upload_id) or Refusal(
+                503, f"upload {upload.id} could not be stored; ask again later", retry=True,
+                retry_after=self.retry_after_s)
+
+    def _complete_queued(self) -> None:
+        """A completion worker: takes upload ids until it gets None."""
+        while (upload_id := self._completions.get()) is not None:
+            try:
+                upload = self.upload(upload_id)
+                if upload is not None and upload.state not in (STORED, REFUSED):
+                    self.complete(upload)
+            except Refusal as refusal:
+                if refusal.retry:
+                    self._failed[upload_id] = refusal
+            except Exception as exc:  # one broken upload must not stop the worker
+                log.exception("ingest: completing upload %s failed", upload_id)
+                self._failed[upload_id] = Refusal(
+                    503, f"the ingest server failed to complete upload {upload_id}: {exc}",
+                    retry=True, retry_after=self.retry_after_s)
+            finally:
+                with self._settled:
+                    self._pending.discard(upload_id)
+                    self._settled.notify_all()
+                with self._lock:  # finished for good: no PATCH will need its lock again
+                    lock = self._upload_locks.get(upload_id)
+                    if lock is not None and not lock.locked() and upload_id not in self._failed:
+                        del self._upload_locks[upload_id]
+
+    def complete(self, upload: Upload) -> Upload:
+        """All bytes are in: make them durable and check their hash (any number of uploads at
+        once), then, under the device's lock, check the chain, store, audit and receipt.
+        Raises Refusal (422: refused and discarded; 503: the store failed, the upload stays
+        complete and is completed again when the device asks for its receipt)."""
         assert self.uploads is not None
         device, seq = upload.device_id, upload.seq
+        part = self.uploads.part_file(upload)
+        if upload.id in self._received:  # the last body: durable before anything else
+            with open(part, "rb") as f:
+                os.fdatasync(f.fileno())
+            self.uploads.set_offset(upload.id, upload.length, sync=False)
+            self._received.pop(upload.id, None)
         manifest_raw = self.uploads.manifest_path(upload).read_bytes()
         signature = self.uploads.signature_path(upload).read_bytes()
         manifest = json.loads(manifest_raw)
-        part = self.uploads.part_file(upload)
-        hasher = self._hasher(upload, part)
-        self._hashers.pop(upload.id, None)
-        digest = hasher.hexdigest()
-        try:
-            verify.check_ciphertext(digest, upload.offset, manifest)
-            already = verify.check_chain(self.store, manifest, upload.manifest_sha256)
-        except Refusal as refusal:
-            self.uploads.set_state(upload.id, REFUSED, error=refusal.message)
-            self.uploads.discard_files(upload.id)
-            self.event("segment_refused", device, device_id=device, seq=seq, upload_id=upload.id,
-                       stage="complete", status=refusal.status, reason=refusal.message,
-                       sha256=digest, manifest_sha256=upload.manifest_sha256)
-            raise
-        self.uploads.set_state(upload.id, STORING, sync=False)  # lost: recover() sees it all in
-        try:
-            location = (self.store.location(device, seq) if already else
-                        self.store.put(device, seq, part, manifest_raw, signature))
-        except (StoreError, ValueError) as exc:
-            log.error("%s", exc)
-            self.uploads.set_state(upload.id, UPLOADING)
-            raise Refusal(503, f"the evidence store failed to take segment {seq}; repeat the "
-                               f"last PATCH (no body) later to finish", retry=True,
-                          retry_after=self.retry_after_s) from exc
-        self.event("segment_stored", device, device_id=device, seq=seq, upload_id=upload.id,
-                   sha256=digest, manifest_sha256=upload.manifest_sha256, size=upload.length,
-                   store=self.store.kind, location=location)
-        upload.receipt = self._receipt(upload)
-        upload.state = STORED
-        self.uploads.set_state(upload.id, STORED, receipt=upload.receipt)
-        if discard:
-            self.uploads.discard_files(upload.id)
+        digest = _sha256_of(part, upload.length)
+        with self.device_lock(device):
+            current = self.uploads.get(upload.id)
+            if current is not None and current.state in (STORED, REFUSED):
+                return current  # completed meanwhile (a start-up recovery, a second request)
+            try:
+                verify.check_ciphertext(digest, upload.length, manifest)
+                already = verify.check_chain(self.store, manifest, upload.manifest_sha256)
+            except Refusal as refusal:
+                self.uploads.set_state(upload.id, REFUSED, error=refusal.message)
+                self.uploads.discard_files(upload.id)
+                self.event("segment_refused", device, device_id=device, seq=seq,
+                           upload_id=upload.id, stage="complete", status=refusal.status,
+                           reason=refusal.message, sha256=digest,
+                           manifest_sha256=upload.manifest_sha256)
+                raise
+            self.uploads.set_state(upload.id, STORING, sync=False)  # lost: recover() redoes it
+            try:
+                location = (self.store.location(device, seq) if already else
+                            self.store.put(device, seq, part, manifest_raw, signature))
+            except (StoreError, ValueError) as exc:
+                log.error("%s", exc)
+                self.uploads.set_state(upload.id, UPLOADING)
+                raise Refusal(503, f"the evidence store failed to take segment {seq}; ask for "
+                                   f"its receipt again later to finish", retry=True,
+                              retry_after=self.retry_after_s) from exc
+            self.event("segment_stored", device, durable=False, device_id=device, seq=seq,
+                       upload_id=upload.id, sha256=digest,
+                       manifest_sha256=upload.manifest_sha256, size=upload.length,
+                       store=self.store.kind, location=location)
+            upload.receipt = self._receipt(upload)  # its audit line makes the one above durable
+            upload.state = STORED
+            # Not synced: if a power cut loses it, recover() finds the segment stored and
+            # receipts it again.
+            self.uploads.set_state(upload.id, STORED, receipt=upload.receipt, sync=False)
+        self.uploads.discard_files(upload.id)
         return upload
 
     def _receipt(self, upload: Upload) -> dict[str, Any]:
@@ -411,6 +527,21 @@ class IngestServer:
                    seq=upload.seq, upload_id=upload.id, receipt_id=receipt["receipt_id"],
                    sha256=upload.ciphertext_sha256, manifest_sha256=upload.manifest_sha256)
         return receipt
+
+
+def _sha256_of(path: Path, length: int) -> str:
+    """SHA-256 of the first `length` bytes of `path` (read back: the page cache has them)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buffer = memoryview(bytearray(CHUNK))
+        left = length
+        while left:
+            n = f.readinto(buffer[:min(CHUNK, left)])
+            if not n:
+                break
+            digest.update(buffer[:n])
+            left -= n
+    return digest.hexdigest()
 
 
 def _int_or(text: str) -> int | str:

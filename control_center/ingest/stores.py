@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.camera.manifest import manifest_file, segment_file, signature_file
-from firmware.camera.store import atomic_write, fsync_dir
+from firmware.camera.store import fsync_dir
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")  # as the manifest schema says
 MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json$")
@@ -79,25 +79,43 @@ class DirectoryStore(EvidenceStore):
 
     def put(self, device_id: str, seq: int, ciphertext: Path, manifest: bytes,
             signature: bytes) -> str:
+        """The ciphertext is hard-linked when it is on the same file system (else copied),
+        each file is fsynced under a temporary name, then the three are renamed into place,
+        manifest last, and the directory fsynced once: a crash leaves either no manifest (the
+        segment is not there) or all three files."""
         directory = self.device_dir(device_id)
+        final = directory / segment_file(seq)
+        temps: list[Path] = []
         try:
             if not directory.is_dir():
                 directory.mkdir()
                 fsync_dir(self.root)
-            final = directory / segment_file(seq)
-            tmp = final.with_name(final.name + ".tmp")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            try:
-                os.link(ciphertext, tmp)  # same file system: no copy, the bytes are synced
-            except OSError:
-                shutil.copyfile(ciphertext, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            atomic_write(directory / signature_file(seq), signature)
-            atomic_write(directory / manifest_file(seq), manifest)  # fsyncs the directory
+            steps = [(final, None), (directory / signature_file(seq), signature),
+                     (directory / manifest_file(seq), manifest)]
+            for path, data in steps:
+                tmp = path.with_name(path.name + ".tmp")
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                temps.append(tmp)
+                if data is None:
+                    try:
+                        os.link(ciphertext, tmp)  # same file system: no copy
+                    except OSError:
+                        shutil.copyfile(ciphertext, tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())  # at once when linked: the ingest synced it
+                else:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+            for (path, _), tmp in zip(steps, temps, strict=True):
+                os.replace(tmp, path)
+            fsync_dir(directory)
         except OSError as exc:
+            for tmp in temps:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise StoreError(f"cannot store segment {seq} of {device_id} in {directory}: "
                              f"{exc}") from exc
         return str(final)

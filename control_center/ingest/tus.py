@@ -1,7 +1,7 @@
 """The tus 1.0.0 protocol as this server speaks it: constants, metadata, and refusals.
 
-https://tus.io/protocols/resumable-upload (core and the creation extension). A refusal is an
-HTTP status plus one sentence; the server sends it as `{"error": ..., "retry": ...}`.
+https://tus.io/protocols/resumable-upload (core, creation and creation-with-upload). A refusal
+is an HTTP status plus one sentence; the server sends it as `{"error": ..., "retry": ...}`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 import re
 
 TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation"
+EXTENSIONS = "creation,creation-with-upload"
+MAX_WAIT_S = 60  # the longest `Prefer: wait=N` a GET .../receipt is held for
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 METADATA_KEY = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # a token, no spaces or commas
 
@@ -62,3 +63,20 @@ def header_int(value: str | None, name: str, status: int = 400) -> int:
     if not re.fullmatch(r"[0-9]{1,19}", value.strip()):
         raise Refusal(400, f"{name} must be a non-negative decimal integer, not {value[:30]!r}")
     return int(value)
+
+
+def parse_prefer(header: str | None) -> dict[str, str]:
+    """RFC 7240 `Prefer: respond-async, wait=10` -> {"respond-async": "", "wait": "10"}
+    (names lower-cased, parameters after ';' ignored, unknown preferences kept)."""
+    found: dict[str, str] = {}
+    for item in (header or "").split(","):
+        name, _, value = item.split(";", 1)[0].strip().partition("=")
+        if name:
+            found.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return found
+
+
+def preferred_wait(prefer: dict[str, str]) -> float:
+    """Seconds a `Prefer: wait=N` asks for, capped at MAX_WAIT_S; 0 if absent or not a number."""
+    value = prefer.get("wait", "")
+    return float(min(int(value), MAX_WAIT_S)) if re.fullmatch(r"[0-9]{1,9}", value) else 0.0

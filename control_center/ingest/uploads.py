@@ -11,16 +11,23 @@ Under the work directory:
 fsynced up to it. Bytes beyond it (a crash between write and commit) are cut off at start-up.
 States: uploading -> storing -> stored, or -> refused (its files are deleted).
 
-Durability: rows are created and states stored, refused and the offset a PATCH answers with
-are committed with `synchronous=FULL` (the WAL is fsynced before the answer). The offsets
-committed inside a long body and the passing `storing` state are committed without a WAL fsync
-(`sync=False`): a process crash keeps them (the WAL is in the page cache), a power loss may
-roll them back to the previous synced commit, which is always a smaller offset whose bytes were
-fsynced, or `uploading` with every byte in, which `recover()` completes like `storing`.
+Durability: only what a device relies on is synced before an answer. The offset a PATCH that
+leaves the upload short answers with, and the `uploading` state after a store failed, are
+committed with `synchronous=FULL` (the WAL is fsynced before the answer). The rest is committed
+without a WAL fsync (`sync=False`): a process crash keeps it (the WAL is in the page cache), a
+power loss may roll it back, and each roll-back is safe:
+- a new row (and its manifest files, written without fsync): lost, or left without its
+  manifest, which `recover()` forgets; the device's HEAD gets 404 and it creates the upload
+  again;
+- an offset inside a long body, or the offset of a completed one: back to an earlier offset
+  whose bytes were fsynced; the device resends from there;
+- `storing`/`stored`: back to `uploading` with every byte in, which `recover()` completes (the
+  store then already holds the segment, and it is receipted again).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from firmware.camera.manifest import manifest_file, signature_file
-from firmware.camera.store import fsync_dir
 from protocol.messages import utc_iso
 
 UPLOADING, STORING, STORED, REFUSED = "uploading", "storing", "stored", "refused"
@@ -98,17 +104,19 @@ class Uploads:
 
     # -- rows ------------------------------------------------------------------------------------
     def create(self, upload: Upload) -> None:
-        """Record a new upload whose directory holds its manifest and signature; makes the
-        empty part file's name durable first."""
-        part = self.part_file(upload)
-        part.touch(exist_ok=False)  # empty: nothing to fsync but its name, in its directory
-        fsync_dir(part.parent)
-        fsync_dir(self.root)
-        self._write(upload)
+        """Record a new upload whose directory holds its manifest and signature (nothing is
+        fsynced: see "Durability" above)."""
+        self.part_file(upload).touch(exist_ok=False)
+        self._write(upload, sync=False)
 
     def add_stored(self, upload: Upload) -> None:
         """Record an upload that is already stored (no files of its own)."""
-        self._write(upload)
+        self._write(upload, sync=True)
+
+    def forget(self, upload_id: str) -> None:
+        """Delete the upload's row and files (a device asking for it gets 404 and starts over)."""
+        self._execute("DELETE FROM uploads WHERE id = ?", (upload_id,), True)
+        self.discard_files(upload_id)
 
     def get(self, upload_id: str) -> Upload | None:
         with self._lock:
@@ -144,11 +152,15 @@ class Uploads:
                        upload_id), sync)
 
     def recover(self) -> list[Upload]:
-        """At start-up: cut every part file back to its durable offset (or the offset back to
-        the file, if the file is shorter), delete the files of finished or never recorded
-        uploads; returns the uploads to finish: left in `storing`, or in `uploading` with every
-        byte in (a `storing` lost to a power cut, or a store that failed)."""
+        """At start-up: forget uploads whose manifest files a power cut took, cut every part
+        file back to its durable offset (or the offset back to the file, if the file is
+        shorter), delete the files of finished or never recorded uploads; returns the uploads
+        to finish: left in `storing`, or in `uploading` with every byte in (a `storing` lost to
+        a power cut, or a store that failed)."""
         for upload in self.unfinished():
+            if not self._manifest_intact(upload):
+                self.forget(upload.id)
+                continue
             part = self.part_file(upload)
             size = part.stat().st_size if part.exists() else 0
             if not part.exists() and upload.state == UPLOADING:
@@ -171,11 +183,19 @@ class Uploads:
         with self._lock:
             self._db.close()
 
-    def _write(self, upload: Upload) -> None:
+    def _manifest_intact(self, upload: Upload) -> bool:
+        try:
+            manifest = self.manifest_path(upload).read_bytes()
+            signature = self.signature_path(upload).read_bytes()
+        except OSError:
+            return False
+        return bool(signature) and hashlib.sha256(manifest).hexdigest() == upload.manifest_sha256
+
+    def _write(self, upload: Upload, *, sync: bool) -> None:
         values = [getattr(upload, c) for c in _COLUMNS]
         values[-1] = json.dumps(upload.receipt) if upload.receipt is not None else None
         self._execute(f"INSERT INTO uploads ({', '.join(_COLUMNS)}) VALUES "
-                      f"({', '.join('?' * len(_COLUMNS))})", values, True)
+                      f"({', '.join('?' * len(_COLUMNS))})", values, sync)
 
     def _execute(self, sql: str, values: Any, sync: bool) -> None:
         """One write in its own transaction; `sync` decides whether its commit fsyncs the WAL

@@ -188,17 +188,29 @@ class SegmentStore:
         return (row[0], row[1]) if row else None
 
     def mark_uploaded(self, seq: int) -> None:
-        """Only after the centre's receipt: from then on the segment may be deleted."""
-        with self._lock:
-            self._db.execute("UPDATE segments SET uploaded = 1 WHERE seq = ?", (seq,))
+        """Only after the centre's receipt is kept: from then on the segment may be deleted.
+        Not fsynced: a power cut that loses it only makes the next upload pass offer the
+        segment again, and the centre, which stored it, answers with its receipt."""
+        self._write_unsynced("UPDATE segments SET uploaded = 1 WHERE seq = ?", (seq,))
 
     def delete(self, seq: int) -> None:
+        """The segment's files, then its row. Neither is fsynced: deleting frees the space at
+        once, and a power cut that brings files back is harmless (a file whose row is gone is
+        recovered as a segment again; an uploaded one is deleted again by the next pass)."""
         for suffix in (".ts.age", ".json", ".json.minisig"):
             with contextlib.suppress(FileNotFoundError):
                 self.path(seq, suffix).unlink()
-        fsync_dir(self.directory)
+        self._write_unsynced("DELETE FROM segments WHERE seq = ?", (seq,))
+
+    def _write_unsynced(self, sql: str, values: tuple[object, ...]) -> None:
+        """One statement committed without a WAL fsync (the next synced commit, or the
+        kernel's writeback, makes it durable; a process crash never loses it)."""
         with self._lock:
-            self._db.execute("DELETE FROM segments WHERE seq = ?", (seq,))
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute(sql, values)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def free_bytes(self) -> int:
         return self._free_bytes(self.directory)

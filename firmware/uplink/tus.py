@@ -1,12 +1,20 @@
-"""A small tus 1.0.0 client (core + creation) over one HTTPS connection with mutual TLS.
+"""A small tus 1.0.0 client (core, creation, creation-with-upload) over one HTTPS connection
+with mutual TLS.
 
     client = TusClient("https://ingest.example:8443/files/", mutual_tls_context(ca, cert, key))
-    location = client.create(size, {"device_id": b"tok-001", "seq": b"12", ...})   # POST
-    offset, length = client.head(location)                                          # HEAD
+    created = client.create(size, {"device_id": b"tok-001", "seq": b"12", ...})     # POST
+    with open(path, "rb") as f:                      # or: POST with the first chunk as body
+        created = client.create(size, metadata, source=f, body_length=chunk)
+    offset, length = client.head(created.location)                                  # HEAD
     with open(path, "rb") as f:
         f.seek(offset)
         result = client.patch(location, offset, f, min(chunk, size - offset))       # PATCH
-    client.receipt(location)           # GET {location}/receipt: the stored receipt, or None
+    client.receipt(location, wait_s=20)  # GET {location}/receipt: the receipt, or None
+
+`respond_async=True` on the request that sends the last byte asks the server (RFC 7240
+`Prefer: respond-async`) to answer as soon as the bytes are in and to check and store the
+segment afterwards; the receipt is then fetched with `receipt(location, wait_s)`, which asks the
+server to hold the answer until the receipt exists (`Prefer: wait=N`).
 
 Every failure is a typed exception (all `TusError`): `ConnectionLost` (the connection or TLS
 broke; the next call reconnects), `RetryLater(after_s, reason)` (503/507/429/5xx or a JSON body
@@ -19,9 +27,9 @@ tus), `SourceChanged` (the local file ended before the bytes announced).
 Limits, stated plainly (like umqtt.simple's):
 - HTTP/1.1, one persistent connection, one request at a time, blocking with a socket timeout
   (`timeout_s`, per socket operation, not per request). Not thread-safe.
-- tus core and the creation extension only: no checksum, termination, expiration,
-  concatenation or creation-with-upload. No `Expect: 100-continue`: a server that refuses a PATCH
-  before reading its body makes us lose the connection, which is then a `ConnectionLost`.
+- tus core, creation and creation-with-upload only: no checksum, termination, expiration or
+  concatenation. No `Expect: 100-continue`: a server that refuses a body before reading it makes
+  us lose the connection, which is then a `ConnectionLost`.
 - No redirects, no proxies, no cookies, no compression. A `Location` on another host or scheme
   is a ProtocolError. Response bodies are read up to 64 KiB.
 - Bodies are streamed from the caller's file in `blocksize` reads; nothing holds a whole chunk
@@ -180,12 +188,15 @@ def _offset_header(headers: Mapping[str, str], name: str, *, required: bool = Tr
 
 
 class _Window:
-    """`length` bytes of `source` from its current position, read in the caller's sizes."""
+    """`length` bytes of `source` from its current position, read in the caller's sizes;
+    `on_read(bytes read so far)` is called before each piece is handed to the connection."""
 
-    def __init__(self, source: BinaryIO, length: int) -> None:
+    def __init__(self, source: BinaryIO, length: int,
+                 on_read: Callable[[int], None] | None = None) -> None:
         self._source = source
         self.remaining = length
         self.read_bytes = 0
+        self._on_read = on_read
 
     def read(self, size: int = -1) -> bytes:
         if self.remaining <= 0:
@@ -196,6 +207,8 @@ class _Window:
             raise _ShortRead(self.remaining)
         self.remaining -= len(data)
         self.read_bytes += len(data)
+        if self._on_read is not None:
+            self._on_read(self.read_bytes)
         return data
 
 
@@ -207,6 +220,13 @@ class _ShortRead(Exception):
 class PatchResult:
     offset: int  # the server's offset after this PATCH
     receipt: dict[str, Any] | None  # set on the final PATCH of a segment the server stored
+
+
+@dataclass(frozen=True)
+class Created:
+    location: str  # the upload's path on this server
+    offset: int | None  # bytes the server holds (None: it did not say; assume 0)
+    receipt: dict[str, Any] | None  # the segment was stored already (or with this request)
 
 
 @dataclass(frozen=True)
@@ -234,20 +254,35 @@ class TusClient:
         self._blocksize = blocksize
         self._utc_now = utc_now
         self._conn: http.client.HTTPSConnection | None = None
-        self.body_bytes_sent = 0  # PATCH body bytes handed to the connection, for accounting
+        self.body_bytes_sent = 0  # body bytes handed to the connection, for accounting
 
     # -- tus requests --------------------------------------------------------------------------
-    def create(self, length: int, metadata: Mapping[str, bytes | str]) -> str:
-        """POST a new upload of `length` bytes; its location (a path on this server)."""
-        response = self._request("POST", urlsplit(self.files_url).path, {
-            "Upload-Length": str(length), "Upload-Metadata": encode_metadata(metadata),
-            "Content-Length": "0"})
+    def create(self, length: int, metadata: Mapping[str, bytes | str], *,
+               source: BinaryIO | None = None, body_length: int = 0,
+               respond_async: bool = False,
+               on_sent: Callable[[int], None] | None = None) -> Created:
+        """POST a new upload of `length` bytes; with `source`, its first `body_length` bytes
+        go in the same request (creation-with-upload, `source` positioned at 0)."""
+        headers = {"Upload-Length": str(length), "Upload-Metadata": encode_metadata(metadata),
+                   "Content-Length": str(body_length if source is not None else 0)}
+        window = None
+        if source is not None and body_length:
+            headers["Content-Type"] = "application/offset+octet-stream"
+            if respond_async and body_length == length:
+                headers["Prefer"] = "respond-async"
+            window = _Window(source, body_length, on_sent)
+        response = self._send("POST", urlsplit(self.files_url).path, headers, window)
         if response.status != 201:
             raise self._error(response)
         location = response.headers.get("Location")
         if not location:
             raise ProtocolError("201 Created without a Location", 201)
-        return self._path_of(location)
+        offset = _offset_header(response.headers, "Upload-Offset", required=False)
+        if offset is not None and offset > length:
+            raise ProtocolError(f"Upload-Offset {offset} beyond Upload-Length {length}")
+        receipt = response.headers.get("Upload-Receipt")
+        return Created(self._path_of(location), offset,
+                       decode_receipt(receipt) if receipt else None)
 
     def head(self, location: str) -> tuple[int, int | None]:
         """(Upload-Offset, Upload-Length) of an upload the server knows."""
@@ -258,18 +293,16 @@ class TusClient:
         assert offset is not None
         return offset, _offset_header(response.headers, "Upload-Length", required=False)
 
-    def patch(self, location: str, offset: int, source: BinaryIO, length: int) -> PatchResult:
-        """Send `length` bytes read from `source` (positioned at `offset`) as one PATCH."""
-        window = _Window(source, length)
-        try:
-            response = self._request("PATCH", location, {
-                "Content-Type": "application/offset+octet-stream",
-                "Upload-Offset": str(offset), "Content-Length": str(length)}, body=window)
-        except _ShortRead as exc:
-            self._drop()
-            raise SourceChanged(f"local file ended {exc.args[0]} bytes early") from None
-        finally:
-            self.body_bytes_sent += window.read_bytes
+    def patch(self, location: str, offset: int, source: BinaryIO, length: int, *,
+              respond_async: bool = False,
+              on_sent: Callable[[int], None] | None = None) -> PatchResult:
+        """Send `length` bytes read from `source` (positioned at `offset`) as one PATCH;
+        `on_sent(n)` hears how much of it was handed to the connection so far."""
+        headers = {"Content-Type": "application/offset+octet-stream",
+                   "Upload-Offset": str(offset), "Content-Length": str(length)}
+        if respond_async:
+            headers["Prefer"] = "respond-async"
+        response = self._send("PATCH", location, headers, _Window(source, length, on_sent))
         if response.status not in (200, 204):
             raise self._error(response)
         new_offset = _offset_header(response.headers, "Upload-Offset")
@@ -280,10 +313,12 @@ class TusClient:
         receipt = response.headers.get("Upload-Receipt")
         return PatchResult(new_offset, decode_receipt(receipt) if receipt else None)
 
-    def receipt(self, location: str) -> dict[str, Any] | None:
-        """GET {location}/receipt: the centre's receipt once the segment is stored; None while
-        there is none (404)."""
-        response = self._request("GET", location.rstrip("/") + "/receipt", {})
+    def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """GET {location}/receipt: the centre's receipt once the segment is stored, asking the
+        server to wait up to `wait_s` for it; None while there is none yet (404). A segment
+        the centre refused raises Refused; one it holds only part of, OffsetMismatch."""
+        headers = {"Prefer": f"wait={int(wait_s)}"} if wait_s >= 1 else {}
+        response = self._request("GET", location.rstrip("/") + "/receipt", headers)
         if response.status == 404:
             return None
         if response.status != 200:
@@ -329,6 +364,18 @@ class TusClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _send(self, method: str, path: str, headers: dict[str, str],
+              window: _Window | None) -> _Response:
+        """A request whose body is streamed from `window`; counts the bytes it sent."""
+        try:
+            return self._request(method, path, headers, body=window)
+        except _ShortRead as exc:
+            self._drop()
+            raise SourceChanged(f"local file ended {exc.args[0]} bytes early") from None
+        finally:
+            if window is not None:
+                self.body_bytes_sent += window.read_bytes
 
     def _request(self, method: str, path: str, headers: dict[str, str],
                  body: _Window | None = None) -> _Response:

@@ -2,7 +2,7 @@
 
     [upload]
     url = "https://ingest.example:8443"   # the ingest server; uploads go to {url}/files/
-    chunk_bytes = 1048576                 # bytes per PATCH (at most this much is resent)
+    chunk_bytes = 16777216                # bytes per request (at most this much is resent)
     dock_pin = 27                         # optional: GPIO input that is active when docked
     dock_active_high = true               # the dock pulls the pin high (default true)
     station_host = "ingest.example"       # optional: docked = this host:port answers a TCP connect
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from protocol.configfile import ConfigError
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20  # one request for a 10 s 1080p segment (see docs/UPLOAD-DEVICE.md)
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 64 << 20
 

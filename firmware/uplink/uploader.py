@@ -7,14 +7,20 @@ One pass (`Uploader.run_once`) under an exclusive file lock, so the running daem
    are deleted (the store keeps the chain head, so even the newest one may go);
 2. order the rest (upload_plan.order: evidence/SOS first, then oldest first), skipping segments
    the centre refused before;
-3. per segment: HEAD the persisted upload location (or POST to create it, persist the
-   location before the first PATCH, and start at 0), PATCH from the server's offset in
-   `chunk_bytes` chunks streamed from the file; the final PATCH returns the receipt (or, after
-   a restart, GET {location}/receipt does);
-4. check the receipt (signed by a centre key, for this device, seq, manifest hash, ciphertext
-   hash and size), append it to `receipts.jsonl` (fsynced), `mark_uploaded`, then delete the
-   segment's files, in that order, on a worker thread while the next segment uploads.
-   Anything else leaves the segment on the device.
+3. per segment, on the first connection: HEAD the persisted upload location and PATCH from
+   the server's offset; or take the upload that a second connection (the creator) made while
+   the previous segment was sending (POST, the manifest checked by the server); or, without
+   one, create it with its first chunk in the POST (creation-with-upload; a POST without body
+   if an earlier one may have sent bytes). Then PATCH the rest, in `chunk_bytes` chunks
+   streamed from the file. The request that sends the last byte asks the server to answer at
+   once (`Prefer: respond-async`), and the connection goes on with the next segment while the
+   centre checks and stores this one;
+4. on a third connection (the settler, in send order): GET {location}/receipt, which waits
+   for the receipt; check it (signed by a centre key, for this device, seq, manifest hash,
+   ciphertext hash and size), append it to `receipts.jsonl` (fsynced), `mark_uploaded`, then
+   delete the segment's files, in that order. Anything else leaves the segment on the device;
+   a segment the centre turns out to hold only part of (it restarted before storing it) is
+   sent again, once more in the same pass.
 
 Failures: 503/507/429/5xx and connection errors back off (upload_plan.Backoff, honouring
 Retry-After) and resume from a fresh HEAD, so a cut costs at most the chunk in flight; after
@@ -23,9 +29,11 @@ A refusal (4xx, `retry: false`, e.g. 422 corrupted) marks the segment refused wi
 logs one line, and the segment stays on the device and is not offered again until
 `retry_refused()`. 401/403 (this device not accepted) ends the pass without blaming segments.
 
-State (`state_path`, SQLite WAL): seq -> upload location and refusals, `synchronous=FULL`; the
-per-segment "sent up to" mark used to count resent bytes is written with `synchronous=NORMAL`
-(it is bookkeeping, not worth an fsync per chunk).
+State (`state_path`, SQLite WAL): refusals with `synchronous=FULL`; seq -> upload location and
+the per-segment "sent up to" mark used to count resent bytes with `synchronous=NORMAL` (a
+process crash keeps them; a location a power cut loses is found again by POSTing the segment,
+which returns the same upload, and the mark is bookkeeping). The mark runs ahead of the bytes
+sent by at most MARK_STEP (or the chunk, if smaller), so a crash never makes the count too small.
 
 A receipted segment that cannot be finished on the device (a locked index, a failing card) is
 left there and reported as deferred; the next pass deletes it.
@@ -45,6 +53,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,12 +64,14 @@ from firmware.camera.manifest import MANIFEST_SUFFIX, SEGMENT_SUFFIX, SIGNATURE_
 from firmware.camera.store import SegmentStore, fsync_dir
 from firmware.uplink.tus import (
     ConnectionLost,
+    Created,
     OffsetMismatch,
     ProtocolError,
     Refused,
     RetryLater,
     SourceChanged,
     TusClient,
+    TusError,
     Unauthorized,
     UploadGone,
 )
@@ -71,6 +82,9 @@ from protocol.signing import SignatureError, public_key_from_b64, verify
 log = logging.getLogger("sos.upload")
 
 RECEIPT_TYPE = "segment_receipt"
+MARK_STEP = 4 << 20  # the "sent up to" mark moves in steps of this much within a body
+PROGRESS_STEP = 1 << 20  # progress is reported at least this often within a body
+RECEIPT_WAIT_S = 20.0  # a receipt request asks the server to hold it this long (Prefer: wait)
 # Field names follow the manifest's (protocol/schemas/receipt.schema.json): the size is
 # `ciphertext_bytes`, not `size`.
 RECEIPT_FIELDS = ("v", "type", "receipt_id", "device_id", "seq", "ciphertext_sha256",
@@ -158,34 +172,142 @@ class _Local:
         return Candidate(self.seq, self.size, self.evidence, self.sos)
 
 
-class _Finisher:
-    """Runs each segment's local finish (forget its location, keep the receipt, mark
-    uploaded, delete: an fsync each, tens of ms on an SD card) on a worker thread, in order,
-    while the next segment uploads. `drain()` waits until all are done."""
+class _Creator:
+    """The second connection: creates the next segment's upload (a POST whose manifest the
+    server checks) while the current segment's bytes go, so the byte connection carries only
+    bodies. `take(seq)` hands the result (or the error) to the sender, which treats it as its
+    own request's."""
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+    def __init__(self, uploader: Uploader) -> None:
+        self._uploader = uploader
+        self._pool: ThreadPoolExecutor | None = None
+        self._client: TusClient | None = None
+        self._prepared: dict[int, Future[Created]] = {}
+
+    def prepare(self, local: _Local) -> None:
+        """Create `local`'s upload in the background, unless the device already has one, or
+        may have sent bytes of it (then the sender asks the server where it stands)."""
+        state = self._uploader.state
+        if (local.seq in self._prepared or
+                state.location(local.seq, local.manifest_sha256) is not None or
+                state.sent_to(local.seq)):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload-create")
+        self._prepared[local.seq] = self._pool.submit(self._create, local)
+
+    def take(self, seq: int) -> Future[Created] | None:
+        return self._prepared.pop(seq, None)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._prepared.clear()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _create(self, local: _Local) -> Created:
+        if self._client is None:
+            self._client = self._uploader._client_factory()
+        created = self._client.create(local.size, self._uploader._metadata(local))
+        self._uploader.state.set_location(local.seq, local.manifest_sha256, created.location)
+        return created
+
+
+class _Settler:
+    """The second connection: for each sent segment, in send order, the receipt (fetched with
+    GET .../receipt unless the upload already gave it), checked, kept, then the segment marked
+    uploaded and deleted (an fsync each, tens of ms on an SD card), while the first connection
+    sends the next segments. `drain()` waits for all and returns the segments to send again."""
+
+    def __init__(self, uploader: Uploader, summary: UploadSummary,
+                 stop: threading.Event) -> None:
+        self._uploader, self._summary, self._stop = uploader, summary, stop
+        self._queue: queue.Queue[tuple[_Local, str | None, dict[str, Any] | None] | None] = \
+            queue.Queue()
         self._thread: threading.Thread | None = None
+        self._client: TusClient | None = None
+        self._resend: list[_Local] = []
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, local: _Local, location: str | None,
+               receipt: dict[str, Any] | None = None) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="upload-finish",
+            self._thread = threading.Thread(target=self._run, name="upload-settle",
                                             daemon=True)
             self._thread.start()
-        self._queue.put(job)
+        self._queue.put((local, location, receipt))
 
-    def drain(self) -> None:
+    def drain(self) -> list[_Local]:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        resend, self._resend = self._resend, []
+        return resend
+
+    def close(self) -> None:
+        self.drain()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
+            local, location, receipt = job
             try:
-                job()
-            except Exception:  # one segment's local trouble must not strand the others
-                log.exception("finishing an uploaded segment failed; it stays on the device")
+                if receipt is None:
+                    assert location is not None
+                    receipt = self._fetch(local, location)
+                if receipt is not None:
+                    self._uploader._accept(local, receipt, self._summary)
+            except Exception as exc:  # one segment's trouble must not strand the others
+                log.exception("settling uploaded segment %06d failed; it stays on the device",
+                              local.seq)
+                self._summary.deferred[local.seq] = f"settling it failed: {exc}"
+
+    def _fetch(self, local: _Local, location: str) -> dict[str, Any] | None:
+        """The receipt, or None with the segment deferred, refused or queued to resend."""
+        uploader, summary = self._uploader, self._summary
+        failures = 0
+        while True:
+            if self._stop.is_set():
+                summary.deferred[local.seq] = "stopped"
+                return None
+            try:
+                if self._client is None:
+                    self._client = uploader._client_factory()
+                receipt = self._client.receipt(location, RECEIPT_WAIT_S)
+                if receipt is not None:
+                    return receipt
+                reason = "the centre is still storing it"
+            except Refused as exc:
+                uploader._refused(local, exc, summary)
+                return None
+            except (OffsetMismatch, UploadGone) as exc:
+                if isinstance(exc, UploadGone):
+                    uploader.state.forget(local.seq)
+                log.warning("segment %06d: the centre lost its last bytes (%s); sending them "
+                            "again", local.seq, exc.reason)
+                self._resend.append(local)
+                return None
+            except Unauthorized as exc:
+                summary.deferred[local.seq] = f"not authorised: {exc.reason}"
+                return None
+            except (RetryLater, ConnectionLost, ProtocolError) as exc:
+                reason = exc.reason
+                after = exc.after_s if isinstance(exc, RetryLater) else None
+            else:
+                after = None
+            failures += 1
+            if failures >= uploader.max_attempts:
+                log.warning("segment %06d: no receipt (%s); left for the next pass", local.seq,
+                            reason)
+                summary.deferred[local.seq] = f"no receipt: {reason}"
+                return None
+            uploader._wait(uploader.backoff.delay(failures - 1, uploader._rand(), after),
+                           self._stop)
 
 
 @dataclass
@@ -203,7 +325,7 @@ class _EndPass(Exception):
 
 # -- persisted state -------------------------------------------------------------------------
 class UploadState:
-    """seq -> upload location and refusals (durable), and a "sent up to" mark per segment.
+    """seq -> upload location, refusals (durable) and a "sent up to" mark per segment.
     Shared by the pass and its finishing thread (one lock around both connections)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -231,13 +353,15 @@ class UploadState:
             return row[1]
 
     def set_location(self, seq: int, manifest_sha256: str, location: str) -> None:
+        """Not fsynced: a location a power cut loses is asked for again (a POST for the same
+        segment returns the same upload and its offset)."""
         with self._guard:
-            self._db.execute("INSERT OR REPLACE INTO uploads(seq, manifest_sha256, location) "
-                             "VALUES (?, ?, ?)", (seq, manifest_sha256, location))
+            self._marks.execute("INSERT OR REPLACE INTO uploads(seq, manifest_sha256, location) "
+                                "VALUES (?, ?, ?)", (seq, manifest_sha256, location))
 
     def forget(self, seq: int) -> None:
         with self._guard:
-            self._db.execute("DELETE FROM uploads WHERE seq = ?", (seq,))
+            self._marks.execute("DELETE FROM uploads WHERE seq = ?", (seq,))
             self._marks.execute("DELETE FROM sent WHERE seq = ?", (seq,))
 
     def sent_to(self, seq: int) -> int:
@@ -399,56 +523,65 @@ class Uploader:
         self._on_progress(progress)
         client: TusClient | None = None
         ended: str | None = None
-        finisher = _Finisher()
+        settler = _Settler(self, summary, stop)
+        creator = _Creator(self)
+        todo = [locals_[candidate.seq] for candidate in planned]
+        resent: set[int] = set()
         try:
-            for candidate in planned:
-                local = locals_[candidate.seq]
-                if ended is None and stop.is_set():
-                    ended = "stopped"
-                if ended is not None:
-                    summary.deferred[local.seq] = ended
-                    continue
-                if client is None:
-                    client = self._client_factory()
-                base = progress.bytes_done
-                try:
-                    self._segment(client, local, stop, summary,
-                                  lambda offset, p=progress, s=local.seq, b=base:
-                                  self._on_progress(p.at(s, b, offset)), finisher)
-                except _EndPass as end:
-                    ended = end.reason
-                    summary.deferred[local.seq] = end.reason
-                progress = progress.finished(local.seq, base, local.size)
-                self._on_progress(progress)
+            while todo:
+                for index, local in enumerate(todo):
+                    if ended is None and stop.is_set():
+                        ended = "stopped"
+                    if ended is not None:
+                        summary.deferred[local.seq] = ended
+                        continue
+                    if client is None:
+                        client = self._client_factory()
+                    if index + 1 < len(todo):
+                        creator.prepare(todo[index + 1])
+                    base = progress.bytes_done
+                    try:
+                        self._segment(client, local, stop, summary,
+                                      lambda offset, p=progress, s=local.seq, b=base:
+                                      self._on_progress(p.at(s, b, offset)), settler,
+                                      creator)
+                    except _EndPass as end:
+                        ended = end.reason
+                        summary.deferred[local.seq] = end.reason
+                    progress = progress.finished(local.seq, base, local.size)
+                    self._on_progress(progress)
+                again = settler.drain()  # every receipt in; the centre lost these bytes
+                todo = [local for local in again if local.seq not in resent]
+                for local in again:
+                    if local.seq in resent:
+                        summary.deferred[local.seq] = "the centre lost its bytes twice"
+                    resent.add(local.seq)
         finally:
-            finisher.drain()
+            creator.close()
+            settler.close()
             if client is not None:
                 client.close()
 
     def _segment(self, client: TusClient, local: _Local, stop: threading.Event,
                  summary: UploadSummary, report: Callable[[int], None],
-                 finisher: _Finisher) -> None:
-        """Upload one segment to a receipt, or record why not. Raises _EndPass to end the pass."""
+                 settler: _Settler, creator: _Creator) -> None:
+        """Send one segment and hand it to the settler, or record why not. Raises _EndPass to
+        end the pass."""
         failures = 0
         while True:
             if stop.is_set():
                 raise _EndPass("stopped")
             attempt = _Attempt()
             try:
-                receipt = self._transfer(client, local, stop, summary, report, attempt)
+                sent = self._transfer(client, local, stop, summary, report, attempt,
+                                      creator.take(local.seq))
             except Unauthorized as exc:
                 log.error("the ingest server does not accept this device (%s): check that "
                           "its certificate (broker.cert_file) is issued by the fleet CA and "
                           "not revoked; nothing uploaded", exc.reason)
                 raise _EndPass(f"not authorised: {exc.reason}") from None
             except Refused as exc:
-                reason = exc.reason if exc.status is None else f"{exc.reason} (HTTP {exc.status})"
-                self.state.refuse(local.seq, local.manifest_sha256, reason)
-                self.state.forget(local.seq)
-                summary.refused[local.seq] = reason
-                log.error("segment %06d refused by the centre: %s; it stays on the device and "
-                          "is not offered again (sos-device upload --now --retry-refused)",
-                          local.seq, reason)
+                self._refused(local, exc, summary)
                 return
             except UploadGone:
                 self.state.forget(local.seq)  # the server forgot it: create it again
@@ -485,19 +618,36 @@ class Uploader:
                             exc.reason, delay)
                 self._wait(delay, stop)
                 continue
-            if receipt is None:  # stopped between chunks
+            if sent is None:  # stopped between chunks
                 raise _EndPass("stopped")
-            self._accept(local, receipt, summary, finisher)
+            location, receipt = sent
+            settler.submit(local, location, receipt)
             return
+
+    def _refused(self, local: _Local, exc: TusError, summary: UploadSummary) -> None:
+        reason = exc.reason if exc.status is None else f"{exc.reason} (HTTP {exc.status})"
+        self.state.refuse(local.seq, local.manifest_sha256, reason)
+        self.state.forget(local.seq)
+        summary.refused[local.seq] = reason
+        log.error("segment %06d refused by the centre: %s; it stays on the device and is not "
+                  "offered again (sos-device upload --now --retry-refused)", local.seq, reason)
 
     def _transfer(self, client: TusClient, local: _Local, stop: threading.Event,
                   summary: UploadSummary, report: Callable[[int], None],
-                  attempt: _Attempt) -> dict[str, Any] | None:
-        """From wherever the server is to the receipt (None if stopped between chunks);
-        `attempt.progressed` tells the caller the server's offset moved before an error."""
-        location = self.state.location(local.seq, local.manifest_sha256)
+                  attempt: _Attempt, prepared: Future[Created] | None = None,
+                  ) -> tuple[str, dict[str, Any] | None] | None:
+        """From wherever the server is to every byte sent: (location, the receipt if the
+        server already gave it), or None if stopped between chunks. `prepared` is the
+        creator's POST for this segment (its error is raised here). `attempt.progressed`
+        tells the caller the server's offset moved before an error."""
         offset: int | None = None
-        if location is not None:
+        if prepared is not None:
+            created = prepared.result()
+            if created.receipt is not None:
+                return created.location, created.receipt
+            offset = created.offset or 0
+        location = self.state.location(local.seq, local.manifest_sha256)
+        if location is not None and offset is None:
             try:
                 offset, length = client.head(location)
             except UploadGone:
@@ -508,34 +658,52 @@ class Uploader:
                     self.state.forget(local.seq)
                     raise ProtocolError(f"the server's upload is {length} bytes, the segment "
                                         f"{local.size}")
-        if location is None:
-            location = client.create(local.size, {
-                "device_id": self.device_id.encode(), "seq": str(local.seq).encode(),
-                "manifest": local.manifest, "signature": local.signature})
-            self.state.set_location(local.seq, local.manifest_sha256, location)
-            # Start at 0 without a HEAD (one round trip less per segment). If a re-POST found
-            # an upload that has bytes already, the server answers 409 and we HEAD then.
-            offset = 0
-        assert offset is not None
-        if offset > local.size:
-            self.state.forget(local.seq)
-            raise ProtocolError(f"the server holds {offset} bytes of a {local.size}-byte segment")
         high = min(self.state.sent_to(local.seq), local.size)
-        if high > offset:
-            summary.bytes_resent += high - offset  # sent before; the server did not keep it
-            self.state.set_sent_to(local.seq, offset)
-        report(offset)
-        receipt = None
         with open(local.path, "rb") as source:
+            if location is None:
+                metadata = self._metadata(local)
+                # The first chunk rides in the POST, unless an earlier POST may have sent
+                # bytes already (a crash before its answer): then the server says where it is.
+                first = min(self.chunk_bytes, local.size) if high == 0 else 0
+                if first:
+                    self._mark(local.seq, 0, first)
+                before = client.body_bytes_sent
+                try:
+                    created = client.create(
+                        local.size, metadata, source=source if first else None,
+                        body_length=first, respond_async=True,
+                        on_sent=self._on_sent(local.seq, 0, first, report))
+                finally:
+                    summary.bytes_sent += client.body_bytes_sent - before
+                location = created.location
+                self.state.set_location(local.seq, local.manifest_sha256, location)
+                offset = created.offset or 0
+                if created.offset:
+                    attempt.progressed = True
+                if created.receipt is not None or offset == local.size:
+                    report(local.size)
+                    return location, created.receipt
+            assert offset is not None
+            if offset > local.size:
+                self.state.forget(local.seq)
+                raise ProtocolError(f"the server holds {offset} bytes of a {local.size}-byte "
+                                    "segment")
+            if high > offset:
+                summary.bytes_resent += high - offset  # sent before; the server did not keep it
+                self.state.set_sent_to(local.seq, offset)
+            report(offset)
             while offset < local.size:
                 if stop.is_set():
                     return None
                 length = min(self.chunk_bytes, local.size - offset)
                 source.seek(offset)
-                self.state.set_sent_to(local.seq, offset + length)
+                self._mark(local.seq, offset, length)
                 before = client.body_bytes_sent
                 try:
-                    result = client.patch(location, offset, source, length)
+                    result = client.patch(location, offset, source, length,
+                                          respond_async=offset + length == local.size,
+                                          on_sent=self._on_sent(local.seq, offset, length,
+                                                                report))
                 finally:
                     summary.bytes_sent += client.body_bytes_sent - before
                 if result.offset == offset:
@@ -544,16 +712,38 @@ class Uploader:
                 attempt.progressed = True
                 report(offset)
                 if result.receipt is not None:
-                    receipt = result.receipt
-                    break
-        if receipt is None:
-            receipt = client.receipt(location)
-            if receipt is None:
-                raise RetryLater(None, "the server holds every byte but has no receipt yet")
-        return receipt
+                    return location, result.receipt
+        return location, None
 
-    def _accept(self, local: _Local, receipt: dict[str, Any], summary: UploadSummary,
-                finisher: _Finisher) -> None:
+    def _metadata(self, local: _Local) -> dict[str, bytes]:
+        return {"device_id": self.device_id.encode(), "seq": str(local.seq).encode(),
+                "manifest": local.manifest, "signature": local.signature}
+
+    def _mark(self, seq: int, offset: int, length: int) -> None:
+        """Before a body of `length` bytes at `offset`: "sent up to" its first step."""
+        self.state.set_sent_to(seq, offset + min(length, MARK_STEP))
+
+    def _on_sent(self, seq: int, offset: int, length: int,
+                 report: Callable[[int], None]) -> Callable[[int], None]:
+        """The body's progress callback: moves the mark a step ahead of the bytes sent and
+        reports progress every PROGRESS_STEP."""
+        marked = [offset + min(length, MARK_STEP)]
+        reported = [offset]
+
+        def on_sent(sent: int) -> None:
+            position = offset + sent
+            if position >= marked[0] and marked[0] < offset + length:
+                marked[0] = min(offset + length, position + MARK_STEP)
+                self.state.set_sent_to(seq, marked[0])
+            if position - reported[0] >= PROGRESS_STEP:
+                reported[0] = position
+                report(position)
+
+        return on_sent
+
+    def _accept(self, local: _Local, receipt: dict[str, Any],
+                summary: UploadSummary) -> None:
+        """Settler thread: a receipt that checks out finishes the segment on the device."""
         problems = receipt_problems(
             receipt, self._keys, device_id=self.device_id, seq=local.seq,
             ciphertext_sha256=local.ciphertext_sha256, manifest_sha256=local.manifest_sha256,
@@ -564,12 +754,12 @@ class Uploader:
                       "stays on the device", local.seq, "; ".join(problems))
             summary.deferred[local.seq] = reason
             return
-        finisher.submit(lambda: self._finish_or_defer(local, receipt, summary))
+        self._finish_or_defer(local, receipt, summary)
 
     def _finish_or_defer(self, local: _Local, receipt: dict[str, Any],
                          summary: UploadSummary) -> None:
-        """Finisher thread: a local failure (a locked index, the card) leaves the segment on
-        the device and in `deferred`, so the pass does not claim to be complete."""
+        """A local failure (a locked index, the card) leaves the segment on the device and
+        in `deferred`, so the pass does not claim to be complete."""
         try:
             self._finish(local, receipt, summary)
         except (OSError, sqlite3.Error) as exc:
