@@ -3,7 +3,9 @@ segments, resumption, refusals, back-pressure, receipts and the audit trail."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import signal
 import ssl
@@ -23,7 +25,7 @@ from control_center.evidence import decrypt_segment, keys_from_fleet, verify_dir
 from control_center.evidence_cli import main as sos_evidence
 from control_center.fleet import Fleet
 from control_center.ingest import receipt_problems
-from control_center.ingest.uploads import Uploads
+from control_center.ingest.uploads import Upload, Uploads
 from control_center.pki import CertPair
 from protocol.signing import SignatureError, public_key_from_b64, verify
 from tests.test_evidence_verify import tiny_ts
@@ -280,6 +282,23 @@ def test_the_last_body_is_durable_only_once_completed_so_a_restart_cuts_it_back(
     gate.set()
     reply = client.receipt(location, wait=10)
     assert reply.status == 200 and reply.json()["ciphertext_bytes"] == len(data)
+
+
+def test_a_part_file_already_linked_into_the_store_is_never_cut_back(tmp_path: Path) -> None:
+    uploads = Uploads(tmp_path)
+    upload = Upload("a" * 32, DEVICE, 1, "m" * 64, "c" * 64, 1000, 400, "uploading", "now")
+    uploads.directory(upload.id).mkdir(parents=True)
+    manifest, signature = b'{"seq": 1}', b"sig"
+    upload.manifest_sha256 = hashlib.sha256(manifest).hexdigest()
+    uploads.manifest_path(upload).write_bytes(manifest)
+    uploads.signature_path(upload).write_bytes(signature)
+    uploads.create(upload)
+    part = uploads.part_file(upload)
+    part.write_bytes(b"x" * 1000)
+    os.link(part, tmp_path / "stored.ts.age")  # the store took it; a power cut undid the row
+    (again,) = uploads.recover()
+    assert part.stat().st_size == 1000 and again.offset == 1000
+    uploads.close()
 
 
 def test_creation_with_upload_takes_the_bytes_in_the_post(env: Env, video) -> None:

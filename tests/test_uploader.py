@@ -473,6 +473,35 @@ def test_a_segment_the_server_lost_before_storing_is_sent_again_in_the_same_pass
     assert summary.bytes_resent == size - 2 * CHUNK  # only what the server lost
 
 
+def test_an_upload_the_server_forgot_before_the_receipt_is_sent_again_in_the_same_pass(
+        card, centre) -> None:
+    store, camera = card
+    seq = camera.record(3 * CHUNK)
+    server = ScriptedServer(centre, respond_async=True)
+    server.fail("receipt", UploadGone("no upload on this server", 404))
+    summary = scripted_uploader(store, server, centre).run_once(threading.Event())
+    assert summary.uploaded == [seq] and summary.complete
+    assert server.calls.count("create") == 2 and files_of(store, seq) == []
+
+
+def test_a_centre_without_creation_with_upload_gets_the_bytes_by_patch(card, centre) -> None:
+    store, camera = card
+    seq = camera.record(3 * CHUNK)
+    server = ScriptedServer(centre)
+
+    class OldCentre(ScriptedClient):
+        def create(self, length: int, metadata: dict[str, bytes], **kwargs: Any) -> Created:
+            if kwargs.get("body_length"):
+                raise Refused("a creation request carries no body", 400)
+            return super().create(length, metadata, **kwargs)
+
+    uploader = Uploader(store, store.directory.parent / "upload.sqlite",
+                        lambda: OldCentre(server), [centre.public_key_b64], DEVICE,
+                        chunk_bytes=CHUNK, sleep=Sleeps())
+    summary = uploader.run_once(threading.Event())
+    assert summary.uploaded == [seq] and not summary.refused and summary.bytes_resent == 0
+
+
 def test_retry_later_waits_at_least_retry_after_and_then_goes_on(card, centre) -> None:
     store, camera = card
     seq = camera.record(20_000)

@@ -38,7 +38,6 @@ from control_center.ingest.tus import Refusal, parse_metadata
 from control_center.ingest.uploads import (
     REFUSED,
     STORED,
-    STORING,
     UPLOADING,
     Upload,
     Uploads,
@@ -496,7 +495,9 @@ class IngestServer:
                            reason=refusal.message, sha256=digest,
                            manifest_sha256=upload.manifest_sha256)
                 raise
-            self.uploads.set_state(upload.id, STORING, sync=False)  # lost: recover() redoes it
+            # Synced: the store hard-links this very file, so no roll-back may leave a row
+            # with a shorter offset that recover() would cut it back to.
+            self.uploads.set_storing(upload.id, upload.length)
             try:
                 location = (self.store.location(device, seq) if already else
                             self.store.put(device, seq, part, manifest_raw, signature))

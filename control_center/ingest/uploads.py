@@ -21,8 +21,9 @@ power loss may roll it back, and each roll-back is safe:
   again;
 - an offset inside a long body, or the offset of a completed one: back to an earlier offset
   whose bytes were fsynced; the device resends from there;
-- `storing`/`stored`: back to `uploading` with every byte in, which `recover()` completes (the
-  store then already holds the segment, and it is receipted again).
+- `stored`: back to `storing` (committed with a WAL fsync before the store may link the part
+  file), which `recover()` completes (the store then already holds the segment, and it is
+  receipted again). A part file with more than one link (the store's) is never cut back.
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ class Uploads:
         fsync (a power loss may roll it back to an earlier, smaller offset)."""
         self._execute("UPDATE uploads SET offset = ? WHERE id = ?", (offset, upload_id), sync)
 
+    def set_storing(self, upload_id: str, length: int) -> None:
+        """Every byte is in and fsynced: `storing`, offset = length, synced (the store may
+        link the part file next)."""
+        self._execute("UPDATE uploads SET offset = ?, state = ? WHERE id = ?",
+                      (length, STORING, upload_id), True)
+
     def set_state(self, upload_id: str, state: str, *, error: str | None = None,
                   receipt: dict[str, Any] | None = None, sync: bool = True) -> None:
         self._execute("UPDATE uploads SET state = ?, error = ?, receipt = ? WHERE id = ?",
@@ -166,7 +173,9 @@ class Uploads:
             if not part.exists() and upload.state == UPLOADING:
                 part.parent.mkdir(parents=True, exist_ok=True)
                 part.touch()
-            if size > upload.offset:
+            if size > upload.offset and part.stat().st_nlink > 1:
+                self.set_offset(upload.id, size)  # linked into the store: never cut
+            elif size > upload.offset:
                 with open(part, "rb+") as f:
                     f.truncate(upload.offset)
                     os.fsync(f.fileno())

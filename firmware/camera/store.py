@@ -194,13 +194,14 @@ class SegmentStore:
         self._write_unsynced("UPDATE segments SET uploaded = 1 WHERE seq = ?", (seq,))
 
     def delete(self, seq: int) -> None:
-        """The segment's files, then its row. Neither is fsynced: deleting frees the space at
-        once, and a power cut that brings files back is harmless (a file whose row is gone is
-        recovered as a segment again; an uploaded one is deleted again by the next pass)."""
+        """The segment's row (synced), then its files (not): a power cut can bring files
+        back, never leave a row without them. Files whose row is gone are recovered as a
+        segment again at the next start, and an uploaded one is receipted again."""
+        with self._lock:
+            self._db.execute("DELETE FROM segments WHERE seq = ?", (seq,))
         for suffix in (".ts.age", ".json", ".json.minisig"):
             with contextlib.suppress(FileNotFoundError):
                 self.path(seq, suffix).unlink()
-        self._write_unsynced("DELETE FROM segments WHERE seq = ?", (seq,))
 
     def _write_unsynced(self, sql: str, values: tuple[object, ...]) -> None:
         """One statement committed without a WAL fsync (the next synced commit, or the

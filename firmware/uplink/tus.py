@@ -173,6 +173,14 @@ def decode_receipt(value: str) -> dict[str, Any]:
     return data
 
 
+def _says_retry(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("retry") is True
+
+
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit() accepts "²"
 
 
@@ -266,10 +274,10 @@ class TusClient:
         headers = {"Upload-Length": str(length), "Upload-Metadata": encode_metadata(metadata),
                    "Content-Length": str(body_length if source is not None else 0)}
         window = None
+        if respond_async:  # also without a body: a POST may find a complete upload
+            headers["Prefer"] = "respond-async"
         if source is not None and body_length:
             headers["Content-Type"] = "application/offset+octet-stream"
-            if respond_async and body_length == length:
-                headers["Prefer"] = "respond-async"
             window = _Window(source, body_length, on_sent)
         response = self._send("POST", urlsplit(self.files_url).path, headers, window)
         if response.status != 201:
@@ -315,11 +323,12 @@ class TusClient:
 
     def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
         """GET {location}/receipt: the centre's receipt once the segment is stored, asking the
-        server to wait up to `wait_s` for it; None while there is none yet (404). A segment
-        the centre refused raises Refused; one it holds only part of, OffsetMismatch."""
+        server to wait up to `wait_s` for it; None while it is still being stored (404 with
+        `retry: true`). A segment the centre refused raises Refused; one it holds only part
+        of, OffsetMismatch; an upload it does not know (404 otherwise, 410), UploadGone."""
         headers = {"Prefer": f"wait={int(wait_s)}"} if wait_s >= 1 else {}
         response = self._request("GET", location.rstrip("/") + "/receipt", headers)
-        if response.status == 404:
+        if response.status == 404 and _says_retry(response.body):
             return None
         if response.status != 200:
             raise self._error(response)

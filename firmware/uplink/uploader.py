@@ -85,6 +85,7 @@ RECEIPT_TYPE = "segment_receipt"
 MARK_STEP = 4 << 20  # the "sent up to" mark moves in steps of this much within a body
 PROGRESS_STEP = 1 << 20  # progress is reported at least this often within a body
 RECEIPT_WAIT_S = 20.0  # a receipt request asks the server to hold it this long (Prefer: wait)
+MAX_STORING_WAITS = 30  # receipt requests answered "still storing" before the segment waits
 # Field names follow the manifest's (protocol/schemas/receipt.schema.json): the size is
 # `ciphertext_bytes`, not `size`.
 RECEIPT_FIELDS = ("v", "type", "receipt_id", "device_id", "seq", "ciphertext_sha256",
@@ -137,7 +138,7 @@ def receipt_problems(receipt: Any, keys: Iterable[Ed25519PublicKey], *, device_i
 @dataclass
 class UploadSummary:
     uploaded: list[int] = field(default_factory=list)  # seqs with a valid receipt, in order
-    bytes_sent: int = 0  # PATCH body bytes sent in this pass
+    bytes_sent: int = 0  # body bytes (POST and PATCH) sent in this pass
     bytes_resent: int = 0  # of those, bytes sent before that the server had not kept
     receipts: list[dict[str, Any]] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)  # every refused segment on the device
@@ -230,6 +231,10 @@ class _Settler:
         self._thread: threading.Thread | None = None
         self._client: TusClient | None = None
         self._resend: list[_Local] = []
+        self._abort = threading.Event()  # the pass failed: give up on what is queued
+
+    def abort(self) -> None:
+        self._abort.set()
 
     def submit(self, local: _Local, location: str | None,
                receipt: dict[str, Any] | None = None) -> None:
@@ -270,9 +275,9 @@ class _Settler:
     def _fetch(self, local: _Local, location: str) -> dict[str, Any] | None:
         """The receipt, or None with the segment deferred, refused or queued to resend."""
         uploader, summary = self._uploader, self._summary
-        failures = 0
+        failures = storing = 0
         while True:
-            if self._stop.is_set():
+            if self._stop.is_set() or self._abort.is_set():
                 summary.deferred[local.seq] = "stopped"
                 return None
             try:
@@ -281,6 +286,9 @@ class _Settler:
                 receipt = self._client.receipt(location, RECEIPT_WAIT_S)
                 if receipt is not None:
                     return receipt
+                storing += 1  # a busy centre: waited RECEIPT_WAIT_S, not a failure
+                if storing < MAX_STORING_WAITS:
+                    continue
                 reason = "the centre is still storing it"
             except Refused as exc:
                 uploader._refused(local, exc, summary)
@@ -556,6 +564,9 @@ class Uploader:
                     if local.seq in resent:
                         summary.deferred[local.seq] = "the centre lost its bytes twice"
                     resent.add(local.seq)
+        except BaseException:
+            settler.abort()
+            raise
         finally:
             creator.close()
             settler.close()
@@ -673,8 +684,19 @@ class Uploader:
                         local.size, metadata, source=source if first else None,
                         body_length=first, respond_async=True,
                         on_sent=self._on_sent(local.seq, 0, first, report))
+                except Refused as exc:
+                    if not first or exc.status not in (400, 415):
+                        raise
+                    # A centre without creation-with-upload: create, then PATCH as before.
+                    log.info("the centre takes no body with a POST (%s); sending it by PATCH",
+                             exc.reason)
+                    self.state.set_sent_to(local.seq, 0)
+                    first = 0
+                    source.seek(0)
+                    created = client.create(local.size, metadata, respond_async=True)
                 finally:
                     summary.bytes_sent += client.body_bytes_sent - before
+                high = max(high, first)  # a body the server dropped is sent again below
                 location = created.location
                 self.state.set_location(local.seq, local.manifest_sha256, location)
                 offset = created.offset or 0
