@@ -24,7 +24,7 @@ from control_center.audit import verify_log
 from control_center.evidence import decrypt_segment, keys_from_fleet, verify_directory
 from control_center.evidence_cli import main as sos_evidence
 from control_center.fleet import Fleet
-from control_center.ingest import receipt_problems
+from control_center.ingest import IngestServer, receipt_problems
 from control_center.ingest.uploads import Upload, Uploads
 from control_center.pki import CertPair
 from protocol.signing import SignatureError, public_key_from_b64, verify
@@ -240,14 +240,7 @@ def test_a_last_patch_preferring_respond_async_is_answered_before_the_receipt(
         env: Env, video) -> None:
     seg = env.card().record(video(1))
     server = env.start()
-    gate = threading.Event()
-    complete = server.complete
-
-    def held(upload):  # the completion waits until the test has its answer
-        gate.wait(15)
-        return complete(upload)
-
-    server.complete = held  # type: ignore[method-assign]
+    gate = hold_completions(server)
     client = env.client(server)
     location = client.create(seg).header("location") or ""
     done = client.patch(location, 0, seg.data(), prefer="respond-async")
@@ -262,14 +255,12 @@ def test_a_last_patch_preferring_respond_async_is_answered_before_the_receipt(
     assert (env.store.root / DEVICE / "000001.ts.age").read_bytes() == seg.data()
 
 
-def test_the_last_body_is_durable_only_once_completed_so_a_restart_cuts_it_back(
+def test_the_row_keeps_the_durable_offset_until_the_last_body_is_completed(
         env: Env) -> None:
     seg = env.card().record(random_bytes(BIG))
     data = seg.data()
     server = env.start()
-    gate = threading.Event()
-    complete = server.complete
-    server.complete = lambda upload: gate.wait(15) and complete(upload)  # type: ignore
+    gate = hold_completions(server)
     client = env.client(server)
     location = client.create(seg).header("location") or ""
     half = len(data) // 2
@@ -364,14 +355,7 @@ def test_a_new_patch_takes_over_from_a_stalled_one(env: Env) -> None:
     server = env.start()
     client = env.client(server)
     location = client.create(seg).header("location") or ""
-    receiving = threading.Event()
-    original = server.receive
-
-    def spy(*args: Any) -> int | None:
-        receiving.set()
-        return original(*args)
-
-    server.receive = spy  # type: ignore[method-assign]
+    receiving = signal_receiving(server)
     stalled = client.connect()  # sends a little, then nothing: a link that hangs
     stalled.putrequest("PATCH", location)
     for name, value in (("Tus-Resumable", "1.0.0"), ("Upload-Offset", "0"),
@@ -485,6 +469,32 @@ def test_a_patch_with_another_content_type_is_415(env: Env, video) -> None:
     assert reply.status == 415
 
 
+def signal_receiving(server: IngestServer) -> threading.Event:
+    """An event set when the server starts receiving a body."""
+    receiving = threading.Event()
+    original = server.receive
+
+    def spy(*args: Any) -> int | None:
+        receiving.set()
+        return original(*args)
+
+    server.receive = spy  # type: ignore[method-assign]
+    return receiving
+
+
+def hold_completions(server: IngestServer) -> threading.Event:
+    """Completions wait (up to 15 s) until the returned event is set."""
+    gate = threading.Event()
+    complete = server.complete
+
+    def held(upload: Any) -> Any:
+        gate.wait(15)
+        return complete(upload)
+
+    server.complete = held  # type: ignore[method-assign]
+    return gate
+
+
 # -- what is checked at completion ---------------------------------------------------------------
 def test_corrupted_bytes_are_refused_at_completion_and_not_stored(env: Env, video) -> None:
     seg = env.card().record(video(1))
@@ -561,14 +571,7 @@ def test_a_server_at_its_upload_limit_answers_503(env: Env) -> None:
     server = env.start(max_uploads=1)
     client = env.client(server)
     location = client.create(first).header("location") or ""
-    receiving = threading.Event()
-    original = server.receive
-
-    def spy(*args: Any) -> int | None:
-        receiving.set()
-        return original(*args)
-
-    server.receive = spy  # type: ignore[method-assign]
+    receiving = signal_receiving(server)
     data = first.data()
     busy = client.connect()
     busy.putrequest("PATCH", location)

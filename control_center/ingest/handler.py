@@ -336,11 +336,6 @@ class _Handler(BaseHTTPRequestHandler):
         connection still sending it is cut); the upload as it is then, or None if this
         connection broke (what arrived is kept)."""
         ingest = self.ingest
-        if upload.state == STORED:
-            if offset != upload.length or size:
-                raise Refusal(409, f"upload {upload.id} is complete and stored",
-                              offset=upload.length)
-            return upload
         lock = ingest.upload_lock(upload.id, self.connection)
         if lock is None:
             raise Refusal(423, f"upload {upload.id} is receiving on another connection",
@@ -387,11 +382,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _content_type(self) -> str:
         return self.headers.get("Content-Type", "").split(";")[0].strip()
-
-    def _done(self, upload: Upload) -> None:
-        assert upload.receipt is not None
-        self._reply(204, {"Upload-Offset": str(upload.length),
-                          "Upload-Receipt": receipt_header(upload.receipt)})
 
     def _put(self) -> None:
         ingest = self.ingest

@@ -13,7 +13,6 @@ status codes and limits.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from control_center.audit import AuditLog
-from control_center.evidence import keys_from_loaded_fleet
+from control_center.evidence import file_sha256, keys_from_loaded_fleet
 from control_center.fleet import Fleet
 from control_center.ingest import verify
 from control_center.ingest.handler import CHECKPOINT, CHUNK, FILES, HTTPServer, cut
@@ -479,7 +478,7 @@ class IngestServer:
         manifest_raw = self.uploads.manifest_path(upload).read_bytes()
         signature = self.uploads.signature_path(upload).read_bytes()
         manifest = json.loads(manifest_raw)
-        digest = _sha256_of(part, upload.length)
+        digest = file_sha256(part)  # read back: the page cache has it
         with self.device_lock(device):
             current = self.uploads.get(upload.id)
             if current is not None and current.state in (STORED, REFUSED):
@@ -528,21 +527,6 @@ class IngestServer:
                    seq=upload.seq, upload_id=upload.id, receipt_id=receipt["receipt_id"],
                    sha256=upload.ciphertext_sha256, manifest_sha256=upload.manifest_sha256)
         return receipt
-
-
-def _sha256_of(path: Path, length: int) -> str:
-    """SHA-256 of the first `length` bytes of `path` (read back: the page cache has them)."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buffer = memoryview(bytearray(CHUNK))
-        left = length
-        while left:
-            n = f.readinto(buffer[:min(CHUNK, left)])
-            if not n:
-                break
-            digest.update(buffer[:n])
-            left -= n
-    return digest.hexdigest()
 
 
 def _int_or(text: str) -> int | str:

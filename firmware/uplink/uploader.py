@@ -218,10 +218,10 @@ class _Creator:
 
 
 class _Settler:
-    """The second connection: for each sent segment, in send order, the receipt (fetched with
-    GET .../receipt unless the upload already gave it), checked, kept, then the segment marked
-    uploaded and deleted (an fsync each, tens of ms on an SD card), while the first connection
-    sends the next segments. `drain()` waits for all and returns the segments to send again."""
+    """The third connection: for each sent segment, in send order, the receipt (fetched with
+    GET .../receipt unless the upload already gave it), checked, kept (fsync), then the segment
+    marked uploaded and deleted (tens of ms on an SD card), while the byte connection sends the
+    next segments. `drain()` waits for all and returns the segments to send again."""
 
     def __init__(self, uploader: Uploader, summary: UploadSummary,
                  stop: threading.Event) -> None:
