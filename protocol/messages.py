@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -13,8 +14,10 @@ from typing import Any
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
+from protocol.untrusted import MESSAGE_LIMITS, UntrustedJsonError, loads_untrusted
+
 SCHEMA_VERSION = 1
-MAX_PAYLOAD_BYTES = 16 * 1024  # no legitimate message comes near this; bigger is refused unparsed
+MAX_PAYLOAD_BYTES = MESSAGE_LIMITS.max_bytes  # bigger is refused unparsed (protocol/untrusted.py)
 
 
 class MessageKind(StrEnum):
@@ -23,6 +26,7 @@ class MessageKind(StrEnum):
     EVENT = "event"
     STATUS = "status"
     COMMAND = "command"
+    DELIVERY_RECEIPT = "delivery-receipt"
 
 
 class ProtocolError(ValueError):
@@ -62,14 +66,17 @@ def encode(kind: MessageKind, message: dict[str, Any]) -> bytes:
 
 def decode(kind: MessageKind, payload: bytes) -> dict[str, Any]:
     """Parse and validate a received payload, or raise ProtocolError."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"invalid {kind.value}: {len(payload)} bytes is over the size limit")
     try:
-        message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"invalid {kind.value}: not JSON ({exc.__class__.__name__})") from None
+        message = loads_untrusted(payload, MESSAGE_LIMITS)
+    except UntrustedJsonError as exc:
+        raise ProtocolError(f"invalid {kind.value}: {exc}") from None
     validate(kind, message)
     return message
+
+
+def payload_digest(payload: bytes) -> str:
+    """What a delivery receipt's `digest` holds: SHA-256 (hex) of a message's exact bytes."""
+    return hashlib.sha256(payload).hexdigest()
 
 
 def utc_iso(when: datetime) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import json
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -51,6 +50,10 @@ from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from firmware.uplink.upload_plan import parse_retry_after
+from protocol.untrusted import JsonLimits, loads_untrusted
+
+# The ingest's answers (errors, receipts) are small: anything bigger or deeper is not one.
+REPLY_LIMITS = JsonLimits(max_bytes=64 * 1024, max_depth=16)
 
 TUS_VERSION = "1.0.0"
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -135,7 +138,7 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes, *,
     """
     reason, retry = f"HTTP {status}", None
     try:
-        data = json.loads(body) if body else None
+        data = loads_untrusted(body, REPLY_LIMITS) if body else None
     except (ValueError, UnicodeDecodeError):
         data = None
     if isinstance(data, dict):
@@ -165,7 +168,7 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes, *,
 def decode_receipt(value: str) -> dict[str, Any]:
     """The JSON object in an `Upload-Receipt` header (standard base64)."""
     try:
-        data = json.loads(base64.b64decode(value.strip(), validate=True))
+        data = loads_untrusted(base64.b64decode(value.strip(), validate=True), REPLY_LIMITS)
     except (binascii.Error, ValueError) as exc:
         raise ProtocolError(f"Upload-Receipt is not base64 JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -175,7 +178,7 @@ def decode_receipt(value: str) -> dict[str, Any]:
 
 def _says_retry(body: bytes) -> bool:
     try:
-        data = json.loads(body)
+        data = loads_untrusted(body, REPLY_LIMITS)
     except (ValueError, UnicodeDecodeError):
         return False
     return isinstance(data, dict) and data.get("retry") is True
@@ -333,7 +336,7 @@ class TusClient:
         if response.status != 200:
             raise self._error(response)
         try:
-            data = json.loads(response.body)
+            data = loads_untrusted(response.body, REPLY_LIMITS)
         except ValueError:
             raise ProtocolError("receipt is not JSON", 200) from None
         if not isinstance(data, dict):

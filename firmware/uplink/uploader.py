@@ -78,6 +78,7 @@ from firmware.uplink.tus import (
 from firmware.uplink.upload_plan import Backoff, Candidate, Progress, order
 from firmware.uplink.upload_settings import DEFAULT_CHUNK_BYTES
 from protocol.signing import SignatureError, public_key_from_b64, verify
+from protocol.untrusted import MANIFEST_LIMITS, loads_untrusted
 
 log = logging.getLogger("sos.upload")
 
@@ -849,7 +850,7 @@ class Uploader:
         signature = self.store.path(seq, SIGNATURE_SUFFIX).read_bytes()
         size = path.stat().st_size
         try:
-            data = json.loads(manifest)
+            data = loads_untrusted(manifest, MANIFEST_LIMITS)
         except ValueError:  # unreadable: still offered, the centre decides (and refuses it)
             data = {}
         if not isinstance(data, dict):
