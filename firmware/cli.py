@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the device until SIGTERM/SIGINT (what the systemd unit runs)")
-    sub.add_parser("check-config", help="validate the config and board profile, then exit")
+    sub.add_parser("check-config", help="validate the config, the board profile and every "
+                   "file the config names (certificates, keys, data_dir, GPS port), then exit")
     selftest = sub.add_parser("selftest", help="check camera, GPS, button, LED, storage, clock "
                               "and broker; one line each; exit 1 if any fails")
     selftest.add_argument("--led-sense-pin", type=int, default=None,
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--id", required=True, help="device id, e.g. tok-amb-0412")
     prov.add_argument("--profile", required=True, choices=["token", "pillar"])
     prov.add_argument("--target", required=True, type=Path,
-                      help="root of the device's filesystem: the mounted SD card, or a directory")
+                      help="root of the device's filesystem: the mounted SD card, or an "
+                           "existing directory")
     prov.add_argument("--fleet", required=True, type=Path,
                       help="fleet directory (sos-center ca init) to enrol the device in")
     prov.add_argument("--broker", required=True, metavar="HOST:PORT",
@@ -107,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from firmware.config import load_device_config
 
     try:
-        config = load_device_config(args.config)
+        config = load_device_config(args.config, thorough=args.action == "check-config")
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
     if args.action == "check-config":
         print(f"{args.config}: ok ({config.kind} {config.device_id}, broker "
               f"{config.broker.host}:{config.broker.port})")
@@ -128,8 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     # handler is safe here.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    DeviceRuntime(config).run(stop)
+    try:
+        runtime = DeviceRuntime(config)
+    except ConfigError as exc:  # e.g. the signing key went missing since the config was read
+        return config_error(exc)
+    runtime.run(stop)
     return 0
+
+
+def config_error(exc: ConfigError) -> int:
+    """One line on stderr and exit status 2, which the systemd unit does not restart
+    (RestartPreventExitStatus): a wrong configuration does not mend itself."""
+    print(f"config error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

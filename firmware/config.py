@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from firmware.uplink.upload_settings import UploadSettings
-from protocol.configfile import ConfigError, check, load_schema, load_toml
+from protocol.configfile import (
+    ConfigError,
+    annotated,
+    check,
+    directory_or_creatable,
+    existing,
+    load_schema,
+    load_toml,
+    no_file_in_the_way,
+    pem_certificates,
+    pem_private_key,
+)
 from protocol.mqtt import BrokerConfig
-from protocol.signing import public_key_from_b64
+from protocol.signing import load_key, public_key_from_b64
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "hw" / "profiles"
 
@@ -85,14 +97,71 @@ def _resolve_profile(name: str, base: Path) -> Path:
     )
 
 
-def load_device_config(path: str | Path) -> DeviceConfig:
-    """Load and validate; raise ConfigError naming the file and key when anything is wrong."""
-    path = Path(path)
+Check = Callable[[Path], object]  # raises ConfigError `PATH: what is wrong`
+
+
+@dataclass(frozen=True)
+class FileRule:
+    """What a file named by the config must be: the schema's `"x-file"` beside a path key
+    names its rule, so each key's description, default and check sit together."""
+
+    at_start: Check | None  # `run` (and selftest) refuse to start unless it passes
+    thorough: Check | None = None  # check-config also wants this; the running device copes
+
+FILE_RULES: dict[str, FileRule] = {
+    "certificates": FileRule(pem_certificates),
+    "private-key": FileRule(pem_private_key),
+    "signing-key": FileRule(load_key),  # never made at start: only provisioning enrols one
+    # A partition not mounted yet or a read-only card is the storage self-test's to report
+    # (with its fix) and may mend by itself; a data_dir that names a file does not.
+    "data-dir": FileRule(no_file_in_the_way, thorough=directory_or_creatable),
+    # Hardware the running device retries: an SOS button without GPS still raises alerts.
+    "device-node": FileRule(None, thorough=existing),
+}
+
+
+def load_device_config(path: str | Path, *, thorough: bool = False) -> DeviceConfig:
+    """Load and validate; raise ConfigError naming the file and key when anything is wrong.
+
+    The files the device opens at start must exist and be what their key says; `thorough`
+    (check-config) also wants what the running device copes without: the hardware it retries,
+    a data_dir it can make and write.
+    """
+    data, config = _parse(Path(path))
+    _check_files(data, config, thorough=thorough)
+    return config
+
+
+def parse_device_config(path: str | Path) -> DeviceConfig:
+    """The config as written, without looking at the files it names (an example config, or a
+    card's config read on the workstation)."""
+    return _parse(Path(path))[1]
+
+
+def _parse(path: Path) -> tuple[dict[str, Any], DeviceConfig]:
     data = load_toml(path, load_schema("firmware", "config.schema.json"))
     base = path.parent
     profile_path = _resolve_profile(data["device"]["profile"], base)
     profile = load_toml(profile_path, load_schema("firmware", "profile.schema.json"))
-    return build_config(data, profile, source=str(path), base=base)
+    return data, build_config(data, profile, source=str(path), base=base)
+
+
+def _check_files(data: dict[str, Any], config: DeviceConfig, *, thorough: bool) -> None:
+    """Every file the config names (its schema's `x-file` keys) against its FILE_RULES entry,
+    relative paths from the config's directory; ConfigError `FILE: key 'KEY': PATH: why`."""
+    schema = load_schema("firmware", "config.schema.json")
+    base = Path(config.source).parent
+    # The default signing key (in data_dir) is checked as if it had been written out.
+    default_key = os.path.abspath(config.signing_key)
+    data = {**data, "device": {"signing_key": default_key, **data["device"]}}
+    for key, value, kind in annotated(data, schema, "x-file"):
+        rule = FILE_RULES[kind]
+        checks = (rule.at_start, rule.thorough) if thorough else (rule.at_start,)
+        for check_file in filter(None, checks):
+            try:
+                check_file(Path(os.path.normpath(base / value)))
+            except ConfigError as exc:
+                raise ConfigError(f"{config.source}: key '{key}': {exc}") from None
 
 
 def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,

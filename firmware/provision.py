@@ -1,6 +1,7 @@
 """Turn a blank Raspberry Pi root filesystem into an enrolled token or pillar.
 
-`sos-device provision` writes, under TARGET (the SD card's root, or a directory in tests):
+`sos-device provision` writes, under TARGET (the mounted SD card's root, or an existing directory
+in tests; a TARGET that is not there is refused before anything is written or enrolled):
 
     opt/sos-device/src/                  the firmware source (installed into a venv at first boot)
     etc/sos-device/device.toml           the config (validated; paths relative to this file)
@@ -117,6 +118,7 @@ def provision(request: Request) -> Report:
 
 
 def _check(request: Request) -> None:
+    _check_target(request.target)
     if not DEVICE_ID.match(request.device_id):
         raise ProvisionError(f"--id '{request.device_id}': lower-case letters, digits and dashes, "
                              "3 to 63 characters")
@@ -128,6 +130,16 @@ def _check(request: Request) -> None:
     if not (request.fleet_dir / "ca.pem").exists():
         raise ProvisionError(f"--fleet {request.fleet_dir}: no fleet CA there "
                              "(run: sos-center ca init)")
+
+
+def _check_target(target: Path) -> None:
+    """The card must already be mounted there: a mistyped mount point would otherwise become a
+    new directory on the workstation holding an enrolled device's keys."""
+    if not target.exists():
+        raise ProvisionError(f"--target {target}: no such directory (mount the SD card's root "
+                             "filesystem there, or make the directory first)")
+    if not target.is_dir():
+        raise ProvisionError(f"--target {target}: not a directory")
 
 
 # profile -> (width, height, fps, bitrate) of the evidence video

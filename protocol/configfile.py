@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 import tomllib
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from jsonschema import Draft202012Validator
 
 
@@ -21,6 +28,7 @@ def load_schema(package: str, name: str) -> dict[str, Any]:
 
 def check(data: dict[str, Any], schema: dict[str, Any], source: str) -> None:
     """Raise ConfigError for the first problem, as `FILE: key.path: what is wrong`."""
+    _check_finite(data, source)
     errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if not errors:
         return
@@ -35,13 +43,118 @@ def check(data: dict[str, Any], schema: dict[str, Any], source: str) -> None:
     raise ConfigError(f"{source}: key '{'.'.join(path) or '(top level)'}': {error.message}")
 
 
+def _check_finite(data: Any, source: str, key: str = "") -> None:
+    """TOML allows nan and inf, and JSON Schema's minimum/maximum let nan through (every
+    comparison with it is false); no key of ours has a use for either, whatever its schema."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{source}: key '{key}': {data} is not a finite number")
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _check_finite(value, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _check_finite(value, source, f"{key}[{index}]")
+
+
 def load_toml(path: str | Path, schema: dict[str, Any]) -> dict[str, Any]:
+    """The validated TOML at `path`; ConfigError as one line `FILE: what is wrong`."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        data = tomllib.loads(_read_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     check(data, schema, str(path))
     return data
+
+
+def _read_text(path: Path) -> str:
+    raw = read_regular_file(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8)") from None
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`; ConfigError `PATH: why not` for a missing, unreadable or special
+    file (a directory, or a device that would never end)."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: not a regular file")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+# -- the files a configuration names ---------------------------------------------------------------
+# A schema marks a key that names a file with `"x-file": KIND` beside its description; the
+# program that reads the config says what each KIND must be (e.g. firmware/config.py).
+
+
+def annotated(data: dict[str, Any], schema: dict[str, Any],
+              keyword: str) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, annotation) for each key present in `data` whose schema carries
+    `keyword`, in schema order."""
+    for name, sub in schema.get("properties", {}).items():
+        if name not in data:
+            continue
+        if keyword in sub:
+            yield name, data[name], sub[keyword]
+        if isinstance(data[name], dict):
+            for key, value, note in annotated(data[name], sub, keyword):
+                yield f"{name}.{key}", value, note
+
+
+def pem_certificates(path: Path) -> None:
+    """One or more PEM certificates (a CA, or a certificate with its chain)."""
+    pem = read_regular_file(path)
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ConfigError(f"{path}: not a PEM certificate") from None
+
+
+def pem_private_key(path: Path) -> None:
+    """An unencrypted PEM private key (the device has nobody to type a passphrase)."""
+    pem = read_regular_file(path)
+    try:
+        serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise ConfigError(f"{path}: the private key is encrypted (the device needs it "
+                          "without a passphrase)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path}: not a PEM private key") from None
+
+
+def no_file_in_the_way(path: Path) -> None:
+    """Absent, or a directory: a key that names a directory must not name a file."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: not a directory")
+
+
+def directory_or_creatable(path: Path) -> None:
+    """A writable directory, or one that can be made: its nearest existing ancestor is a
+    writable directory (for the user running this)."""
+    no_file_in_the_way(path)
+    if path.exists():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{path}: directory not writable")
+        return
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{path}: cannot be made: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot be made: {ancestor} is not writable")
+
+
+def existing(path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"{path}: does not exist")

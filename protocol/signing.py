@@ -17,9 +17,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.configfile import ConfigError, read_regular_file
 
 SIG = "sig"
 # SIA DC-09's window: a command may be at most 40 s old and at most 20 s in the future.
@@ -66,8 +68,32 @@ def verify(message: dict[str, Any], keys: Iterable[Ed25519PublicKey]) -> None:
     raise SignatureError("bad signature")
 
 
+def load_key(path: Path) -> Ed25519PrivateKey:
+    """The device's signing key at `path`, made and enrolled by `sos-device provision`.
+
+    Never makes one: a key made on the device is unknown to the fleet, so the centre would
+    reject every message signed with it while the device showed them as delivered. Raises
+    ConfigError `PATH: what is wrong`.
+    """
+    try:
+        pem = read_regular_file(path)
+    except ConfigError as exc:
+        if path.exists():
+            raise
+        raise ConfigError(f"{exc}; the signing key is made and enrolled only by provisioning: "
+                          "run `sos-device provision` (docs/FLASHING.md)") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{path}: not a PEM Ed25519 private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an Ed25519 private key (the signing key must be one)")
+    return key
+
+
 def load_or_make_key(path: Path) -> Ed25519PrivateKey:
-    """The signing key at `path`, made there (0600) the first time; it never leaves."""
+    """The signing key at `path`, made there (0600) the first time; it never leaves. For
+    provisioning and the fleet's own identities; the device itself uses `load_key`."""
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -30,6 +30,7 @@ from gpiozero.pins.mock import MockFactory
 from firmware.camera.synthetic import SyntheticCamera
 from firmware.config import load_device_config
 from firmware.device import DeviceRuntime
+from protocol.configfile import ConfigError
 from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_device_config(args.config)
+    try:
+        config = load_device_config(args.config)
+    except ConfigError as exc:  # one line naming the file and key, as `sos-device run` says it
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     if args.gps_port:
         config = dataclasses.replace(config, gps=dataclasses.replace(config.gps,
                                                                      port=args.gps_port))
@@ -116,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             size, bitrate = SIM_CAMERA_SIZE, min(bitrate, 800_000)
         camera = SyntheticCamera(config.device_id, size=size, fps=fps, bitrate=bitrate)
     probe = None if camera else (lambda: VIRTUAL_CAMERA_FRAMES)  # a camera counts its frames
-    runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
-                            camera_probe=probe, camera_source=camera)
+    try:
+        runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
+                                camera_probe=probe, camera_source=camera)
+    except ConfigError as exc:  # e.g. the signing key is missing: never made here
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from firmware.config import load_device_config
+from control_center.fleet import Fleet
+from firmware.config import load_device_config, parse_device_config
 from protocol.configfile import ConfigError
+from protocol.signing import load_or_make_key
 
 GOOD = """
 [device]
@@ -26,6 +28,18 @@ port = "/dev/serial0"
 [trust]
 centre_keys = ["11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="]
 """
+
+
+@pytest.fixture(scope="module")
+def ca_pem(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return Fleet.create(tmp_path_factory.mktemp("fleet") / "fleet").ca.cert_file.read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def files_of_good(tmp_path: Path, ca_pem: bytes) -> None:
+    """The files GOOD names, as provisioning leaves them: the CA and the signing key."""
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    load_or_make_key(tmp_path / "data" / "signing.key")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -81,7 +95,7 @@ def test_sos_device_refuses_to_start_with_a_bad_config_and_names_the_key(tmp_pat
 
 @pytest.mark.parametrize("name", ["device-token.toml", "device-pillar.toml"])
 def test_the_example_device_configs_load(name: str) -> None:
-    load_device_config(Path(__file__).resolve().parents[1] / "hw" / "examples" / name)
+    parse_device_config(Path(__file__).resolve().parents[1] / "hw" / "examples" / name)
 
 
 def test_the_example_center_config_loads() -> None:

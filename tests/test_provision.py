@@ -20,8 +20,14 @@ def fleet(tmp_path: Path) -> Fleet:
     return Fleet.create(tmp_path / "fleet")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def provision(fleet: Fleet, target: Path, *extra: str, device_id: str = "tok-amb-0412",
-              profile: str = "token", broker: str = "127.0.0.1:8883"):
+              profile: str = "token", broker: str = "127.0.0.1:8883", mount: bool = True):
+    """`sos-device provision`; `mount`: make TARGET first, as mounting the card does."""
+    if mount:
+        target.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "firmware.cli", "provision", "--id", device_id, "--profile",
          profile, "--target", str(target), "--fleet", str(fleet.directory), "--broker", broker,
@@ -109,3 +115,42 @@ def test_a_provisioned_device_completes_paramedic_sos_from_its_directory_alone(
     (alert,) = result["alerts"]
     assert alert["device_id"] == "tok-amb-0412"
     assert (root / "var" / "lib" / "sos-device" / "outbox.sqlite").exists()  # it ran from there
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_target_that_does_not_exist_is_refused_and_nothing_is_made_or_enrolled(
+        fleet, tmp_path) -> None:
+    target = tmp_path / "media" / "rootfs"
+    before = snapshot(fleet.directory)
+    done = provision(fleet, target, mount=False)
+    assert done.returncode == 2 and f"--target {target}: no such directory" in done.stderr
+    assert not (tmp_path / "media").exists()
+    assert snapshot(fleet.directory) == before
+
+
+def test_a_target_that_is_a_file_is_refused(fleet, tmp_path) -> None:
+    target = tmp_path / "rootfs.img"
+    target.write_bytes(b"")
+    before = snapshot(fleet.directory)
+    done = provision(fleet, target, mount=False)
+    assert done.returncode == 2 and f"--target {target}: not a directory" in done.stderr
+    assert snapshot(fleet.directory) == before
+
+
+def test_make_flash_refuses_a_target_that_does_not_exist_naming_it(fleet, tmp_path) -> None:
+    target = tmp_path / "does" / "not" / "exist"
+    before = snapshot(fleet.directory)
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "--no-print-directory",
+         "-o", ".venv/.installed-stamp",  # never rebuild the shared virtualenv from a test
+         "flash", "ID=tok-amb-0412", "PROFILE=token", f"TARGET={target}",
+         f"FLEET={fleet.directory}", "BROKER=127.0.0.1:8883"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"TARGET={target}: not an existing directory" in done.stderr
+    assert not (tmp_path / "does").exists()
+    assert snapshot(fleet.directory) == before
