@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography import x509
 
 from control_center import pki
+from control_center.broker_admin import sync_broker
 from control_center.fleet import (
     CENTRE_ID,
     DEVICE_ID,
@@ -29,6 +30,7 @@ from control_center.fleet import (
     Fleet,
     FleetError,
     render_mosquitto_conf,
+    write_broker_access,
 )
 from control_center.pki import CertPair
 
@@ -38,7 +40,9 @@ SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
 RELOAD = ("the broker must re-read the CRL: `systemctl reload mosquitto` refuses new connections "
-          "with it; `systemctl restart mosquitto` also drops one already open")
+          "with it")
+SYNC = ("tell the running broker: `sos-center ca sync --broker HOST:PORT` (a revoked identity is "
+        "disconnected at once, a new one may act)")
 
 
 class CaError(Exception):
@@ -150,6 +154,8 @@ def cmd_sign(args: argparse.Namespace) -> None:
     if before is not None and before.serial != identity.serial:
         print(f"{name}'s previous certificate (serial {before.serial}) is revoked: {RELOAD}",
               file=report)
+    if before is None or before.serial != identity.serial:
+        print(f"then {SYNC}", file=report)
     if identity.signing_key is None:
         print(f"warning: {name} has no message-signing key, so the centre rejects its messages; "
               f"sign again with --signing-key BASE64", file=sys.stderr)
@@ -162,6 +168,27 @@ def cmd_revoke(args: argparse.Namespace) -> None:
                       f"{fleet.directory})")
     identity = fleet.revoke(args.name)
     print(f"revoked {identity.name} (serial {identity.serial}); {RELOAD}")
+    if args.broker is None:
+        print(f"then {SYNC}")
+        return
+    for change in sync_broker(fleet, *_host_port(args.broker)):
+        print(f"broker: {change}")
+
+
+def cmd_sync(args: argparse.Namespace) -> None:
+    fleet = _open(args)
+    changes = sync_broker(fleet, *_host_port(args.broker))
+    for change in changes:
+        print(f"broker: {change}")
+    print(f"broker at {args.broker} is up to date with {fleet.registry_file} "
+          f"({len(changes)} change(s))")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise CaError(f"--broker '{value}': give HOST:PORT (e.g. mqtt.example:8883)")
+    return host, int(port)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -190,13 +217,16 @@ def cmd_broker_config(args: argparse.Namespace) -> None:
     for directory in (out, data_dir, log_file.parent):
         directory.mkdir(parents=True, exist_ok=True)
     fleet.write_broker_files()
+    fleet.broker_admin()  # so `ca sync` can reach the plugin once the broker runs
+    access = write_broker_access(fleet, data_dir)
     conf = out / "mosquitto.conf"
     conf.write_text(render_mosquitto_conf(fleet, server, host=args.host, port=args.port,
                                           data_dir=data_dir, log_file=log_file,
                                           run_as=args.run_as))
-    print(f"broker config written: {conf} (listener {args.host}:{args.port}, CRL and ACL in "
-          f"{fleet.directory} rewritten); run: mosquitto -c {conf}")
-    _warn_unowned(args.run_as, [server.key_file, data_dir, log_file.parent])
+    print(f"broker config written: {conf} (listener {args.host}:{args.port}, CRL in "
+          f"{fleet.directory} rewritten, access list {access} for its next start); "
+          f"run: mosquitto -c {conf}")
+    _warn_unowned(args.run_as, [server.key_file, data_dir, access, log_file.parent])
 
 
 def _warn_unowned(run_as: str | None, paths: list[Path]) -> None:
@@ -222,7 +252,7 @@ def cmd_crl(args: argparse.Namespace) -> None:
     fleet.write_broker_files()
     crl = x509.load_pem_x509_crl(fleet.crl_file.read_bytes())
     print(f"CRL rewritten: {fleet.crl_file} ({len(crl)} revoked, valid until "
-          f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}); ACL {fleet.acl_file}; then {RELOAD}")
+          f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}); then {RELOAD}")
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -246,6 +276,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "init": cmd_init, "server": cmd_server, "sign": cmd_sign, "revoke": cmd_revoke,
     "list": cmd_list, "broker-config": cmd_broker_config, "crl": cmd_crl, "keys": cmd_keys,
+    "sync": cmd_sync,
 }
 
 
@@ -275,7 +306,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--signing-key", metavar="BASE64",
                    help="the Ed25519 public key its messages are signed with")
     p.add_argument("-o", "--output", metavar="CERT_FILE", help="default: stdout")
-    command("revoke", "revoke an identity's certificate").add_argument("name", metavar="NAME")
+    p = command("revoke", "revoke an identity's certificate")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="also disconnect it from this running broker now (as `ca sync`)")
     command("list", "list identities").add_argument("--json", action="store_true")
     p = command("broker-config", "write OUT/mosquitto.conf for this fleet")
     p.add_argument("--port", type=int, required=True)
@@ -286,7 +320,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-file", metavar="F", help="default: OUT/mosquitto.log")
     p.add_argument("--run-as", metavar="USER",
                    help="user mosquitto drops to when started as root (default: mosquitto)")
-    command("crl", "rewrite the CRL (valid 30 days) and the ACL; run it from a timer")
+    command("crl", "rewrite the CRL (valid 30 days); run it from a timer")
+    command("sync", "tell a running broker who is enrolled and who is revoked (disconnects "
+                    "revoked identities)").add_argument("--broker", metavar="HOST:PORT",
+                                                        required=True)
     command("keys", "the public material a device needs").add_argument("--json",
                                                                        action="store_true")
 

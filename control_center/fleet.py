@@ -1,12 +1,15 @@
 """The fleet registry and its certificate authority: who may connect, and as whom.
 
 A fleet directory holds the CA (`ca.pem`, `ca.key`), `registry.json` (every identity ever issued,
-with its serial and status), the CRL (`crl.pem`) and the broker's ACL (`acl`), regenerated from the
-registry on every change. The broker authenticates clients by certificate and uses the
-certificate's common name as the user name, so the ACL can confine each device to its own topics.
+with its serial and status) and the CRL (`crl.pem`), regenerated from the registry on every change.
+The broker authenticates clients by certificate, uses the certificate's common name as the user
+name and as the client id, and lets each identity do only its job through Mosquitto's
+dynamic-security plugin, whose configuration `render_broker_access` derives from the registry
+(docs/DESIGN.md, "Broker: each identity does only its job").
 
 Identities: a device is its device id (`tok-amb-0412`); a control-centre instance is
-`centre.<name>`, which can never be a device id (device ids have no dots).
+`centre.<name>`, which can never be a device id (device ids have no dots); the fleet's own broker
+administrator (it tells a running broker who was enrolled or revoked) is `admin.fleet`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,13 +28,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from control_center import pki
+from control_center.live import MAX_HEADER_CHARS
+from control_center.live import MAX_PAYLOAD_BYTES as LIVE_MAX_PAYLOAD_BYTES
 from control_center.pki import CertPair
 from protocol import bech32, signing
 from protocol.topics import LIVE, PREFIX
 
+# The largest packet the broker takes: a live chunk (the protocol's largest message) plus its
+# signed header in a user property (at most MAX_HEADER_CHARS, so at most 4x that in UTF-8), its
+# topic and MQTT's own framing, rounded up to 64 KiB. Anything bigger is no message of ours: the
+# broker drops the connection instead of forwarding it (JSON messages are at most 16 KiB).
+MAX_PACKET_BYTES = LIVE_MAX_PAYLOAD_BYTES + 64 * 1024
+MAX_PACKET_HEADROOM = 4 * MAX_HEADER_CHARS + 1024  # what the 64 KiB must hold (checked in tests)
+
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 CENTRE_ID = re.compile(r"^centre\.[a-z0-9][a-z0-9-]{0,62}$")
-KINDS = ("token", "pillar", "centre")
+ADMIN_ID = re.compile(r"^admin\.[a-z0-9][a-z0-9-]{0,62}$")
+KINDS = ("token", "pillar", "centre")  # what an operator enrols (`sos-center ca sign --kind`)
+ADMIN = "admin"  # the kind of the fleet's broker administrator, made by Fleet.broker_admin()
+ADMIN_NAME = "admin.fleet"
+PATTERNS = {"token": DEVICE_ID, "pillar": DEVICE_ID, "centre": CENTRE_ID, ADMIN: ADMIN_ID}
+DEVICE_LEAVES = ("alert", "position", "event", "status", LIVE)  # what a device publishes
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+DYNSEC_FILE = "dynamic-security.json"  # in the broker's data directory: the broker rewrites it
 
 
 class FleetError(ValueError):
@@ -61,12 +81,18 @@ class Fleet:
         ]
 
     @property
+    def registry_file(self) -> Path:
+        """`registry.json`: every identity with its status and signing key (read by FleetTrust)."""
+        return self._registry_file
+
+    @property
     def crl_file(self) -> Path:
         return self.directory / "crl.pem"
 
     @property
-    def acl_file(self) -> Path:
-        return self.directory / "acl"
+    def admin_directory(self) -> Path:
+        """Where the fleet keeps its broker administrator's key and certificate."""
+        return self.directory / "admin"
 
     @classmethod
     def create(cls, directory: str | Path, name: str = "SOS fleet CA") -> Fleet:
@@ -95,14 +121,14 @@ class Fleet:
                 signing.public_key_from_b64(signing_key)
             except ValueError as exc:
                 raise FleetError(str(exc)) from None
-        if kind not in KINDS:
+        if kind not in PATTERNS:
             raise FleetError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
             name = pki.common_name(csr)
         except ValueError as exc:
             raise FleetError(f"not a usable certificate signing request: {exc}") from None
-        pattern = CENTRE_ID if kind == "centre" else DEVICE_ID
+        pattern = PATTERNS[kind]
         if not pattern.match(name):
             raise FleetError(f"'{name}' is not a valid {kind} identity ({pattern.pattern})")
         current = self.active(name)
@@ -139,6 +165,12 @@ class Fleet:
         pair.cert_file.write_bytes(
             self.sign_csr(pki.make_csr(key, name), kind, signer.public_key_b64))
         return pair
+
+    def broker_admin(self) -> CertPair:
+        """The identity that tells a running broker about enrolments and revocations
+        (control_center/broker_admin.py); made here on first use. Its key stays in the fleet
+        directory, next to the CA key that could mint any identity anyway."""
+        return self.enrol_local(ADMIN_NAME, ADMIN, self.admin_directory)
 
     # -- message signing keys --------------------------------------------------------------------
     def signing_keys(self, name: str) -> list[Ed25519PublicKey]:
@@ -204,12 +236,14 @@ class Fleet:
         return _ensure_age_key(self.live_identity_file, self.live_pub_file)
 
     def write_broker_files(self) -> None:
-        """Rewrite the CRL (it expires: pki.write_crl's `days`) and the ACL from the registry."""
+        """Rewrite the CRL (it expires: pki.write_crl's `days`) from the registry."""
         self._save()
 
     # -- revoking --------------------------------------------------------------------------------
     def revoke(self, name: str) -> Identity:
-        """Revoke the active certificate of `name`; effective when the broker reloads the CRL."""
+        """Revoke the active certificate of `name`: it leaves the CRL's good side and the broker's
+        access list (`render_broker_access`). A running broker learns it from a CRL reload
+        (refuses new connections) and `BrokerAdmin.sync` (disconnects the open one)."""
         current = self.active(name)
         if current is None:
             raise FleetError(f"no active identity '{name}'")
@@ -234,46 +268,119 @@ class Fleet:
         revoked = [(int(i.serial, 16), dt.datetime.fromisoformat(i.revoked_at))
                    for i in self.identities if i.status == "revoked" and i.revoked_at]
         pki.write_crl(self.ca, revoked, self.crl_file)
-        _write_atomic(self.acl_file, render_acl(self))
 
 
-def render_acl(fleet: Fleet) -> str:
-    """Mosquitto ACL: each device writes only its own topics and reads only its own commands."""
-    lines = [
-        "# Generated from the fleet registry by sos-center; do not edit by hand.",
-        "# %u is the client certificate's common name (use_identity_as_username).",
-        f"pattern write {PREFIX}/%u/alert",
-        f"pattern write {PREFIX}/%u/position",
-        f"pattern write {PREFIX}/%u/event",
-        f"pattern write {PREFIX}/%u/status",
-        f"pattern write {PREFIX}/%u/{LIVE}",
-        f"pattern read {PREFIX}/%u/cmd",
-    ]
-    for centre in sorted({i.name for i in fleet.identities
-                          if i.kind == "centre" and i.status == "active"}):
-        lines += ["", f"user {centre}"]
-        lines += [f"topic read {PREFIX}/+/{leaf}" for leaf in ("alert", "position", "event",
-                                                                "status", LIVE)]
-        lines.append(f"topic write {PREFIX}/+/cmd")
-    return "\n".join(lines) + "\n"
+def render_broker_access(fleet: Fleet) -> dict[str, Any]:
+    """The dynamic-security plugin's configuration: one client per active identity (its user
+    name is its certificate's common name), each with one role saying what it may do; nothing
+    else is allowed (every default is deny, unsubscribing aside). Mosquitto 2.0.11's ACL file
+    cannot refuse a SUBSCRIBE, the plugin can, and it sees `$share/<group>/...` whole, so a
+    device's role, which names only its own command topic, keeps it out of the centre's group."""
+    active = sorted((i for i in fleet.identities if i.status == "active"), key=lambda i: i.name)
+    roles = [_centre_role(), _admin_role()]
+    clients = []
+    for identity in active:
+        if identity.kind == "centre":
+            role = CENTRE_ROLE
+        elif identity.kind == ADMIN:
+            role = ADMIN_ROLE
+        else:
+            role = identity.name
+            roles.append(_device_role(identity.name))
+        clients.append({"username": identity.name, "roles": [{"rolename": role}]})
+    return {"defaultACLAccess": DEFAULT_ACCESS, "clients": clients, "groups": [],
+            "roles": roles}
+
+
+DEFAULT_ACCESS = {"publishClientSend": False, "publishClientReceive": False,
+                  "subscribe": False, "unsubscribe": True}
+CENTRE_ROLE = "centre"
+ADMIN_ROLE = "fleet-admin"
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/#"
+
+
+def _acl(acltype: str, topic: str) -> dict[str, Any]:
+    return {"acltype": acltype, "topic": topic, "priority": 0, "allow": True}
+
+
+def _device_role(device_id: str) -> dict[str, Any]:
+    """A device publishes only under its own topics and reads only its own commands."""
+    own = f"{PREFIX}/{device_id}"
+    return {"rolename": device_id, "acls": [
+        *(_acl("publishClientSend", f"{own}/{leaf}") for leaf in DEVICE_LEAVES),
+        _acl("subscribeLiteral", f"{own}/cmd"),
+        _acl("publishClientReceive", f"{own}/cmd"),
+    ]}
+
+
+def _centre_role() -> dict[str, Any]:
+    """A centre instance reads every device's messages, alone or in a shared group, and sends
+    commands."""
+    acls = [_acl("publishClientSend", f"{PREFIX}/+/cmd")]
+    for leaf in DEVICE_LEAVES:
+        acls += [_acl("subscribePattern", f"{PREFIX}/+/{leaf}"),
+                 _acl("subscribePattern", f"$share/+/{PREFIX}/+/{leaf}"),
+                 _acl("publishClientReceive", f"{PREFIX}/+/{leaf}")]
+    return {"rolename": CENTRE_ROLE, "acls": acls}
+
+
+def _admin_role() -> dict[str, Any]:
+    """The fleet's administrator talks to the plugin and nothing else."""
+    return {"rolename": ADMIN_ROLE, "acls": [_acl("publishClientSend", DYNSEC_TOPIC),
+                                             _acl("subscribePattern", DYNSEC_TOPIC),
+                                             _acl("publishClientReceive", DYNSEC_TOPIC)]}
+
+
+def dynsec_plugin() -> Path:
+    """Where Debian (or a local build) installed the dynamic-security plugin."""
+    candidates = [*sorted(Path("/usr/lib").glob(f"*/{DYNSEC_PLUGIN}")),
+                  Path("/usr/lib") / DYNSEC_PLUGIN, Path("/usr/local/lib") / DYNSEC_PLUGIN]
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None:
+        raise FleetError(f"{DYNSEC_PLUGIN} not found: install mosquitto 2.0 (apt-get install "
+                         "mosquitto), which ships it")
+    return found
+
+
+def write_broker_access(fleet: Fleet, data_dir: Path) -> Path:
+    """Write the plugin's configuration for the broker's next start, from the registry; a
+    running broker is brought up to date by BrokerAdmin.sync instead (it rewrites this file
+    itself after every change)."""
+    path = data_dir / DYNSEC_FILE
+    _write_atomic(path, json.dumps(render_broker_access(fleet), indent=2) + "\n")
+    return path
 
 
 def render_mosquitto_conf(fleet: Fleet, server: CertPair, *, host: str, port: int,
                           data_dir: Path, log_file: Path, run_as: str | None = None) -> str:
-    """The broker configuration every deployment, the simulator and the tests use."""
+    """The broker configuration every deployment, the simulator and the tests use.
+
+    Persistence: the in-memory state (sessions, queued QoS 1 messages, retained status) is
+    written to `data_dir` every `autosave_interval` seconds and at a clean shutdown, so a broker
+    killed with SIGKILL (or a power cut) loses what it accepted in the last second at most.
+    Devices keep each message until the centre's signed delivery receipt arrives and send it
+    again, so that window costs a re-send, not a message (docs/DESIGN.md).
+
+    `set_tcp_nodelay`: without it Nagle's algorithm holds a small packet (a delivery receipt, a
+    command) while the previous one to that client (its PUBACK) is unacknowledged, and the
+    client's delayed ACK makes that about 40 ms (measured by `make bench`)."""
     return "\n".join([
         "# Generated by sos-center from the fleet registry.",
         *([f"user {run_as}"] if run_as else []),
         "per_listener_settings false",
         "allow_anonymous false",
-        f"acl_file {fleet.acl_file}",
+        f"plugin {dynsec_plugin()}",
+        f"plugin_opt_config_file {data_dir / DYNSEC_FILE}",
         "persistence true",
         f"persistence_location {data_dir}/",
         "autosave_interval 1",
+        "autosave_on_changes false",
+        f"max_packet_size {MAX_PACKET_BYTES}",
         f"log_dest file {log_file}",
         "log_type error", "log_type warning", "log_type notice",
         "connection_messages true",
         "max_queued_messages 10000",
+        "set_tcp_nodelay true",
         f"listener {port} {host}",
         "protocol mqtt",
         f"cafile {fleet.ca.cert_file}",
@@ -281,6 +388,7 @@ def render_mosquitto_conf(fleet: Fleet, server: CertPair, *, host: str, port: in
         f"keyfile {server.key_file}",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         f"crlfile {fleet.crl_file}",
         "tls_version tlsv1.2",
         "",

@@ -7,7 +7,9 @@ the `outage` scenario and the outage tests take the broker away from devices.
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -15,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from control_center.fleet import Fleet, render_mosquitto_conf
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from control_center.broker_admin import BrokerAdmin, admin_config
+from control_center.fleet import Fleet, render_mosquitto_conf, write_broker_access
 from control_center.pki import CertPair
 from control_center.service import CenterService, FleetTrust
 from control_center.store import Store
 from protocol.mqtt import BrokerConfig
+from protocol.signing import public_key_from_b64
 
 HOST = "127.0.0.1"
 
@@ -47,7 +53,9 @@ def free_port() -> int:
 class PrivateBroker:
     """`with PrivateBroker(workdir) as broker:` gives a running broker on loopback, configured
     exactly as a deployment is (control_center/fleet.py): mutual TLS, the certificate's name as
-    the user name, per-device ACLs and a CRL. Clients get identities from `identity()`."""
+    the user name and the client id, the dynamic-security plugin's per-identity access list and a
+    CRL. Clients get identities from `identity()`; enrolling or revoking one while the broker runs
+    tells it at once, as `sos-center ca sync` does in a deployment."""
 
     CENTRE = "centre.sim"
 
@@ -73,25 +81,46 @@ class PrivateBroker:
         ))
         self._identities: dict[str, BrokerConfig] = {}
         self._proc: subprocess.Popen[bytes] | None = None
-        self.centre = self.identity(self.CENTRE, "centre")  # in the ACL before the broker starts
+        self.centre = self.identity(self.CENTRE, "centre")  # known before the broker starts
+        self.admin = admin_config(self.fleet, HOST, self.port)
 
     def identity(self, name: str, kind: str = "token") -> BrokerConfig:
         """How `name` reaches this broker: its own key (made in its own directory) and a
-        certificate from the fleet CA, with a quick reconnect for tests."""
+        certificate from the fleet CA, with a quick reconnect for tests. The broker's client id
+        for it is `name`, whatever id the client asks for."""
         if name not in self._identities:
             pair = self.fleet.enrol_local(name, kind, self.workdir / "identities" / name)
             self._identities[name] = BrokerConfig(
                 HOST, self.port, ca_file=str(self.ca.cert_file), cert_file=str(pair.cert_file),
                 key_file=str(pair.key_file), reconnect_min_s=0.2, reconnect_max_s=1.0)
+            self.sync()
         return self._identities[name]
+
+    def sync(self) -> list[str]:
+        """Tell the running broker what the registry says (nothing to do if it is stopped: it
+        reads the registry's access list when it starts)."""
+        if not self.running:
+            return []
+        self.fleet.reload()  # another Fleet object may have enrolled or revoked someone
+        with BrokerAdmin(self.admin) as admin:
+            return admin.sync(self.fleet)
 
     def signing_key_file(self, name: str) -> Path:
         """Where `identity(name)` made the key `name` signs its messages with."""
         return self.workdir / "identities" / name / "signing.key"
 
-    def centre_service(self, store: Store, **kwargs: Any) -> CenterService:
-        """A control centre on this broker, with the fleet's keys (as `sos-center serve`)."""
-        return CenterService(self.centre, store, signer=self.fleet.centre_signer(),
+    def centre_keys(self) -> list[Ed25519PublicKey]:
+        """What a device trusts for commands and delivery receipts (trust.centre_keys)."""
+        return [public_key_from_b64(k) for k in self.fleet.centre_public_keys()]
+
+    def centre_service(self, store: Store, *, identity: str = CENTRE,
+                       **kwargs: Any) -> CenterService:
+        """A control centre on this broker, with the fleet's keys (as `sos-center serve`).
+        `identity`: the instance's own `centre.<name>` (enrolled on first use); two instances
+        need two identities, since the broker makes the identity the client id."""
+        broker = self.centre if identity == self.CENTRE else self.identity(identity, "centre")
+        kwargs.setdefault("client_id", identity)
+        return CenterService(broker, store, signer=self.fleet.centre_signer(),
                              trust=FleetTrust(self.fleet), **kwargs)
 
     def anonymous(self) -> BrokerConfig:
@@ -100,16 +129,27 @@ class PrivateBroker:
                             reconnect_min_s=0.2, reconnect_max_s=1.0)
 
     def revoke(self, name: str) -> None:
-        """Revoke `name`'s certificate and restart, as an operator reloads the broker."""
+        """Revoke `name`'s certificate as the operator procedure does (docs/FLASHING.md): reload
+        the broker (it re-reads the CRL, so the certificate cannot connect again), then sync
+        (the plugin forgets `name` and disconnects it). The broker keeps running."""
         self.fleet.revoke(name)
         self._identities.pop(name, None)
         if self.running:
-            self.stop()
-            self.start()
+            self.reload()
+            self.sync()
+
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload mosquitto`: the broker re-reads the CRL for new
+        connections. It handles the signal in its main loop before it serves the next packet
+        (src/loop.c), so a request sent after this returns sees the new CRL."""
+        if self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGHUP)
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self.running:
             return
+        self.fleet.reload()
+        write_broker_access(self.fleet, self.workdir / "data")  # who may do what, from the registry
         self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready(timeout_s)
@@ -123,6 +163,14 @@ class PrivateBroker:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut does: what was not autosaved is gone."""
+        if self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait()
         self._proc = None
 
     @property

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import new_id
-from protocol.mqtt import BrokerConfig, make_client
+from protocol.mqtt import BrokerConfig, make_client, session_properties
 from protocol.signing import Signer, load_or_make_key
 
 NO_POSITION = {"source": "none", "lat": None, "lon": None, "alt_m": None, "accuracy_m": None,
@@ -34,16 +34,20 @@ class RawClient:
     """A bare paho client: publishes, subscribes, and lets a test wait for messages."""
 
     def __init__(self, broker: BrokerConfig, client_id: str = "raw-test",
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None, *, persistent: bool = False) -> None:
+        """`persistent`: the broker keeps the session (and queues for it) after a disconnect."""
         self.client = make_client(client_id, broker)
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
         self._connected = threading.Event()
+        self.disconnected = threading.Event()  # set when the broker drops or kicks us
         self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
         self.client.on_message = self._on_message
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(broker.host, broker.port, clean_start=not persistent,
+                            properties=session_properties() if persistent else None)
         self.client.loop_start()
         assert self._connected.wait(10), "raw client could not connect"
 
@@ -57,6 +61,20 @@ class RawClient:
         self.client.on_subscribe = lambda *a: done.set()
         self.client.subscribe(topic, qos=1)
         assert done.wait(10)
+
+    def subscribe_reason(self, topic: str) -> int:
+        """SUBSCRIBE one filter and return the SUBACK's reason code (0x87: not authorised)."""
+        answer: queue.Queue[int] = queue.Queue()
+        self.client.on_subscribe = lambda c, u, mid, rcs, props: answer.put(rcs[0].value)
+        self.client.subscribe(topic, qos=1)
+        return answer.get(timeout=10)
+
+    def publish_reason(self, topic: str, payload: bytes) -> int:
+        """PUBLISH at QoS 1 and return the PUBACK's reason code (0x87: not authorised)."""
+        answer: queue.Queue[int] = queue.Queue()
+        self.client.on_publish = lambda c, u, mid, rc, props: answer.put(rc.value)
+        self.client.publish(topic, payload, qos=1)
+        return answer.get(timeout=10)
 
     def publish(self, topic: str, payload: bytes) -> None:
         info = self.client.publish(topic, payload, qos=1)

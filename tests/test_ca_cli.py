@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center import pki
-from control_center.fleet import Fleet, age_x25519_keypair
+from control_center.fleet import MAX_PACKET_BYTES, Fleet, age_x25519_keypair
 from protocol import signing
 from protocol.bech32 import encode as bech32_encode
 from protocol.bech32 import words as bech32_words
@@ -141,17 +141,19 @@ def test_broker_config_writes_a_mutual_tls_conf(fleet: Path, tmp_path: Path) -> 
                  "--server", "broker", "--out", str(tmp_path / "etc"))
     assert missing.returncode == 2 and "ca server broker" in missing.stderr
     ok(ca(fleet, "server", "broker", "--host", "127.0.0.1"))
-    (fleet / "acl").unlink()
     out = ok(ca(fleet, "broker-config", "--port", "8883", "--host", "0.0.0.0",
                 "--server", "broker", "--out", str(tmp_path / "etc")))
     conf = tmp_path / "etc" / "mosquitto.conf"
     assert str(conf) in out
     text = conf.read_text()
     for line in ("require_certificate true", "use_identity_as_username true",
-                 f"crlfile {fleet / 'crl.pem'}", f"acl_file {fleet / 'acl'}",
+                 "use_username_as_clientid true", f"crlfile {fleet / 'crl.pem'}",
+                 f"plugin_opt_config_file {tmp_path / 'etc' / 'data' / 'dynamic-security.json'}",
+                 f"max_packet_size {MAX_PACKET_BYTES}", "set_tcp_nodelay true",
                  "listener 8883 0.0.0.0", f"certfile {fleet / 'servers' / 'broker.pem'}"):
         assert line in text
-    assert (fleet / "acl").exists() and (fleet / "crl.pem").exists()
+    assert (tmp_path / "etc" / "data" / "dynamic-security.json").exists()
+    assert (fleet / "crl.pem").exists()
 
 
 def test_keys_json_gives_the_centre_key_and_an_age_recipient(fleet: Path) -> None:
