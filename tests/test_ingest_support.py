@@ -5,6 +5,7 @@ client on http.client with the device's own TLS certificate."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -12,6 +13,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,3 +293,120 @@ def new_env(root: Path, store: EvidenceStore | None = None, device: str = "tok-0
 def stop_all(env: Env) -> None:
     for server in env.servers:
         server.stop()
+
+
+# -- slow and hostile clients (tests/test_ingest_fairness.py) --------------------------------------
+def patch_headers(offset: int) -> dict[str, str]:
+    return {"Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream"}
+
+
+class SlowBody:
+    """A PATCH whose body trickles in: the headers and `first` bytes at once, then one byte
+    every `interval` s on its own thread, until `stop()` or until the server closes the
+    connection (`closed_by_server` is then set)."""
+
+    def __init__(self, client: Tus, location: str, offset: int, data: bytes, *,
+                 first: int = 0, interval: float = 0.02) -> None:
+        self.data, self.sent, self.interval = data, first, interval
+        self.conn = client.connect()
+        self.conn.putrequest("PATCH", location)
+        for name, value in {**patch_headers(offset), "Content-Length": str(len(data))}.items():
+            self.conn.putheader(name, value)
+        self.conn.endheaders()
+        self.conn.send(data[:first])
+        self.stopped = threading.Event()
+        self.closed_by_server = threading.Event()
+        self._thread = threading.Thread(target=self._dribble, daemon=True)
+        self._thread.start()
+
+    def _dribble(self) -> None:
+        while self.sent < len(self.data) and not self.stopped.wait(self.interval):
+            try:
+                self.conn.send(self.data[self.sent:self.sent + 1])
+            except OSError:
+                self.closed_by_server.set()
+                return
+            self.sent += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._thread.join()
+        self.conn.close()
+
+
+class Receiving:
+    """Counts the bodies the server has started to receive; `wait(n)` until it is n."""
+
+    def __init__(self, server: IngestServer) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+        original = server.receive
+
+        def spy(*args: Any) -> int | None:
+            with self._cond:
+                self.count += 1
+                self._cond.notify_all()
+            return original(*args)
+
+        server.receive = spy  # type: ignore[method-assign]
+
+    def wait(self, n: int, timeout: float = 10.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count >= n, timeout)
+
+
+def tcp_from(address: str, port: int) -> socket.socket:
+    """A bare TCP connection to the server from `address` (any 127.x.y.z on Linux), which
+    never starts TLS: a flood's connection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((address, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Whether the server closes `sock` within `timeout` (its end of stream, or a reset)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return True
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has neither closed nor reset `sock` (nothing waits)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
+def client_hello(ctx: ssl.SSLContext) -> bytes:
+    """The first bytes a TLS client with `ctx` sends (its ClientHello), to trickle them."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def dribble_until_closed(sock: socket.socket, data: bytes, interval: float = 0.02) -> int:
+    """Send `data` one byte every `interval` s until the server has closed `sock` (a send
+    fails); the bytes sent before that. Fails if the server took all of `data`."""
+    for sent in range(len(data)):
+        try:
+            sock.send(data[sent:sent + 1])
+        except OSError:
+            return sent
+        time.sleep(interval)  # the client's pace, not synchronisation
+    raise AssertionError(f"the server took all {len(data)} bytes at one per {interval} s")

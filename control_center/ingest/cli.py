@@ -12,6 +12,7 @@ port, store).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 from control_center.audit import AuditLog
 from control_center.fleet import Fleet, FleetError
-from control_center.ingest.server import IngestServer
+from control_center.ingest.server import IngestServer, Limits
 from control_center.ingest.stores import DirectoryStore, EvidenceStore, S3Store, StoreError
 
 # Waited for with sigwait: a handler setting an Event the main thread waits on can deadlock.
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cert, key = _server_cert(fleet, args, host)
         server = IngestServer(fleet, store, AuditLog(args.audit), workdir=Path(args.workdir),
                               cert_file=cert, key_file=key, host=host, port=port,
-                              max_uploads=args.max_uploads,
+                              limits=_limits(args),
                               min_free_bytes=args.reserve_mb * (1 << 20), on_event=_print)
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
         server.start()
@@ -73,8 +74,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve-mb", type=int, default=1024, metavar="N",
                    help="refuse uploads (507) that would leave less than N MiB free in the "
                         "store or work directory (default 1024)")
-    p.add_argument("--max-uploads", type=int, default=8, metavar="N",
-                   help="uploads received at once; more get 503 (default 8)")
+    limits = p.add_argument_group("limits", "each a field of control_center.ingest.server."
+                                  "Limits; docs/UPLOAD.md, \"Limits\", says why each default")
+    for limit in dataclasses.fields(Limits):
+        kind = float if isinstance(limit.default, float) else int
+        limits.add_argument(f"--{limit.name.replace('_', '-')}", type=kind,
+                            metavar="SECONDS" if limit.name.endswith("_s") else "N",
+                            default=limit.default, dest=limit.name,
+                            help=f"{limit.metadata['help']} (default {limit.default})")
     p.add_argument("--cert", metavar="FILE", help="server certificate (PEM); default: "
                    "FLEET/servers/ingest.pem, issued by the fleet CA if missing")
     p.add_argument("--key", metavar="FILE", help="its private key (default: beside --cert)")
@@ -82,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a DNS name or IP the devices use, put in a newly issued certificate "
                         "(repeatable; the --listen host and localhost are always in it)")
     return p
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The Limits the options give; ValueError names a limit out of its range."""
+    return Limits(**{limit.name: getattr(args, limit.name)
+                     for limit in dataclasses.fields(Limits)})
 
 
 def _listen(text: str) -> tuple[str, int]:

@@ -1,26 +1,34 @@
 """HTTP for the ingest server: TLS per connection, tus requests mapped onto IngestServer.
 
-`HTTPServer` does the TLS handshake in each connection's own thread (so a slow client cannot
-hold up the others) and can cut every open connection at stop(). `_Handler` parses and answers
-requests; what an upload is and how it is checked and stored is `server.IngestServer`'s job.
+`HTTPServer` caps connections at accept (in all, and per address still in its handshake),
+does the TLS handshake in each connection's own thread within a deadline (so a slow client
+cannot hold up the others), caps connections per device certificate after it, and can cut
+every open connection at stop(). `PacedSocketIO` holds each connection to a pace: headers
+within a deadline, bodies above a minimum rate. `_Handler` parses and answers requests; what
+an upload is and how it is checked and stored is `server.IngestServer`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
 import socket
 import socketserver
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from control_center import pki
+from control_center.ingest.identity import certificate_name
 from control_center.ingest.receipts import receipt_bytes, receipt_header
 from control_center.ingest.tus import (
     EXTENSIONS,
@@ -35,7 +43,7 @@ from control_center.ingest.uploads import REFUSED, STORED, UPLOADING, Upload
 from firmware.camera.store import fsync_dir
 
 if TYPE_CHECKING:
-    from control_center.ingest.server import IngestServer
+    from control_center.ingest.server import IngestServer, Limits
 
 log = logging.getLogger("control_center.ingest")
 
@@ -44,16 +52,29 @@ CHECKPOINT = 32 << 20  # fsync (and commit the offset) at least this often withi
 DRAIN_LIMIT = 64 << 20  # a refused request's body up to this size is read and dropped
 FILES = "/files/"
 RAW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+REFUSAL_LOG_EVERY_S = 10.0  # connections closed at accept are logged at most this often
+TIMEOUT_SLACK_S = 0.25  # a read's socket timeout is re-set only when off by more than this
+IDLE, HEADERS, BODY = "idle", "headers", "body"
 
 
 class HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close() waits for handlers: stop() leaves nothing running
     block_on_close = True
+    request_queue_size = 128  # listen backlog: a burst of docking devices waits, is not reset
 
     def __init__(self, address: tuple[str, int], ingest: IngestServer) -> None:
         self.ingest = ingest
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
+        # Connection slots: accepted sockets, those still in their handshake by address, and
+        # (after the handshake) open connections per device certificate.
+        self._slots = threading.Condition()
+        self._admitted: set[socket.socket] = set()
+        self._handshaking: dict[socket.socket, str] = {}
+        self._handshakes_from: Counter[str] = Counter()
+        self._by_device: Counter[str] = Counter()
+        self.connection_refusals: dict[socket.socket, Refusal] = {}
+        self._closed_at_accept = _AcceptRefusals()
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -61,9 +82,83 @@ class HTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
 
+    # -- connection slots ----------------------------------------------------------------------
+    def verify_request(self, request, client_address) -> bool:
+        """At accept, in the accepting thread: take a connection slot, or close the socket
+        before its TLS handshake costs any CPU (a TLS client cannot read a plain 503; it sees
+        the connection reset and backs off)."""
+        limits = self.ingest.limits
+        address = str(client_address[0])
+        with self._slots:
+            if len(self._admitted) >= limits.max_connections:
+                reason = f"{len(self._admitted)} connections are open, max_connections"
+            elif self._handshakes_from[address] >= limits.max_handshakes_per_address:
+                reason = (f"{address} has {self._handshakes_from[address]} connections in their "
+                          f"TLS handshake, max_handshakes_per_address")
+            else:
+                self._admitted.add(request)
+                self._handshaking[request] = address
+                self._handshakes_from[address] += 1
+                return True
+        self._closed_at_accept.note(reason)
+        return False
+
+    def shutdown_request(self, request) -> None:
+        """The connection is over (or was never served): give back its slots."""
+        with self._slots:
+            self._handshake_over(request)
+            self._admitted.discard(request)
+            self._slots.notify_all()
+        super().shutdown_request(request)
+
+    def _handshake_over(self, request) -> None:
+        """Under self._slots: `request` no longer counts as in its handshake."""
+        address = self._handshaking.pop(request, None)
+        if address is not None:
+            self._handshakes_from[address] -= 1
+            if not self._handshakes_from[address]:
+                del self._handshakes_from[address]
+
+    def _take_device_slot(self, device: str | None) -> Refusal | None:
+        """Count a connection against its device certificate's max_device_connections; the
+        refusal (429) its requests get if the device already holds that many."""
+        if device is None:
+            return None  # not a device: DeviceGate refuses its requests
+        limits = self.ingest.limits
+        with self._slots:
+            held = self._by_device[device]
+            if held < limits.max_device_connections:
+                self._by_device[device] += 1
+                return None
+        log.info("ingest: %s opened a connection over its limit of %d", device,
+                 limits.max_device_connections)
+        return Refusal(429, f"device {device} already has {held} connections open, its limit; "
+                            f"close one or try again later", retry=True,
+                       retry_after=limits.retry_after_s)
+
+    def _give_device_slot(self, device: str) -> None:
+        with self._slots:
+            self._by_device[device] -= 1
+            if not self._by_device[device]:
+                del self._by_device[device]
+            self._slots.notify_all()
+
+    def open_connections(self) -> int:
+        with self._slots:
+            return len(self._admitted)
+
+    def wait_connections(self, at_most: int, timeout: float) -> bool:
+        """Wait until at most `at_most` connections are open; False if `timeout` passed."""
+        with self._slots:
+            return self._slots.wait_for(lambda: len(self._admitted) <= at_most, timeout)
+
+    # -- serving one connection ----------------------------------------------------------------
     def finish_request(self, request, client_address) -> None:
-        """TLS handshake in the connection's own thread, then the HTTP exchange."""
-        request.settimeout(self.ingest.timeout_s)
+        """TLS handshake in the connection's own thread, within handshake_timeout_s (Python's
+        ssl applies a socket timeout to the whole handshake, not to each read), then the HTTP
+        exchange."""
+        limits = self.ingest.limits
+        request.settimeout(limits.handshake_timeout_s)
         with self.connections_lock:
             self.connections.add(request)
         try:
@@ -73,12 +168,23 @@ class HTTPServer(ThreadingHTTPServer):
             with self.connections_lock:
                 self.connections.discard(request)
             return
+        finally:
+            with self._slots:
+                self._handshake_over(request)
+        tls.settimeout(limits.timeout_s)
         with self.connections_lock:
             self.connections.discard(request)
             self.connections.add(tls)
+        device = certificate_name(tls.getpeercert(binary_form=True))
+        refusal = self._take_device_slot(device)
+        if refusal is not None:
+            self.connection_refusals[tls] = refusal
         try:
             self.RequestHandlerClass(tls, client_address, self)
         finally:
+            if refusal is None and device is not None:
+                self._give_device_slot(device)
+            self.connection_refusals.pop(tls, None)
             with self.connections_lock:
                 self.connections.discard(tls)
             with contextlib.suppress(OSError):
@@ -91,10 +197,127 @@ class HTTPServer(ThreadingHTTPServer):
             cut(connection)
 
 
+class _AcceptRefusals:
+    """Connections closed at accept, logged the first at once and then at most one line per
+    REFUSAL_LOG_EVERY_S with their count: a flood must not flood the log too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged = -REFUSAL_LOG_EVERY_S
+
+    def note(self, reason: str) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._logged < REFUSAL_LOG_EVERY_S:
+                return
+            count, self._count, self._logged = self._count, 0, now
+        log.warning("ingest: closed %d connection(s) at accept, the last because %s", count,
+                    reason)
+
+
 def cut(connection: socket.socket) -> None:
     """Make the connection's reader see the end of the stream, from another thread."""
     with contextlib.suppress(OSError):
         socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
+class PacedSocketIO(socket.SocketIO):
+    """A connection's raw reader (under the handler's `rfile`) that holds the client to a pace:
+
+    - idle, between requests: the next request's first byte within `timeout_s`;
+    - headers: the request line and headers complete within `header_timeout_s` of that first
+      byte, however slowly they trickle in (slowloris, which a timeout per read never stops);
+    - body (from `start_body()`): at least `min_body_rate` bytes/s averaged over each
+      `body_rate_window_s` (so a window without a byte fails it); with no minimum rate, never
+      `timeout_s` without a byte.
+
+    Idle or headers over their time: TimeoutError, which http.server answers by closing (as it
+    did a socket timeout). A body too slow: the reader reports the end of the stream instead,
+    so the bytes already read are kept (and stay resumable), and `cut_reason` says why; the
+    handler then closes the connection. Each wait is bounded by the socket timeout, re-set
+    only when it is off by more than TIMEOUT_SLACK_S; a body's read costs one clock reading
+    and a comparison (an upload is thousands of 16 KiB TLS records).
+    """
+
+    def __init__(self, sock: socket.socket, limits: Limits, peer: str) -> None:
+        super().__init__(sock, "rb")
+        self.limits = limits
+        self.peer = peer
+        self.cut_reason: str | None = None
+        self._phase = IDLE
+        self._deadline = 0.0  # idle: the next request's first byte; headers: their end
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._timeout = sock.gettimeout()
+
+    def await_request(self) -> None:
+        self._phase = IDLE
+        self._deadline = time.monotonic() + self.limits.timeout_s
+
+    def start_body(self) -> None:
+        self._phase = BODY
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def ended(self) -> str:
+        """Why a body ended early, for the log and the audit line."""
+        return self.cut_reason or "the connection ended before the body was complete"
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        self._checkClosed()
+        while self.cut_reason is None:
+            wait = self._time_left(time.monotonic())
+            if wait is None:
+                break
+            if self._timeout is None or abs(self._timeout - wait) > TIMEOUT_SLACK_S:
+                self._sock.settimeout(wait)
+                self._timeout = wait
+            try:
+                n = self._sock.recv_into(b)
+            except TimeoutError:
+                if self._phase == BODY and not self.limits.min_body_rate:
+                    self.cut_reason = f"no byte of the body for {self.limits.timeout_s:g} s"
+                    break
+                continue  # _time_left decides whether that was too long
+            if self._phase == BODY:
+                self._window_bytes += n
+            elif n and self._phase == IDLE:
+                self._phase = HEADERS
+                self._deadline = time.monotonic() + self.limits.header_timeout_s
+            return n
+        if self._phase == BODY:
+            return 0
+        raise TimeoutError(self.cut_reason)
+
+    def _time_left(self, now: float) -> float | None:
+        """How long the next read may wait, or None (and `cut_reason`) if the time is up."""
+        limits = self.limits
+        if self._phase == IDLE:
+            return self._left(self._deadline - now, f"no request for {limits.timeout_s:g} s")
+        if self._phase == HEADERS:
+            return self._left(self._deadline - now, f"the request line and headers took over "
+                                                    f"{limits.header_timeout_s:g} s")
+        if not limits.min_body_rate:
+            return limits.timeout_s  # a read that times out is timeout_s of silence
+        window, elapsed = limits.body_rate_window_s, now - self._window_start
+        if elapsed < window:
+            return window - elapsed
+        if self._window_bytes < limits.min_body_rate * elapsed:
+            return self._left(0, f"the body came at {self._window_bytes / elapsed:.0f} bytes/s "
+                                 f"over {elapsed:.1f} s, below the minimum of "
+                                 f"{limits.min_body_rate} bytes/s")
+        self._window_start, self._window_bytes = now, 0
+        return window
+
+    def _left(self, seconds: float, reason: str) -> float | None:
+        if seconds > 0:
+            return seconds
+        self.cut_reason = reason
+        if self._phase == HEADERS:
+            log.info("ingest: %s: %s; connection closed", self.peer, reason)
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -105,9 +328,24 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # an answer's body is not held back behind its headers
     body_read = False  # whether this request's body was consumed (else a refusal closes)
 
+    pace: PacedSocketIO
+
     @property
     def ingest(self) -> IngestServer:
         return self.server.ingest
+
+    def setup(self) -> None:
+        """The plain reader StreamRequestHandler makes is replaced by a paced one."""
+        super().setup()
+        self.rfile.close()
+        peer = certificate_name(self.connection.getpeercert(binary_form=True)) or "unknown"
+        self.pace = PacedSocketIO(self.connection, self.ingest.limits,
+                                  f"{peer} at {self.client_address[0]}")
+        self.rfile = io.BufferedReader(self.pace)
+
+    def handle_one_request(self) -> None:
+        self.pace.await_request()
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -216,9 +454,14 @@ class _Handler(BaseHTTPRequestHandler):
             return "raw", match.group(1), None
         return "none", None, None
 
-    def _dispatch(self, handler) -> None:
+    def _dispatch(self, handler: Callable[[], None]) -> None:
         self.body_read = False
+        self.pace.start_body()
         try:
+            refusal = self.server.connection_refusals.get(self.connection)
+            if refusal is not None:  # over the device's max_device_connections
+                self.close_connection = True
+                raise refusal
             handler()
         except Refusal as refusal:
             self._refuse(refusal, body_unread=not self.body_read)
@@ -228,7 +471,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("ingest: %s %s failed", self.command, self.path)
             self.close_connection = True
             self._refuse(Refusal(500, "the ingest server failed on this request (see its log)",
-                                 retry=True, retry_after=self.ingest.retry_after_s))
+                                 retry=True, retry_after=self.ingest.limits.retry_after_s))
 
     # -- methods ---------------------------------------------------------------------------------
     def do_OPTIONS(self) -> None:
@@ -252,7 +495,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _options(self) -> None:
         self._device()
         self._reply(204, {"Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS,
-                          "Tus-Max-Size": str(self.ingest.max_size)})
+                          "Tus-Max-Size": str(self.ingest.limits.max_size)})
 
     def _post(self) -> None:
         kind, _, _ = self._route()
@@ -263,6 +506,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.ingest.check_busy()
         self._tus()
         size = self._body_size()
+        if size:  # early; receiving() checks again when the body is taken
+            self.ingest.check_device_busy(device)
         if size and self._content_type() != OFFSET_CONTENT_TYPE:
             raise Refusal(415, f"a creation request's body (creation-with-upload) must be "
                                f"Content-Type: {OFFSET_CONTENT_TYPE}")
@@ -356,8 +601,8 @@ class _Handler(BaseHTTPRequestHandler):
                                    f"{upload.length}")
             if size:
                 ingest.check_space(upload.length - offset)
-                with ingest.receiving():
-                    reached = ingest.receive(upload, self.rfile, size)
+                with ingest.receiving(device):
+                    reached = ingest.receive(upload, self.rfile, size, self.pace.ended)
                 ingest.done_receiving(upload.id)
                 self.body_read = True
                 if reached is None:
@@ -377,7 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.ingest.request_completion(upload.id)
         if "respond-async" in self._prefer():
             return None
-        stored = self.ingest.await_settled(upload.id, self.ingest.timeout_s)
+        stored = self.ingest.await_settled(upload.id, self.ingest.limits.timeout_s)
         return stored.receipt if stored is not None else None
 
     def _content_type(self) -> str:
@@ -388,7 +633,7 @@ class _Handler(BaseHTTPRequestHandler):
         kind, name, _ = self._route()
         if kind != "raw" or not ingest.raw_put:
             raise Refusal(404, f"PUT {self.path[:80]}: not served here")
-        self._device()
+        device = self._device()
         ingest.check_open()
         if not RAW_NAME.match(name or ""):
             raise Refusal(400, "a raw name is 1-100 letters, digits, '.', '_' or '-'")
@@ -400,7 +645,7 @@ class _Handler(BaseHTTPRequestHandler):
         tmp = target.with_name(target.name + ".part")
         query = self.path.partition("?")[2]
         hasher = hashlib.sha256() if "sha256" in query.split("&") else None  # as an upload
-        with ingest.receiving(), open(tmp, "wb") as f:
+        with ingest.receiving(device), open(tmp, "wb") as f:
             buffer = bytearray(min(CHUNK, max(size, 1)))
             view = memoryview(buffer)
             left, since = size, 0

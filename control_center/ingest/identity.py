@@ -80,6 +80,17 @@ class DeviceGate:
                 self._registry_stamp = stamp
 
 
+def certificate_name(cert_der: bytes | None) -> str | None:
+    """The common name of a peer certificate the TLS handshake accepted (issued by the fleet
+    CA, not revoked), or None; whether it may upload is `DeviceGate.device`'s question."""
+    if not cert_der:
+        return None
+    try:
+        return _name_and_serial(cert_der)[0]
+    except ValueError:
+        return None
+
+
 @functools.lru_cache(maxsize=256)
 def _name_and_serial(cert_der: bytes) -> tuple[str | None, str]:
     """(common name or None, serial in hex) of a DER certificate; parsed once per certificate,

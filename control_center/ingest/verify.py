@@ -1,16 +1,17 @@
 """What the server checks before it takes a segment's bytes, and before it stores them.
 
-At creation (`admit`): the metadata names the certificate's device, the manifest is valid and
-signed by that device's key (control_center.evidence, as `sos-evidence verify` checks it), it
-describes the segment and size the request announces. Against the store (`check_chain`): no
-other manifest is stored for this seq, and the stored neighbours chain to this manifest. At
-completion (`check_ciphertext`): the bytes are the ones the manifest signs.
+At creation (`admit`): the metadata names the certificate's device; the manifest is JSON within
+the untrusted decoder's limits (protocol.untrusted: no nesting bomb, no huge integer, no
+repeated key; checked before anything else reads it), valid and signed by that device's key
+(control_center.evidence, as `sos-evidence verify` checks it), and describes the segment and
+size the request announces. Against the store (`check_chain`): no other manifest is stored for
+this seq, and the stored neighbours chain to this manifest. At completion
+(`check_ciphertext`): the bytes are the ones the manifest signs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from control_center.evidence import ERROR, KeysFor, check_signed_manifest
 from control_center.ingest.stores import EvidenceStore
 from control_center.ingest.tus import Refusal
 from firmware.camera.manifest import manifest_file, signature_file
+from protocol.untrusted import MANIFEST_LIMITS, UntrustedJsonError, loads_untrusted
 
 REQUIRED = ("device_id", "seq", "manifest", "signature")
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -55,6 +57,7 @@ def admit(device: str, metadata: dict[str, bytes], length: int, scratch: Path,
     if len(raw) > MAX_MANIFEST_BYTES:
         raise Refusal(413, f"the manifest is {len(raw)} bytes; the limit is "
                            f"{MAX_MANIFEST_BYTES}")
+    _check_json(raw, seq)
     manifest_path, signature_path = scratch / manifest_file(seq), scratch / signature_file(seq)
     manifest_path.write_bytes(raw)
     signature_path.write_bytes(signature)
@@ -76,6 +79,15 @@ def admit(device: str, metadata: dict[str, bytes], length: int, scratch: Path,
         raise Refusal(422, f"Upload-Length is {length} bytes, but the manifest of segment {seq} "
                            f"signs ciphertext_bytes {manifest['ciphertext_bytes']}")
     return Admission(device, seq, manifest, raw, signature, hashlib.sha256(raw).hexdigest())
+
+
+def _check_json(raw: bytes, seq: int) -> None:
+    """Refusal(422) unless the manifest parses within the untrusted decoder's limits; only
+    then may the evidence checker (and its plain json.loads) read it."""
+    try:
+        loads_untrusted(raw, MANIFEST_LIMITS)
+    except UntrustedJsonError as exc:
+        raise Refusal(422, f"the manifest of segment {seq} is refused: {exc}") from None
 
 
 def check_chain(store: EvidenceStore, manifest: dict[str, Any], manifest_sha256: str) -> bool:
@@ -123,7 +135,7 @@ def check_ciphertext(digest: str, size: int, manifest: dict[str, Any]) -> None:
 
 def _prev_of(raw: bytes) -> str | None:
     try:
-        value = json.loads(raw).get("prev_manifest_sha256")
+        value = loads_untrusted(raw, MANIFEST_LIMITS).get("prev_manifest_sha256")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
