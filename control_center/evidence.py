@@ -4,13 +4,17 @@
 SHA-256 against its manifest, the file names against the signed sequence numbers, and the hash
 chain in sequence order. It never stops at the first problem: a court needs to know everything
 that is wrong, and what is still sound. Each finding is one line naming the files.
+
+Every file is treated as hostile: only regular files are opened (never followed if a symlink,
+never blocked on if a FIFO), manifests are parsed by the untrusted decoder, and anything else
+becomes a finding, never an exception. Given the ingest's audit log (`check_against_audit`),
+segments the centre stored and that are gone are found too, at either end of the chain.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from control_center.audit import AuditCheck, NotARegularFile, open_regular, read_regular
 from control_center.fleet import Fleet
 from firmware.camera import age_stream, minisign
 from firmware.camera.manifest import (
@@ -34,12 +39,14 @@ from firmware.camera.manifest import (
     manifest_problems,
 )
 from protocol.signing import public_key_from_b64
+from protocol.untrusted import MANIFEST_LIMITS, loads_untrusted
 
 ERROR = "error"
 NOTE = "note"
 STEM = re.compile(r"^[0-9]{6,}$")
 GPX_NS = "http://www.topografix.com/GPX/1/1"
 AGE_HINT = "install it: apt-get install age (or https://github.com/FiloSottile/age/releases)"
+SIGNATURE_LIMIT = 64 * 1024  # a minisig file is about 300 bytes
 
 
 class EvidenceError(Exception):
@@ -108,6 +115,8 @@ class Report:
     segments: list[Segment] = field(default_factory=list)  # valid manifests, in (seq, stem) order
     findings: list[Finding] = field(default_factory=list)
     unusable: set[str] = field(default_factory=set)  # stems whose manifest is absent or invalid
+    starts_at: int | None = None  # the chain's first seq here, when its predecessor is absent
+    #                               and nothing explains why (see `verdict`)
 
     @property
     def errors(self) -> list[Finding]:
@@ -124,15 +133,26 @@ class Report:
     def add(self, level: str, kind: str, files: Iterable[str], text: str) -> None:
         self.findings.append(Finding(level, kind, tuple(files), text))
 
+    @property
+    def verdict(self) -> str:
+        """NOT VERIFIED (an error), INCOMPLETE (no error, but the chain's start is not here
+        and nothing explains it: what is here is sound, what came before is unknown), or
+        VERIFIED."""
+        if not self.ok:
+            return "NOT VERIFIED"
+        return "INCOMPLETE" if self.starts_at is not None else "VERIFIED"
+
     def summary(self) -> str:
         seqs = [s.seq for s in self.segments]
         span = (f"{len(seqs)} segment(s), seq {min(seqs)}-{max(seqs)}, "
                 f"{self.segments[0].data['start_utc']} to "
                 f"{self.segments[-1].data['end_utc']}"
                 if seqs else "no segments")
-        verdict = "VERIFIED" if self.ok else "NOT VERIFIED"
-        return (f"{verdict}: {self.directory}: {self.device_id or 'unknown device'}, {span}; "
-                f"{len(self.errors)} error(s), {len(self.notes)} note(s)")
+        start = (f"; segments before seq {self.starts_at} are not here, so the chain's start "
+                 f"is not verified (--audit tells whether the centre stored them)"
+                 if self.ok and self.starts_at is not None else "")
+        return (f"{self.verdict}: {self.directory}: {self.device_id or 'unknown device'}, "
+                f"{span}{start}; {len(self.errors)} error(s), {len(self.notes)} note(s)")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -197,8 +217,11 @@ def check_signed_manifest(manifest_path: str | Path, signature_path: str | Path,
 
 
 # -- verifying -----------------------------------------------------------------------------------
-def verify_directory(directory: str | Path, keys_for: KeysFor) -> Report:
-    """Every problem with the segments in `directory` (see docs/EVIDENCE.md for the kinds)."""
+def verify_directory(directory: str | Path, keys_for: KeysFor,
+                     audit: AuditCheck | None = None) -> Report:
+    """Every problem with the segments in `directory` (see docs/EVIDENCE.md for the kinds);
+    with the ingest's `audit` log (`control_center.audit.check_audit`), also every segment it
+    stored that is not here."""
     report = Report(Path(directory))
     if not report.directory.is_dir():
         raise EvidenceError(f"{directory}: not a directory")
@@ -211,6 +234,8 @@ def verify_directory(directory: str | Path, keys_for: KeysFor) -> Report:
     _check_ciphertexts(report)
     _check_names(report)
     _check_chain(report)
+    if audit is not None:
+        check_against_audit(report, audit)
     if not report.segments and report.ok:
         report.add(ERROR, "empty", [], f"no segment manifest (NNNNNN{MANIFEST_SUFFIX}) in "
                                        f"{report.directory}: nothing was verified")
@@ -258,12 +283,16 @@ def _read_manifest(report: Report, group: Segment) -> None:
                        f"{group.signature_path.name} has no manifest {stem}{MANIFEST_SUFFIX}")
         return
     name = group.manifest_path.name
-    group.raw = group.manifest_path.read_bytes()
+    try:
+        group.raw = read_regular(group.manifest_path, MANIFEST_LIMITS.max_bytes)
+    except OSError as exc:
+        _unreadable(report, group.manifest_path, exc)
+        return
     group.sha256 = hashlib.sha256(group.raw).hexdigest()
     try:
-        data = json.loads(group.raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        report.add(ERROR, "unreadable", [name], f"{name} is not JSON ({exc})")
+        data = loads_untrusted(group.raw, MANIFEST_LIMITS)
+    except ValueError as exc:
+        report.add(ERROR, "unreadable", [name], f"{name} is not usable JSON ({exc})")
         return
     problems = manifest_problems(data)
     if problems:
@@ -272,6 +301,16 @@ def _read_manifest(report: Report, group: Segment) -> None:
         return
     group.manifest = data
     report.unusable.discard(stem)
+
+
+def _unreadable(report: Report, path: Path, exc: OSError) -> None:
+    """One finding for a file that cannot be read: `not-a-file` (a FIFO, directory, symlink,
+    device or socket carrying a segment's name) or `unreadable`."""
+    if isinstance(exc, NotARegularFile):
+        report.add(ERROR, "not-a-file", [path.name], f"{exc}: not read, and not evidence")
+    else:
+        report.add(ERROR, "unreadable", [path.name],
+                   f"{path.name} cannot be read: {exc.strerror or exc}")
 
 
 def _main_device(report: Report, segments: list[Segment]) -> str | None:
@@ -312,8 +351,12 @@ def _signature_problem(segment: Segment,
                                           f"{SIGNATURE_SUFFIX}"
     sig_name = segment.signature_path.name
     try:
-        text = segment.signature_path.read_text()
+        text = read_regular(segment.signature_path, SIGNATURE_LIMIT).decode()
         signature = minisign.parse_signature(text)
+    except NotARegularFile as exc:
+        return ERROR, "not-a-file", [sig_name], f"{exc}: not read, and not evidence"
+    except OSError as exc:
+        return ERROR, "unreadable", [sig_name], f"{sig_name} cannot be read: {exc}"
     except (UnicodeDecodeError, minisign.MinisignError) as exc:
         return ERROR, "bad-signature", [sig_name], f"{sig_name}: {exc}"
     candidates = [k for k in keys if k.key.key_id == signature.key_id]
@@ -359,7 +402,11 @@ def _check_ciphertexts(report: Report) -> None:
                        f"{segment.stem}{MANIFEST_SUFFIX} describes {name}, which is not here "
                        f"(deleted, or not yet copied)")
             continue
-        digest, size = _sha256_file(segment.ciphertext_path)
+        try:
+            digest, size = _sha256_file(segment.ciphertext_path)
+        except OSError as exc:
+            _unreadable(report, segment.ciphertext_path, exc)
+            continue
         if digest == manifest["ciphertext_sha256"] and size == manifest["ciphertext_bytes"]:
             continue
         owner = by_hash.get(digest)
@@ -433,12 +480,105 @@ def _chain_start(report: Report, first: Segment) -> None:
     manifest = first.manifest
     assert manifest is not None
     if manifest["prev_manifest_sha256"] is not None:
+        report.starts_at = first.seq
         report.add(NOTE, "partial", [name],
-                   f"the chain here starts at segment {first.seq} ({name}); earlier segments "
-                   f"are not in this directory, so nothing before it is checked")
+                   f"the chain here starts at segment {first.seq} ({name}), which names a "
+                   f"predecessor that is not here: segments before it were deleted, or never "
+                   f"reached this directory (on a device: uploaded and deleted); nothing before "
+                   f"it is checked")
     elif first.seq != FIRST_SEQ:
         report.add(NOTE, "restart", [name],
                    f"{name} starts a new chain ({manifest['chain_restart']})")
+
+
+# -- against the ingest's audit log --------------------------------------------------------------
+def check_against_audit(report: Report, audit: AuditCheck) -> None:
+    """Every segment the audit log says the ingest stored for this device must be here:
+    `missing` for each one that is not (its head, tail or middle deleted after it was
+    stored), also for seqs up to the highest that a signed head vouches for (found even if the
+    log's tail was cut). The log's own findings are included (kinds prefixed `audit-`). A chain
+    whose start is absent is explained when the log shows the ingest never stored it."""
+    name = audit.path.name
+    for finding in audit.findings:
+        report.add(finding.level, f"audit-{finding.kind}", [name], f"{name}: {finding.text}")
+    device = report.device_id or report.directory.name
+    stored = _stored_in_audit(audit, device)
+    present = {s.seq: s for s in report.segments}
+    invalid = {int(stem) for stem in report.unusable if stem.isdigit()}
+    for seq, (line, entry) in sorted(stored.items()):
+        if seq in present:
+            _compare_stored(report, present[seq], name, line, entry)
+        elif seq not in invalid:  # files here with a bad manifest are reported already
+            report.add(ERROR, "missing", [f"{seq:06d}.*"],
+                       f"segment {seq} ({seq:06d}.*) is not here, but the ingest stored it "
+                       f"({name} line {line}, {entry['time']}, manifest SHA-256 "
+                       f"{str(entry.get('manifest_sha256'))[:16]}...): deleted after it was "
+                       f"stored")
+    _check_signed_highest(report, audit, device, set(stored) | set(present) | invalid)
+    unaudited = sorted(set(present) - set(stored))
+    if unaudited:
+        report.add(NOTE, "unaudited", [name],
+                   f"{name} has no segment_stored line for segment(s) "
+                   f"{', '.join(map(str, unaudited))} of {device}: not stored by the ingest that "
+                   f"writes this log (copied in, or stored before the log began)")
+    if (report.starts_at is not None and stored
+            and not any(seq < report.starts_at for seq in stored)):
+        _explain_start(report, name, device)
+
+
+def _explain_start(report: Report, name: str, device: str) -> None:
+    """The chain's start is absent, and the log shows the ingest never stored it: the
+    `partial` NOTE says so, and the verdict is VERIFIED."""
+    first = report.starts_at
+    assert first is not None
+    manifest = f"{first:06d}{MANIFEST_SUFFIX}"
+    report.findings = [f for f in report.findings if (f.kind, f.files) != ("partial", (manifest,))]
+    report.add(NOTE, "partial", [manifest],
+               f"the chain here starts at segment {first} ({manifest}), and {name} shows that "
+               f"the ingest never stored a segment of {device} before it: they never reached "
+               f"this centre (for example deleted on the card to make room for SOS evidence, "
+               f"or recorded before this log began), rather than deleted here")
+    report.starts_at = None
+
+
+def _stored_in_audit(audit: AuditCheck, device: str) -> dict[int, tuple[int, dict[str, Any]]]:
+    """{seq: (line number, entry)} of the device's `segment_stored` lines."""
+    stored = {}
+    for line in audit.lines:
+        entry = line.entry
+        if (entry is not None and entry.get("event") == "segment_stored"
+                and entry.get("device_id") == device and type(entry.get("seq")) is int):
+            stored.setdefault(entry["seq"], (line.number, entry))
+    return stored
+
+
+def _compare_stored(report: Report, segment: Segment, name: str, line: int,
+                    entry: dict[str, Any]) -> None:
+    if entry.get("manifest_sha256") not in (None, segment.sha256):
+        manifest = segment.stem + MANIFEST_SUFFIX
+        report.add(ERROR, "audit-mismatch", [manifest],
+                   f"{manifest} hashes to {segment.sha256[:16]}..., but the ingest stored "
+                   f"segment {segment.seq} with manifest SHA-256 "
+                   f"{str(entry['manifest_sha256'])[:16]}... ({name} line {line}): replaced "
+                   f"after it was stored")
+
+
+def _check_signed_highest(report: Report, audit: AuditCheck, device: str,
+                          known: set[int]) -> None:
+    """Seqs up to the highest a signed head says was stored, known neither here nor to the
+    log: the store's tail and the log's tail were both cut."""
+    vouched = [(h.statement["stored"][device], h.statement["time"]) for h in audit.heads
+               if type((h.statement.get("stored") or {}).get(device)) is int]
+    if not vouched:
+        return
+    highest, when = max(vouched)
+    unknown = range(max(known, default=0) + 1, highest + 1)
+    if unknown:
+        report.add(ERROR, "missing", [],
+                   f"the centre signed at {when} that it had stored segments of {device} up to "
+                   f"seq {highest} ({audit.path.name}.heads), but segment(s) "
+                   f"{_seq_list(unknown)} are neither here nor in the audit log: deleted, and "
+                   f"the log's tail cut")
 
 
 # -- decrypting and exporting --------------------------------------------------------------------
@@ -543,8 +683,9 @@ def _manifest_beside(path: Path) -> dict[str, Any] | None:
     if not path.name.endswith(SEGMENT_SUFFIX):
         return None
     try:
-        data = json.loads(path.with_name(path.name.removesuffix(SEGMENT_SUFFIX)
-                                         + MANIFEST_SUFFIX).read_bytes())
+        data = loads_untrusted(read_regular(path.with_name(path.name.removesuffix(SEGMENT_SUFFIX)
+                                                           + MANIFEST_SUFFIX),
+                                            MANIFEST_LIMITS.max_bytes), MANIFEST_LIMITS)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and not manifest_problems(data) else None
@@ -665,7 +806,7 @@ def file_sha256(path: str | Path) -> str:
 def _sha256_file(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)

@@ -4,7 +4,9 @@ Exit status: 0 everything verified (or done; for `decrypt`, also when only the a
 part of a segment cut short could be recovered); 1 `verify` found problems, or `export --force`
 wrote evidence that did not verify; 2 refused or could not run (bad arguments, no key, age
 failed, an altered segment, export of unverified evidence without --force, the audit log could
-not be written); 3 `decrypt` recovered nothing (a segment cut off before its first 64 KiB).
+not be written); 3 `decrypt` recovered nothing (a segment cut off before its first 64 KiB), or
+`verify` found no problem but the chain's start is not in the directory and nothing explains
+it (INCOMPLETE; --audit tells whether the centre ever stored it).
 
 Audit: `decrypt` and `export` append a `decrypted` / `exported` entry to the hash-chained
 audit log named by --audit (default: $SOS_AUDIT_LOG; neither: no audit), with the operator
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from control_center import evidence
-from control_center.audit import AuditLog
+from control_center.audit import AuditCheck, AuditLog, centre_keys_from_fleet, check_audit
 from control_center.evidence import EvidenceError, KeysFor
 from firmware.camera import minisign
 
 AUDIT_ENV = "SOS_AUDIT_LOG"
 NOTHING_RECOVERED = 3
+INCOMPLETE = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check signatures, hashes and the chain")
     verify.add_argument("directory")
     _add_trust(verify)
+    verify.add_argument("--audit", metavar="FILE", default=None,
+                        help="the ingest's audit log: every segment it says it stored must be "
+                             "here (deleted first or last segments are found); with --fleet its "
+                             "signed heads (FILE.heads) are checked with the centre key too")
     verify.set_defaults(run=_verify)
 
     decrypt = commands.add_parser(
@@ -147,11 +154,29 @@ def _record(audit: AuditLog | None, event: str, args: argparse.Namespace,
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = evidence.verify_directory(args.directory, _keys(args))
+    report = evidence.verify_directory(args.directory, _keys(args), _audit_check(args))
     for finding in report.findings:
         print(finding)
     print(report.summary())
-    return 0 if report.ok else 1
+    return {"VERIFIED": 0, "INCOMPLETE": INCOMPLETE}.get(report.verdict, 1)
+
+
+def _audit_check(args: argparse.Namespace) -> AuditCheck | None:
+    """The audit log given with --audit, checked (its heads only with --fleet: the centre
+    key is in the fleet directory)."""
+    if not args.audit:
+        return None
+    keys = None
+    if args.fleet:
+        try:
+            keys = centre_keys_from_fleet(args.fleet)
+        except (OSError, ValueError) as exc:
+            raise EvidenceError(f"cannot read the centre key in {args.fleet} to check the "
+                                f"audit log's signed heads: {exc}") from None
+    try:
+        return check_audit(args.audit, keys)
+    except OSError as exc:
+        raise EvidenceError(f"cannot read the audit log {args.audit}: {exc}") from None
 
 
 def _decrypt(args: argparse.Namespace) -> int:

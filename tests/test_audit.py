@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control_center.audit import AuditLog, line_hash, verify_log
+from control_center.audit import AuditHeads, AuditLog, entry_hash, line_hash, verify_log
+from protocol.signing import Signer, public_key_from_b64, verify
 
 
 def lines_of(path: Path) -> list[str]:
@@ -132,3 +135,61 @@ def test_reserved_names_cannot_be_fields(tmp_path: Path, field: str) -> None:
 def test_an_event_name_is_a_lower_case_word(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lower-case word"):
         AuditLog(tmp_path / "audit.jsonl").append("Segment Stored", "anna")
+
+
+def test_an_entry_hash_is_the_hash_of_the_line_written_for_it(tmp_path: Path) -> None:
+    entry = AuditLog(tmp_path / "audit.jsonl").append("receipt_issued", "tok-001", seq=1)
+    assert entry_hash(entry) == line_hash((tmp_path / "audit.jsonl").read_bytes())
+
+
+def test_a_deeply_nested_line_is_reported_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 1).close()
+    with open(path, "ab") as f:
+        f.write(b"[" * 50_000 + b"]" * 50_000 + b"\n")
+    assert verify_log(path) == ["line 2: nested 50000 deep, over the limit of 16"]
+
+
+# -- signed heads --------------------------------------------------------------------------------
+def statements(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_closing_the_head_signer_signs_the_newest_line(tmp_path: Path) -> None:
+    signer = Signer(Ed25519PrivateKey.generate())
+    log = write_log(tmp_path / "audit.jsonl", 3)
+    heads = AuditHeads(log, signer)
+    log.append("segment_stored", "tok-002", device_id="tok-002", seq=7)
+    heads.close()
+    (head,) = statements(tmp_path / "audit.jsonl.heads")
+    verify(head, [public_key_from_b64(signer.public_key_b64)])
+    assert {k: head[k] for k in ("type", "lines", "bytes", "head", "stored")} == {
+        "type": "audit_head", "lines": 4, "bytes": (tmp_path / "audit.jsonl").stat().st_size,
+        "head": line_hash(lines_of(tmp_path / "audit.jsonl")[-1].encode()),
+        "stored": {"tok-001": 3, "tok-002": 7}}
+
+
+def test_a_head_is_signed_every_n_appends_without_waiting_for_the_interval(
+        tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    heads = AuditHeads(log, Signer(Ed25519PrivateKey.generate()), interval_s=3600,
+                       every_lines=3)
+    for seq in range(3):
+        log.append("upload_created", "tok-001", seq=seq)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "audit.jsonl.heads").exists():
+        assert time.monotonic() < deadline, "no head signed after 3 appends"
+        time.sleep(0.01)
+    heads.close()
+    assert [s["lines"] for s in statements(tmp_path / "audit.jsonl.heads")] == [3]
+
+
+def test_a_new_head_signer_continues_from_the_last_signed_head(tmp_path: Path) -> None:
+    signer = Signer(Ed25519PrivateKey.generate())
+    log = write_log(tmp_path / "audit.jsonl", 2)
+    AuditHeads(log, signer).close()
+    heads = AuditHeads(log, signer)  # a restarted ingest server
+    log.append("segment_stored", "tok-009", device_id="tok-009", seq=1)
+    heads.close()
+    assert [(s["lines"], s["stored"]) for s in statements(tmp_path / "audit.jsonl.heads")] == [
+        (2, {"tok-001": 2}), (3, {"tok-009": 1})]

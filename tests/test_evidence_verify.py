@@ -6,6 +6,7 @@ import fractions
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import av
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control_center.evidence_cli import main
+from control_center.audit import AuditLog
+from control_center.evidence_cli import INCOMPLETE, main
 from control_center.fleet import Fleet
 from firmware.camera import minisign
 from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
@@ -276,6 +278,122 @@ def test_the_module_runs_as_a_command(recorded: Path, device: Device) -> None:
                "--pubkey", device.pubkey)
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().startswith("VERIFIED")
+
+
+# -- against the ingest's audit log, and hostile files --------------------------------------------
+def audit_stored(directory: Path, log: Path, seqs: range = range(1, 6)) -> Path:
+    """An audit log in which the ingest stored `seqs` of this directory, as it writes one."""
+    audit = AuditLog(log)
+    for seq in seqs:
+        manifest = (directory / f"{seq:06d}.json").read_bytes()
+        audit.append("segment_stored", DEVICE, device_id=DEVICE, seq=seq,
+                     manifest_sha256=hashlib.sha256(manifest).hexdigest())
+    audit.close()
+    return log
+
+
+def verify_process(directory: Path, device: Device, *extra: str | Path
+                   ) -> tuple[int, list[str]]:
+    """`sos-evidence verify` as a process; a hang fails the test (run's timeout)."""
+    done = run(sys.executable, "-m", "control_center.evidence_cli", "verify", directory,
+               "--pubkey", device.pubkey, *extra)
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    return done.returncode, done.stdout.decode().splitlines()
+
+
+def delete_seqs(directory: Path, *seqs: int) -> None:
+    for seq in seqs:
+        for path in directory.glob(f"{seq:06d}.*"):
+            path.unlink()
+
+
+def test_a_deleted_first_segment_is_missing_against_the_audit_log(
+        segments: Path, device: Device, tmp_path: Path) -> None:
+    log = audit_stored(segments, tmp_path / "audit.jsonl")
+    delete_seqs(segments, 1)
+    status, lines = verify_process(segments, device, "--audit", log)
+    assert status == 1
+    assert error_kinds(lines) == ["missing"], lines
+    assert any(line.startswith("ERROR missing: segment 1 (000001.*) is not here, but the "
+                               "ingest stored it (audit.jsonl line 1,") for line in lines), lines
+
+
+def test_deleted_last_segments_are_missing_against_the_audit_log(
+        segments: Path, device: Device, tmp_path: Path) -> None:
+    log = audit_stored(segments, tmp_path / "audit.jsonl")
+    delete_seqs(segments, 4, 5)
+    status, lines = verify_process(segments, device, "--audit", log)
+    assert status == 1
+    assert error_kinds(lines) == ["missing", "missing"], lines
+    assert [line.split(" is not here")[0] for line in lines if "ERROR missing" in line] == [
+        "ERROR missing: segment 4 (000004.*)", "ERROR missing: segment 5 (000005.*)"]
+
+
+def test_without_the_audit_log_a_chain_missing_its_start_is_incomplete_not_verified(
+        segments: Path, device: Device) -> None:
+    delete_seqs(segments, 1, 2)
+    status, lines = verify_process(segments, device)
+    assert status == INCOMPLETE
+    assert lines[0].startswith("NOTE  partial: the chain here starts at segment 3")
+    assert lines[-1].startswith(f"INCOMPLETE: {segments}: {DEVICE}, 3 segment(s), seq 3-5")
+    assert "segments before seq 3 are not here" in lines[-1]
+
+
+def test_a_start_the_ingest_never_stored_is_explained_by_the_audit_log(
+        segments: Path, device: Device, tmp_path: Path) -> None:
+    log = audit_stored(segments, tmp_path / "audit.jsonl", range(3, 6))
+    delete_seqs(segments, 1, 2)
+    status, lines = verify_process(segments, device, "--audit", log)
+    assert status == 0, lines
+    assert any("audit.jsonl shows that the ingest never stored a segment of "
+               f"{DEVICE} before it" in line for line in lines), lines
+    assert lines[-1].startswith("VERIFIED:")
+
+
+def make_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def make_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def make_symlink(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.with_name("000002" + path.name[6:]))
+
+
+HOSTILE = {
+    "a FIFO as a manifest": ("000003.json", make_fifo, "is a FIFO, not a regular file"),
+    "a directory as a segment": ("000003.ts.age", make_directory,
+                                 "is a directory, not a regular file"),
+    "a symlink as a signature": ("000003.json.minisig", make_symlink,
+                                 "is a symbolic link, not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_file_that_is_not_a_regular_file_is_one_finding_and_verify_goes_on(
+        case: str, segments: Path, device: Device) -> None:
+    name, make, text = HOSTILE[case]
+    make(segments / name)
+    status, lines = verify_process(segments, device)
+    assert status == 1
+    assert [line for line in lines if "not-a-file" in line] == [
+        f"ERROR not-a-file: {name} {text}: not read, and not evidence"], lines
+    assert lines[-1].startswith(f"NOT VERIFIED: {segments}: {DEVICE}, ")
+
+
+def test_a_deeply_nested_manifest_is_unreadable_not_a_traceback(
+        segments: Path, device: Device) -> None:
+    (segments / "000003.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    status, lines = verify_process(segments, device)
+    assert status == 1
+    assert error_kinds(lines) == ["gap", "unreadable"], lines
+    assert any(line.startswith("ERROR unreadable: 000003.json is not usable JSON (nested "
+                               "100000 deep") for line in lines), lines
 
 
 # -- decrypt and export --------------------------------------------------------------------------

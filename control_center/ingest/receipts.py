@@ -3,6 +3,11 @@
 A receipt is signed like a command (protocol/signing.py) with the fleet's centre key, so a
 device checks it with `protocol.signing.verify(receipt, centre_public_keys)` and the keys it
 already trusts for commands. Field names follow the manifest's.
+
+`audit_head` (optional in the schema: receipts issued before it existed lack it) anchors the
+centre's audit log: it is the hash of the `receipt_issued` line that records this receipt
+(`control_center.audit.entry_hash`), written and fsynced before the receipt is signed, so the
+receipt names its own line and, through the chain, every line before it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ RECEIPT_TYPE = "segment_receipt"
 
 def make_receipt(signer: Signer, *, device_id: str, seq: int, ciphertext_sha256: str,
                  manifest_sha256: str, ciphertext_bytes: int, store: str,
-                 stored_at: datetime | None = None) -> dict[str, Any]:
+                 stored_at: datetime | None = None, receipt_id: str | None = None,
+                 audit_head: str | None = None) -> dict[str, Any]:
+    """A signed receipt; `receipt_id` is made up unless given (the ingest gives the one its
+    audit line names), `audit_head` is left out unless given."""
+    extra = {"audit_head": audit_head} if audit_head is not None else {}
     receipt = signer.sign({
+        **extra,
         "v": RECEIPT_VERSION,
         "type": RECEIPT_TYPE,
-        "receipt_id": str(uuid.uuid4()),
+        "receipt_id": receipt_id or new_receipt_id(),
         "device_id": device_id,
         "seq": seq,
         "ciphertext_sha256": ciphertext_sha256,
@@ -43,6 +53,10 @@ def make_receipt(signer: Signer, *, device_id: str, seq: int, ciphertext_sha256:
     if problems:  # never hand out what our own schema refuses
         raise ValueError("invalid receipt: " + "; ".join(problems))
     return receipt
+
+
+def new_receipt_id() -> str:
+    return str(uuid.uuid4())
 
 
 def receipt_bytes(receipt: dict[str, Any]) -> bytes:

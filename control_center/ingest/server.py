@@ -13,25 +13,28 @@ status codes and limits.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import queue
+import resource
 import shutil
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control_center.audit import AuditLog
+from control_center.audit import AuditHeads, AuditLog, entry_hash
 from control_center.evidence import file_sha256, keys_from_loaded_fleet
 from control_center.fleet import Fleet
 from control_center.ingest import verify
 from control_center.ingest.handler import CHECKPOINT, CHUNK, FILES, HTTPServer, cut
 from control_center.ingest.identity import DeviceGate
-from control_center.ingest.receipts import make_receipt
+from control_center.ingest.receipts import make_receipt, new_receipt_id
 from control_center.ingest.stores import EvidenceStore, StoreError
 from control_center.ingest.tus import Refusal, parse_metadata
 from control_center.ingest.uploads import (
@@ -42,12 +45,105 @@ from control_center.ingest.uploads import (
     Uploads,
     now,
 )
+from protocol.untrusted import MANIFEST_LIMITS, loads_untrusted
 
 log = logging.getLogger("control_center.ingest")
 
-MAX_SIZE = 1 << 30  # Tus-Max-Size: larger uploads are refused (413)
 LOCK_WAIT_S = 5.0  # a PATCH waits this long for an older PATCH of the same upload to stop
-MAX_BACKLOG = 32  # uploads received whole but not yet stored; beyond it new bodies get 503
+# Descriptors besides the connections' sockets: the listening socket, SQLite (database, WAL,
+# shm), the audit log, completions reading part files and writing the store, logging.
+FD_RESERVE = 64
+
+
+def _limit(default: int | float, minimum: int | float, help: str) -> Any:
+    return field(default=default, metadata={"minimum": minimum, "help": help})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of the ingest server in one place: its name, default, smallest allowed
+    value and what it does. `IngestServer(..., limits=Limits(max_uploads=4))` or the same
+    names as keyword arguments; `sos-center ingest --max-uploads 4` (cli.py makes one option
+    per field). docs/UPLOAD.md, "Limits", gives the reasoning behind each default."""
+
+    # Connections. Each is a thread and a file descriptor; the TLS handshake costs CPU.
+    max_connections: int = _limit(
+        512, 1, "connections open at once; more are closed at accept, before their TLS "
+                "handshake; lowered at start if the file limit is too small")
+    max_handshakes_per_address: int = _limit(
+        16, 1, "connections from one IP address still in their TLS handshake; more from it "
+               "are closed at accept")
+    max_device_connections: int = _limit(
+        8, 1, "connections one device certificate holds at once; more get 429 + Retry-After")
+    handshake_timeout_s: float = _limit(
+        10.0, 0.05, "seconds the whole TLS handshake may take")
+    header_timeout_s: float = _limit(
+        10.0, 0.05, "seconds a request line and its headers may take from their first byte")
+    timeout_s: float = _limit(
+        60.0, 0.1, "seconds without a byte after which a connection is closed; also the "
+                   "longest a last PATCH without respond-async waits for its receipt")
+    # Bodies being received ("receive slots") and what waits behind them.
+    max_uploads: int = _limit(
+        8, 1, "request bodies received at once, from all devices; more get 503")
+    max_device_uploads: int = _limit(
+        2, 1, "request bodies one device sends at once; more get 429 + Retry-After")
+    min_body_rate: int = _limit(
+        8192, 0, "bytes per second a body must bring, averaged over body_rate_window_s, or "
+                 "it is cut (what arrived is kept); 0: no minimum")
+    body_rate_window_s: float = _limit(
+        30.0, 0.05, "seconds min_body_rate is averaged over")
+    max_backlog: int = _limit(
+        32, 1, "uploads received whole but not yet stored; beyond it new bodies get 503")
+    max_size: int = _limit(
+        1 << 30, 1, "Tus-Max-Size: bytes of the largest upload; larger ones get 413")
+    retry_after_s: int = _limit(
+        5, 1, "seconds in the Retry-After of a 503 or 429")
+    space_retry_after_s: int = _limit(
+        300, 1, "seconds in the Retry-After of a 507 (free space below the reserve)")
+
+    def __post_init__(self) -> None:
+        for limit in dataclasses.fields(self):
+            value = getattr(self, limit.name)
+            numeric = (int, float) if isinstance(limit.default, float) else (int,)
+            if isinstance(value, bool) or not isinstance(value, numeric):
+                raise ValueError(f"limit {limit.name} must be a number, not {value!r}")
+            if value < limit.metadata["minimum"]:
+                raise ValueError(f"limit {limit.name} is {value}; it must be at least "
+                                 f"{limit.metadata['minimum']}")
+
+
+LIMIT_NAMES = frozenset(f.name for f in dataclasses.fields(Limits))
+
+
+def connection_cap(max_connections: int, max_uploads: int, soft: int,
+                   hard: int) -> tuple[int, int]:
+    """(the soft RLIMIT_NOFILE to ask for, the connection cap it allows). Each connection is
+    a descriptor, each body being received opens its part file, and FD_RESERVE more are kept
+    for the rest; the soft limit is raised toward what that needs, up to the hard limit."""
+    needed = max_connections + max_uploads + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft, max_connections
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    return target, max(1, min(max_connections, target - max_uploads - FD_RESERVE))
+
+
+def fit_file_limit(limits: Limits) -> Limits:
+    """The limits with max_connections lowered to what RLIMIT_NOFILE allows, after raising
+    the soft limit as far as the hard one lets it (one log line if the cap had to go down)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target, cap = connection_cap(limits.max_connections, limits.max_uploads, soft, hard)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target, cap = soft, max(1, min(limits.max_connections,
+                                           soft - limits.max_uploads - FD_RESERVE))
+    if cap < limits.max_connections:
+        log.warning("ingest: max_connections lowered from %d to %d: the file limit "
+                    "(RLIMIT_NOFILE) is %d, and each connection takes a descriptor (raise "
+                    "LimitNOFILE in the service unit)", limits.max_connections, cap, target)
+        return dataclasses.replace(limits, max_connections=cap)
+    return limits
 
 
 class IngestServer:
@@ -55,12 +151,12 @@ class IngestServer:
 
     def __init__(self, fleet: Fleet, store: EvidenceStore, audit: AuditLog | str | Path,
                  workdir: str | Path, cert_file: str | Path, key_file: str | Path, *,
-                 host: str = "127.0.0.1", port: int = 0, max_uploads: int = 8,
-                 min_free_bytes: int = 0, max_size: int = MAX_SIZE, raw_put: bool = False,
-                 retry_after_s: int = 5, space_retry_after_s: int = 300,
-                 timeout_s: float = 60.0, completion_workers: int = 2,
-                 max_backlog: int = MAX_BACKLOG,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 host: str = "127.0.0.1", port: int = 0, limits: Limits | None = None,
+                 min_free_bytes: int = 0, raw_put: bool = False, completion_workers: int = 2,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 **overrides: int | float) -> None:
+        """`overrides`: Limits fields by name (max_uploads=4), applied over `limits`."""
+        self.limits = dataclasses.replace(limits or Limits(), **overrides)
         self.fleet = fleet
         self.store = store
         self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
@@ -70,16 +166,11 @@ class IngestServer:
         self.gate.context()  # a bad certificate or key fails here, not at the first client
         self.keys_for = keys_from_loaded_fleet(fleet)
         self.signer = fleet.centre_signer()
+        self.audit_heads = AuditHeads(self.audit, self.signer)  # signs the log's head: LOG.heads
         self.host, self.port = host, port
-        self.max_uploads = max_uploads
         self.min_free_bytes = min_free_bytes
-        self.max_size = max_size
         self.raw_put = raw_put
-        self.retry_after_s = retry_after_s
-        self.space_retry_after_s = space_retry_after_s
-        self.timeout_s = timeout_s
         self.completion_workers = max(1, completion_workers)
-        self.max_backlog = max_backlog
         self.on_event = on_event
         self.uploads: Uploads | None = None
         self._httpd: HTTPServer | None = None
@@ -87,6 +178,7 @@ class IngestServer:
         self._paused = False
         self._lock = threading.Lock()
         self._active = 0  # PATCH and raw PUT bodies being received
+        self._active_by_device: Counter[str] = Counter()
         self._device_locks: dict[str, threading.Lock] = {}
         self._creation_locks: dict[str, threading.Lock] = {}
         self._upload_locks: dict[str, threading.Lock] = {}
@@ -102,6 +194,12 @@ class IngestServer:
         self._workers: list[threading.Thread] = []
         self._buffers = threading.local()
 
+    def __getattr__(self, name: str) -> Any:
+        """A limit read by its name, as before they were grouped (server.retry_after_s)."""
+        if name in LIMIT_NAMES and "limits" in self.__dict__:
+            return getattr(self.limits, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # -- life cycle ------------------------------------------------------------------------------
     @property
     def url(self) -> str:
@@ -109,6 +207,7 @@ class IngestServer:
         return f"https://{host}:{self.port}"
 
     def start(self) -> None:
+        self.limits = fit_file_limit(self.limits)
         self.uploads = Uploads(self.workdir)
         for upload in self.uploads.recover():  # every byte in: finish the job first
             try:
@@ -145,9 +244,18 @@ class IngestServer:
         for worker in self._workers:
             worker.join()
         self._workers = []
+        self.audit_heads.close()
         if self.uploads is not None:
             self.uploads.close()
             self.uploads = None
+
+    def open_connections(self) -> int:
+        """Connections holding a slot of max_connections now."""
+        return self._httpd.open_connections() if self._httpd is not None else 0
+
+    def wait_connections(self, at_most: int, timeout: float) -> bool:
+        """Wait until at most `at_most` connections are open; False if `timeout` passed."""
+        return self._httpd is None or self._httpd.wait_connections(at_most, timeout)
 
     def pause(self) -> None:
         """Answer 503 to new uploads (POST, PATCH, raw PUT) until resume()."""
@@ -177,17 +285,17 @@ class IngestServer:
     def check_open(self) -> None:
         if self._paused:
             raise Refusal(503, "the ingest server is paused for maintenance; try again later",
-                          retry=True, retry_after=self.retry_after_s)
+                          retry=True, retry_after=self.limits.retry_after_s)
 
     def check_busy(self) -> None:
-        if self._active >= self.max_uploads:
+        if self._active >= self.limits.max_uploads:
             raise Refusal(503, f"the ingest server is receiving {self._active} uploads, its "
                                f"limit; try again later", retry=True,
-                          retry_after=self.retry_after_s)
-        if len(self._pending) >= self.max_backlog:
+                          retry_after=self.limits.retry_after_s)
+        if len(self._pending) >= self.limits.max_backlog:
             raise Refusal(503, f"the ingest server has {len(self._pending)} received segments "
                                f"still to store, its limit; try again later", retry=True,
-                          retry_after=self.retry_after_s)
+                          retry_after=self.limits.retry_after_s)
 
     def check_space(self, needed: int) -> None:
         free = shutil.disk_usage(self.workdir).free
@@ -198,19 +306,34 @@ class IngestServer:
             raise Refusal(507, f"the evidence store has {free // (1 << 20)} MiB free, below the "
                                f"reserve of {self.min_free_bytes // (1 << 20)} MiB once these "
                                f"{needed} bytes are in; try again later", retry=True,
-                          retry_after=self.space_retry_after_s)
+                          retry_after=self.limits.space_retry_after_s)
+
+    def check_device_busy(self, device: str) -> None:
+        """429 if `device` already sends max_device_uploads bodies: one device (a broken one,
+        or a stolen certificate dribbling bytes) cannot hold every receive slot."""
+        sending = self._active_by_device[device]
+        if sending >= self.limits.max_device_uploads:
+            raise Refusal(429, f"device {device} is already sending {sending} uploads, its "
+                               f"limit; finish one or try again later", retry=True,
+                          retry_after=self.limits.retry_after_s)
 
     @contextlib.contextmanager
-    def receiving(self):
-        """Count one body being received against max_uploads (503 beyond it)."""
+    def receiving(self, device: str):
+        """Count one body being received against max_uploads (503 beyond it) and the
+        device's max_device_uploads (429 beyond it)."""
         with self._lock:
             self.check_busy()
+            self.check_device_busy(device)
             self._active += 1
+            self._active_by_device[device] += 1
         try:
             yield
         finally:
             with self._lock:
                 self._active -= 1
+                self._active_by_device[device] -= 1
+                if not self._active_by_device[device]:
+                    del self._active_by_device[device]
 
     def device_lock(self, device_id: str) -> threading.Lock:
         """Held while one of the device's uploads is checked against the store and stored."""
@@ -256,9 +379,9 @@ class IngestServer:
     def create(self, device: str, metadata_header: str | None, length: int) -> Upload:
         """POST /files/: check, then make (or find again) the upload. Raises Refusal."""
         assert self.uploads is not None
-        if length > self.max_size:
+        if length > self.limits.max_size:
             raise Refusal(413, f"Upload-Length {length} is over this server's Tus-Max-Size "
-                               f"{self.max_size}")
+                               f"{self.limits.max_size}")
         if length == 0:
             raise Refusal(400, "Upload-Length is 0, and an encrypted segment is never empty")
         self.check_space(length)
@@ -327,9 +450,11 @@ class IngestServer:
             upload.offset = received
         return upload
 
-    def receive(self, upload: Upload, body, size: int) -> int | None:
+    def receive(self, upload: Upload, body, size: int,
+                ended: Callable[[], str] | None = None) -> int | None:
         """Append `size` bytes from `body` at the upload's offset; returns the new offset, or
-        None if the connection broke first (what arrived is kept, durably).
+        None if the connection broke first (what arrived is kept, durably; `ended()` says
+        why, for the log and the audit line).
 
         A body that leaves the upload short is fdatasynced and its offset committed before
         the answer, so a crashed server resumes where the device was told it stands. A body
@@ -373,12 +498,15 @@ class IngestServer:
                 self._received.pop(upload.id, None)
                 self.uploads.set_offset(upload.id, committed)
                 raise Refusal(507, f"the ingest server could not write the upload: {exc}",
-                              retry=True, retry_after=self.space_retry_after_s) from exc
+                              retry=True, retry_after=self.limits.space_retry_after_s) from exc
         upload.offset = offset
         if broken:
+            reason = ended() if ended is not None else "the connection ended mid-body"
+            log.warning("ingest: %s segment %d interrupted at %d of %d bytes: %s",
+                        upload.device_id, upload.seq, offset, upload.length, reason)
             self.event("upload_interrupted", upload.device_id, durable=False,
                        device_id=upload.device_id, seq=upload.seq, upload_id=upload.id,
-                       offset=offset, length=upload.length)
+                       offset=offset, length=upload.length, reason=reason)
             return None
         return offset
 
@@ -436,7 +564,7 @@ class IngestServer:
                 return None
             raise self._failed.get(upload_id) or Refusal(
                 503, f"upload {upload.id} could not be stored; ask again later", retry=True,
-                retry_after=self.retry_after_s)
+                retry_after=self.limits.retry_after_s)
 
     def _complete_queued(self) -> None:
         """A completion worker: takes upload ids until it gets None."""
@@ -452,7 +580,7 @@ class IngestServer:
                 log.exception("ingest: completing upload %s failed", upload_id)
                 self._failed[upload_id] = Refusal(
                     503, f"the ingest server failed to complete upload {upload_id}: {exc}",
-                    retry=True, retry_after=self.retry_after_s)
+                    retry=True, retry_after=self.limits.retry_after_s)
             finally:
                 with self._settled:
                     self._pending.discard(upload_id)
@@ -477,7 +605,7 @@ class IngestServer:
             self._received.pop(upload.id, None)
         manifest_raw = self.uploads.manifest_path(upload).read_bytes()
         signature = self.uploads.signature_path(upload).read_bytes()
-        manifest = json.loads(manifest_raw)
+        manifest = loads_untrusted(manifest_raw, MANIFEST_LIMITS)  # admitted: it parses
         digest = file_sha256(part)  # read back: the page cache has it
         with self.device_lock(device):
             current = self.uploads.get(upload.id)
@@ -505,7 +633,7 @@ class IngestServer:
                 self.uploads.set_state(upload.id, UPLOADING)
                 raise Refusal(503, f"the evidence store failed to take segment {seq}; ask for "
                                    f"its receipt again later to finish", retry=True,
-                              retry_after=self.retry_after_s) from exc
+                              retry_after=self.limits.retry_after_s) from exc
             self.event("segment_stored", device, durable=False, device_id=device, seq=seq,
                        upload_id=upload.id, sha256=digest,
                        manifest_sha256=upload.manifest_sha256, size=upload.length,
@@ -519,14 +647,18 @@ class IngestServer:
         return upload
 
     def _receipt(self, upload: Upload) -> dict[str, Any]:
-        receipt = make_receipt(self.signer, device_id=upload.device_id, seq=upload.seq,
-                               ciphertext_sha256=upload.ciphertext_sha256,
-                               manifest_sha256=upload.manifest_sha256,
-                               ciphertext_bytes=upload.length, store=self.store.kind)
-        self.event("receipt_issued", upload.device_id, device_id=upload.device_id,
-                   seq=upload.seq, upload_id=upload.id, receipt_id=receipt["receipt_id"],
-                   sha256=upload.ciphertext_sha256, manifest_sha256=upload.manifest_sha256)
-        return receipt
+        """The receipt_issued line first (fsynced), then the receipt, which carries that
+        line's hash as `audit_head`: the device holds an anchor of the audit log."""
+        receipt_id = new_receipt_id()
+        line = self.event("receipt_issued", upload.device_id, device_id=upload.device_id,
+                          seq=upload.seq, upload_id=upload.id, receipt_id=receipt_id,
+                          sha256=upload.ciphertext_sha256,
+                          manifest_sha256=upload.manifest_sha256)
+        return make_receipt(self.signer, device_id=upload.device_id, seq=upload.seq,
+                            ciphertext_sha256=upload.ciphertext_sha256,
+                            manifest_sha256=upload.manifest_sha256,
+                            ciphertext_bytes=upload.length, store=self.store.kind,
+                            receipt_id=receipt_id, audit_head=entry_hash(line))
 
 
 def _int_or(text: str) -> int | str:
