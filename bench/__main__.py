@@ -168,6 +168,10 @@ def measure(args: argparse.Namespace, tmp: Path, errors: list[str]) -> Report:
         floor=summarise("floor", "floor: publish -> subscriber on_message", floor.delivered_s),
         floor_puback=summarise("floor_puback", "floor: publish -> PUBACK", floor.puback_s),
         ours=summarise("ours", "ours:  trigger recognised -> alert stored", sos.stored_s),
+        floor_reply=summarise("floor_reply", "floor: publish -> subscriber's reply back",
+                              floor.reply_s),
+        ours_receipt=summarise("ours_receipt", "ours:  trigger -> signed receipt, DELIVERED",
+                               sos.receipt_s),
         breakdown=[
             summarise("device_sent", "  device: trigger -> in outbox, paho publish()",
                       sos.sent_s),

@@ -80,7 +80,8 @@ def live_rows(tmpdir: Path, seconds: float = 10.0, timeout_s: float = 30.0) -> l
         events: queue.Queue = queue.Queue()
         outbox = Outbox(tmpdir / "outbox.sqlite", signer=signer)
         uplink = MqttUplink(DEVICE_ID, broker.identity(DEVICE_ID), outbox, events.put,
-                            will_payload=status, status_payload=lambda: status)
+                            will_payload=status, status_payload=lambda: status,
+                        receipt_keys=broker.centre_keys())
         topic = Topics(DEVICE_ID).live
 
         def publish(payload: bytes, header: dict[str, Any]) -> bool:

@@ -12,12 +12,16 @@ from .stats import Summary
 
 @dataclass
 class Report:
-    """Everything measured in one run. `floor` and `ours` decide the verdict."""
+    """Everything measured in one run. Two pairs decide the verdict: `ours` (trigger -> stored)
+    against `floor` (publish -> subscriber), and `ours_receipt` (trigger -> the centre's receipt
+    on the device) against `floor_reply` (publish -> the subscriber's reply back)."""
 
     context: dict[str, Any]
     floor: Summary
     floor_puback: Summary
     ours: Summary
+    floor_reply: Summary
+    ours_receipt: Summary
     breakdown: list[Summary]
     target_ms: float
     errors: list[str] = field(default_factory=list)
@@ -27,13 +31,19 @@ class Report:
         return self.ours.p99_ms - self.floor.p99_ms
 
     @property
+    def receipt_p99_gap_ms(self) -> float:
+        return self.ours_receipt.p99_ms - self.floor_reply.p99_ms
+
+    @property
     def target_met(self) -> bool:
-        complete = not self.errors and self.ours.n > 0 and self.floor.n > 0
-        return complete and not math.isnan(self.p99_gap_ms) and self.p99_gap_ms <= self.target_ms
+        complete = not self.errors and all(
+            s.n > 0 for s in (self.ours, self.floor, self.ours_receipt, self.floor_reply))
+        gaps = (self.p99_gap_ms, self.receipt_p99_gap_ms)
+        return complete and all(not math.isnan(g) and g <= self.target_ms for g in gaps)
 
     def verdict(self) -> str:
-        line = (f"p99 difference ours vs floor: {self.p99_gap_ms:.2f} ms "
-                f"(target: within {self.target_ms:g} ms)")
+        line = (f"p99 difference ours vs floor: stored {self.p99_gap_ms:.2f} ms, receipt "
+                f"{self.receipt_p99_gap_ms:.2f} ms (target: each within {self.target_ms:g} ms)")
         if self.errors:
             return f"{line} -> INCOMPLETE RUN, no verdict"
         return f"{line} -> {'MET' if self.target_met else 'MISSED'}"
@@ -47,9 +57,12 @@ class Report:
             "floor": self.floor.as_dict(),
             "floor_puback": self.floor_puback.as_dict(),
             "ours": self.ours.as_dict(),
+            "floor_reply": self.floor_reply.as_dict(),
+            "ours_receipt": self.ours_receipt.as_dict(),
             "breakdown": [s.as_dict() for s in self.breakdown],
             "verdict": {
                 "p99_gap_ms": round(self.p99_gap_ms, 3),
+                "receipt_p99_gap_ms": round(self.receipt_p99_gap_ms, 3),
                 "target_ms": self.target_ms,
                 "met": self.target_met,
                 "text": self.verdict(),
@@ -61,7 +74,8 @@ class Report:
         label_w = max(len(s.label) for s in self._rows()) + 2
         head = f"{'':{label_w}}{'n':>5}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  (ms)"
         out = [self._title(), "", head]
-        out += [_row(s, label_w) for s in (self.floor, self.floor_puback, self.ours)]
+        out += [_row(s, label_w) for s in (self.floor, self.floor_puback, self.ours,
+                                           self.floor_reply, self.ours_receipt)]
         if self.breakdown:
             out += ["", "where the time goes (the first three from the run above; the rest "
                     "measured alone, same filesystem):"]
@@ -70,7 +84,8 @@ class Report:
         return "\n".join(out)
 
     def _rows(self) -> list[Summary]:
-        return [self.floor, self.floor_puback, self.ours, *self.breakdown]
+        return [self.floor, self.floor_puback, self.ours, self.floor_reply, self.ours_receipt,
+                *self.breakdown]
 
     def _title(self) -> str:
         c = self.context

@@ -43,6 +43,7 @@ class SosBenchError(RuntimeError):
 @dataclass
 class SosSamples:
     stored_s: list[float] = field(default_factory=list)  # trigger recognised -> centre stored
+    receipt_s: list[float] = field(default_factory=list)  # trigger -> device shows DELIVERED
     sent_s: list[float] = field(default_factory=list)  # trigger -> alert durable, given to paho
     transit_s: list[float] = field(default_factory=list)  # given to paho -> centre stored
     handled_s: list[float] = field(default_factory=list)  # trigger -> device runtime done with it
@@ -63,6 +64,7 @@ class Recorder:
         self.sent: dict[str, float] = {}  # when the runtime handed the stored alert to paho
         self.handled: dict[str, float] = {}  # when the runtime reported the trigger
         self.stored: dict[str, float] = {}  # when the centre had stored the new alert
+        self.delivered: dict[str, float] = {}  # when the device showed DELIVERED (the receipt)
         self.closed_count = 0
         self.link_up = False
 
@@ -75,6 +77,8 @@ class Recorder:
                 self._on_trigger(fields["alert_id"], fields["wall"], now, wall_now)
             elif name == "feedback" and fields.get("state") == "closed":
                 self.closed_count += 1
+            elif name == "feedback" and fields.get("state") == "delivered" and self.trigger_ids:
+                self.delivered.setdefault(self.trigger_ids[-1], now)
             elif name == "link":
                 self.link_up = bool(fields["up"])
             self.cond.notify_all()
@@ -206,7 +210,8 @@ class PressLoop:
     def press(self, index: int) -> tuple[float, float, float]:
         """Press, wait for the alert to be stored, close it, wait for "closed" on the device.
 
-        Returns (trigger -> handed to paho, trigger -> stored, trigger -> runtime done) in s.
+        Returns (trigger -> handed to paho, trigger -> stored, trigger -> runtime done,
+        trigger -> DELIVERED on the device) in s.
         """
         rec = self.recorder
         closed_before = rec.closed_count
@@ -215,14 +220,16 @@ class PressLoop:
         alert_id = rec.trigger_ids[index]
         if alert_id in rec.trigger_ids[:index]:
             raise SosBenchError(f"press {index} raised no new alert (still {alert_id})")
-        rec.wait(lambda: alert_id in rec.stored and alert_id in rec.sent, self.timeout_s,
-                 f"alert {alert_id} stored")
+        rec.wait(lambda: alert_id in rec.stored and alert_id in rec.sent
+                 and alert_id in rec.delivered, self.timeout_s,
+                 f"alert {alert_id} stored and receipted")
         self.service.send_command(alert_id, "close", "bench", timeout_s=self.timeout_s)
         rec.wait(lambda: rec.closed_count > closed_before, self.timeout_s,
                  f"the device to show 'closed' for {alert_id}")
         with rec.cond:
             at = rec.recognised[alert_id]
-            return rec.sent[alert_id] - at, rec.stored[alert_id] - at, rec.handled[alert_id] - at
+            return (rec.sent[alert_id] - at, rec.stored[alert_id] - at,
+                    rec.handled[alert_id] - at, rec.delivered[alert_id] - at)
 
     def _play_press(self) -> None:
         """One bouncy press; its first contact not before the last release has debounced.
@@ -261,13 +268,14 @@ def run_sos(workdir: Path, broker: PrivateBroker, presses: int, warmup: int,
 def _press_all(loop: PressLoop, presses: int, warmup: int, result: SosSamples) -> None:
     for i in range(warmup + presses):
         try:
-            sent, stored, handled = loop.press(i)
+            sent, stored, handled, receipted = loop.press(i)
         except (SosBenchError, CommandError) as exc:
             # Keep what was measured; the report says the run broke and where.
             result.error = f"press {i}: {exc}"
             return
         if i >= warmup:
             result.stored_s.append(stored)
+            result.receipt_s.append(receipted)
             result.sent_s.append(sent)
             result.transit_s.append(stored - sent)
             result.handled_s.append(handled)

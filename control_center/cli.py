@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import fcntl
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from control_center import ca_cli
+from cryptography import x509
+
+from control_center import audit_cli, ca_cli, pki
+from control_center.broker_admin import sync_broker
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, event_line, record_line
 from control_center.fleet import Fleet, FleetError
@@ -19,6 +26,7 @@ from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
 from protocol.configfile import ConfigError
+from protocol.mqtt import BrokerConfig
 
 DEFAULT_CONFIG = os.environ.get("SOS_CENTER_CONFIG", "/etc/sos-center/center.toml")
 
@@ -42,6 +50,40 @@ def _service(config: CenterConfig, store: Store, **kwargs) -> CenterService:
                          trust=FleetTrust(fleet), **kwargs)
 
 
+def identity_name(broker: BrokerConfig) -> str:
+    """The identity a centre instance connects as: its certificate's common name, which the
+    broker also makes its client id (`use_username_as_clientid`), whatever it asks for."""
+    if broker.cert_file is None:
+        return "sos-center-1"  # no certificate: a broker without TLS, only in tests
+    cert = x509.load_pem_x509_certificate(Path(broker.cert_file).read_bytes())
+    return pki.common_name(cert)
+
+
+def command_broker(broker: BrokerConfig, fleet: Fleet) -> BrokerConfig:
+    """How `sos-center ack|close` reaches the broker: as `<instance identity>-cli`, its own
+    identity. With the instance's own certificate it would get the instance's client id and
+    take over the serving instance's connection. Made and enrolled in the fleet directory on
+    first use (the command already needs that directory for the command-signing key), and the
+    running broker is told about it then."""
+    name = f"{identity_name(broker)}-cli"
+    known = fleet.active(name) is not None
+    pair = fleet.enrol_local(name, "centre", fleet.directory / "operators" / name)
+    if not known:
+        sync_broker(fleet, broker.host, broker.port)
+    return dataclasses.replace(broker, cert_file=str(pair.cert_file),
+                               key_file=str(pair.key_file))
+
+
+@contextlib.contextmanager
+def one_at_a_time(broker: BrokerConfig) -> Iterator[None]:
+    """Two `ack`s at once on one host share one identity, so one client id: the second would
+    take over the first's connection. Hold a lock next to the identity's key meanwhile."""
+    assert broker.cert_file is not None
+    with open(Path(broker.cert_file).with_name("lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     store = Store(config.db)
     live = None
@@ -53,8 +95,8 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         live = LiveReceiver(fleet.live_identity_file, config.live_dir, FleetTrust(fleet))
-    service = _service(config, store, client_id=config.client_id, group=config.group,
-                       on_event=_print_event, live=live)
+    service = _service(config, store, client_id=identity_name(config.broker),
+                       group=config.group, on_event=_print_event, live=live)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
@@ -92,21 +134,34 @@ def cmd_decide(config: CenterConfig, args: argparse.Namespace) -> int:
     if alert_id is None:
         print(f"error: no alert '{args.alert_id}' (see: sos-center alerts)", file=sys.stderr)
         return 2
-    service = _service(config, store, client_id=f"{config.client_id}-cli-{os.getpid()}",
-                       consume=False)
     try:
-        service.start()
-        command = service.send_command(alert_id, args.command, args.operator or config.operator)
-    except CommandError as exc:
+        broker = command_broker(config.broker, Fleet(config.fleet_dir))
+    except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        service.stop()
+    with one_at_a_time(broker):
+        command = _decide(dataclasses.replace(config, broker=broker), store, alert_id, args)
+    if command is None:
+        return 1
     verb = "acknowledged" if args.command == "ack" else "closed"
     told = ("the device has it" if command["delivered"] else
             "the device is not connected: it is told when it reports back")
     print(f"{alert_id[:8]} {verb}; {told}")
     return 0
+
+
+def _decide(config: CenterConfig, store: Store, alert_id: str,
+            args: argparse.Namespace) -> dict | None:
+    """Connect as the command identity, send the decision, disconnect; None if it failed."""
+    service = _service(config, store, client_id=identity_name(config.broker), consume=False)
+    try:
+        service.start()
+        return service.send_command(alert_id, args.command, args.operator or config.operator)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    finally:
+        service.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--operator", help="operator name to record (default: from the config)")
         p.set_defaults(command=name)
     ca_cli.add_parser(sub)
+    audit_cli.add_parser(sub)
     sub.add_parser("ingest", add_help=False,
                    help="receive devices' evidence uploads over HTTPS (tus, mutual TLS); "
                         "`sos-center ingest --help` lists its options")
@@ -153,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.action == "ca":  # the fleet CA needs no centre config
         return ca_cli.run(args)
+    if args.action == "audit":  # needs no centre config either
+        return audit_cli.run(args)
     try:
         config = load_center_config(args.config)
         Fleet(config.fleet_dir)  # fail now, not at the first alert

@@ -2,8 +2,16 @@
 
 Alerts, positions and events arrive through an MQTT 5 shared subscription
 (`$share/<group>/...`), so several centre instances split the load; status is subscribed by every
-instance so each knows who is online. The session is persistent (clean_start False plus a session
-expiry), so the broker queues what arrives while the centre restarts.
+instance so each knows who is online.
+
+Delivery is end to end (docs/DESIGN.md, "Nothing is lost"): once a device's message is stored,
+the centre sends the device a signed delivery receipt on its command topic, and the device keeps
+re-sending the message until one arrives. So the broker is a transport, not the judge of
+delivery, and the centre's sessions are NOT persistent (clean start, no session expiry): a
+stopped instance leaves the shared group at once instead of keeping its share of new alerts
+queued in a session until it returns. Every message is acknowledged at the MQTT level, stored or
+not: one the centre could not store or refused comes again from the device, never from the
+broker's redelivery (which a poison message would otherwise fill the in-flight window with).
 
 Live video (docs/LIVE.md): with `live=LiveReceiver(...)` the centre also takes
 `$share/<group>/sos/v1/dev/+/live` at QoS 0 and hands each chunk to the receiver, beside (never
@@ -15,9 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,9 +35,18 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.fleet import Fleet
 from control_center.live import LiveReceiver, header_from_properties
-from control_center.store import Store
-from protocol import MessageKind, ProtocolError, Topics, decode, encode, new_id, utc_iso
-from protocol.mqtt import BrokerConfig, make_client, session_properties
+from control_center.store import NotYours, Store, Stored
+from protocol import (
+    MessageKind,
+    ProtocolError,
+    Topics,
+    decode,
+    encode,
+    new_id,
+    payload_digest,
+    utc_iso,
+)
+from protocol.mqtt import BrokerConfig, make_client
 from protocol.signing import SignatureError, Signer, verify, window_error
 from protocol.topics import LIVE, all_devices, parse_device_topic, parse_live_topic
 
@@ -36,6 +55,8 @@ log = logging.getLogger("sos.center")
 SHARED = ("alert", "position", "event")
 LIVE_IDLE_S = 60.0  # a live stream with no chunk for this long is ended (#EXT-X-ENDLIST)
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason: nobody subscribed to the device's commands
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
+REFUSALS_REMEMBERED = 1024  # refused payloads logged once each (a device re-sends until receipted)
 
 
 class CommandError(RuntimeError):
@@ -90,22 +111,22 @@ class CenterService:
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
-        # A message is acknowledged only once stored: if storing fails, the broker still holds
-        # it and hands it over again after a reconnect.
+        self._client.on_disconnect = self._handle_disconnect
+        # Acknowledged after the store commits (or refuses); the device's re-send, driven by the
+        # delivery receipt, covers a message that was acknowledged but not stored.
         self._client.manual_ack_set(True)
         self._broker = broker
         self._pubacks: dict[int, ReasonCode] = {}
+        self._receipt_mids: set[int] = set()  # receipts in flight; their PUBACKs are not awaited
+        self._refusals: OrderedDict[str, None] = OrderedDict()  # digests of refused payloads
         self._puback_arrived = threading.Condition()
         self._stopping = False
         self._resending: dict[str, threading.Thread] = {}  # alert id -> its re-send, if any
 
     def start(self, wait_s: float | None = 10.0) -> None:
         """Connect in the background; wait until subscribed (or connected) if asked."""
-        self._client.connect_async(
-            self._broker.host, self._broker.port, keepalive=self._broker.keepalive_s,
-            clean_start=not self._consume,
-            properties=session_properties() if self._consume else None,
-        )
+        self._client.connect_async(self._broker.host, self._broker.port,
+                                   keepalive=self._broker.keepalive_s, clean_start=True)
         self._client.loop_start()
         if wait_s is not None and not self._ready.wait(wait_s):
             self.stop()
@@ -197,8 +218,19 @@ class CenterService:
             return
         self._ready.set()
 
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.value == SESSION_TAKEN_OVER:
+            log.error("the broker handed this centre's client id to another connection (session "
+                      "taken over): two instances share one identity or client id; give each "
+                      "instance its own (docs/FLASHING.md)")
+        elif not self._stopping:
+            log.warning("lost the broker (%s); reconnecting", reason_code)
+
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._puback_arrived:
+            if mid in self._receipt_mids:  # a receipt: a lost one is asked for again by a re-send
+                self._receipt_mids.discard(mid)
+                return
             self._pubacks[mid] = reason_code
             self._puback_arrived.notify_all()
 
@@ -244,18 +276,20 @@ class CenterService:
                           type(self).__name__, event.kind, event.device_id)
 
     def _handle_message(self, client, userdata, message) -> None:
-        """Never raises: an exception here would end paho's network thread for good."""
+        """Never raises: an exception here would end paho's network thread for good. Always
+        acknowledges: a message that was not stored gets no delivery receipt, so its device
+        sends it again."""
         if self.live is not None and parse_live_topic(message.topic) is not None:
             self._handle_live(client, message)
             return
         try:
             self._consume_message(message)
         except Exception:
-            log.exception("could not store the message on %s; NOT acknowledged, so the broker "
-                          "delivers it again when this centre reconnects", message.topic)
-            return
-        if message.qos > 0:
-            client.ack(message.mid, message.qos)
+            log.exception("could not store the message on %s; no receipt sent, so its device "
+                          "sends it again", message.topic)
+        finally:
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
 
     def _handle_live(self, client, message) -> None:
         """One live chunk to the receiver. Never raises, and is always acknowledged: a chunk
@@ -273,52 +307,90 @@ class CenterService:
                 client.ack(message.mid, message.qos)
 
     def _consume_message(self, message) -> None:
-        """Validate, check the signature, store; a message refused here is acknowledged (it
-        would be refused again), one that failed to store is not."""
+        """Validate, check the signature, store, send the delivery receipt. A message refused
+        here is logged once (its device may send it again and again) and gets no receipt."""
         parsed = parse_device_topic(message.topic)
         if parsed is None:
             log.warning("ignored a message on unexpected topic %s", message.topic)
             return
         device_id, kind = parsed
+        payload = bytes(message.payload)
         try:
-            body = decode(kind, bytes(message.payload))
+            body = decode(kind, payload)
         except ProtocolError as exc:
-            log.error("rejected message from %s on %s: %s", device_id, message.topic, exc)
+            self._refuse(payload, "rejected message from %s on %s: %s", device_id,
+                         message.topic, exc)
             return
         if body["device_id"] != device_id:
-            log.error("rejected message on %s: it claims to come from %s", message.topic,
-                      body["device_id"])
+            self._refuse(payload, "rejected message on %s: it claims to come from %s",
+                         message.topic, body["device_id"])
             return
         if kind is not MessageKind.STATUS:  # status is volatile and the will is unsignable
             try:
                 verify(body, self._trust(device_id))
             except SignatureError as exc:
-                log.error("rejected %s from %s seq=%s: %s; is the device enrolled with its "
-                          "signing key? (sos-center ca list)", kind.value, device_id,
-                          body.get("seq"), exc)
+                self._refuse(payload, "rejected %s from %s seq=%s: %s; is the device enrolled "
+                             "with its signing key? (sos-center ca list)", kind.value,
+                             device_id, body.get("seq"), exc)
                 return
         now = self._clock()
-        match kind:
-            case MessageKind.ALERT:
-                new = self.store.add_alert(body, now)
-                if not new:
-                    log.warning("alert %s (seq %d) from %s received again: a redelivery or a "
-                                "replay; it is stored once", body["alert_id"][:8], body["seq"],
-                                device_id)
-                else:
-                    _note_timing(body, now)
-                self._on_event(CenterEvent("alert", device_id, body, new))
-            case MessageKind.POSITION | MessageKind.EVENT:
-                leaf = "position" if kind is MessageKind.POSITION else "event"
-                new = self.store.add_update(leaf, body, now)
-                self._on_event(CenterEvent(leaf, device_id, body, new))
-            case MessageKind.STATUS:
-                self.store.set_device_status(device_id, body, now)
-                if self.live is not None:  # heartbeats pace the clean-up: a device that lost
-                    self.live.end_idle(self._live_idle_s)  # power mid-SOS sends no final chunk
-                self._on_event(CenterEvent("status", device_id, body, True))
-                if body["state"] == "online" and self._consume:
-                    self._resend_missed_decision(device_id, body)
+        try:
+            match kind:
+                case MessageKind.ALERT:
+                    stored = self.store.add_alert(body, now)
+                    if not stored.new:
+                        log.info("alert %s (seq %d) from %s received again: a re-send; it is "
+                                 "stored once and receipted again", body["alert_id"][:8],
+                                 body["seq"], device_id)
+                    else:
+                        _note_timing(body, now)
+                    self._send_receipt(device_id, kind, body, payload, stored)
+                    self._on_event(CenterEvent("alert", device_id, body, stored.new))
+                case MessageKind.POSITION | MessageKind.EVENT:
+                    leaf = "position" if kind is MessageKind.POSITION else "event"
+                    stored = self.store.add_update(leaf, body, now)
+                    self._send_receipt(device_id, kind, body, payload, stored)
+                    self._on_event(CenterEvent(leaf, device_id, body, stored.new))
+        except NotYours as exc:
+            self._refuse(payload, "rejected %s from %s seq=%s: %s", kind.value, device_id,
+                         body["seq"], exc)
+            return
+        if kind is MessageKind.STATUS:
+            self.store.set_device_status(device_id, body, now)
+            if self.live is not None:  # heartbeats pace the clean-up: a device that lost
+                self.live.end_idle(self._live_idle_s)  # power mid-SOS sends no final chunk
+            self._on_event(CenterEvent("status", device_id, body, True))
+            if body["state"] == "online" and self._consume:
+                self._resend_missed_decision(device_id, body)
+
+    def _send_receipt(self, device_id: str, kind: MessageKind, body: dict[str, Any],
+                      payload: bytes, stored: Stored) -> None:
+        """Tell the device, signed, that its message is stored (or was, for a re-send): only
+        this lets it drop the message from its outbox and show DELIVERED."""
+        receipt: dict[str, Any] = {
+            "v": 1, "type": "delivered", "device_id": device_id, "seq": body["seq"],
+            "message": kind.value, "digest": payload_digest(payload),
+            "stored_at": utc_iso(datetime.fromtimestamp(stored.stored_at, UTC)),
+            "duplicate": not stored.new,
+        }
+        if "alert_id" in body:
+            receipt["alert_id"] = body["alert_id"]
+        signed = encode(MessageKind.DELIVERY_RECEIPT, self._signer.sign(receipt))
+        info = self._client.publish(Topics(device_id).command, signed, qos=1)
+        with self._puback_arrived:  # paho's thread: its PUBACK cannot come before this
+            self._receipt_mids.add(info.mid)
+
+    def _refuse(self, payload: bytes, text: str, *args: object) -> None:
+        """Log a refused message once: its device re-sends it until receipted."""
+        digest = payload_digest(payload)
+        if digest in self._refusals:
+            self._refusals.move_to_end(digest)
+            log.debug(text + " (again)", *args)
+            return
+        self._refusals[digest] = None
+        if len(self._refusals) > REFUSALS_REMEMBERED:
+            self._refusals.popitem(last=False)
+        log.error(text, *args)
 
 
 def _note_timing(alert: dict[str, Any], received: float) -> None:
@@ -332,22 +404,49 @@ def _note_timing(alert: dict[str, Any], received: float) -> None:
 
 
 class FleetTrust:
-    """Device signing keys from the fleet registry, re-read (at most every `reload_s`) when a
-    device is not known yet: enrolment happens in another process."""
+    """Device signing keys from the fleet registry, re-read whenever the registry file changed.
 
-    def __init__(self, fleet: Fleet, reload_s: float = 5.0,
+    Enrolment, re-keying (a re-flashed device) and revocation happen in another process (`sos-
+    center ca`), and a running centre must follow them: a stale key would refuse every alert of a
+    re-flashed device, and a revoked device's key must stop being trusted. The file is looked at
+    (one stat, microseconds) at most every `check_s`, by default for every message, so a change
+    applies from the next message on.
+    """
+
+    def __init__(self, fleet: Fleet, check_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._fleet = fleet
-        self._reload_s = reload_s
+        self._check_s = check_s
         self._clock = clock
-        self._reloaded_at = -reload_s
+        self._checked_at: float | None = None
+        self._seen = _file_stamp(fleet.registry_file)
         self._lock = threading.Lock()
 
     def __call__(self, device_id: str) -> list[Ed25519PublicKey]:
         with self._lock:
-            keys = self._fleet.signing_keys(device_id)
-            if not keys and self._clock() - self._reloaded_at >= self._reload_s:
-                self._reloaded_at = self._clock()
-                self._fleet.reload()
-                keys = self._fleet.signing_keys(device_id)
-            return keys
+            now = self._clock()
+            if self._checked_at is None or now - self._checked_at >= self._check_s:
+                self._checked_at = now
+                stamp = _file_stamp(self._fleet.registry_file)
+                if stamp != self._seen:
+                    self._reload(stamp)
+            return self._fleet.signing_keys(device_id)
+
+    def _reload(self, stamp: tuple[int, int, int] | None) -> None:
+        try:
+            self._fleet.reload()
+        except (OSError, ValueError) as exc:  # caught mid-write by hand: keep the last good one
+            log.error("could not re-read the fleet registry %s: %s; keeping the keys read "
+                      "before", self._fleet.registry_file, exc)
+            return
+        self._seen = stamp
+        log.info("fleet registry %s changed: device keys re-read", self._fleet.registry_file)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten (an atomic replace gives a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -1,5 +1,9 @@
 """The control centre's record: alerts, their updates, devices and operator commands, in SQLite.
 
+Ownership: an alert belongs to the device that raised it. A message naming another device's
+alert (a duplicate alert id, an update or event, a command result) raises NotYours and changes
+nothing.
+
 De-duplication: an alert is stored once per `alert_id` (a re-delivered alert, from a device that
 crashed before its PUBACK or a broker redelivery, only increments `alerts.duplicates`); updates and
 events once per (device_id, seq, created_at). `created_at` is part of the key because messages a
@@ -108,6 +112,19 @@ class AmbiguousAlertId(LookupError):
     pass
 
 
+class NotYours(ValueError):
+    """A device's message names an alert another device raised; it is refused, not stored."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What storing a device's message did: `new` False for a re-send of one stored before,
+    `stored_at` when it was first stored (what its delivery receipt says)."""
+
+    new: bool
+    stored_at: float
+
+
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -124,8 +141,11 @@ class Store:
             self._db.close()
 
     # -- writes from devices ---------------------------------------------------------------------
-    def add_alert(self, alert: dict[str, Any], stored_at: float) -> bool:
-        """Store a new alert; False (and a duplicate counted) if this alert id is known."""
+    def add_alert(self, alert: dict[str, Any], stored_at: float) -> Stored:
+        """Store a new alert, or count a duplicate if this alert id is known (a re-send).
+
+        Raises NotYours if the id is another device's alert: that is no re-send, and the sender
+        gets no receipt for it."""
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO alerts(alert_id, device_id, device_kind, seq, trigger, "
@@ -137,36 +157,56 @@ class Store:
             )
             if cur.rowcount == 1:
                 # Messages can overtake each other (a re-offered alert after a broker restart):
-                # a cancel request stored before its alert still counts.
+                # a cancel request stored before its alert still counts, if its device sent it.
                 self._db.execute(
                     "UPDATE alerts SET cancel_requested_at = (SELECT min(created_at) FROM updates "
-                    "WHERE alert_id = ? AND json_extract(body, '$.type') = 'cancel_requested') "
-                    "WHERE alert_id = ?", (alert["alert_id"], alert["alert_id"]))
-                return True
+                    "WHERE alert_id = ? AND device_id = ? "
+                    "AND json_extract(body, '$.type') = 'cancel_requested') WHERE alert_id = ?",
+                    (alert["alert_id"], alert["device_id"], alert["alert_id"]))
+                return Stored(True, stored_at)
+            owner, first_stored = self._db.execute(
+                "SELECT device_id, stored_at FROM alerts WHERE alert_id = ?",
+                (alert["alert_id"],)).fetchone()
+            if owner != alert["device_id"]:
+                raise NotYours(f"alert {alert['alert_id']} was raised by {owner}, not by "
+                               f"{alert['device_id']}")
             self._db.execute("UPDATE alerts SET duplicates = duplicates + 1 WHERE alert_id = ?",
                              (alert["alert_id"],))
-            return False
+            return Stored(False, first_stored)
 
-    def add_update(self, kind: str, message: dict[str, Any], stored_at: float) -> bool:
-        """Store a position update or an event; False if it was seen before."""
+    def add_update(self, kind: str, message: dict[str, Any], stored_at: float) -> Stored:
+        """Store a position update or an event, or find it stored before (a re-send).
+
+        An update may name only an alert of its own device (raises NotYours otherwise): it may
+        arrive before its alert, but never changes another device's alert or command."""
+        device_id, alert_id = message["device_id"], message.get("alert_id", "")
         with self._lock:
+            owner = self._db.execute("SELECT device_id FROM alerts WHERE alert_id = ?",
+                                     (alert_id,)).fetchone() if alert_id else None
+            if owner is not None and owner[0] != device_id:
+                raise NotYours(f"alert {alert_id} was raised by {owner[0]}, not by {device_id}")
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO updates(device_id, seq, alert_id, kind, created_at, "
                 "stored_at, body) VALUES (?,?,?,?,?,?,?)",
-                (message["device_id"], message["seq"], message.get("alert_id", ""), kind,
-                 message["created_at"], stored_at, json.dumps(message, sort_keys=True)),
+                (device_id, message["seq"], alert_id, kind, message["created_at"], stored_at,
+                 json.dumps(message, sort_keys=True)),
             )
             if cur.rowcount != 1:
-                return False
+                first = self._db.execute(
+                    "SELECT stored_at FROM updates WHERE device_id = ? AND seq = ? AND "
+                    "created_at = ?", (device_id, message["seq"], message["created_at"])
+                ).fetchone()
+                return Stored(False, first[0])
             if kind == "event" and message["type"] == "cancel_requested":
-                self._db.execute("UPDATE alerts SET cancel_requested_at = ? WHERE alert_id = ?",
-                                 (message["created_at"], message["alert_id"]))
+                self._db.execute("UPDATE alerts SET cancel_requested_at = ? WHERE alert_id = ? "
+                                 "AND device_id = ?", (message["created_at"], alert_id, device_id))
             if kind == "event" and message["type"] in ("command_applied", "command_rejected"):
                 self._db.execute(
-                    "UPDATE commands SET result = ?, result_at = ? WHERE command_id = ?",
-                    (message["type"], stored_at, message["command_id"]),
+                    "UPDATE commands SET result = ?, result_at = ? WHERE command_id = ? "
+                    "AND device_id = ?",
+                    (message["type"], stored_at, message["command_id"], device_id),
                 )
-            return True
+            return Stored(True, stored_at)
 
     def set_device_status(self, device_id: str, status: dict[str, Any], seen_at: float) -> None:
         """Record online/offline; an offline device's open alerts are flagged for the operator."""

@@ -85,7 +85,7 @@ from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
 from firmware.uplink.upload_plan import Progress
 from firmware.uplink.uploader import Uploader, UploadSummary, uploader_from_config
 from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso
-from protocol.signing import Signer, load_or_make_key, public_key_from_b64
+from protocol.signing import Signer, load_key, public_key_from_b64
 
 log = logging.getLogger("sos.device")
 
@@ -148,12 +148,13 @@ class DeviceRuntime:
         self._battery = battery or (
             SysfsBattery(config.battery_sysfs) if config.battery_sysfs else NoBattery()
         )
-        signing_key = load_or_make_key(config.signing_key)
+        signing_key = load_key(config.signing_key)  # never made here: provisioning enrols it
         signer = Signer(signing_key)
         self.outbox = Outbox(config.data_dir / "outbox.sqlite", signer=signer)
+        centre_keys = [public_key_from_b64(k) for k in config.centre_keys]
         self.core = AlertCore(
             DeviceIdentity(config.device_id, config.kind, config.position_interval_s),
-            command_keys=[public_key_from_b64(k) for k in config.centre_keys],
+            command_keys=centre_keys,
         )
         self._track: deque[tuple[float, dict[str, Any]]] = deque(maxlen=TRACK_POINTS)
         self.gps = (GpsReader(config.gps.port, config.gps.baudrate, clock=clock,
@@ -218,7 +219,7 @@ class DeviceRuntime:
         self.uplink = MqttUplink(
             config.device_id, config.broker, self.outbox, self._events.put,
             will_payload=encode(MessageKind.STATUS, offline),
-            status_payload=self._status_payload,
+            status_payload=self._status_payload, receipt_keys=centre_keys,
         )
 
     # -- main loop -------------------------------------------------------------------------------
@@ -337,7 +338,11 @@ class DeviceRuntime:
                 if self.uplink.connected:
                     self.uplink.publish_status()
             case CommandReceived(payload):
-                self._handle(CommandPayload(payload))
+                try:
+                    self._handle(CommandPayload(payload))
+                except Exception:  # untrusted bytes: nothing they do may end the device
+                    log.exception("internal: a command of %d bytes could not be handled; "
+                                  "ignored, nothing changed", len(payload))
             case _:
                 log.error("internal: unexpected event %r ignored", item)
 
@@ -535,8 +540,17 @@ class DeviceRuntime:
         results = run_selftest(
             self.config, pin_factory=self._pin_factory, camera_probe=self._camera_probe,
             utc_clock=self._utc, clock=self._clock, button=self.button.button,
-            led=self.feedback.led, gps_probe=self._gps_probe if self.gps else None)
+            led=self.feedback.led, gps_probe=self._gps_probe if self.gps else None,
+            broker_probe=self._broker_probe)
         self._events.put(SelftestDone(results))
+
+    def _broker_probe(self) -> CheckResult:
+        """Judge the running link rather than connect a second time as this device."""
+        target = f"{self.config.broker.host}:{self.config.broker.port}"
+        if self.uplink.connected:
+            return CheckResult("broker", True, f"{target}: connected (this device's own link)")
+        return CheckResult("broker", False, f"{target}: not connected",
+                           "check the network and this device's certificate (docs/SELFTEST.md)")
 
     def _gps_probe(self) -> GpsProbe:
         """Judge the running reader's data rather than open the port a second time."""

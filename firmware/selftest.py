@@ -544,9 +544,10 @@ def check_broker(broker: BrokerConfig, client_id: str, *, timeout_s: float = 5.0
                  clock: Callable[[], float] = time.monotonic) -> CheckResult:
     """MQTT 5 connect with the device's certificate; PASS on a successful CONNACK.
 
-    Use a client id of its own (`<device_id>-selftest`) with a clean start: the device's session
-    and its queued commands are not touched, and nothing is published. (The broker's ACL keys on
-    the certificate's name, not the client id.)
+    For `sos-device selftest` with the device service stopped: the broker makes every client id
+    the certificate's name (docs/FLASHING.md), so this connection would take over, and with its
+    clean start discard, the running device's session. The running device judges its own link
+    instead (`broker_probe` of run_selftest).
     """
     target = f"{broker.host}:{broker.port}"
     missing = _missing_files(broker)
@@ -661,12 +662,15 @@ def run_selftest(
     button: Any = None,
     led: Any = None,
     gps_probe: Callable[[], GpsProbe] | None = None,
+    broker_probe: Callable[[], CheckResult] | None = None,
 ) -> list[CheckResult]:
     """Every check in CHECKS order.
 
     Run in-process by the runtime, the parts are already in use: pass its gpiozero `button` and
-    `led`, and a `gps_probe` judging its GpsReader's data (opening the port a second time would
-    split the bytes between two readers: pyserial does not lock the port by default).
+    `led`, a `gps_probe` judging its GpsReader's data (opening the port a second time would
+    split the bytes between two readers: pyserial does not lock the port by default), and a
+    `broker_probe` judging its own MQTT link (a second connection as this device would take the
+    device's session over).
     """
     results = [check_camera(camera_probe, timeout_s=limits.camera_timeout_s)]
     gps = gps_probe() if gps_probe is not None else probe_gps(
@@ -682,8 +686,9 @@ def run_selftest(
                                  timeout_s=limits.storage_timeout_s))
     results.append(check_clock(utc_clock(), gps_time=gps_time_now(gps.fix, clock()),
                                max_skew_s=limits.max_clock_skew_s))
-    results.append(check_broker(config.broker, f"{config.device_id}-selftest",
-                                timeout_s=limits.broker_timeout_s, clock=clock))
+    results.append(broker_probe() if broker_probe is not None else check_broker(
+        config.broker, f"{config.device_id}-selftest", timeout_s=limits.broker_timeout_s,
+        clock=clock))
     return results
 
 

@@ -10,6 +10,7 @@ from protocol.messages import (
     decode,
     encode,
     new_id,
+    payload_digest,
     utc_iso,
     validate,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "encode",
     "new_id",
     "parse_device_topic",
+    "payload_digest",
     "utc_iso",
     "validate",
 ]

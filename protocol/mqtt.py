@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -38,7 +40,15 @@ def make_client(client_id: str, broker: BrokerConfig) -> mqtt.Client:
             tls_version=ssl.PROTOCOL_TLS_CLIENT,
         )
     client.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)
+    client.on_socket_open = _no_delay
     return client
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    """paho leaves Nagle's algorithm on: a small packet right after another (a PUBACK after a
+    delivery receipt) then waits for the peer's delayed ACK, about 40 ms (`make bench`)."""
+    with contextlib.suppress(OSError, AttributeError):  # not a TCP socket: nothing to do
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def session_properties() -> Properties:

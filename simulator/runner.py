@@ -149,7 +149,7 @@ class ScenarioRun:
                         "(tus, mutual TLS)")
             self.center.start()
             rec.add("sim", "setup", f"broker on {self.broker.centre.host}:{self.broker.port} "
-                    "(mutual TLS, per-device ACL), control centre subscribed")
+                    "(mutual TLS, each identity confined), control centre subscribed")
             for spec in self.scenario.devices:
                 self._start_device(spec)
             for device_id in self.devices:

@@ -58,8 +58,9 @@ def test_serve_prints_one_line_per_new_alert_and_ack_reaches_the_device(broker, 
 
         acked = sos_center(config, "ack", message["alert_id"][:6])
         assert acked.returncode == 0, acked.stderr
-        ((_, payload),) = device.wait_messages(1)
-        assert (json.loads(payload)["type"], json.loads(payload)["operator"]) == ("ack", "op-cli")
+        received = [json.loads(p) for _, p in device.wait_messages(2)]  # receipt, then ack
+        (command,) = [m for m in received if m["type"] != "delivered"]
+        assert (command["type"], command["operator"]) == ("ack", "op-cli")
         assert "acknowledged" in sos_center(config, "alerts").stdout
     finally:
         device.close()
@@ -76,3 +77,17 @@ def test_a_config_missing_a_key_is_named(tmp_path: Path) -> None:
                     'ca_file = "ca.pem"\n')
     done = sos_center(path, "alerts")
     assert done.returncode == 2 and "missing key 'broker.port'" in done.stderr
+
+
+@pytest.mark.parametrize(("key", "value"), [("client_id", ""), ("group", "sos/+"),
+                                            ("group", "#"), ("client_id", "a b")])
+def test_a_client_id_or_group_the_broker_cannot_use_is_refused_at_load(tmp_path: Path, key: str,
+                                                                       value: str) -> None:
+    """An empty client id makes the broker invent one (an orphan session); a wildcard or '/' in
+    the group makes a shared subscription that matches something else, or nothing."""
+    path = tmp_path / "center.toml"
+    path.write_text(f'[center]\ndb = "x.sqlite"\nfleet_dir = "f"\n{key} = "{value}"\n'
+                    '[broker]\nhost = "h"\nport = 8883\nca_file = "ca.pem"\n')
+    done = sos_center(path, "alerts")
+    assert done.returncode == 2
+    assert f"key 'center.{key}'" in done.stderr

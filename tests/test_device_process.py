@@ -138,6 +138,27 @@ def test_a_malformed_command_is_rejected_and_the_device_keeps_working(device, br
     assert f"rejected close command {'b' * 32}: unsigned" in log
 
 
+def test_poison_on_the_command_topic_does_not_end_the_device(device, broker, center) -> None:
+    """Deep nesting made json.loads raise RecursionError past the decoder, and the device
+    process exited; a huge integer is costly to parse. Each is refused with one line."""
+    device.press(1.7)
+    record = center.wait_for(lambda: next(iter(center.store.alerts()), None))
+    operator = RawClient(broker.centre, "buggy-console")
+    try:
+        command_topic = Topics(device.id).command
+        operator.publish(command_topic, b"[" * 5000 + b"]" * 5000)
+        operator.publish(command_topic, b'{"type":"delivered","seq":' + b"9" * 4000 + b"}")
+        operator.publish(command_topic, b'{"type":"delivered","seq":1,"digest":"x"}')
+    finally:
+        operator.close()
+    center.service.send_command(record.alert_id, "ack", "op-1")
+    device.wait(lambda es: "acknowledged" in [e.data.get("state") for e in es])
+    assert device.process.running
+    log = device.log_file.read_text()
+    assert "nested 5000 deep" in log
+    assert "Traceback" not in log
+
+
 def test_the_cancel_gesture_is_reported_to_the_operator_and_positions_continue(
         device, center) -> None:
     device.press(1.7)
@@ -166,6 +187,8 @@ def test_a_pillar_tests_itself_at_start_up_and_reports_the_result_to_the_centre(
 
         selftest = center.wait_for(reported, timeout=30)
         assert selftest == {"at": selftest["at"], "ok": True, "failed": []}
+        # It judged its own link: a second connection as itself would have kicked it off.
+        assert [e.data["up"] for e in pillar.recorder.find(kind="link")] == [True]
     finally:
         pillar.close()
 

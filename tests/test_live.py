@@ -269,7 +269,8 @@ def uplink(broker, tmp_path) -> Iterator[tuple[MqttUplink, queue.Queue, Outbox]]
     status = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
     outbox = Outbox(tmp_path / "outbox.sqlite", signer=device_signer(broker, DEVICE))
     link = MqttUplink(DEVICE, broker.identity(DEVICE), outbox, events.put,
-                      will_payload=status, status_payload=lambda: status)
+                      will_payload=status, status_payload=lambda: status,
+                        receipt_keys=broker.centre_keys())
     yield link, events, outbox
     link.stop()
     outbox.close()

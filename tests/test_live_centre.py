@@ -278,7 +278,8 @@ def test_end_to_end_a_device_streams_an_sos_to_a_playable_file_at_the_centre(
     status = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
     outbox = Outbox(tmp_path / "outbox.sqlite", signer=device_signer(broker, DEVICE))
     uplink = MqttUplink(DEVICE, broker.identity(DEVICE), outbox, events.put,
-                        will_payload=status, status_payload=lambda: status)
+                        will_payload=status, status_payload=lambda: status,
+                        receipt_keys=broker.centre_keys())
     made: list[dict[str, Any]] = []
 
     def publish(payload: bytes, header: dict[str, Any]) -> bool:
@@ -351,7 +352,8 @@ def test_a_stream_left_without_its_final_chunk_is_ended_when_a_status_arrives(
     status = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
     outbox = Outbox(tmp_path / "outbox.sqlite", signer=device_signer(broker, DEVICE))
     uplink = MqttUplink(DEVICE, broker.identity(DEVICE), outbox, lambda event: None,
-                        will_payload=status, status_payload=lambda: status)
+                        will_payload=status, status_payload=lambda: status,
+                        receipt_keys=broker.centre_keys())
     uplink.start()  # its retained status on connect
     try:
         probe.wait_for(lambda: any(e.kind == "status" for e in probe.events))

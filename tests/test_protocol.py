@@ -62,6 +62,8 @@ def _kind_of(message: dict) -> MessageKind | None:
         return MessageKind.COMMAND
     if "state" in message:
         return MessageKind.STATUS
+    if message.get("type") == "delivered":
+        return MessageKind.DELIVERY_RECEIPT
     if "trigger" in message:
         return MessageKind.ALERT
     if "type" in message:

@@ -3,52 +3,29 @@
 from __future__ import annotations
 
 import json
-import queue
 import threading
-from pathlib import Path
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.store import Store
-from firmware.uplink.mqtt import Connected, Delivered, Disconnected, MqttUplink, Refused
+from firmware.uplink.mqtt import Connected, Delivered, Disconnected, Refused
 from firmware.uplink.outbox import Outbox, Outgoing
-from protocol import MessageKind, Topics, encode, new_id
-from tests.helpers import NO_POSITION, device_signer
+from protocol import Topics
+from tests import links
+from tests.helpers import device_signer
+from tests.links import Link
 
 DEVICE = "tok-001"
 TOPICS = Topics(DEVICE)
-STATUS = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "online"})
-OFFLINE = encode(MessageKind.STATUS, {"v": 1, "device_id": DEVICE, "state": "offline"})
 
 
 def new_alert() -> Outgoing:
-    return Outgoing(MessageKind.ALERT, TOPICS.alert, {
-        "v": 1, "alert_id": new_id(), "device_id": DEVICE, "device_kind": "token",
-        "trigger": "button_hold", "created_at": "2026-11-23T10:00:00.000Z",
-        "position": NO_POSITION, "battery": None})
+    return links.new_alert(DEVICE)
 
 
-class Link:
-    def __init__(self, broker, path: Path) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self.outbox = Outbox(path, signer=device_signer(broker, DEVICE))
-        self.uplink = MqttUplink(DEVICE, broker.identity(DEVICE), self.outbox, self.events.put,
-                                 will_payload=OFFLINE, status_payload=lambda: STATUS)
-
-    def wait_for(self, kind: type, timeout: float = 15.0):
-        while True:
-            event = self.events.get(timeout=timeout)
-            if isinstance(event, kind):
-                return event
-
-    def close(self) -> None:
-        self.uplink.stop()
-        self.outbox.close()
-
-
-def test_a_stored_alert_reaches_the_centre_and_leaves_the_outbox_on_puback(broker, center,
-                                                                          tmp_path) -> None:
+def test_a_stored_alert_reaches_the_centre_and_leaves_the_outbox_on_its_receipt(
+        broker, center, tmp_path) -> None:
     link = Link(broker, tmp_path / "o.sqlite")
     try:
         link.uplink.start()

@@ -1,15 +1,20 @@
-"""The device's MQTT 5 link: TLS, last will, commands in, outbox rows out.
+"""The device's MQTT 5 link: TLS, last will, commands and delivery receipts in, outbox rows out.
 
 paho keeps QoS 1 messages only in memory (FIELD-NOTES), so durability is the outbox's job: every
-row is handed to paho once (at start-up for what a previous process left, then as it is appended);
-paho re-sends in-flight rows on reconnect, in order; a row leaves the outbox only when its PUBACK
-carries a success reason code and a subscriber took it. A PUBACK with reason 16 "No matching
-subscribers" means the control centre was not there (Mosquitto forgets shared subscriptions
-across a restart): the row stays and is offered again after `unrouted_retry_s`. A refused PUBACK
-(reason >= 0x80, e.g. 135 Not authorized) keeps the row and re-offers it after `refused_retry_s`.
+row is handed to paho (at start-up for what a previous process left, then as it is appended);
+paho re-sends in-flight rows on reconnect, in order. A row leaves the outbox only when the
+control centre's signed delivery receipt for it arrives on the command topic (`sig` by a key in
+`receipt_keys`, `digest` equal to the SHA-256 of the row's payload): a PUBACK only says the broker
+took it, and a broker can still lose it. Until then the row is sent again with backoff
+(`delivery.DeliveryTracker`: after a PUBACK with no receipt, after PUBACK 16 "No matching
+subscribers" when no centre is connected, after a refused PUBACK). `Delivered` is reported, and
+an alert shows DELIVERED, on the receipt.
+
+Nothing the broker hands us can end the process: a payload on the command topic that is not a
+valid receipt goes to the core as a command, which refuses it with one log line.
 
 Limits: one broker; up to `max_inflight` (paho's 20) unacknowledged publishes in flight, the rest
-queue in paho's memory in order.
+queue in paho's memory in order; re-sends as `delivery.DeliveryWaits` says.
 
 Live video (`publish_live`, docs/LIVE.md) bypasses all of this: QoS 0, only while connected, never
 in the outbox, and at most `max_live_unsent` chunks waiting in paho's queue for the socket (paho's
@@ -21,19 +26,24 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from firmware.uplink.delivery import DeliveryTracker, DeliveryWaits
 from firmware.uplink.outbox import Outbox, OutboxRow
-from protocol import Topics
+from protocol import MessageKind, ProtocolError, Topics, validate
 from protocol.mqtt import BrokerConfig, make_client, session_properties
+from protocol.signing import SignatureError, verify
 from protocol.topics import LIVE_HEADER_PROPERTY
+from protocol.untrusted import UntrustedJsonError, loads_untrusted
 
 log = logging.getLogger("sos.uplink")
 
@@ -51,6 +61,8 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class Delivered:
+    """The centre's signed receipt for `row` arrived: it is stored there."""
+
     row: OutboxRow
 
 
@@ -78,24 +90,31 @@ class MqttUplink:
         *,
         will_payload: bytes,
         status_payload: Callable[[], bytes],
-        refused_retry_s: float = 30.0,
-        unrouted_retry_s: float = 1.0,
+        receipt_keys: Sequence[Ed25519PublicKey],
+        waits: DeliveryWaits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`receipt_keys`: the centre's public keys (trust.centre_keys); a delivery receipt must
+        be signed by one of them."""
         self.topics = Topics(device_id)
+        self.device_id = device_id
         self._broker = broker
         self._outbox = outbox
         self._on_event = on_event
         self._status_payload = status_payload
-        self._refused_retry_s = refused_retry_s
-        self._unrouted_retry_s = unrouted_retry_s
+        self._receipt_keys = list(receipt_keys)
+        self._clock = clock
         self._lock = threading.Lock()
+        self._delivery = DeliveryTracker(waits or DeliveryWaits())  # under _lock
+        self._due_changed = threading.Condition(self._lock)
         self._rows_by_mid: dict[int, OutboxRow] = {}
         # PUBACKs that beat send() to recording their mid, with the callback count at arrival.
         # paho also calls on_publish for QoS 0 (status) publishes, and mids wrap at 65535, so
         # an entry counts only if it arrived after the publish that handed out that mid.
         self._early_acks: dict[int, tuple[int, ReasonCode]] = {}
         self._callbacks = 0
-        self._timers: set[threading.Timer] = set()
+        self._resender = threading.Thread(target=self._resend_loop, name="uplink-resend",
+                                          daemon=True)
         self._stopped = threading.Event()
         self.connected = False
 
@@ -122,13 +141,14 @@ class MqttUplink:
         )
         self._client.loop_start()
         self.send(self._outbox.pending())
+        self._resender.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        with self._lock:
-            timers, self._timers = self._timers, set()
-        for timer in timers:
-            timer.cancel()
+        with self._due_changed:
+            self._due_changed.notify_all()
+        if self._resender.is_alive():
+            self._resender.join(timeout=5)
         # Reason 0x04 asks the broker to publish our last will anyway: the centre then sees a
         # device that was switched off as offline, not as silently online.
         self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
@@ -140,6 +160,7 @@ class MqttUplink:
         """Hand stored rows to paho, in order. Safe to call while disconnected."""
         for row in rows:
             with self._lock:
+                self._delivery.sent(row)
                 before = self._callbacks
             info = self._client.publish(row.topic, row.payload, qos=1)
             with self._lock:
@@ -193,6 +214,8 @@ class MqttUplink:
         self._refusal_logged = False
         client.subscribe(self.topics.command, qos=1)
         self.publish_status()
+        with self._due_changed:
+            self._due_changed.notify_all()  # what fell due while offline goes now
         self._on_event(Connected())
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -232,47 +255,107 @@ class MqttUplink:
         self._settle(row, reason_code)
 
     def _handle_message(self, client, userdata, message) -> None:
-        if message.topic == self.topics.command:
-            self._on_event(CommandReceived(bytes(message.payload)))
+        """Never raises (an exception would end paho's network thread): a receipt is settled
+        here, anything else on the command topic goes to the core as a command."""
+        if message.topic != self.topics.command:
+            return
+        payload = bytes(message.payload)
+        try:
+            receipt = _as_receipt(payload)
+            if receipt is None:
+                self._on_event(CommandReceived(payload))
+            else:
+                self._settle_receipt(receipt)
+        except Exception:
+            log.exception("internal: could not handle a message on %s; ignored", message.topic)
+
+    def _settle_receipt(self, receipt: dict[str, Any]) -> None:
+        """A delivery receipt: delete the row it proves stored, then report it."""
+        seq = receipt["seq"]
+        try:
+            validate(MessageKind.DELIVERY_RECEIPT, receipt)
+            verify(receipt, self._receipt_keys)
+        except (ProtocolError, SignatureError) as exc:
+            log.error("ignored a delivery receipt for seq=%s: %s (not from the control centre); "
+                      "the message stays in the outbox", seq, exc)
+            return
+        if receipt["device_id"] != self.device_id:
+            log.error("ignored a delivery receipt for %s: it names device %s",
+                      seq, receipt["device_id"])
+            return
+        with self._lock:
+            row = self._delivery.receipted(seq, receipt["digest"])
+        if row is None:
+            log.debug("delivery receipt for seq=%s matches nothing waiting (a repeat)", seq)
+            return
+        if row.durable:
+            self._outbox.remove(row.seq)
+        self._on_event(Delivered(row))
 
     # -- settlement ----------------------------------------------------------------------------
     def _settle(self, row: OutboxRow, reason_code: ReasonCode) -> None:
+        """The broker's PUBACK: it took the row (now wait for the receipt), nobody was
+        subscribed, or it refused it. The row stays in the outbox in every case."""
+        now = self._clock()
         if reason_code.value == NO_MATCHING_SUBSCRIBERS:
             # The broker took it but nobody (no control centre) was subscribed: it went nowhere.
-            # Happens after a broker restart, which loses shared subscriptions (FIELD-NOTES).
             log.warning("no control centre subscribed for %s seq=%d; kept in the outbox, "
-                        "offering again in %.0f s", row.kind.value, row.seq, self._unrouted_retry_s)
+                        "offering it again", row.kind.value, row.seq)
+            with self._due_changed:
+                self._delivery.unrouted(row.seq, now)
+                self._due_changed.notify_all()
             self._on_event(Refused(row, str(reason_code)))
-            self._schedule_retry(row, self._unrouted_retry_s)
             return
         if not reason_code.is_failure:
-            if row.durable:
-                self._outbox.remove(row.seq)
-            self._on_event(Delivered(row))
+            with self._due_changed:
+                self._delivery.accepted(row.seq, now)
+                self._due_changed.notify_all()
             return
         log.error(
             "broker refused %s seq=%d on %s: %s (reason %d); kept in the outbox, "
             "retrying in %.0f s; check the broker ACL for this device",
             row.kind.value, row.seq, row.topic, reason_code, reason_code.value,
-            self._refused_retry_s,
+            self._delivery.waits.refused_wait_s,
         )
+        with self._due_changed:
+            self._delivery.refused(row.seq, now)
+            self._due_changed.notify_all()
         self._on_event(Refused(row, str(reason_code)))
-        self._schedule_retry(row, self._refused_retry_s)
 
-    def _schedule_retry(self, row: OutboxRow, delay_s: float) -> None:
-        if self._stopped.is_set():
-            return
-        timer = threading.Timer(delay_s, self._retry, args=(row,))
-        timer.daemon = True
-        with self._lock:
-            self._timers.add(timer)
-        timer.start()
+    def _resend_loop(self) -> None:
+        """Thread: send again what waited too long for its receipt, while connected."""
+        while not self._stopped.is_set():
+            with self._due_changed:
+                due_at = self._delivery.next_due()
+                now = self._clock()
+                if not self.connected or due_at is None or due_at > now:
+                    wait = None if due_at is None or not self.connected else due_at - now
+                    self._due_changed.wait(wait)
+                    continue
+                rows = self._delivery.due(now)
+            gone = [r for r in rows if r.durable and not self._outbox.contains(r.seq)]
+            if gone:  # shed from the outbox meanwhile (the oldest positions): not sent again
+                with self._lock:
+                    for row in gone:
+                        self._delivery.forget(row.seq)
+                rows = [r for r in rows if r not in gone]
+            if rows:
+                log.info("no delivery receipt yet for seq %s; sending again",
+                         ", ".join(str(r.seq) for r in rows))
+                self.send(rows)
 
-    def _retry(self, row: OutboxRow) -> None:
-        with self._lock:
-            self._timers.discard(threading.current_thread())  # type: ignore[arg-type]
-        if not self._stopped.is_set() and (not row.durable or self._outbox.contains(row.seq)):
-            self.send([row])
+
+def _as_receipt(payload: bytes) -> dict[str, Any] | None:
+    """The payload as a delivery receipt to check, or None if it does not claim to be one (a
+    command, or garbage the core will refuse with its own clear line)."""
+    try:
+        data = loads_untrusted(payload)
+    except UntrustedJsonError:
+        return None
+    if isinstance(data, dict) and data.get("type") == "delivered" and isinstance(
+            data.get("seq"), int):
+        return data
+    return None
 
 
 def _on_wire(info: paho.MQTTMessageInfo) -> bool:
