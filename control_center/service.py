@@ -35,7 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.fleet import Fleet
 from control_center.live import LiveReceiver, header_from_properties
-from control_center.store import NotYours, Store, Stored
+from control_center.store import NotTheSame, NotYours, Store, Stored
 from protocol import (
     MessageKind,
     ProtocolError,
@@ -117,7 +117,8 @@ class CenterService:
         self._client.manual_ack_set(True)
         self._broker = broker
         self._pubacks: dict[int, ReasonCode] = {}
-        self._receipt_mids: set[int] = set()  # receipts in flight; their PUBACKs are not awaited
+        # Receipts in flight, and commands given up on: nobody waits for their PUBACKs.
+        self._unawaited_mids: set[int] = set()
         self._refusals: OrderedDict[str, None] = OrderedDict()  # digests of refused payloads
         self._puback_arrived = threading.Condition()
         self._stopping = False
@@ -190,6 +191,7 @@ class CenterService:
             arrived = self._puback_arrived.wait_for(
                 lambda: info.mid in self._pubacks or self._stopping, timeout_s)
             if not arrived or info.mid not in self._pubacks:
+                self._unawaited_mids.add(info.mid)  # its late PUBACK must not answer a later one
                 raise CommandError(f"broker did not acknowledge the {kind} within "
                                    f"{timeout_s:.0f} s (is it reachable?)")
             reason = self._pubacks.pop(info.mid)
@@ -228,8 +230,8 @@ class CenterService:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._puback_arrived:
-            if mid in self._receipt_mids:  # a receipt: a lost one is asked for again by a re-send
-                self._receipt_mids.discard(mid)
+            if mid in self._unawaited_mids:  # a receipt: a lost one is asked for again by a re-send
+                self._unawaited_mids.discard(mid)
                 return
             self._pubacks[mid] = reason_code
             self._puback_arrived.notify_all()
@@ -337,7 +339,7 @@ class CenterService:
         try:
             match kind:
                 case MessageKind.ALERT:
-                    stored = self.store.add_alert(body, now)
+                    stored = self.store.add_alert(body, now, payload_digest(payload))
                     if not stored.new:
                         log.info("alert %s (seq %d) from %s received again: a re-send; it is "
                                  "stored once and receipted again", body["alert_id"][:8],
@@ -348,10 +350,10 @@ class CenterService:
                     self._on_event(CenterEvent("alert", device_id, body, stored.new))
                 case MessageKind.POSITION | MessageKind.EVENT:
                     leaf = "position" if kind is MessageKind.POSITION else "event"
-                    stored = self.store.add_update(leaf, body, now)
+                    stored = self.store.add_update(leaf, body, now, payload_digest(payload))
                     self._send_receipt(device_id, kind, body, payload, stored)
                     self._on_event(CenterEvent(leaf, device_id, body, stored.new))
-        except NotYours as exc:
+        except (NotYours, NotTheSame) as exc:
             self._refuse(payload, "rejected %s from %s seq=%s: %s", kind.value, device_id,
                          body["seq"], exc)
             return
@@ -378,7 +380,7 @@ class CenterService:
         signed = encode(MessageKind.DELIVERY_RECEIPT, self._signer.sign(receipt))
         info = self._client.publish(Topics(device_id).command, signed, qos=1)
         with self._puback_arrived:  # paho's thread: its PUBACK cannot come before this
-            self._receipt_mids.add(info.mid)
+            self._unawaited_mids.add(info.mid)
 
     def _refuse(self, payload: bytes, text: str, *args: object) -> None:
         """Log a refused message once: its device re-sends it until receipted."""

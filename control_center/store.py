@@ -14,6 +14,7 @@ Several centre instances splitting the load share one store (this SQLite file, i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -116,6 +117,16 @@ class NotYours(ValueError):
     """A device's message names an alert another device raised; it is refused, not stored."""
 
 
+class NotTheSame(ValueError):
+    """A "re-send" whose bytes differ from what was stored under its key: no receipt may claim
+    those bytes were stored."""
+
+
+def _same_bytes(what: str, stored: str | None, received: str | None) -> None:
+    if stored is not None and received is not None and stored != received:
+        raise NotTheSame(f"{what} was stored before with other bytes")
+
+
 @dataclass(frozen=True)
 class Stored:
     """What storing a device's message did: `new` False for a re-send of one stored before,
@@ -135,25 +146,37 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_digest_columns()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _add_digest_columns(self) -> None:
+        """Stores made before delivery receipts lack the payload digests; rows stored then keep
+        none (a re-send of one is receipted without comparing bytes)."""
+        for table in ("alerts", "updates"):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "digest" not in columns:
+                with contextlib.suppress(sqlite3.OperationalError):  # another instance won
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+
     # -- writes from devices ---------------------------------------------------------------------
-    def add_alert(self, alert: dict[str, Any], stored_at: float) -> Stored:
+    def add_alert(self, alert: dict[str, Any], stored_at: float,
+                  digest: str | None = None) -> Stored:
         """Store a new alert, or count a duplicate if this alert id is known (a re-send).
 
-        Raises NotYours if the id is another device's alert: that is no re-send, and the sender
-        gets no receipt for it."""
+        `digest`: the SHA-256 of the payload as received (what its receipt will name). Raises
+        NotYours if the id is another device's alert, and NotTheSame if a re-send brings other
+        bytes than were stored: neither is a re-send, and the sender gets no receipt."""
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO alerts(alert_id, device_id, device_kind, seq, trigger, "
-                "created_at, position, battery, stored_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                "created_at, position, battery, stored_at, digest) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (alert["alert_id"], alert["device_id"], alert["device_kind"], alert["seq"],
                  alert["trigger"], alert["created_at"], json.dumps(alert["position"]),
                  json.dumps(alert["battery"]) if alert["battery"] is not None else None,
-                 stored_at),
+                 stored_at, digest),
             )
             if cur.rowcount == 1:
                 # Messages can overtake each other (a re-offered alert after a broker restart):
@@ -164,21 +187,24 @@ class Store:
                     "AND json_extract(body, '$.type') = 'cancel_requested') WHERE alert_id = ?",
                     (alert["alert_id"], alert["device_id"], alert["alert_id"]))
                 return Stored(True, stored_at)
-            owner, first_stored = self._db.execute(
-                "SELECT device_id, stored_at FROM alerts WHERE alert_id = ?",
+            owner, first_stored, first_digest = self._db.execute(
+                "SELECT device_id, stored_at, digest FROM alerts WHERE alert_id = ?",
                 (alert["alert_id"],)).fetchone()
             if owner != alert["device_id"]:
                 raise NotYours(f"alert {alert['alert_id']} was raised by {owner}, not by "
                                f"{alert['device_id']}")
+            _same_bytes(f"alert {alert['alert_id']}", first_digest, digest)
             self._db.execute("UPDATE alerts SET duplicates = duplicates + 1 WHERE alert_id = ?",
                              (alert["alert_id"],))
             return Stored(False, first_stored)
 
-    def add_update(self, kind: str, message: dict[str, Any], stored_at: float) -> Stored:
+    def add_update(self, kind: str, message: dict[str, Any], stored_at: float,
+                   digest: str | None = None) -> Stored:
         """Store a position update or an event, or find it stored before (a re-send).
 
         An update may name only an alert of its own device (raises NotYours otherwise): it may
-        arrive before its alert, but never changes another device's alert or command."""
+        arrive before its alert, but never changes another device's alert or command. A re-send
+        with other bytes than were stored raises NotTheSame, as for alerts."""
         device_id, alert_id = message["device_id"], message.get("alert_id", "")
         with self._lock:
             owner = self._db.execute("SELECT device_id FROM alerts WHERE alert_id = ?",
@@ -187,16 +213,17 @@ class Store:
                 raise NotYours(f"alert {alert_id} was raised by {owner[0]}, not by {device_id}")
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO updates(device_id, seq, alert_id, kind, created_at, "
-                "stored_at, body) VALUES (?,?,?,?,?,?,?)",
+                "stored_at, body, digest) VALUES (?,?,?,?,?,?,?,?)",
                 (device_id, message["seq"], alert_id, kind, message["created_at"], stored_at,
-                 json.dumps(message, sort_keys=True)),
+                 json.dumps(message, sort_keys=True), digest),
             )
             if cur.rowcount != 1:
-                first = self._db.execute(
-                    "SELECT stored_at FROM updates WHERE device_id = ? AND seq = ? AND "
+                first_stored, first_digest = self._db.execute(
+                    "SELECT stored_at, digest FROM updates WHERE device_id = ? AND seq = ? AND "
                     "created_at = ?", (device_id, message["seq"], message["created_at"])
                 ).fetchone()
-                return Stored(False, first[0])
+                _same_bytes(f"{kind} seq={message['seq']} of {device_id}", first_digest, digest)
+                return Stored(False, first_stored)
             if kind == "event" and message["type"] == "cancel_requested":
                 self._db.execute("UPDATE alerts SET cancel_requested_at = ? WHERE alert_id = ? "
                                  "AND device_id = ?", (message["created_at"], alert_id, device_id))
@@ -288,8 +315,10 @@ class Store:
 
     def updates(self, alert_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT kind, body, stored_at FROM updates WHERE alert_id = ? ORDER BY seq",
+            rows = self._db.execute(  # only its own device's: an update may precede its alert
+                "SELECT u.kind, u.body, u.stored_at FROM updates u LEFT JOIN alerts a "
+                "ON a.alert_id = u.alert_id WHERE u.alert_id = ? "
+                "AND (a.device_id IS NULL OR a.device_id = u.device_id) ORDER BY u.seq",
                 (alert_id,),
             ).fetchall()
         return [{"kind": k, "stored_at": t, **json.loads(b)} for k, b, t in rows]

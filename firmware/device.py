@@ -74,6 +74,7 @@ from firmware.sos_button.logic import (
 from firmware.systemd_notify import notify, watchdog_interval_s
 from firmware.uplink.docking import DockDetector, run_when_docked
 from firmware.uplink.mqtt import (
+    Accepted,
     CommandReceived,
     Connected,
     Delivered,
@@ -320,8 +321,8 @@ class DeviceRuntime:
                 self._handle(LinkDown())
             case Delivered(row):
                 self._handle(MessageDelivered(row.kind, _alert_id_of(row)))
-            case Refused():
-                pass  # the uplink logged it and retries; feedback is driven by the link state
+            case Refused() | Accepted():
+                pass  # the broker's word: feedback waits for the centre's receipt
             case SegmentCommitted(seq):
                 self._write_failed = False
                 self._observe("segment", {"seq": seq, "wall": time.time()})

@@ -172,11 +172,11 @@ def test_a_message_the_centre_fails_to_store_gets_no_receipt_and_is_stored_when_
     real_add = center.store.add_alert
     failures = iter([sqlite3.OperationalError("database is locked")])
 
-    def flaky_add(alert, stored_at):  # the storage fails once, as a locked database does
+    def flaky_add(*args):  # the storage fails once, as a locked database does
         failure = next(failures, None)
         if failure:
             raise failure
-        return real_add(alert, stored_at)
+        return real_add(*args)
 
     monkeypatch.setattr(center.store, "add_alert", flaky_add)
     device.subscribe(Topics("tok-001").command)

@@ -80,7 +80,7 @@ def test_a_centre_instance_killed_mid_stream_holds_no_alert_hostage(broker, tmp_
         rows = {streaming: [streaming.raise_alert() for _ in range(ALERTS // 2)], once: []}
         instances[0].lines.get(timeout=30)  # instance a has stored an alert: it is in the stream
         instances[0].proc.kill()
-        wait_for_broker_log(broker, "Client centre.a disconnected")  # the broker saw it die
+        wait_for_broker_log(broker, "Client centre.a ")  # "closed its connection", "disconnected"
         rows[once] = [once.raise_alert() for _ in range(ALERTS // 2)]
 
         for link in links:

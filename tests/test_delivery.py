@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center.store import Store
-from firmware.uplink.mqtt import Delivered
+from firmware.uplink.mqtt import Accepted, Delivered
 from firmware.uplink.outbox import Outbox
 from protocol import MessageKind, Topics, encode, payload_digest
 from protocol.signing import Signer
@@ -80,6 +80,7 @@ def test_a_broker_killed_right_after_accepting_an_alert_loses_nothing(broker, li
     hole = BlackHole(broker, "offline-holder", persistent=True)
     hole.drop()  # offline, its session (and what is queued in it) kept by the broker
     row = link.raise_alert()
+    assert link.wait_for(Accepted).row.seq == row.seq  # PUBACK 0: the broker has queued it
     broker.kill()
     broker.start()
     service, store = start_centre(broker, tmp_path)

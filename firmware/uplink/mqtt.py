@@ -48,6 +48,9 @@ from protocol.untrusted import UntrustedJsonError, loads_untrusted
 log = logging.getLogger("sos.uplink")
 
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason code 0x10
+# A PUBACK that beats send() is claimed microseconds later; on_publish also reports every QoS 0
+# publish (heartbeats, live chunks), which nobody claims: keep only the newest ones.
+EARLY_ACKS_KEPT = 256
 
 @dataclass(frozen=True)
 class Connected:
@@ -57,6 +60,13 @@ class Connected:
 @dataclass(frozen=True)
 class Disconnected:
     reason: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The broker took `row` (PUBACK 0): not yet proof of anything, the receipt is awaited."""
+
+    row: OutboxRow
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class CommandReceived:
     payload: bytes
 
 
-UplinkEvent = Connected | Disconnected | Delivered | Refused | CommandReceived
+UplinkEvent = Connected | Disconnected | Accepted | Delivered | Refused | CommandReceived
 
 
 class MqttUplink:
@@ -159,17 +169,26 @@ class MqttUplink:
     def send(self, rows: list[OutboxRow]) -> None:
         """Hand stored rows to paho, in order. Safe to call while disconnected."""
         for row in rows:
-            with self._lock:
+            self._publish(row, resend=False)
+
+    def _publish(self, row: OutboxRow, *, resend: bool) -> None:
+        """One QoS 1 publish of a row. A re-send is skipped if its receipt came meanwhile.
+
+        paho calls on_publish holding its own lock, so publish() is never called under ours."""
+        with self._lock:
+            if resend and not self._delivery.still_waiting(row):
+                return
+            if not resend:
                 self._delivery.sent(row)
-                before = self._callbacks
-            info = self._client.publish(row.topic, row.payload, qos=1)
-            with self._lock:
-                arrived, reason = self._early_acks.pop(info.mid, (before, None))
-                if arrived <= before:  # none, or a stale one from an earlier use of the mid
-                    reason = None
-                    self._rows_by_mid[info.mid] = row
-            if reason is not None:
-                self._settle(row, reason)
+            before = self._callbacks
+        info = self._client.publish(row.topic, row.payload, qos=1)
+        with self._lock:
+            arrived, reason = self._early_acks.pop(info.mid, (before, None))
+            if arrived <= before:  # none, or a stale one from an earlier use of the mid
+                reason = None
+                self._rows_by_mid[info.mid] = row
+        if reason is not None:
+            self._settle(row, reason)
 
     def publish_status(self) -> None:
         """The retained online/heartbeat status.
@@ -251,6 +270,8 @@ class MqttUplink:
             row = self._rows_by_mid.pop(mid, None)
             if row is None:  # a status publish, or a PUBACK that beat send() to the mid
                 self._early_acks[mid] = (self._callbacks, reason_code)
+                if len(self._early_acks) > EARLY_ACKS_KEPT:  # QoS 0 ones are never claimed
+                    del self._early_acks[next(iter(self._early_acks))]
                 return
         self._settle(row, reason_code)
 
@@ -283,8 +304,9 @@ class MqttUplink:
             log.error("ignored a delivery receipt for %s: it names device %s",
                       seq, receipt["device_id"])
             return
-        with self._lock:
-            row = self._delivery.receipted(seq, receipt["digest"])
+        with self._due_changed:
+            row = self._delivery.receipted(seq, receipt["digest"], self._clock())
+            self._due_changed.notify_all()  # a centre came back: what waited may go now
         if row is None:
             log.debug("delivery receipt for seq=%s matches nothing waiting (a repeat)", seq)
             return
@@ -310,6 +332,7 @@ class MqttUplink:
             with self._due_changed:
                 self._delivery.accepted(row.seq, now)
                 self._due_changed.notify_all()
+            self._on_event(Accepted(row))
             return
         log.error(
             "broker refused %s seq=%d on %s: %s (reason %d); kept in the outbox, "
@@ -342,7 +365,8 @@ class MqttUplink:
             if rows:
                 log.info("no delivery receipt yet for seq %s; sending again",
                          ", ".join(str(r.seq) for r in rows))
-                self.send(rows)
+            for row in rows:
+                self._publish(row, resend=True)
 
 
 def _as_receipt(payload: bytes) -> dict[str, Any] | None:
