@@ -190,8 +190,15 @@ class Fleet:
         return signing.Signer(signing.load_or_make_key(self.directory / "centre-signing.key"))
 
     def centre_public_keys(self) -> list[str]:
-        """What devices trust for commands (a list, so the key can be rotated)."""
-        return [self.centre_signer().public_key_b64]
+        """What devices trust for commands and delivery receipts (`trust.centre_keys`): the
+        fleet's command key (`centre-signing.key`, which the project's centre instances and the
+        ingest share) and the signing key of every active centre identity, ours or a partner's
+        (each has its own replay window on the device)."""
+        keys = [self.centre_signer().public_key_b64]
+        keys += sorted({i.signing_key for i in self.identities
+                        if i.kind == "centre" and i.status == "active" and i.signing_key}
+                       - set(keys))
+        return keys
 
     # -- evidence (video) encryption -------------------------------------------------------------
     @property

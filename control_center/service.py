@@ -178,7 +178,8 @@ class CenterService:
         command = self._signer.sign({
             "v": 1,
             "command_id": new_id(),
-            "seq": self.store.next_command_seq(),
+            "seq": self.store.next_command_seq(self._signer.public_key_b64,
+                                               int(self._clock() * 1000)),
             **fields,
             "issued_at": utc_iso(datetime.now(UTC)),
             "operator": operator,

@@ -252,12 +252,16 @@ class Store:
             )
 
     # -- operator decisions ----------------------------------------------------------------------
-    def next_command_seq(self) -> int:
-        """The centre's next command sequence number, shared by every instance on this store."""
+    def next_command_seq(self, signer: str, now_ms: int) -> int:
+        """The next command sequence number of the centre key `signer` (base64): milliseconds
+        since 1970, or one more than its last if that is larger. Devices keep a replay window
+        per key, so each centre counts on its own; time-based numbers stay ahead after a lost
+        store or a restart without one."""
         with self._lock:
             row = self._db.execute(
-                "INSERT INTO counters(name, value) VALUES ('command_seq', 1) "
-                "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value").fetchone()
+                "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
+                "SET value = max(value + 1, excluded.value) RETURNING value",
+                (f"command_seq:{signer}", now_ms)).fetchone()
         return row[0]
 
     def add_command(self, command: dict[str, Any], device_id: str) -> None:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from firmware.sos_button.states import FeedbackState
 from firmware.uplink.outbox import Outgoing
 from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
-from protocol.signing import SeqMemory, SignatureError, verify, window_error
+from protocol.signing import SeqMemory, SignatureError, public_key_b64, verify, window_error
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
@@ -180,7 +180,9 @@ class AlertCore:
     _idle_at: float | None = None
     _transient: FeedbackState = FeedbackState.CLOSED  # shown until _idle_at (no active alert)
     _seen_commands: deque[str] = field(default_factory=lambda: deque(maxlen=REMEMBERED_COMMANDS))
-    _command_seqs: SeqMemory = field(default_factory=SeqMemory)
+    # Sequence numbers seen, per centre signing key (base64): each centre counts on its own.
+    _command_seqs: dict[str, SeqMemory] = field(default_factory=dict)
+    _legacy_seqs: dict[str, Any] | None = None  # one memory for all, from before per-key ones
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.identity.device_id)
@@ -192,7 +194,8 @@ class AlertCore:
         if self.active is not None:
             active = {"alert_id": self.active.alert_id, "stage": self.active.stage.value}
         return {"active": active, "seen_commands": list(self._seen_commands),
-                "command_seqs": self._command_seqs.to_json(), "call_id": self.call_id}
+                "command_seqs": {key: seqs.to_json() for key, seqs in self._command_seqs.items()},
+                "call_id": self.call_id}
 
     def restore(self, state: dict[str, Any] | None, now: Now) -> list[Action]:
         """Resume after a restart: an alert that was active stays active, a call that was being
@@ -200,7 +203,10 @@ class AlertCore:
         if not state:
             return []
         self._seen_commands.extend(state.get("seen_commands", []))
-        self._command_seqs = SeqMemory.from_json(state.get("command_seqs"))
+        seqs = state.get("command_seqs") or {}
+        if "floor" in seqs:  # saved before replay windows were per centre key
+            self._legacy_seqs, seqs = seqs, {}
+        self._command_seqs = {key: SeqMemory.from_json(data) for key, data in seqs.items()}
         actions: list[Action] = []
         self.call_id = state.get("call_id")
         if self.call_id is not None:
@@ -322,14 +328,14 @@ class AlertCore:
         except ProtocolError as exc:
             return [Log("error", f"rejected command: {exc}; nothing changed")]
         command_id, kind, alert_id = command["command_id"], command["type"], command.get("alert_id")
-        refusal = self._authenticity_problem(command, now)
+        refusal, sender = self._authenticity_problem(command, now)
         if refusal is not None:
             return [Log("error", f"rejected {kind} command {command_id}: {refusal}; "
                                  "nothing changed")]
         if command_id in self._seen_commands:
             return [Log("info", f"command {command_id} ({kind}) already applied; ignored "
                                 "(a redelivery)")]
-        if not self._command_seqs.accept(command["seq"]):
+        if not self._seqs_of(sender).accept(command["seq"]):
             return [Log("error", f"rejected {kind} command {command_id}: sequence number "
                                  f"{command['seq']} already seen (replayed); nothing changed")]
         if kind in ("call_start", "call_end"):
@@ -382,21 +388,27 @@ class AlertCore:
                                  self.state()))
         return actions
 
-    def _authenticity_problem(self, command: dict[str, Any], now: Now) -> str | None:
-        """Signature, then freshness: why the command cannot be trusted, or None. (Replay of a
-        sequence number is checked after, so a forgery cannot burn a number the real centre
-        will use.)"""
+    def _authenticity_problem(self, command: dict[str, Any],
+                              now: Now) -> tuple[str | None, str]:
+        """Signature, then freshness: why the command cannot be trusted (or None), and which
+        centre key signed it. (Replay of a sequence number is checked after, so a forgery cannot
+        burn a number the real centre will use.)"""
         try:
-            verify(command, self.command_keys)
+            sender = public_key_b64(verify(command, self.command_keys))
         except SignatureError as exc:
-            return f"{exc} (not from the control centre)"
-        if "seq" not in command:
-            return "no sequence number"
+            return f"{exc} (not from the control centre)", ""
         issued = datetime.fromisoformat(command["issued_at"].replace("Z", "+00:00"))
         late = window_error(issued, now.utc)
         if late is not None:
-            return f"{late}; replayed, or this device's clock is wrong"
-        return None
+            return f"{late}; replayed, or this device's clock is wrong", sender
+        return None, sender
+
+    def _seqs_of(self, sender: str) -> SeqMemory:
+        """The replay memory of one centre key: any number of centres, ours or a partner's, can
+        command this device without sharing a counter."""
+        if sender not in self._command_seqs:
+            self._command_seqs[sender] = SeqMemory.from_json(self._legacy_seqs)
+        return self._command_seqs[sender]
 
     # -- helpers ---------------------------------------------------------------------------------
     def _event(self, kind: str, now: Now, alert_id: str | None = None,

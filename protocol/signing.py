@@ -1,9 +1,16 @@
 """Ed25519 signatures on messages, and the replay rules for commands.
 
-A signed message carries `sig`: the standard base64 of the Ed25519 signature over the message's
-canonical JSON without `sig` (keys sorted, no spaces, ASCII, as `json.dumps(..., sort_keys=True,
-separators=(",", ":"))` writes it). Any language can check it: parse, drop `sig`, re-serialise
-canonically, verify with the sender's 32-byte public key.
+A signed message carries `sig`: the standard base64 of the Ed25519 signature over the message
+without `sig` in the JSON Canonicalization Scheme, RFC 8785 (JCS: keys sorted by UTF-16 code
+units, no whitespace, strings as ECMAScript writes them, numbers in ECMAScript's shortest form, so
+`76.0` is `76`). Any language can check it with a maintained JCS library (Python `rfc8785`, npm
+`canonicalize`): parse, drop `sig`, canonicalise, verify with the sender's 32-byte public key.
+Integers must stay within +-(2^53 - 1), as JCS requires.
+
+Migration (docs/PROTOCOL.md, "Signatures"): software before JCS signed Python's
+`json.dumps(sort_keys=True, separators=(",", ":"))` form, which equals JCS only for messages of
+ASCII text and no fractional or exponent numbers. `verify` still accepts that legacy form, so
+upgraded receivers (centres first, then devices) keep working with senders not yet upgraded.
 """
 
 from __future__ import annotations
@@ -12,11 +19,12 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import rfc8785
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -34,8 +42,20 @@ class SignatureError(ValueError):
 
 
 def canonical(message: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: RFC 8785 of the message without `sig`."""
+    try:
+        return rfc8785.dumps({k: v for k, v in message.items() if k != SIG})
+    except rfc8785.CanonicalizationError as exc:  # e.g. an integer beyond 2^53
+        raise SignatureError(f"no canonical form: {exc}") from None
+
+
+def legacy_canonical(message: dict[str, Any]) -> bytes:
+    """What software before RFC 8785 signed (accepted by `verify` during the migration)."""
     body = {k: v for k, v in message.items() if k != SIG}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+FORMS: tuple[Callable[[dict[str, Any]], bytes], ...] = (canonical, legacy_canonical)
 
 
 class Signer:
@@ -49,8 +69,9 @@ class Signer:
         return {**message, SIG: base64.b64encode(signature).decode()}
 
 
-def verify(message: dict[str, Any], keys: Iterable[Ed25519PublicKey]) -> None:
-    """Raise SignatureError unless one of `keys` signed `message`."""
+def verify(message: dict[str, Any], keys: Iterable[Ed25519PublicKey]) -> Ed25519PublicKey:
+    """The key among `keys` that signed `message` (RFC 8785, or the legacy form during the
+    migration); raise SignatureError if none did."""
     encoded = message.get(SIG)
     if not isinstance(encoded, str):
         raise SignatureError("unsigned")
@@ -58,13 +79,18 @@ def verify(message: dict[str, Any], keys: Iterable[Ed25519PublicKey]) -> None:
         signature = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError("signature is not base64") from None
-    body = canonical(message)
-    for key in keys:
+    keys = list(keys)
+    for form in FORMS:
         try:
-            key.verify(signature, body)
-            return
-        except InvalidSignature:
+            body = form(message)
+        except SignatureError:
             continue
+        for key in keys:
+            try:
+                key.verify(signature, body)
+                return key
+            except InvalidSignature:
+                continue
     raise SignatureError("bad signature")
 
 

@@ -185,7 +185,7 @@ def test_a_redelivered_command_is_applied_once() -> None:
 
 
 @pytest.mark.parametrize(("forge", "reason"), [
-    ({"signer": None}, "unsigned"),
+    ({"signer": None}, "'sig' is a required property"),
     ({"signer": IMPOSTOR}, "bad signature"),
     ({"issued_at": "2026-11-23T09:59:00.000Z"}, "s old"),
     ({"issued_at": "2026-11-23T10:01:00.000Z"}, "in the future"),
@@ -197,6 +197,47 @@ def test_a_forged_or_stale_close_cannot_silence_an_sos(forge: dict, reason: str)
     (log,) = [a for a in actions if isinstance(a, Log)]
     assert log.level == "error" and reason in log.text
     assert core.active is not None and stored(actions) == [] and shown(actions) == []
+
+
+PARTNER = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34))))
+
+
+def two_centre_core() -> AlertCore:
+    core = make_core()
+    core.command_keys.append(public_key_from_b64(PARTNER.public_key_b64))
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    return core
+
+
+def test_two_centres_with_their_own_keys_use_the_same_numbers_without_a_refusal() -> None:
+    """Each centre key has its own replay window: a partner's centre counting from 1 does not
+    make ours a replayer, nor the other way round."""
+    core = two_centre_core()
+    ours = core.handle(CommandPayload(command(core, "ack", cid="1" * 32, seq=5)), at(1), READINGS)
+    theirs = core.handle(CommandPayload(command(core, "close", cid="2" * 32, seq=5,
+                                                signer=PARTNER)), at(2), READINGS)
+    assert [i.message["type"] for i in stored(ours) + stored(theirs)] == \
+        ["command_applied", "command_applied"]
+
+
+def test_a_number_a_centre_key_has_used_is_refused_for_that_key() -> None:
+    core = two_centre_core()
+    core.handle(CommandPayload(command(core, "ack", cid="1" * 32, seq=5, signer=PARTNER)),
+                at(1), READINGS)
+    replay = core.handle(CommandPayload(command(core, "close", cid="2" * 32, seq=5,
+                                                signer=PARTNER)), at(2), READINGS)
+    assert core.active is not None
+    assert any("already seen" in a.text for a in replay if isinstance(a, Log))
+
+
+def test_a_replay_window_saved_before_per_key_windows_still_guards_every_key() -> None:
+    core = make_core()
+    core.restore({"active": None, "command_seqs": {"floor": 0, "recent": [7]}}, at(0))
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    replay = core.handle(CommandPayload(command(core, "close", seq=7)), at(1), READINGS)
+    assert core.active is not None
+    assert any("already seen" in a.text for a in replay if isinstance(a, Log))
+    assert set(core.state()["command_seqs"]) == {CENTRE.public_key_b64}
 
 
 def test_a_replayed_sequence_number_is_rejected_even_with_a_new_command_id() -> None:

@@ -134,8 +134,7 @@ def test_a_malformed_command_is_rejected_and_the_device_keeps_working(device, br
     device.wait(lambda es: "acknowledged" in [e.data.get("state") for e in es])
     assert "closed" not in device.feedback()
     log = device.log_file.read_text()
-    assert log.count("rejected command: invalid command") == 2
-    assert f"rejected close command {'b' * 32}: unsigned" in log
+    assert log.count("rejected command: invalid command") == 3  # the unsigned forgery too
 
 
 def test_poison_on_the_command_topic_does_not_end_the_device(device, broker, center) -> None:
