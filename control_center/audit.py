@@ -24,7 +24,12 @@ anchored outside the file (docs/UPLOAD.md, "The audit log"):
   that records that receipt (written and fsynced before the receipt is signed);
 - `AuditHeads` appends a statement signed with the centre's command key to `FILE.heads`
   (`{"type": "audit_head", "bytes", "lines", "head", "time", "stored", "sig"}`) every
-  `interval_s` seconds or `every_lines` appends, and when it is closed.
+  `interval_s` seconds from `start()` (whoever appended) or every `every_lines` appends of
+  its own, if the log grew, and when it is closed; the log is fsynced before its head is
+  signed, so a signed head never names bytes a power cut can take.
+
+Reading never holds more than one line's limit in memory: a line over it (a hostile file with
+gigabytes and no newline) is a finding, hashed as it streams past.
 
 `check_audit` (and `sos-center audit verify`) checks the links, the signed heads and any
 receipts; lines after the newest anchor are reported as unanchored (a NOTE): nothing outside
@@ -33,6 +38,7 @@ the file vouches for them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -73,6 +79,7 @@ CENTRE_SIGNING_KEY = "centre-signing.key"  # in the fleet directory (Fleet.centr
 ERROR = "error"
 NOTE = "note"
 _TAIL_CHUNK = 64 * 1024
+_HASH_CHUNK = 1024 * 1024
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFLNK: "a symbolic link",
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
@@ -155,21 +162,17 @@ class AuditLog:
         clash = sorted(set(fields) & set(RESERVED))
         if clash:
             raise ValueError(f"audit fields {clash} are reserved")
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                size, prev = self._tail()
-                lead = b""
-                if size and os.pread(self._fd, 1, size - 1) != b"\n":
-                    lead = b"\n"  # a line torn by a crash stays (verify_log reports it)
-                entry = {"time": _now(), "event": event, "actor": actor, "prev": prev, **fields}
-                line = encode(entry) + b"\n"
-                os.write(self._fd, lead + line)
-                if durable:
-                    os.fsync(self._fd)
-                self._known = (size + len(lead) + len(line), line_hash(line))
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._locked():
+            size, prev = self._tail()
+            lead = b""
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                lead = b"\n"  # a line torn by a crash stays (verify_log reports it)
+            entry = {"time": _now(), "event": event, "actor": actor, "prev": prev, **fields}
+            line = encode(entry) + b"\n"
+            os.write(self._fd, lead + line)
+            if durable:
+                os.fsync(self._fd)
+            self._known = (size + len(lead) + len(line), line_hash(line))
         for watcher in list(self._watchers):
             try:
                 watcher(entry)
@@ -183,12 +186,17 @@ class AuditLog:
 
     def tail(self) -> tuple[int, str | None]:
         """(file size, hash of its last line), read under the file lock: a consistent head."""
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                return self._tail()
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._locked():
+            return self._tail()
+
+    def durable_tail(self) -> tuple[int, str | None]:
+        """As `tail()`, with the file fsynced first under the same locks: every byte of the
+        head returned is on disk. Lines appended with `durable=False` are in the page cache
+        only; a head signed over them without this could name bytes a power cut takes, and
+        the log would then look cut."""
+        with self._locked():
+            os.fsync(self._fd)
+            return self._tail()
 
     def close(self) -> None:
         with self._lock:
@@ -196,25 +204,50 @@ class AuditLog:
                 os.close(self._fd)
                 self._fd = -1
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The thread lock and the file's flock (other processes append too)."""
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def _tail(self) -> tuple[int, str | None]:
-        """(file size, hash of the last line); re-read only if another writer appended."""
+        """(file size, hash of the last line); re-read only if another writer appended. The
+        last line is found and hashed in pieces, however long it is."""
         size = os.fstat(self._fd).st_size
         if self._known is not None and self._known[0] == size:
             return self._known
         if size == 0:
             return 0, None
-        end = size
-        data = b""
-        while True:  # read backwards until the start of the last line is in `data`
-            start = max(0, end - _TAIL_CHUNK)
-            data = os.pread(self._fd, end - start, start) + data
-            end = start
-            body = data[:-1] if data.endswith(b"\n") else data
-            if b"\n" in body or start == 0:
-                break
-        body = data[:-1] if data.endswith(b"\n") else data
-        last = body.rsplit(b"\n", 1)[-1]
-        return size, line_hash(last)
+        end = size - 1 if os.pread(self._fd, 1, size - 1) == b"\n" else size
+        start = _line_start(self._fd, end)
+        return size, _hash_range(self._fd, start, end)
+
+
+def _line_start(fd: int, end: int) -> int:
+    """The offset just after the last newline before byte `end` (0 if there is none)."""
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        found = os.pread(fd, end - start, start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+def _hash_range(fd: int, start: int, end: int) -> str:
+    """SHA-256 (hex) of bytes [start, end) of the file, read in pieces."""
+    digest = hashlib.sha256()
+    while start < end:
+        piece = os.pread(fd, min(_HASH_CHUNK, end - start), start)
+        if not piece:
+            break
+        digest.update(piece)
+        start += len(piece)
+    return digest.hexdigest()
 
 
 # -- signed heads --------------------------------------------------------------------------------
@@ -229,8 +262,11 @@ class AuditHeads:
     `segment_stored` lines since the previous statement (`stored`), so a verifier knows how
     far each device's evidence went even if the log's tail is cut later.
 
-    The timer thread starts with the first append it sees and stops on `close()` (a later
-    append starts it again)."""
+    The timer thread starts with `start()` (the ingest server's start: lines other writers
+    append while the server is idle are signed within `interval_s` too) or the first append
+    it sees, and stops on `close()` (a later `start()` or append starts it again). A signing
+    that fails (the heads file cannot be written) is logged once per run of failures and
+    tried again after `interval_s`, not sooner."""
 
     def __init__(self, audit: AuditLog, signer: Signer, *, path: str | Path | None = None,
                  interval_s: float = HEAD_INTERVAL_S,
@@ -245,29 +281,41 @@ class AuditHeads:
         self._appended = 0  # appends seen since the last statement
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failing = False  # the last signing failed (logged once per run of failures)
         self._signed = self._last_signed()  # (bytes, lines) covered by the newest statement
         audit.watch(self._seen)
 
-    def sign_now(self) -> dict[str, Any] | None:
-        """Sign the current head if the log grew since the last statement; the statement."""
-        with self._lock:
-            size, head = self.audit.tail()
-            start, lines = self._signed
-            if head is None or size == start:
-                return None
-            if size < start:
-                log.error("audit: %s is shorter (%d bytes) than its last signed head (%d); "
-                          "signing from its start again", self.audit.path, size, start)
-                start, lines = 0, 0
-            added, stored = _scan_span(self.audit.path, start, size)
-            statement = self.signer.sign({
-                "v": HEAD_VERSION, "type": HEAD_TYPE, "log": self.audit.path.name,
-                "bytes": size, "lines": lines + added, "head": head, "time": _now(),
-                "stored": stored})
-            _append_line(self.path, encode(statement) + b"\n")
-            self._signed = (size, lines + added)
+    def start(self) -> None:
+        """Start the timer, if it is not running."""
         with self._state:
-            self._appended = 0
+            self._start_timer()
+
+    def sign_now(self) -> dict[str, Any] | None:
+        """Sign the current head if the log grew since the last statement; the statement.
+        The appends counted toward `every_lines` start again from 0, even if it fails."""
+        try:
+            with self._lock:
+                return self._sign()
+        finally:
+            with self._state:
+                self._appended = 0
+
+    def _sign(self) -> dict[str, Any] | None:
+        size, head = self.audit.durable_tail()
+        start, lines = self._signed
+        if head is None or size == start:
+            return None
+        if size < start:
+            log.error("audit: %s is shorter (%d bytes) than its last signed head (%d); "
+                      "signing from its start again", self.audit.path, size, start)
+            start, lines = 0, 0
+        added, stored = _scan_span(self.audit.path, start, size)
+        statement = self.signer.sign({
+            "v": HEAD_VERSION, "type": HEAD_TYPE, "log": self.audit.path.name,
+            "bytes": size, "lines": lines + added, "head": head, "time": _now(),
+            "stored": stored})
+        _append_line(self.path, encode(statement) + b"\n")
+        self._signed = (size, lines + added)
         return statement
 
     def close(self) -> None:
@@ -280,32 +328,47 @@ class AuditHeads:
             thread.join()
         self._sign_logged()
 
+    def _start_timer(self) -> None:
+        """Under self._state."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, daemon=True, name="audit-heads")
+            self._thread.start()
+
     def _seen(self, entry: dict[str, Any]) -> None:
         with self._state:
             self._appended += 1
-            if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="audit-heads")
-                self._thread.start()
+            self._start_timer()
             if self._appended >= self.every_lines:
                 self._state.notify_all()
+
+    def _due(self) -> bool:
+        """Under self._state: sign before the interval is over? Not after a failure."""
+        return not self._failing and self._appended >= self.every_lines
 
     def _run(self) -> None:
         while True:
             with self._state:
-                self._state.wait_for(lambda: self._stopping
-                                     or self._appended >= self.every_lines, self.interval_s)
+                self._state.wait_for(lambda: self._stopping or self._due(), self.interval_s)
                 if self._stopping:
                     return
             self._sign_logged()
 
     def _sign_logged(self) -> None:
+        """sign_now, its failure logged once per run of failures (the next interval tries
+        again; the log itself is unaffected)."""
         try:
             self.sign_now()
-        except (OSError, ValueError):  # the next interval tries again; the log is unaffected
-            log.exception("audit: cannot sign the head of %s into %s", self.audit.path,
-                          self.path)
+        except Exception:  # the timer thread must not die of it
+            if not self._failing:
+                log.exception("audit: cannot sign the head of %s into %s; trying again every "
+                              "%g s", self.audit.path, self.path, self.interval_s)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("audit: signing the head of %s into %s again", self.audit.path,
+                        self.path)
+            self._failing = False
 
     def _last_signed(self) -> tuple[int, int]:
         """(bytes, lines) of the newest statement in our heads file that still matches the
@@ -329,14 +392,13 @@ def _scan_span(path: Path, start: int, end: int) -> tuple[int, dict[str, int]]:
     stored: dict[str, int] = {}
     with open_regular(path) as f:
         f.seek(start)
-        left = end - start
-        while left > 0:
-            raw = f.readline(left)
-            if not raw:
+        position = start
+        for raw in bounded_lines(f, LINE_LIMITS.max_bytes):
+            if position >= end:
                 break
-            left -= len(raw)
+            position += raw.size
             lines += 1
-            entry = _parse(raw)
+            entry = _parse(raw.data) if raw.data is not None else None
             if isinstance(entry, dict) and entry.get("event") == "segment_stored":
                 device, seq = entry.get("device_id"), entry.get("seq")
                 if isinstance(device, str) and type(seq) is int:
@@ -371,11 +433,48 @@ def _append_line(path: Path, line: bytes) -> None:
 def read_heads(path: str | Path) -> Iterator[tuple[int, Any, str]]:
     """(line number, parsed statement or None, why not) for each line of a heads file."""
     with open_regular(path) as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(bounded_lines(f, HEAD_LIMITS.max_bytes), start=1):
+            if raw.data is None:
+                yield number, None, raw.too_long(HEAD_LIMITS.max_bytes)
+                continue
             try:
-                yield number, loads_untrusted(raw, HEAD_LIMITS), ""
+                yield number, loads_untrusted(raw.data, HEAD_LIMITS), ""
             except ValueError as exc:
                 yield number, None, str(exc)
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """One line of a file as `bounded_lines` read it."""
+
+    data: bytes | None  # with its newline; None if over the limit (not kept)
+    size: int  # bytes, with its newline
+    hash: str  # line_hash: of the line without its newline
+    complete: bool  # it ends with a newline
+
+    def too_long(self, limit: int) -> str:
+        return (f"{self.size - self.complete} bytes is over the size limit of {limit} for one "
+                f"line; not read")
+
+
+def bounded_lines(f: IO[bytes], limit: int) -> Iterator[RawLine]:
+    """Each line of `f` from where it stands, never holding more than about `limit` bytes: a
+    line longer than `limit` (without its newline) comes without its `data`, hashed and
+    measured as it streams past to the next newline."""
+    while raw := f.readline(limit + 1):
+        complete = raw.endswith(b"\n")
+        if complete or len(raw) <= limit:
+            yield RawLine(raw, len(raw), line_hash(raw), complete)
+            continue
+        digest, size = hashlib.sha256(raw), len(raw)
+        del raw  # the rest streams past in small pieces
+        while piece := f.readline(_TAIL_CHUNK):
+            size += len(piece)
+            complete = piece.endswith(b"\n")
+            digest.update(piece[:-1] if complete else piece)
+            if complete:
+                break
+        yield RawLine(None, size, digest.hexdigest(), complete)
 
 
 # -- reading and checking ------------------------------------------------------------------------
@@ -418,6 +517,7 @@ class AuditCheck:
     anchor: str = ""  # what vouches for line `anchored`
     anchored: int = 0  # the newest line something outside the file vouches for
     receipts: int = 0  # receipts used as anchors
+    anchors_checked: bool = False  # with a centre key: the heads and receipts were checked
 
     @cached_property
     def by_hash(self) -> dict[str, Line]:
@@ -462,21 +562,24 @@ def read_lines(path: str | Path) -> list[Line]:
     lines = []
     offset = 0
     with open_regular(path) as f:
-        for number, raw in enumerate(f, start=1):
-            offset += len(raw)
-            complete = raw.endswith(b"\n")
-            entry, problem = None, ""
-            try:
-                parsed = loads_untrusted(raw, LINE_LIMITS)
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                if isinstance(parsed, dict) and all(k in parsed for k in RESERVED):
-                    entry = parsed
-                else:
-                    problem = f"not an audit event (needs {', '.join(RESERVED)})"
-            lines.append(Line(number, offset, line_hash(raw), entry, problem, complete))
+        for number, raw in enumerate(bounded_lines(f, LINE_LIMITS.max_bytes), start=1):
+            offset += raw.size
+            entry, problem = _audit_entry(raw)
+            lines.append(Line(number, offset, raw.hash, entry, problem, raw.complete))
     return lines
+
+
+def _audit_entry(raw: RawLine) -> tuple[dict[str, Any] | None, str]:
+    """(the line's audit event, "") or (None, why it is not one)."""
+    if raw.data is None:
+        return None, raw.too_long(LINE_LIMITS.max_bytes)
+    try:
+        parsed = loads_untrusted(raw.data, LINE_LIMITS)
+    except ValueError as exc:
+        return None, str(exc)
+    if isinstance(parsed, dict) and all(k in parsed for k in RESERVED):
+        return parsed, ""
+    return None, f"not an audit event (needs {', '.join(RESERVED)})"
 
 
 def verify_log(path: str | Path) -> list[str]:
@@ -525,6 +628,7 @@ def check_audit(path: str | Path, keys: Iterable[Ed25519PublicKey] | None, *,
                                            f"not checked (no centre key): only the links were")
         return check
     keys = list(keys)
+    check.anchors_checked = True
     _check_heads(check, heads, keys)
     for where, receipt in receipts:
         _check_receipt(check, where, receipt, keys)

@@ -149,7 +149,7 @@ class Report:
                 f"{self.segments[-1].data['end_utc']}"
                 if seqs else "no segments")
         start = (f"; segments before seq {self.starts_at} are not here, so the chain's start "
-                 f"is not verified (--audit tells whether the centre stored them)"
+                 f"is not verified (--audit with --fleet tells whether the centre stored them)"
                  if self.ok and self.starts_at is not None else "")
         return (f"{self.verdict}: {self.directory}: {self.device_id or 'unknown device'}, "
                 f"{span}{start}; {len(self.errors)} error(s), {len(self.notes)} note(s)")
@@ -392,7 +392,11 @@ def _revocation_problem(segment: Segment,
 
 
 def _check_ciphertexts(report: Report) -> None:
+    """Each `.ts.age` against its manifest. Its size is compared first, and it is hashed only
+    if that size is one a manifest here signs: a hostile file (a sparse 100 TB one) costs
+    an fstat, not hours of hashing."""
     by_hash = {s.data["ciphertext_sha256"]: s for s in report.segments}
+    sizes = {s.data["ciphertext_bytes"] for s in report.segments}
     for segment in report.segments:
         manifest = segment.manifest
         assert manifest is not None
@@ -403,20 +407,30 @@ def _check_ciphertexts(report: Report) -> None:
                        f"(deleted, or not yet copied)")
             continue
         try:
-            digest, size = _sha256_file(segment.ciphertext_path)
+            size, digest = _size_and_sha256(segment.ciphertext_path, sizes)
         except OSError as exc:
             _unreadable(report, segment.ciphertext_path, exc)
             continue
         if digest == manifest["ciphertext_sha256"] and size == manifest["ciphertext_bytes"]:
             continue
-        owner = by_hash.get(digest)
+        owner = by_hash.get(digest) if digest is not None else None
         hint = (f"; it is the segment of {owner.stem}{MANIFEST_SUFFIX} (swapped or renamed)"
                 if owner is not None and owner is not segment else "")
+        found = (f"SHA-256 {digest[:16]}..., {size} bytes" if digest is not None else
+                 f"{size} bytes (not hashed: no manifest here signs that size)")
         report.add(ERROR, "altered", [name, segment.stem + MANIFEST_SUFFIX],
-                   f"{name} is not the file its manifest signed: SHA-256 {digest[:16]}..., "
-                   f"{size} bytes; {segment.stem}{MANIFEST_SUFFIX} says "
+                   f"{name} is not the file its manifest signed: {found}; "
+                   f"{segment.stem}{MANIFEST_SUFFIX} says "
                    f"{manifest['ciphertext_sha256'][:16]}..., {manifest['ciphertext_bytes']} "
                    f"bytes{hint}")
+
+
+def _size_and_sha256(path: Path, sizes: set[int]) -> tuple[int, str | None]:
+    """(size, SHA-256) of a regular file; the hash only if the size is in `sizes` (fstat
+    first, on the file opened), else None."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        return size, (_sha256_of(f) if size in sizes else None)
 
 
 def _check_names(report: Report) -> None:
@@ -523,21 +537,37 @@ def check_against_audit(report: Report, audit: AuditCheck) -> None:
                    f"writes this log (copied in, or stored before the log began)")
     if (report.starts_at is not None and stored
             and not any(seq < report.starts_at for seq in stored)):
-        _explain_start(report, name, device)
+        _explain_start(report, audit, device, min(line for line, _ in stored.values()))
 
 
-def _explain_start(report: Report, name: str, device: str) -> None:
-    """The chain's start is absent, and the log shows the ingest never stored it: the
-    `partial` NOTE says so, and the verdict is VERIFIED."""
+def _explain_start(report: Report, audit: AuditCheck, device: str, first_line: int) -> None:
+    """The chain's start is absent, and the log has no earlier `segment_stored` line of the
+    device. That explains the start (the `partial` NOTE says so, and the verdict is
+    VERIFIED) only if an anchor outside the log, checked with the centre key, vouches for
+    the device's first `segment_stored` line (and so for every line before it): an
+    unanchored log could have had those earlier lines removed with the segments."""
     first = report.starts_at
     assert first is not None
+    name = audit.path.name
     manifest = f"{first:06d}{MANIFEST_SUFFIX}"
     report.findings = [f for f in report.findings if (f.kind, f.files) != ("partial", (manifest,))]
+    if not audit.anchors_checked or audit.anchored < first_line:
+        why = ("its signed heads were not checked (no centre key: give --fleet)"
+               if not audit.anchors_checked else
+               f"no signed head or receipt vouches for its line {first_line} (the first for "
+               f"{device})")
+        report.add(NOTE, "partial", [manifest],
+                   f"the chain here starts at segment {first} ({manifest}), which names a "
+                   f"predecessor that is not here; {name} has no segment_stored line of "
+                   f"{device} before it, but {why}, so lines for earlier segments could have "
+                   f"been removed with them: nothing before it is checked")
+        return
     report.add(NOTE, "partial", [manifest],
                f"the chain here starts at segment {first} ({manifest}), and {name} shows that "
-               f"the ingest never stored a segment of {device} before it: they never reached "
-               f"this centre (for example deleted on the card to make room for SOS evidence, "
-               f"or recorded before this log began), rather than deleted here")
+               f"the ingest never stored a segment of {device} before it (its lines up to "
+               f"{first_line} are vouched for by {audit.anchor}): they never reached this "
+               f"centre (for example deleted on the card to make room for SOS evidence, or "
+               f"recorded before this log began), rather than deleted here")
     report.starts_at = None
 
 
@@ -804,13 +834,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
     with open_regular(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+        digest = _sha256_of(f)
+        return digest, f.tell()
+
+
+def _sha256_of(f: Any) -> str:
+    """SHA-256 (hex) of what is left of an open file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _when(text: str) -> datetime:

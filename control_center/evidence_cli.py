@@ -6,7 +6,7 @@ wrote evidence that did not verify; 2 refused or could not run (bad arguments, n
 failed, an altered segment, export of unverified evidence without --force, the audit log could
 not be written); 3 `decrypt` recovered nothing (a segment cut off before its first 64 KiB), or
 `verify` found no problem but the chain's start is not in the directory and nothing explains
-it (INCOMPLETE; --audit tells whether the centre ever stored it).
+it (INCOMPLETE; --audit with --fleet tells whether the centre ever stored it).
 
 Audit: `decrypt` and `export` append a `decrypted` / `exported` entry to the hash-chained
 audit log named by --audit (default: $SOS_AUDIT_LOG; neither: no audit), with the operator

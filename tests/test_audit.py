@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from control_center.audit import AuditHeads, AuditLog, entry_hash, line_hash, verify_log
+from control_center import audit
+from control_center.audit import (
+    LINE_LIMITS,
+    AuditHeads,
+    AuditLog,
+    check_audit,
+    entry_hash,
+    line_hash,
+    verify_log,
+)
 from protocol.signing import Signer, public_key_from_b64, verify
+
+T = TypeVar("T")
+MiB = 1 << 20
 
 
 def lines_of(path: Path) -> list[str]:
@@ -150,6 +167,29 @@ def test_a_deeply_nested_line_is_reported_not_raised(tmp_path: Path) -> None:
     assert verify_log(path) == ["line 2: nested 50000 deep, over the limit of 16"]
 
 
+def peak_memory(work: Callable[[], T]) -> tuple[T, int]:
+    """What `work()` returns, and the most memory Python held for it at once (bytes)."""
+    tracemalloc.start()
+    try:
+        return work(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_line_over_the_size_limit_is_a_finding_read_in_bounded_memory(tmp_path: Path) -> None:
+    """A hostile log with megabytes (or gigabytes) and no newline: reported, never held."""
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 1).close()
+    long = b"a" * (LINE_LIMITS.max_bytes + 4 * MiB)
+    with open(path, "ab") as f:
+        f.write(long + b"\n")
+    AuditLog(path).append("decrypted", "operator anna", seq=3)  # chained to the long line
+    problems, peak = peak_memory(lambda: verify_log(path))
+    assert problems == [f"line 2: {len(long)} bytes is over the size limit of "
+                        f"{LINE_LIMITS.max_bytes} for one line; not read"]
+    assert peak < 3 * LINE_LIMITS.max_bytes < len(long)
+
+
 # -- signed heads --------------------------------------------------------------------------------
 def statements(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -193,3 +233,87 @@ def test_a_new_head_signer_continues_from_the_last_signed_head(tmp_path: Path) -
     heads.close()
     assert [(s["lines"], s["stored"]) for s in statements(tmp_path / "audit.jsonl.heads")] == [
         (2, {"tok-001": 2}), (3, {"tok-009": 1})]
+
+
+def test_an_over_long_line_in_the_heads_file_is_a_bad_head_read_in_bounded_memory(
+        tmp_path: Path) -> None:
+    signer = Signer(Ed25519PrivateKey.generate())
+    log = write_log(tmp_path / "audit.jsonl", 2)
+    AuditHeads(log, signer).close()
+    with open(tmp_path / "audit.jsonl.heads", "ab") as f:
+        f.write(b"{" * (5 * MiB))  # no newline
+
+    def reopen_and_check() -> list[str]:
+        AuditHeads(log, signer).close()  # what a restarted ingest server does first
+        check = check_audit(tmp_path / "audit.jsonl", [public_key_from_b64(
+            signer.public_key_b64)])
+        return [f.kind for f in check.findings]
+
+    kinds, peak = peak_memory(reopen_and_check)
+    assert kinds == ["bad-head"]
+    assert peak < 3 * MiB
+
+
+class Attempts:
+    """Counts calls of a wrapped method; `wait(n)` until there have been n."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+        original = getattr(owner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with self._cond:
+                    self.count += 1
+                    self._cond.notify_all()
+
+        setattr(owner, name, counted)
+
+    def wait(self, n: int, timeout: float = 10.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count >= n, timeout)
+
+
+def test_a_head_that_cannot_be_written_is_logged_once_and_not_retried_before_the_interval(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    (tmp_path / "heads").mkdir()  # the heads file cannot be written
+    heads = AuditHeads(log, Signer(Ed25519PrivateKey.generate()), path=tmp_path / "heads",
+                       interval_s=3600, every_lines=1)
+    attempts = Attempts(heads, "sign_now")
+    with caplog.at_level(logging.ERROR, logger="control_center.audit"):
+        log.append("upload_created", "tok-001", seq=1)  # due at once: every_lines=1
+        assert attempts.wait(1)
+        for seq in range(2, 6):  # due again by count, but after a failure it waits
+            log.append("upload_created", "tok-001", seq=seq)
+        heads.close()  # stops the timer, and tries once more
+    assert attempts.count == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"audit: cannot sign the head of {tmp_path / 'audit.jsonl'} into {tmp_path / 'heads'}; "
+        f"trying again every 3600 s"]
+
+
+def test_the_log_is_fsynced_before_its_head_is_signed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines written without their own fsync: the signed head must not name bytes a power
+    cut could take."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    heads = AuditHeads(log, Signer(Ed25519PrivateKey.generate()), interval_s=3600)
+    for seq in range(3):
+        log.append("upload_created", "tok-001", durable=False, seq=seq)
+    synced: list[int] = []  # inode of each file fsynced, in order
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        fsync(fd)
+
+    monkeypatch.setattr(audit.os, "fsync", spy)
+    assert heads.sign_now() is not None
+    monkeypatch.undo()
+    heads.close()
+    assert synced == [path.stat().st_ino, (tmp_path / "audit.jsonl.heads").stat().st_ino]

@@ -12,30 +12,34 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from control_center.audit import encode, line_hash
+from control_center.audit import AuditHeads, AuditLog, encode, line_hash
 from tests.test_ingest_support import decode_receipt, new_env, random_bytes, stop_all
 
 DEVICE = "tok-001"
 SEGMENTS = 4
 
 
-@pytest.fixture(scope="module")
-def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """root/: fleet/, evidence/tok-001/ (seq 1-4), audit.jsonl, audit.jsonl.heads and the
-    device's receipts.jsonl."""
-    env = new_env(tmp_path_factory.mktemp("ingested"), device=DEVICE)
+def ingest(root: Path, uploaded: range) -> Path:
+    """The device records seq 1 to the last of `uploaded`, and uploads `uploaded` to a real
+    ingest server, which then stops. root/: fleet/, evidence/tok-001/, audit.jsonl,
+    audit.jsonl.heads and the device's receipts.jsonl."""
+    env = new_env(root, device=DEVICE)
     try:
         client = env.client(env.start())
         card = env.card()
         receipts = []
-        for _ in range(SEGMENTS):
-            reply = client.upload(card.record(random_bytes(2000)))
-            assert reply.status == 204, reply.body
-            receipts.append(decode_receipt(reply.header("upload-receipt") or ""))
+        for seq in range(1, uploaded[-1] + 1):
+            seg = card.record(random_bytes(2000))
+            if seq in uploaded:
+                reply = client.upload(seg)
+                assert reply.status == 204, reply.body
+                receipts.append(decode_receipt(reply.header("upload-receipt") or ""))
     finally:
         stop_all(env)
     (env.root / "receipts.jsonl").write_text(
@@ -43,10 +47,28 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env.root
 
 
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seq 1-4 uploaded and stored."""
+    return ingest(tmp_path_factory.mktemp("ingested"), range(1, SEGMENTS + 1))
+
+
+@pytest.fixture(scope="module")
+def ingested_late(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only seq 3-4 uploaded (the card dropped 1-2 before the dock): the chain in the store
+    starts at 3, which names a predecessor the centre never saw."""
+    return ingest(tmp_path_factory.mktemp("late"), range(3, SEGMENTS + 1))
+
+
 @pytest.fixture
 def root(ingested: Path, tmp_path: Path) -> Path:
     """A fresh copy of the ingest's files, for a test to tamper with."""
     return Path(shutil.copytree(ingested, tmp_path / "centre"))
+
+
+@pytest.fixture
+def late(ingested_late: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(ingested_late, tmp_path / "centre"))
 
 
 def audit_verify(root: Path, *extra: str | Path) -> tuple[int, list[str]]:
@@ -190,3 +212,62 @@ def test_deleted_last_segments_are_found_through_the_signed_head_even_with_the_l
     assert any(f"that it had stored segments of {DEVICE} up to seq 4" in line
                and "segment(s) 4 are neither here nor in the audit log" in line for line in out)
 
+
+
+# -- a chain that starts late --------------------------------------------------------------------
+def partial_notes(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("NOTE  partial:")]
+
+
+def test_a_late_start_is_explained_by_a_log_its_signed_heads_anchor(late: Path) -> None:
+    status, out = evidence_verify(late)
+    assert status == 0, out
+    (note,) = partial_notes(out)
+    assert f"audit.jsonl shows that the ingest never stored a segment of {DEVICE} before it" \
+           in note and "vouched for by the last signed head at" in note, note
+    assert out[-1].startswith("VERIFIED:")
+
+
+def test_without_the_signed_heads_a_late_start_stays_incomplete(late: Path) -> None:
+    """The log alone cannot say no earlier segment was stored: those lines could have been
+    removed with the segments, and nothing outside the log would show it."""
+    (late / "audit.jsonl.heads").unlink()
+    status, out = evidence_verify(late)
+    assert status == 3, out
+    (note,) = partial_notes(out)
+    assert "no signed head or receipt vouches for its line 2 (the first for tok-001)" in note
+    assert out[-1].startswith("INCOMPLETE:")
+
+
+# -- the ingest's signed heads -------------------------------------------------------------------
+def signed_statements(heads: AuditHeads) -> tuple[list[dict[str, Any]], threading.Event]:
+    """The statements `heads` signs from now on, and an event set at the first."""
+    signed: list[dict[str, Any]] = []
+    first = threading.Event()
+    sign_now = heads.sign_now
+
+    def recording() -> dict[str, Any] | None:
+        statement = sign_now()
+        if statement is not None:
+            signed.append(statement)
+            first.set()
+        return statement
+
+    heads.sign_now = recording  # type: ignore[method-assign]
+    return signed, first
+
+
+def test_an_idle_ingest_signs_the_lines_another_writer_appends(tmp_path: Path) -> None:
+    """The timer runs from the server's start, not from its own first line: what
+    `sos-evidence` appends while no device uploads is anchored within the interval too."""
+    env = new_env(tmp_path, device=DEVICE)
+    server = env.make()
+    server.audit_heads.interval_s = 0.05
+    signed, first = signed_statements(server.audit_heads)
+    try:
+        server.start()
+        AuditLog(env.audit).append("decrypted", "operator anna", device_id=DEVICE, seq=1)
+        assert first.wait(10), "no head signed while the ingest was idle"
+        assert (signed[0]["lines"], signed[0]["head"]) == (1, line_hash(env.audit.read_bytes()))
+    finally:
+        stop_all(env)

@@ -9,14 +9,17 @@ import json
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from control_center.ingest import server as ingest_server
 from control_center.ingest.cli import main as sos_center_ingest
-from control_center.ingest.server import connection_cap
+from control_center.ingest.server import IngestServer, connection_cap
+from control_center.ingest.tus import Refusal
 from tests.test_ingest_support import (
     Env,
     Receiving,
@@ -30,6 +33,7 @@ from tests.test_ingest_support import (
     decode_receipt,
     dribble_until_closed,
     enrol,
+    idle_connection,
     new_env,
     random_bytes,
     still_open,
@@ -119,6 +123,53 @@ def test_a_body_slower_than_the_minimum_rate_is_cut_and_resumes_from_what_arrive
     assert_receipted(client.patch(location, offset, data[offset:]), seg)
 
 
+def stall_before_the_lock(server: IngestServer, seconds: float) -> None:
+    """The server takes `seconds` to get an upload's lock (behind a slow fsync or store),
+    after the PATCH's headers are in and before it reads a byte of its body. The stall is
+    the slowness under test, not synchronisation."""
+    upload_lock = server.upload_lock
+
+    def slow(*args: Any) -> Any:
+        threading.Event().wait(seconds)
+        return upload_lock(*args)
+
+    server.upload_lock = slow  # type: ignore[method-assign]
+
+
+def test_a_body_sent_at_full_speed_is_not_cut_while_the_server_is_slow_to_read_it(
+        env: Env) -> None:
+    window = 0.2
+    server = env.start(min_body_rate=8192, body_rate_window_s=window)
+    stall_before_the_lock(server, 3 * window)  # three rate windows without reading
+    seg = env.card().record(random_bytes(20_000))
+    assert_receipted(env.client(server).upload(seg), seg)
+    assert "upload_interrupted" not in env.events.names()
+
+
+def fail_after_taking_the_body(server: IngestServer) -> None:
+    """The server reads a PATCH's whole body, then its disk fails (507)."""
+
+    def failing(upload: Any, body: Any, size: int, *_: Any) -> int | None:
+        body.read(size)
+        raise Refusal(507, "the ingest server could not write the upload: disk failed",
+                      retry=True, retry_after=300)
+
+    server.receive = failing  # type: ignore[method-assign]
+
+
+def test_a_body_the_server_failed_to_write_is_answered_at_once_and_the_connection_closed(
+        env: Env) -> None:
+    """Part of a body may be read when the write fails, so the server cannot find its end:
+    it answers and closes, rather than wait for Content-Length more bytes (here they never
+    come: the client waits 30 s for its answer, the server 60 s for a byte)."""
+    server = env.start(timeout_s=60, body_rate_window_s=60)
+    fail_after_taking_the_body(server)
+    seg = env.card().record(random_bytes(20_000))
+    client = env.client(server)
+    reply = client.patch(created(client, seg), 0, seg.data())
+    assert (reply.status, reply.header("connection")) == (507, "close")
+
+
 def test_headers_trickling_in_are_cut_at_the_header_deadline(env: Env) -> None:
     server = env.start(header_timeout_s=0.3, timeout_s=30)
     ctx = client_context(env.fleet, env.device.tls)
@@ -182,6 +233,33 @@ def test_a_device_over_its_connection_cap_gets_429_while_another_device_complete
     finally:
         for conn in held:
             conn.close()
+
+
+def test_a_device_reconnecting_over_its_connection_cap_holds_no_more_than_its_cap(
+        env: Env) -> None:
+    """Connections over the device's cap are answered 429 right after the handshake and
+    closed, without waiting for a request: however often a stolen certificate reconnects, it
+    cannot take the connection slots the other devices need."""
+    server = env.start(max_connections=4, max_device_connections=1, timeout_s=30,
+                       retry_after_s=4)
+    greedy = env.client(server, enrol(env.fleet, env.root, "tok-greedy").tls)
+    held = greedy.connect()
+    idle: list[tuple[ssl.SSLSocket | None, bytes]] = []
+    try:
+        held.request("OPTIONS", "/files/")  # answered, so the server counts it: its cap
+        assert held.getresponse().read() == b""
+        idle = [idle_connection(greedy) for _ in range(4)]  # max_connections attempts
+        answers = [answer for tls, answer in idle if tls is not None]
+        assert answers and all(a.startswith(b"HTTP/1.1 429 ") for a in answers), answers
+        assert b"Retry-After: 4\r\n" in answers[0]
+        assert server.wait_connections(1, timeout=10)  # only the one within its cap is left
+        seg = env.card().record(random_bytes(20_000))
+        assert_receipted(env.client(server).upload(seg), seg)
+    finally:
+        held.close()
+        for tls, _ in idle:
+            if tls is not None:
+                tls.close()
 
 
 # -- poisoned manifests --------------------------------------------------------------------------

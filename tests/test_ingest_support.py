@@ -266,11 +266,16 @@ class Env:
         return self.root / "work"
 
     def start(self, **kwargs: Any) -> IngestServer:
+        server = self.make(**kwargs)
+        server.start()
+        return server
+
+    def make(self, **kwargs: Any) -> IngestServer:
+        """A server not yet started (stopped by `stop_all` once it is)."""
         server = IngestServer(self.fleet, self.store, self.audit, workdir=self.workdir,
                               cert_file=self.server_cert.cert_file,
                               key_file=self.server_cert.key_file, host="127.0.0.1", port=0,
                               on_event=self.events.record, **kwargs)
-        server.start()
         self.servers.append(server)
         return server
 
@@ -389,6 +394,24 @@ def still_open(sock: socket.socket) -> bool:
         return False
     finally:
         sock.setblocking(True)
+
+
+def idle_connection(client: Tus, timeout: float = 10.0) -> tuple[ssl.SSLSocket | None, bytes]:
+    """A TLS connection that never sends a request, and what the server sends on it until it
+    ends its side (a read that waits `timeout` also ends it). The socket is left open (the
+    caller closes it), as a client holding connections would; (None, b"") if the server
+    closed it before its handshake ended (at accept)."""
+    try:
+        tls = client.ctx.wrap_socket(socket.create_connection((client.host, client.port)),
+                                     server_hostname=client.host)
+    except (ssl.SSLError, ConnectionError):
+        return None, b""
+    tls.settimeout(timeout)
+    received = b""
+    with contextlib.suppress(OSError):
+        while data := tls.recv(4096):
+            received += data
+    return tls, received
 
 
 def client_hello(ctx: ssl.SSLContext) -> bytes:

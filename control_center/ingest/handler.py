@@ -2,15 +2,17 @@
 
 `HTTPServer` caps connections at accept (in all, and per address still in its handshake),
 does the TLS handshake in each connection's own thread within a deadline (so a slow client
-cannot hold up the others), caps connections per device certificate after it, and can cut
-every open connection at stop(). `PacedSocketIO` holds each connection to a pace: headers
-within a deadline, bodies above a minimum rate. `_Handler` parses and answers requests; what
+cannot hold up the others), caps connections per device certificate after it (one over the
+cap is answered 429 at once and closed, never kept waiting for a request), and can cut every
+open connection at stop(). `PacedSocketIO` holds each connection to a pace: headers within a
+deadline, bodies above a minimum rate. `_Handler` parses and answers requests; what
 an upload is and how it is checked and stored is `server.IngestServer`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import io
 import logging
@@ -22,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +57,10 @@ FILES = "/files/"
 RAW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 REFUSAL_LOG_EVERY_S = 10.0  # connections closed at accept are logged at most this often
 TIMEOUT_SLACK_S = 0.25  # a read's socket timeout is re-set only when off by more than this
+MIN_READ_WAIT_S = 0.01  # never a zero socket timeout (that would make the socket non-blocking)
+TURN_AWAY_LINGER_S = 1.0  # a connection turned away at once: the most it is given to read it
+TURN_AWAY_BYTES = 64 << 10  # ... and the most of its request read and dropped meanwhile
+SERVER_VERSION = "sos-ingest/1"
 IDLE, HEADERS, BODY = "idle", "headers", "body"
 
 
@@ -73,7 +80,6 @@ class HTTPServer(ThreadingHTTPServer):
         self._handshaking: dict[socket.socket, str] = {}
         self._handshakes_from: Counter[str] = Counter()
         self._by_device: Counter[str] = Counter()
-        self.connection_refusals: dict[socket.socket, Refusal] = {}
         self._closed_at_accept = _AcceptRefusals()
         super().__init__(address, _Handler)
 
@@ -177,18 +183,39 @@ class HTTPServer(ThreadingHTTPServer):
             self.connections.add(tls)
         device = certificate_name(tls.getpeercert(binary_form=True))
         refusal = self._take_device_slot(device)
-        if refusal is not None:
-            self.connection_refusals[tls] = refusal
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            if refusal is None:
+                self.RequestHandlerClass(tls, client_address, self)
+            else:
+                self._turn_away(tls, refusal)
         finally:
             if refusal is None and device is not None:
                 self._give_device_slot(device)
-            self.connection_refusals.pop(tls, None)
             with self.connections_lock:
                 self.connections.discard(tls)
             with contextlib.suppress(OSError):
                 tls.close()
+
+    def _turn_away(self, tls: socket.socket, refusal: Refusal) -> None:
+        """Answer a connection over its device's max_device_connections as soon as its
+        handshake ends, without waiting for a request (a connection that waited would hold a
+        slot of max_connections, and one certificate reconnecting could hold them all), and
+        end it. Its reader gets at most TURN_AWAY_LINGER_S (and header_timeout_s) to take the
+        answer: what it sends meanwhile is read and dropped, so that closing does not reset
+        the connection under the answer."""
+        linger = min(TURN_AWAY_LINGER_S, self.ingest.limits.header_timeout_s)
+        deadline = time.monotonic() + linger
+        with contextlib.suppress(OSError, ValueError):
+            tls.settimeout(linger)
+            tls.sendall(answer_at_once(refusal))
+            socket.socket.shutdown(tls, socket.SHUT_WR)  # the client sees the end at once
+            dropped = 0
+            while dropped < TURN_AWAY_BYTES and (left := deadline - time.monotonic()) > 0:
+                tls.settimeout(max(left, MIN_READ_WAIT_S))
+                data = tls.recv(TURN_AWAY_BYTES)
+                if not data:
+                    break
+                dropped += len(data)
 
     def cut_all(self) -> None:
         with self.connections_lock:
@@ -217,6 +244,20 @@ class _AcceptRefusals:
                     reason)
 
 
+def answer_at_once(refusal: Refusal) -> bytes:
+    """A complete HTTP/1.1 answer carrying `refusal`, sent before any request was read (the
+    client reads it as the answer to the request it sends), with `Connection: close`."""
+    body = refusal.body()
+    head = [f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}",
+            f"Server: {SERVER_VERSION}", f"Date: {email.utils.formatdate(usegmt=True)}",
+            f"Tus-Resumable: {TUS_VERSION}"]
+    if refusal.retry_after is not None:
+        head.append(f"Retry-After: {refusal.retry_after}")
+    head += ["Connection: close", "Content-Type: application/json",
+             f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
 def cut(connection: socket.socket) -> None:
     """Make the connection's reader see the end of the stream, from another thread."""
     with contextlib.suppress(OSError):
@@ -230,15 +271,22 @@ class PacedSocketIO(socket.SocketIO):
     - headers: the request line and headers complete within `header_timeout_s` of that first
       byte, however slowly they trickle in (slowloris, which a timeout per read never stops);
     - body (from `start_body()`): at least `min_body_rate` bytes/s averaged over each
-      `body_rate_window_s` (so a window without a byte fails it); with no minimum rate, never
-      `timeout_s` without a byte.
+      `body_rate_window_s` that its reads spent waiting for the client (so a window without a
+      byte fails it); with no minimum rate, never `timeout_s` without a byte.
+
+    Only the time spent waiting in `recv` counts against a body: not the server's own time
+    before its first read (creating the upload, waiting for its lock, checking space) or
+    between reads (writing, fsyncing), so a slow server never cuts a client that sent at
+    full speed, and bytes already in the socket buffer count as soon as they are read. The
+    rate is judged after each read returns, its bytes included.
 
     Idle or headers over their time: TimeoutError, which http.server answers by closing (as it
-    did a socket timeout). A body too slow: the reader reports the end of the stream instead,
-    so the bytes already read are kept (and stay resumable), and `cut_reason` says why; the
-    handler then closes the connection. Each wait is bounded by the socket timeout, re-set
-    only when it is off by more than TIMEOUT_SLACK_S; a body's read costs one clock reading
-    and a comparison (an upload is thousands of 16 KiB TLS records).
+    did a socket timeout). A body too slow: the reader reports the end of the stream instead
+    (after handing over the bytes of the read that showed it), so the bytes already read are
+    kept (and stay resumable), and `cut_reason` says why; the handler then closes the
+    connection. Each wait is bounded by the socket timeout, re-set only when it is off by
+    more than TIMEOUT_SLACK_S; a body's read costs two clock readings and a comparison (an
+    upload is thousands of 16 KiB TLS records).
     """
 
     def __init__(self, sock: socket.socket, limits: Limits, peer: str) -> None:
@@ -248,7 +296,7 @@ class PacedSocketIO(socket.SocketIO):
         self.cut_reason: str | None = None
         self._phase = IDLE
         self._deadline = 0.0  # idle: the next request's first byte; headers: their end
-        self._window_start = 0.0
+        self._waited = 0.0  # body: seconds this window's reads waited in recv
         self._window_bytes = 0
         self._timeout = sock.gettimeout()
 
@@ -257,8 +305,10 @@ class PacedSocketIO(socket.SocketIO):
         self._deadline = time.monotonic() + self.limits.timeout_s
 
     def start_body(self) -> None:
+        """The request's headers are in: what is read now is its body, paced by its rate from
+        its first read on."""
         self._phase = BODY
-        self._window_start = time.monotonic()
+        self._waited = 0.0
         self._window_bytes = 0
 
     def ended(self) -> str:
@@ -267,49 +317,74 @@ class PacedSocketIO(socket.SocketIO):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         self._checkClosed()
-        while self.cut_reason is None:
-            wait = self._time_left(time.monotonic())
-            if wait is None:
-                break
-            if self._timeout is None or abs(self._timeout - wait) > TIMEOUT_SLACK_S:
-                self._sock.settimeout(wait)
-                self._timeout = wait
+        if self._phase == BODY:
+            return self._read_body(b)
+        while (wait := self._time_left(time.monotonic())) is not None:
+            self._wait_at_most(wait)
             try:
                 n = self._sock.recv_into(b)
             except TimeoutError:
-                if self._phase == BODY and not self.limits.min_body_rate:
-                    self.cut_reason = f"no byte of the body for {self.limits.timeout_s:g} s"
-                    break
                 continue  # _time_left decides whether that was too long
-            if self._phase == BODY:
-                self._window_bytes += n
-            elif n and self._phase == IDLE:
+            if n and self._phase == IDLE:
                 self._phase = HEADERS
                 self._deadline = time.monotonic() + self.limits.header_timeout_s
             return n
-        if self._phase == BODY:
-            return 0
         raise TimeoutError(self.cut_reason)
 
+    def _read_body(self, b) -> int:
+        """One read of a body: its bytes, or 0 at its end or once it was cut."""
+        limits = self.limits
+        while self.cut_reason is None:
+            if not limits.min_body_rate:
+                self._wait_at_most(limits.timeout_s)
+                try:
+                    return self._sock.recv_into(b)
+                except TimeoutError:
+                    self.cut_reason = f"no byte of the body for {limits.timeout_s:g} s"
+                    break
+            self._wait_at_most(limits.body_rate_window_s - self._waited)
+            started = time.monotonic()
+            try:
+                n: int | None = self._sock.recv_into(b)
+            except TimeoutError:
+                n = None
+            self._waited += time.monotonic() - started
+            self._window_bytes += n or 0
+            self._judge_rate()
+            if n is not None:
+                return n  # even if it showed the body too slow: what arrived is kept
+        return 0
+
+    def _judge_rate(self) -> None:
+        """Once this window's reads have waited `body_rate_window_s`: `cut_reason` if too few
+        bytes came in it, else a new window begins."""
+        limits = self.limits
+        waited = self._waited
+        if waited < limits.body_rate_window_s:
+            return
+        if self._window_bytes < limits.min_body_rate * waited:
+            self.cut_reason = (f"the body came at {self._window_bytes / waited:.0f} bytes/s "
+                               f"over {waited:.1f} s, below the minimum of "
+                               f"{limits.min_body_rate} bytes/s")
+            return
+        self._waited, self._window_bytes = 0.0, 0
+
+    def _wait_at_most(self, seconds: float) -> None:
+        """The socket timeout for the next read, re-set only when it is off by more than
+        TIMEOUT_SLACK_S."""
+        seconds = max(seconds, MIN_READ_WAIT_S)
+        if self._timeout is None or abs(self._timeout - seconds) > TIMEOUT_SLACK_S:
+            self._sock.settimeout(seconds)
+            self._timeout = seconds
+
     def _time_left(self, now: float) -> float | None:
-        """How long the next read may wait, or None (and `cut_reason`) if the time is up."""
+        """Idle or headers: how long the next read may wait, or None (and `cut_reason`) if
+        the time is up."""
         limits = self.limits
         if self._phase == IDLE:
             return self._left(self._deadline - now, f"no request for {limits.timeout_s:g} s")
-        if self._phase == HEADERS:
-            return self._left(self._deadline - now, f"the request line and headers took over "
-                                                    f"{limits.header_timeout_s:g} s")
-        if not limits.min_body_rate:
-            return limits.timeout_s  # a read that times out is timeout_s of silence
-        window, elapsed = limits.body_rate_window_s, now - self._window_start
-        if elapsed < window:
-            return window - elapsed
-        if self._window_bytes < limits.min_body_rate * elapsed:
-            return self._left(0, f"the body came at {self._window_bytes / elapsed:.0f} bytes/s "
-                                 f"over {elapsed:.1f} s, below the minimum of "
-                                 f"{limits.min_body_rate} bytes/s")
-        self._window_start, self._window_bytes = now, 0
-        return window
+        return self._left(self._deadline - now, f"the request line and headers took over "
+                                                f"{limits.header_timeout_s:g} s")
 
     def _left(self, seconds: float, reason: str) -> float | None:
         if seconds > 0:
@@ -322,7 +397,7 @@ class PacedSocketIO(socket.SocketIO):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "sos-ingest/1"
+    server_version = SERVER_VERSION
     sys_version = ""
     server: HTTPServer
     disable_nagle_algorithm = True  # an answer's body is not held back behind its headers
@@ -367,7 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _refuse(self, refusal: Refusal, *, body_unread: bool = False) -> None:
-        if body_unread:
+        """Answer `refusal`; a body not yet read is drained first, unless the connection is
+        closing anyway (then reading it would only keep the answer waiting)."""
+        if body_unread and not self.close_connection:
             self._drain()
         headers = {}
         if refusal.retry_after is not None:
@@ -458,10 +535,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.body_read = False
         self.pace.start_body()
         try:
-            refusal = self.server.connection_refusals.get(self.connection)
-            if refusal is not None:  # over the device's max_device_connections
-                self.close_connection = True
-                raise refusal
             handler()
         except Refusal as refusal:
             self._refuse(refusal, body_unread=not self.body_read)
@@ -602,7 +675,7 @@ class _Handler(BaseHTTPRequestHandler):
             if size:
                 ingest.check_space(upload.length - offset)
                 with ingest.receiving(device):
-                    reached = ingest.receive(upload, self.rfile, size, self.pace.ended)
+                    reached = self._receive(upload, size)
                 ingest.done_receiving(upload.id)
                 self.body_read = True
                 if reached is None:
@@ -611,6 +684,15 @@ class _Handler(BaseHTTPRequestHandler):
             return upload
         finally:
             ingest.release_upload(upload.id, lock)
+
+    def _receive(self, upload: Upload, size: int) -> int | None:
+        """`IngestServer.receive`; if it refuses (the disk failed) part of the body may be
+        read, so its end cannot be found: the connection closes after the answer."""
+        try:
+            return self.ingest.receive(upload, self.rfile, size, self.pace.ended)
+        except Refusal:
+            self.close_connection = True
+            raise
 
     def _settle(self, upload: Upload) -> dict[str, Any] | None:
         """Every byte is in: queue the completion; with `Prefer: respond-async` answer at

@@ -226,6 +226,9 @@ class IngestServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ingest",
                                         kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
+        # The heads timer runs from now on, not from the server's own first line: lines other
+        # writers (sos-evidence) append while no device uploads are signed within it too.
+        self.audit_heads.start()
         log.info("ingest serving %s%s", self.url, FILES)
 
     def stop(self) -> None:
