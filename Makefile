@@ -3,10 +3,11 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
-SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign
+SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign node=nodejs npm=npm
+INTEROP := tests/interop
 
 .DEFAULT_GOAL := help
-.PHONY: help sim test bench soak fuzz lint flash sysdeps venv clean
+.PHONY: help sim test bench soak fuzz lint flash sysdeps venv interop clean
 
 help: ## Show this help
 	@echo "SOS devices: firmware, simulator and control centre"
@@ -17,7 +18,7 @@ sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) 
 	$(VENV)/bin/sos-sim run shift
 	$(VENV)/bin/sos-sim run pillar-sos
 
-test: venv sysdeps ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins)
+test: venv sysdeps interop ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins, a Node.js partner centre)
 	$(PY) -m pytest -q
 
 bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency
@@ -38,10 +39,17 @@ flash: venv ## Provision a device: make flash ID=tok-001 PROFILE=token TARGET=/m
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check .
 
-sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign)
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign, nodejs, npm)
 	@scripts/ensure-system-deps $(SYSDEPS)
 
 venv: $(STAMP) ## Create .venv and install the project with its dev tools
+
+interop: $(INTEROP)/node_modules ## Install the Node.js interoperability test's npm packages (from its lock file)
+
+# Again whenever the lock file is newer than the installed packages (npm ci starts afresh).
+$(INTEROP)/node_modules: $(INTEROP)/package-lock.json | sysdeps
+	npm ci --prefix $(INTEROP) --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,5 +57,5 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+clean: ## Remove the virtualenv, the interop test's npm packages and caches
+	rm -rf $(VENV) $(INTEROP)/node_modules .pytest_cache .ruff_cache *.egg-info

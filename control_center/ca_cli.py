@@ -320,7 +320,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-file", metavar="F", help="default: OUT/mosquitto.log")
     p.add_argument("--run-as", metavar="USER",
                    help="user mosquitto drops to when started as root (default: mosquitto)")
-    command("crl", "rewrite the CRL (valid 30 days); run it from a timer")
+    command("crl", "rewrite the CRL from the registry, valid for ten years (pki.write_crl: "
+                   "Mosquitto refuses every client once a CRL has expired); every revocation "
+                   "already rewrites it")
     command("sync", "tell a running broker who is enrolled and who is revoked (disconnects "
                     "revoked identities)").add_argument("--broker", metavar="HOST:PORT",
                                                         required=True)

@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,21 +21,31 @@ from cryptography import x509
 from control_center import audit_cli, ca_cli, pki
 from control_center.broker_admin import sync_broker
 from control_center.config import CenterConfig, load_center_config
-from control_center.console import alert_line, event_line, record_line
+from control_center.console import alert_line, event_line, record_line, rejection_line
 from control_center.fleet import Fleet, FleetError
 from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
 from protocol.configfile import ConfigError
 from protocol.mqtt import BrokerConfig
+from protocol.signing import Signer, load_key
 
 DEFAULT_CONFIG = os.environ.get("SOS_CENTER_CONFIG", "/etc/sos-center/center.toml")
+PENDING = "it stays pending and is sent again when the device reports back"
+POLL_S = 0.1  # how often `ack`/`close` look for the device's answer in the store
 
 
-def _print_event(event: CenterEvent) -> None:
+def _printer(store: Store) -> Callable[[CenterEvent], None]:
+    """What `serve` prints: one line per new alert, event, live view and vanished device."""
+    return lambda event: _print_event(store, event)
+
+
+def _print_event(store: Store, event: CenterEvent) -> None:
     m = event.message
     if event.kind == "alert" and event.new:
         print(alert_line(m), flush=True)
+    elif event.kind == "event" and event.new and m["type"] == "command_rejected":
+        print(rejection_line(m, store.command(m["command_id"])), flush=True)
     elif event.kind == "event" and event.new:
         print(event_line(m), flush=True)
     elif event.kind == "live" and event.new and m["seq"] == 0:
@@ -46,8 +57,26 @@ def _print_event(event: CenterEvent) -> None:
 
 def _service(config: CenterConfig, store: Store, **kwargs) -> CenterService:
     fleet = Fleet(config.fleet_dir)
-    return CenterService(config.broker, store, signer=fleet.centre_signer(),
+    return CenterService(config.broker, store, signer=command_signer(config, fleet),
                          trust=FleetTrust(fleet), **kwargs)
+
+
+def command_signer(config: CenterConfig, fleet: Fleet) -> Signer:
+    """The key this centre signs commands and delivery receipts with: `center.signing_key`, or
+    the fleet's shared command key. A key the fleet does not trust is refused (ConfigError):
+    devices would refuse every command signed with it."""
+    if config.signing_key is None:
+        return fleet.centre_signer()
+    if not config.signing_key.exists():
+        raise ConfigError(f"key 'center.signing_key': {config.signing_key} does not exist")
+    signer = Signer(load_key(config.signing_key))
+    if signer.public_key_b64 not in fleet.centre_public_keys():
+        raise ConfigError(
+            f"key 'center.signing_key': {config.signing_key} (public key "
+            f"{signer.public_key_b64}) is not trusted by the fleet, so devices would refuse its "
+            f"commands; enrol it with `sos-center ca sign --kind centre --signing-key "
+            f"{signer.public_key_b64} CSR_FILE`")
+    return signer
 
 
 def identity_name(broker: BrokerConfig) -> str:
@@ -96,7 +125,7 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
             return 2
         live = LiveReceiver(fleet.live_identity_file, config.live_dir, FleetTrust(fleet))
     service = _service(config, store, client_id=identity_name(config.broker),
-                       group=config.group, on_event=_print_event, live=live)
+                       group=config.group, on_event=_printer(store), live=live)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
@@ -143,11 +172,39 @@ def cmd_decide(config: CenterConfig, args: argparse.Namespace) -> int:
         command = _decide(dataclasses.replace(config, broker=broker), store, alert_id, args)
     if command is None:
         return 1
-    verb = "acknowledged" if args.command == "ack" else "closed"
-    told = ("the device has it" if command["delivered"] else
-            "the device is not connected: it is told when it reports back")
-    print(f"{alert_id[:8]} {verb}; {told}")
-    return 0
+    return _report_outcome(store, command, args.wait)
+
+
+def _report_outcome(store: Store, command: dict, wait_s: float) -> int:
+    """Wait for the device's answer and say it: 0 applied, 1 rejected, 3 no answer yet (the
+    serving instance re-sends it when the device reports back)."""
+    what = f"{command['alert_id'][:8]} {command['type']}"
+    if not command["delivered"]:
+        print(f"{what}: the device is not connected; {PENDING}")
+        return 3
+    answer = _await_answer(store, command["command_id"], wait_s)
+    if answer is None:
+        print(f"{what}: no answer from the device yet; {PENDING}")
+        return 3
+    if answer["status"] == "applied":
+        print(f"{what}: applied")
+        return 0
+    print(f"{what}: rejected: {answer['reason_code'] or 'no reason given'}")
+    return 1
+
+
+def _await_answer(store: Store, command_id: str, wait_s: float) -> dict | None:
+    """The command once the device's answer is stored, or None after `wait_s`. The serving
+    instance stores the answer (this process subscribes to nothing), so the shared store is
+    where it shows: looked at every POLL_S."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        command = store.command(command_id)
+        if command is not None and command["status"] in ("applied", "rejected"):
+            return command
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_S)
 
 
 def _decide(config: CenterConfig, store: Store, alert_id: str,
@@ -184,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("alert_id", metavar="ID", help="alert id or a unique prefix of it")
         p.add_argument("--operator", help="operator name to record (default: from the config)")
+        p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                       help="how long to wait for the device's answer (default: %(default)s); "
+                            "exit 0 applied, 1 rejected, 3 no answer yet")
         p.set_defaults(command=name)
     ca_cli.add_parser(sub)
     audit_cli.add_parser(sub)
@@ -213,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         return audit_cli.run(args)
     try:
         config = load_center_config(args.config)
-        Fleet(config.fleet_dir)  # fail now, not at the first alert
+        fleet = Fleet(config.fleet_dir)  # fail now, not at the first alert
+        if args.action in ("serve", "ack", "close"):
+            command_signer(config, fleet)
     except (ConfigError, FleetError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

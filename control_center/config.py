@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocol.configfile import load_schema, load_toml
 from protocol.mqtt import BrokerConfig
+
+log = logging.getLogger("sos.center")
+
+# The shared-subscription group of THIS project's centre instances (`$share/<group>/...`): the
+# broker hands each alert, update and event to ONE member of a group. The members must be our
+# instances, sharing one store. Another organisation's centre (a partner's) in this group would
+# silently take a share of our alerts, store them in its own database and receipt them, so the
+# devices stop re-sending and our operators never see them: it needs a group of its own (a
+# separate group gets its own copy of every message). MQTT does not tell a subscriber who else
+# is in its group, so this cannot be detected from inside; it is documented (docs/FLASHING.md).
+DEFAULT_GROUP = "sos-devices-primary-centre"
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,7 @@ class CenterConfig:
     operator: str
     broker: BrokerConfig
     live_dir: Path | None = None  # None: this instance does not receive live video
+    signing_key: Path | None = None  # None: the fleet's shared command key (centre-signing.key)
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
@@ -33,10 +47,22 @@ def load_center_config(path: str | Path) -> CenterConfig:
         db=Path(rel(center["db"]) or ""),
         fleet_dir=Path(rel(center["fleet_dir"]) or ""),
         client_id=center.get("client_id", "sos-center-1"),
-        group=center.get("group", "sos-center"),
+        group=_group(center, path),
         operator=center.get("operator", "operator"),
         broker=BrokerConfig(broker["host"], broker["port"], ca_file=rel(broker["ca_file"]),
                             cert_file=rel(broker.get("cert_file")),
                             key_file=rel(broker.get("key_file"))),
         live_dir=Path(rel(center["live_dir"]) or "") if "live_dir" in center else None,
+        signing_key=Path(rel(center["signing_key"]) or "") if "signing_key" in center else None,
     )
+
+
+def _group(center: dict[str, Any], path: Path) -> str:
+    """The configured group; a warning when a centre with a signing key of its own (another
+    organisation's, as the schema describes `signing_key`) would join the project's group."""
+    group = center.get("group", DEFAULT_GROUP)
+    if "signing_key" in center and group == DEFAULT_GROUP:
+        log.warning("%s: this centre signs with its own key (center.signing_key) but joins the "
+                    "group '%s' of the project's own centre: the broker will split alerts "
+                    "between the two; set center.group to a group of its own", path, group)
+    return group

@@ -59,3 +59,13 @@ def event_line(event: dict[str, Any]) -> str:
     detail = event.get("reason") or event.get("call_id") or event.get("command_id", "")[:8]
     about = event.get("alert_id", "")[:8] or "device"
     return f"    {about} {event['device_id']}: {event['type'].replace('_', ' ')} {detail}".rstrip()
+
+
+def rejection_line(event: dict[str, Any], command: dict[str, Any] | None) -> str:
+    """`REJECTED close 1f2e3d4c of alert 5e8a1f0c by tok-001: expired (timestamp 63 s old ...)`:
+    a device refused a command; `command` is ours as stored (None: another centre's)."""
+    what = command["type"] if command else "command"
+    about = f" of alert {event['alert_id'][:8]}" if event.get("alert_id") else ""
+    detail = f" ({event['reason']})" if event.get("reason") else ""
+    return (f"REJECTED {what} {event['command_id'][:8]}{about} by {event['device_id']}: "
+            f"{event.get('reason_code', 'no reason code')}{detail}")

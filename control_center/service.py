@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.reasoncodes import ReasonCode
 
+from control_center.config import DEFAULT_GROUP
 from control_center.fleet import Fleet
 from control_center.live import LiveReceiver, header_from_properties
 from control_center.store import NotTheSame, NotYours, Store, Stored
@@ -56,6 +57,7 @@ SHARED = ("alert", "position", "event")
 LIVE_IDLE_S = 60.0  # a live stream with no chunk for this long is ended (#EXT-X-ENDLIST)
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 PUBACK reason: nobody subscribed to the device's commands
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
+RESEND_AFTER_S = 10.0  # a command the broker routed, unanswered this long, is sent again
 REFUSALS_REMEMBERED = 1024  # refused payloads logged once each (a device re-sends until receipted)
 
 
@@ -80,7 +82,7 @@ class CenterService:
         store: Store,
         *,
         client_id: str = "sos-center-1",
-        group: str = "sos-center",
+        group: str = DEFAULT_GROUP,
         on_event: Callable[[CenterEvent], None] | None = None,
         signer: Signer,
         trust: Callable[[str], list[Ed25519PublicKey]],
@@ -147,21 +149,22 @@ class CenterService:
     # -- commands --------------------------------------------------------------------------------
     def send_command(self, alert_id: str, decision: str, operator: str,
                      timeout_s: float = 10.0) -> dict[str, Any]:
-        """Send `ack` or `close` for an alert to its device; record it once the broker has it.
+        """Send `ack` or `close` for an alert to its device; return once the broker has it.
 
-        Returns the command sent, plus `delivered`: False if the device had no session to take
-        it (it is then sent again when the device reports back)."""
+        Returns the command sent, with `status` "sent" and `delivered`: False if the device had
+        no session to take it (it is then sent again when the device reports back). The alert
+        shows the decision only when the device's `command_applied` for it arrives
+        (Store.add_update): the broker taking a command proves nothing about the device."""
         alert = self.store.alert(alert_id)
         if alert is None:
             raise CommandError(f"no alert {alert_id}")
         command, delivered = self._send(alert.device_id, {"type": decision, "alert_id": alert_id},
                                         operator, timeout_s)
-        self.store.mark(alert_id, decision, operator, self._clock())
         if not delivered:
             log.warning("%s for %s recorded, but device %s is not connected and has no session; "
                         "it is sent again when the device reports back", decision, alert_id[:8],
                         alert.device_id)
-        return {**command, "delivered": delivered}
+        return {**command, "delivered": delivered, "status": "sent"}
 
     def send_call(self, device_id: str, kind: str, operator: str, call_id: str | None = None,
                   timeout_s: float = 10.0) -> dict[str, Any]:
@@ -198,7 +201,9 @@ class CenterService:
             reason = self._pubacks.pop(info.mid)
         if reason.is_failure:
             raise CommandError(f"broker refused the {kind}: {reason} ({reason.value})")
-        return command, reason.value != NO_MATCHING_SUBSCRIBERS
+        routed = reason.value != NO_MATCHING_SUBSCRIBERS
+        self.store.mark_sent(command["command_id"], self._clock(), routed=routed)
+        return command, routed
 
     # -- paho callbacks --------------------------------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -238,24 +243,25 @@ class CenterService:
             self._puback_arrived.notify_all()
 
     def _resend_missed_decision(self, device_id: str, status: dict[str, Any]) -> None:
-        """A device reporting an active alert that the operator already decided on missed the
-        command (it was offline without a session): send the decision again."""
+        """A device reporting an active alert for which an operator's decision is sent but not
+        applied (Store.undone_decisions) missed it: offline without a session, or the command
+        waited in the broker's queue past its time window. Send it again, as a new command;
+        a close before an ack, since it decides more."""
         alert_id = status.get("active_alert_id")
         alert = self.store.alert(alert_id) if alert_id else None
         if alert is None or alert.device_id != device_id:
             return
-        if alert.status == "closed":
-            decision, operator = "close", alert.closed_by
-        elif alert.status == "acknowledged" and status.get("active_alert_stage") in (
-                "sending", "delivered"):
-            decision, operator = "ack", alert.acked_by
-        else:
+        due = [c for c in self.store.undone_decisions(alert.alert_id)
+               if self._resend_due(c, status.get("active_alert_stage"))]
+        if not due:
             return
+        decision, operator = due[-1]["type"], due[-1]["operator"]
+
         def resend() -> None:  # not on paho's thread: send_command waits for the PUBACK
             try:
-                self.send_command(alert.alert_id, decision, operator or "operator")
+                self.send_command(alert.alert_id, decision, operator)
             except CommandError as exc:
-                log.error("could not re-send %s for %s: %s", decision, alert_id[:8], exc)
+                log.error("could not re-send %s for %s: %s", decision, alert.alert_id[:8], exc)
             finally:
                 with self._puback_arrived:
                     self._resending.pop(alert.alert_id, None)
@@ -266,8 +272,20 @@ class CenterService:
             thread = threading.Thread(target=resend, daemon=True)
             self._resending[alert.alert_id] = thread
         log.warning("device %s still shows %s as %s: sending the %s again", device_id,
-                    alert_id[:8], status.get("active_alert_stage"), decision)
+                    alert.alert_id[:8], status.get("active_alert_stage"), decision)
         thread.start()
+
+    def _resend_due(self, command: dict[str, Any], stage: str | None) -> bool:
+        """Whether an undone decision's command is missed rather than on its way: refused for a
+        reason a new command overcomes, never taken by a device session (PUBACK 16), or taken
+        but unanswered for RESEND_AFTER_S (a status made just before the device applied it
+        would otherwise trigger a needless copy). Nothing is repeated to a device showing the
+        alert closed, nor an ack to one showing it acknowledged: its answer is on the way."""
+        if stage == "closed" or (command["type"] == "ack" and stage == "acknowledged"):
+            return False
+        if command["status"] == "rejected" or not command["routed"]:
+            return True
+        return self._clock() - command["sent_at"] >= RESEND_AFTER_S
 
     def _on_event(self, event: CenterEvent) -> None:
         """Tell the observer (console, automatic operator). Its failure is logged and changes

@@ -18,6 +18,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,13 @@ CREATE TABLE IF NOT EXISTS commands (
     result_at   REAL
 );
 """
+# Added to `commands` after the first release (ALTER TABLE on an older store): when the broker
+# took the command, whether anyone was subscribed to take it, and why the device refused it.
+_COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT"}
+# Refusals a fresh command (new id, number and time) can overcome: it waited too long in the
+# broker's queue, or a centre's numbering went back.
+RETRYABLE_REFUSALS = ("expired", "replayed")
+DECISIONS = ("ack", "close")
 
 ALERT_COLUMNS = (
     "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
@@ -147,6 +155,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._add_digest_columns()
+        self._add_command_columns()
 
     def close(self) -> None:
         with self._lock:
@@ -160,6 +169,24 @@ class Store:
             if "digest" not in columns:
                 with contextlib.suppress(sqlite3.OperationalError):  # another instance won
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+
+    def _add_command_columns(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
+        for name, kind in _COMMAND_COLUMNS.items():
+            if name not in columns:
+                with contextlib.suppress(sqlite3.OperationalError):  # another instance won
+                    self._db.execute(f"ALTER TABLE commands ADD COLUMN {name} {kind}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic write of several statements (the caller holds the lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # -- writes from devices ---------------------------------------------------------------------
     def add_alert(self, alert: dict[str, Any], stored_at: float,
@@ -206,7 +233,7 @@ class Store:
         arrive before its alert, but never changes another device's alert or command. A re-send
         with other bytes than were stored raises NotTheSame, as for alerts."""
         device_id, alert_id = message["device_id"], message.get("alert_id", "")
-        with self._lock:
+        with self._lock, self._transaction():
             owner = self._db.execute("SELECT device_id FROM alerts WHERE alert_id = ?",
                                      (alert_id,)).fetchone() if alert_id else None
             if owner is not None and owner[0] != device_id:
@@ -228,12 +255,27 @@ class Store:
                 self._db.execute("UPDATE alerts SET cancel_requested_at = ? WHERE alert_id = ? "
                                  "AND device_id = ?", (message["created_at"], alert_id, device_id))
             if kind == "event" and message["type"] in ("command_applied", "command_rejected"):
-                self._db.execute(
-                    "UPDATE commands SET result = ?, result_at = ? WHERE command_id = ? "
-                    "AND device_id = ?",
-                    (message["type"], stored_at, message["command_id"], device_id),
-                )
+                self._record_result(message, stored_at)
             return Stored(True, stored_at)
+
+    def _record_result(self, event: dict[str, Any], at: float) -> None:
+        """A device's answer to one of our commands: write it on the command and, for an
+        applied ack or close, on the alert. Only the device the command went to can answer it,
+        and only about its own alert; `applied` is final (a late refusal of a redelivered copy
+        does not undo it)."""
+        device_id, command_id = event["device_id"], event["command_id"]
+        self._db.execute(
+            "UPDATE commands SET result = ?, result_at = ?, reason_code = ? WHERE command_id = ? "
+            "AND device_id = ? AND result IS NOT 'command_applied'",
+            (event["type"], at, event.get("reason_code"), command_id, device_id))
+        if event["type"] != "command_applied":
+            return
+        row = self._db.execute(
+            "SELECT c.type, c.alert_id, c.operator FROM commands c JOIN alerts a "
+            "ON a.alert_id = c.alert_id AND a.device_id = c.device_id "
+            "WHERE c.command_id = ? AND c.device_id = ?", (command_id, device_id)).fetchone()
+        if row is not None and row[0] in DECISIONS:
+            self._mark(row[1], row[0], row[2], at)
 
     def set_device_status(self, device_id: str, status: dict[str, Any], seen_at: float) -> None:
         """Record online/offline; an offline device's open alerts are flagged for the operator."""
@@ -273,22 +315,32 @@ class Store:
                  command["operator"], command["issued_at"]),
             )
 
-    def mark(self, alert_id: str, decision: str, operator: str, at: float) -> None:
-        """Record an operator's ack or close once the broker has accepted the command."""
+    def mark_sent(self, command_id: str, at: float, *, routed: bool) -> None:
+        """The broker took the command (PUBACK); `routed` False: nobody was subscribed to take
+        it (PUBACK 16, the device offline without a session)."""
         with self._lock:
-            if decision == "ack":
-                self._db.execute(
-                    "UPDATE alerts SET status = CASE status WHEN 'open' THEN 'acknowledged' "
-                    "ELSE status END, acked_at = coalesce(acked_at, ?), "
-                    "acked_by = coalesce(acked_by, ?) WHERE alert_id = ?",
-                    (at, operator, alert_id),
-                )
-            else:
-                self._db.execute(
-                    "UPDATE alerts SET status = 'closed', closed_at = coalesce(closed_at, ?), "
-                    "closed_by = coalesce(closed_by, ?) WHERE alert_id = ?",
-                    (at, operator, alert_id),
-                )
+            self._db.execute("UPDATE commands SET sent_at = ?, routed = ? WHERE command_id = ?",
+                             (at, int(routed), command_id))
+
+    def mark(self, alert_id: str, decision: str, operator: str, at: float) -> None:
+        """Record an operator's ack or close as in effect (its device applied it)."""
+        with self._lock:
+            self._mark(alert_id, decision, operator, at)
+
+    def _mark(self, alert_id: str, decision: str, operator: str, at: float) -> None:
+        if decision == "ack":
+            self._db.execute(
+                "UPDATE alerts SET status = CASE status WHEN 'open' THEN 'acknowledged' "
+                "ELSE status END, acked_at = coalesce(acked_at, ?), "
+                "acked_by = coalesce(acked_by, ?) WHERE alert_id = ?",
+                (at, operator, alert_id),
+            )
+        else:
+            self._db.execute(
+                "UPDATE alerts SET status = 'closed', closed_at = coalesce(closed_at, ?), "
+                "closed_by = coalesce(closed_by, ?) WHERE alert_id = ?",
+                (at, operator, alert_id),
+            )
 
     # -- reads -----------------------------------------------------------------------------------
     def alert(self, alert_id: str) -> AlertRecord | None:
@@ -328,13 +380,40 @@ class Store:
         return [{"kind": k, "stored_at": t, **json.loads(b)} for k, b, t in rows]
 
     def commands(self, alert_id: str) -> list[dict[str, Any]]:
+        """The commands sent about an alert, oldest first, with what became of each."""
+        return self._commands_where("alert_id = ?", (alert_id,))
+
+    def command(self, command_id: str) -> dict[str, Any] | None:
+        found = self._commands_where("command_id = ?", (command_id,))
+        return found[0] if found else None
+
+    def _commands_where(self, where: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        keys = ("command_id", "alert_id", "device_id", "type", "operator", "issued_at",
+                "sent_at", "routed", "result", "reason_code", "result_at")
         with self._lock:
             rows = self._db.execute(
-                "SELECT command_id, type, operator, issued_at, result, result_at FROM commands "
-                "WHERE alert_id = ? ORDER BY issued_at", (alert_id,),
-            ).fetchall()
-        keys = ("command_id", "type", "operator", "issued_at", "result", "result_at")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+                f"SELECT {', '.join(keys)} FROM commands WHERE {where} ORDER BY issued_at",
+                args).fetchall()
+        return [{**dict(zip(keys, r, strict=True)), "status": command_status(r[6], r[8])}
+                for r in rows]
+
+    def undone_decisions(self, alert_id: str) -> list[dict[str, Any]]:
+        """The operator's decisions on an alert that its device has not applied and that a new
+        copy could get applied: per decision type with no applied command, its latest command,
+        if the broker took it and it is unanswered or refused for a reason a fresh command
+        overcomes (RETRYABLE_REFUSALS). A decision whose send failed is the operator's to
+        repeat; one refused for good (a signature, say) is reported, not repeated."""
+        undone = []
+        commands = self.commands(alert_id)
+        for decision in DECISIONS:
+            sent = [c for c in commands if c["type"] == decision]
+            if not sent or any(c["status"] == "applied" for c in sent):
+                continue
+            latest = sent[-1]
+            if latest["status"] == "sent" or (latest["status"] == "rejected"
+                                              and latest["reason_code"] in RETRYABLE_REFUSALS):
+                undone.append(latest)
+        return undone
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -344,3 +423,12 @@ class Store:
         if row is None:
             return None
         return {"state": row[0], "last_seen": row[1], "status": json.loads(row[2])}
+
+
+def command_status(sent_at: float | None, result: str | None) -> str:
+    """`pending` (recorded, the broker has not taken it), `sent`, `applied`, `rejected`."""
+    if result == "command_applied":
+        return "applied"
+    if result == "command_rejected":
+        return "rejected"
+    return "sent" if sent_at is not None else "pending"

@@ -20,6 +20,7 @@ no alert active), and resumed after a reboot.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +34,26 @@ from firmware.sos_button.states import FeedbackState
 from firmware.uplink.outbox import Outgoing
 from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
 from protocol.signing import SeqMemory, SignatureError, public_key_b64, verify, window_error
+from protocol.untrusted import UntrustedJsonError, loads_untrusted
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
+COMMAND_TYPES = ("ack", "close", "call_start", "call_end")  # what this firmware can apply
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Refusal(StrEnum):
+    """Why a command was refused: the `reason_code` of its `command_rejected` event
+    (docs/PROTOCOL.md, "Commands and their validation")."""
+
+    INVALID = "invalid"  # breaks the command schema
+    UNKNOWN_TYPE = "unknown_type"  # a command type this firmware does not know
+    BAD_SIGNATURE = "bad_signature"  # not signed by a key in trust.centre_keys
+    EXPIRED = "expired"  # issued more than 40 s ago by the device's clock
+    FUTURE = "future"  # issued more than 20 s ahead of the device's clock
+    REPLAYED = "replayed"  # its centre key's sequence number was seen before
+    NOT_ACTIVE_ALERT = "not_active_alert"  # ack/close for an alert that is not the active one
 
 
 class Stage(StrEnum):
@@ -177,6 +194,7 @@ class AlertCore:
     link_up: bool = False
     feedback: FeedbackState = FeedbackState.IDLE
     call_id: str | None = None  # the call being recorded, if any
+    closed_alert_id: str | None = None  # the alert just closed, while "closed" shows
     _idle_at: float | None = None
     _transient: FeedbackState = FeedbackState.CLOSED  # shown until _idle_at (no active alert)
     _seen_commands: deque[str] = field(default_factory=lambda: deque(maxlen=REMEMBERED_COMMANDS))
@@ -223,6 +241,13 @@ class AlertCore:
             RecordSos(self.active.alert_id, True),
             *self._refresh_feedback(),
         ]
+
+    def showing_closed(self) -> str | None:
+        """The alert whose close is on show ("closed", for CLOSED_DISPLAY_S), if any: the status
+        reports it so a centre knows its close was applied."""
+        if self._idle_at is not None and self._transient is FeedbackState.CLOSED:
+            return self.closed_alert_id
+        return None
 
     # -- scheduling ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -323,48 +348,88 @@ class AlertCore:
         return []
 
     def _on_command(self, payload: bytes, now: Now) -> list[Action]:
+        """Every command with a readable id ends in a `command_applied` or `command_rejected`
+        event, so the centre learns its outcome; only an unreadable one gets just a log line."""
         try:
             command = decode(MessageKind.COMMAND, payload)
         except ProtocolError as exc:
-            return [Log("error", f"rejected command: {exc}; nothing changed")]
-        command_id, kind, alert_id = command["command_id"], command["type"], command.get("alert_id")
-        refusal, sender = self._authenticity_problem(command, now)
-        if refusal is not None:
-            return [Log("error", f"rejected {kind} command {command_id}: {refusal}; "
-                                 "nothing changed")]
-        if command_id in self._seen_commands:
-            return [Log("info", f"command {command_id} ({kind}) already applied; ignored "
-                                "(a redelivery)")]
+            return self._refuse_invalid(payload, exc, now)
+        try:
+            sender = public_key_b64(verify(command, self.command_keys))
+        except SignatureError as exc:
+            return self._reject(command, Refusal.BAD_SIGNATURE,
+                                f"{exc} (not from the control centre)", now)
+        if command["command_id"] in self._seen_commands:  # authentic, and changes nothing now
+            return self._report_applied_again(command, now)
+        late = self._window_problem(command, now)
+        if late is not None:
+            return self._reject(command, *late, now)
+        # The replay check comes last, so a forgery cannot burn a number the real centre uses.
         if not self._seqs_of(sender).accept(command["seq"]):
-            return [Log("error", f"rejected {kind} command {command_id}: sequence number "
-                                 f"{command['seq']} already seen (replayed); nothing changed")]
-        if kind in ("call_start", "call_end"):
-            self._seen_commands.append(command_id)
-            call_id = command.get("call_id") if kind == "call_start" else None
-            self.call_id = call_id
-            applied = self._event("command_applied", now, None, command_id)
-            return [Store([applied], self.state()), CallChange(call_id),
-                    Log("info", f"call {'started: ' + call_id if call_id else 'ended'} "
-                                f"({command['operator']})")]
-        if self.active is None or self.active.alert_id != alert_id:  # ack/close from here on
-            reason = f"alert {alert_id} is not the active alert"
-            return [
-                Store([self._event("command_rejected", now, alert_id, command_id, reason)],
-                      self.state()),
-                Log("error", f"rejected {kind} command {command_id}: {reason}; nothing changed"),
-            ]
-        self._seen_commands.append(command_id)
+            return self._reject(command, Refusal.REPLAYED, f"sequence number {command['seq']} "
+                                "already seen (replayed)", now)
+        if command["type"] in ("call_start", "call_end"):
+            return self._apply_call(command, now)
+        if self.active is None or self.active.alert_id != command["alert_id"]:
+            return self._reject(command, Refusal.NOT_ACTIVE_ALERT,
+                                f"alert {command['alert_id']} is not the active alert", now)
+        return self._apply_decision(command, now)
+
+    def _apply_call(self, command: dict[str, Any], now: Now) -> list[Action]:
+        self._seen_commands.append(command["command_id"])
+        call_id = command.get("call_id") if command["type"] == "call_start" else None
+        self.call_id = call_id
+        applied = self._command_event(command, "command_applied", now)
+        return [Store([applied], self.state()), CallChange(call_id),
+                Log("info", f"call {'started: ' + call_id if call_id else 'ended'} "
+                            f"({command['operator']})")]
+
+    def _apply_decision(self, command: dict[str, Any], now: Now) -> list[Action]:
+        """`ack` or `close` for the active alert; its event is stored with the new state."""
+        assert self.active is not None
+        alert_id = self.active.alert_id
+        self._seen_commands.append(command["command_id"])
         actions: list[Action]
-        if kind == "ack":
+        if command["type"] == "ack":
             self.active.stage = Stage.ACKNOWLEDGED
             actions = [Log("info", f"SOS {alert_id} acknowledged by {command['operator']}")]
         else:
             self.active = None
+            self.closed_alert_id = alert_id
             self._transient, self._idle_at = FeedbackState.CLOSED, now.mono + CLOSED_DISPLAY_S
             actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}"),
                        RecordSos(alert_id, False)]
-        applied = self._event("command_applied", now, alert_id, command_id)
+        applied = self._command_event(command, "command_applied", now)
         return [Store([applied], self.state()), *actions, *self._refresh_feedback()]
+
+    def _report_applied_again(self, command: dict[str, Any], now: Now) -> list[Action]:
+        """A redelivery of a command already applied changes nothing, but is answered again:
+        the centre that sent it again did so for want of an answer."""
+        applied = self._command_event(command, "command_applied", now)
+        return [Store([applied], self.state()),
+                Log("info", f"command {command['command_id']} ({command['type']}) already "
+                            "applied; ignored (a redelivery), reported as applied again")]
+
+    def _reject(self, command: dict[str, Any], refusal: Refusal, problem: str,
+                now: Now) -> list[Action]:
+        """Refuse a command: nothing changes; the centre gets `command_rejected`."""
+        rejected = self._command_event(command, "command_rejected", now, refusal, problem)
+        return [Store([rejected], self.state()),
+                Log("error", f"rejected {command['type']} command {command['command_id']}: "
+                             f"{problem}; nothing changed")]
+
+    def _refuse_invalid(self, payload: bytes, exc: ProtocolError, now: Now) -> list[Action]:
+        """A command breaking the schema. If its `command_id` can be read, the centre is told
+        (`invalid`, or `unknown_type` for a type this firmware does not know); otherwise only
+        the log line: there is nothing to name the answer by."""
+        actions: list[Action] = [Log("error", f"rejected command: {exc}; nothing changed")]
+        readable = _readable_command(payload)
+        if readable is None:
+            return actions
+        refusal = (Refusal.UNKNOWN_TYPE if isinstance(readable.get("type"), str)
+                   and readable["type"] not in COMMAND_TYPES else Refusal.INVALID)
+        rejected = self._command_event(readable, "command_rejected", now, refusal, str(exc))
+        return [Store([rejected], self.state()), *actions]
 
     def _on_tick(self, now: Now, readings: Readings) -> list[Action]:
         actions: list[Action] = []
@@ -388,20 +453,15 @@ class AlertCore:
                                  self.state()))
         return actions
 
-    def _authenticity_problem(self, command: dict[str, Any],
-                              now: Now) -> tuple[str | None, str]:
-        """Signature, then freshness: why the command cannot be trusted (or None), and which
-        centre key signed it. (Replay of a sequence number is checked after, so a forgery cannot
-        burn a number the real centre will use.)"""
-        try:
-            sender = public_key_b64(verify(command, self.command_keys))
-        except SignatureError as exc:
-            return f"{exc} (not from the control centre)", ""
+    @staticmethod
+    def _window_problem(command: dict[str, Any], now: Now) -> tuple[Refusal, str] | None:
+        """Why the command is outside the DC-09 window of the device's clock, or None."""
         issued = datetime.fromisoformat(command["issued_at"].replace("Z", "+00:00"))
         late = window_error(issued, now.utc)
-        if late is not None:
-            return f"{late}; replayed, or this device's clock is wrong", sender
-        return None, sender
+        if late is None:
+            return None
+        refusal = Refusal.FUTURE if issued > now.utc else Refusal.EXPIRED
+        return refusal, f"{late}; replayed, or this device's clock is wrong"
 
     def _seqs_of(self, sender: str) -> SeqMemory:
         """The replay memory of one centre key: any number of centres, ours or a partner's, can
@@ -411,6 +471,19 @@ class AlertCore:
         return self._command_seqs[sender]
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _command_event(self, command: dict[str, Any], kind: str, now: Now,
+                       refusal: Refusal | None = None, problem: str | None = None) -> Outgoing:
+        """The outcome of a command, naming exactly the alert it named (none for a call)."""
+        event = self._event(kind, now, command_id=command["command_id"],
+                            reason=problem[:200] if problem else None)
+        alert_id = command.get("alert_id")
+        event.message.pop("alert_id", None)
+        if isinstance(alert_id, str) and _HEX32.match(alert_id):
+            event.message["alert_id"] = alert_id
+        if refusal is not None:
+            event.message["reason_code"] = refusal.value
+        return event
+
     def _event(self, kind: str, now: Now, alert_id: str | None = None,
                command_id: str | None = None, reason: str | None = None, *,
                call_id: str | None = None) -> Outgoing:
@@ -449,3 +522,19 @@ class AlertCore:
             return []
         self.feedback = wanted
         return [Show(wanted)]
+
+
+def _readable_command(payload: bytes) -> dict[str, Any] | None:
+    """A schema-invalid command that is still a JSON object with a well-formed `command_id`,
+    within the untrusted-JSON limits; None if there is no id to answer by."""
+    try:
+        parsed = loads_untrusted(payload)
+    except UntrustedJsonError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    command_id = parsed.get("command_id")
+    if not isinstance(command_id, str) or not _HEX32.match(command_id):
+        return None
+    return {"command_id": command_id, "type": parsed.get("type"),
+            "alert_id": parsed.get("alert_id")}

@@ -365,6 +365,7 @@ class DeviceRuntime:
                                   exc, self.config.data_dir)
                 case Show(state):
                     self.feedback.show(state)
+                    self._publish_stage()
                 case Log(level, text):
                     getattr(log, level)(text)
                 case CallChange(call_id):
@@ -388,6 +389,13 @@ class DeviceRuntime:
 
     def _feedback_changed(self, state: FeedbackState) -> None:
         self._observe("feedback", {"state": state.value, "wall": time.time()})
+
+    def _publish_stage(self) -> None:
+        """The retained status at once when what the device shows changes (a new alert, the
+        centre's receipt, an ack, a close), not at the next heartbeat: the centre re-sends a
+        decision the device missed on the stage the status reports (docs/PROTOCOL.md)."""
+        if self.uplink.connected:
+            self.uplink.publish_status()
 
     # -- recordings ------------------------------------------------------------------------------
     def _remember_fix(self, fix: Fix) -> None:
@@ -584,6 +592,7 @@ class DeviceRuntime:
                                                "state": "online"})
 
     def _status(self, active: Any) -> dict[str, Any]:
+        closed = None if active else self.core.showing_closed()
         status = {
             "v": 1,
             "device_id": self.config.device_id,
@@ -591,8 +600,8 @@ class DeviceRuntime:
             "state": "online",
             "at": utc_iso(self._utc()),
             "heartbeat_s": self.config.heartbeat_s,
-            "active_alert_id": active.alert_id if active else None,
-            "active_alert_stage": active.stage.value if active else None,
+            "active_alert_id": active.alert_id if active else closed,
+            "active_alert_stage": active.stage.value if active else closed and "closed",
             "outbox_pending": self.outbox.count(),
             "gps": self.position.current()["source"],
             "battery": self._battery.read(),

@@ -7,6 +7,7 @@ the `outage` scenario and the outage tests take the broker away from devices.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shutil
 import signal
@@ -14,13 +15,15 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from control_center import pki
 from control_center.broker_admin import BrokerAdmin, admin_config
-from control_center.fleet import Fleet, render_mosquitto_conf, write_broker_access
+from control_center.fleet import ADMIN_NAME, Fleet, render_mosquitto_conf, write_broker_access
 from control_center.pki import CertPair
 from control_center.service import CenterService, FleetTrust
 from control_center.store import Store
@@ -28,6 +31,7 @@ from protocol.mqtt import BrokerConfig
 from protocol.signing import public_key_from_b64
 
 HOST = "127.0.0.1"
+log = logging.getLogger("sos.sim.broker")
 
 
 class BrokerError(RuntimeError):
@@ -50,6 +54,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_fleet(directory: Path) -> bool:
+    """Whether `directory` already holds a fleet (a CA made by `sos-center ca init`)."""
+    return (Path(directory) / "ca.pem").exists()
+
+
+def sim_enrolments(fleet_dir: Path, device_ids: Iterable[str]) -> list[str]:
+    """What the simulator would add to (or change in) the existing fleet at `fleet_dir`, one
+    phrase each: its centre identity, the fleet's broker administrator if there is none yet,
+    and every device in `device_ids` (those it makes a config for, i.e. not provisioned).
+    A device id the fleet already has would be re-keyed: its certificate revoked."""
+    fleet = Fleet(fleet_dir)
+    added = [f"{PrivateBroker.CENTRE} (a centre identity: reads every device's topics and may "
+             "send commands to every device)"]
+    if fleet.active(ADMIN_NAME) is None:
+        added.append(f"{ADMIN_NAME} (the broker administrator)")
+    for device_id in device_ids:
+        added.append(f"{device_id} (already enrolled: its certificate would be revoked and "
+                     "replaced)" if fleet.active(device_id) else f"{device_id} (a device)")
+    return added
+
+
 class PrivateBroker:
     """`with PrivateBroker(workdir) as broker:` gives a running broker on loopback, configured
     exactly as a deployment is (control_center/fleet.py): mutual TLS, the certificate's name as
@@ -62,15 +87,23 @@ class PrivateBroker:
     def __init__(self, workdir: Path, *, port: int | None = None,
                  fleet_dir: Path | None = None) -> None:
         """`fleet_dir`: an existing fleet (devices provisioned into it can connect); default a
-        new one in the work directory."""
+        new one in the work directory. In an existing fleet this ENROLS identities: `centre.sim`
+        (a centre: it reads every device's topics and may command every device), the fleet's
+        broker administrator if missing, and whoever `identity()` is asked for; each is logged
+        as a warning. `sos-sim run --fleet` refuses that unless given --enrol-sim-identities
+        (`sim_enrolments` lists what would be added)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.existing_fleet = fleet_dir is not None and is_fleet(fleet_dir)
         self.fleet = Fleet.create(fleet_dir or self.workdir / "fleet")
         self.fleet.ensure_evidence_key()  # recordings are encrypted to the centre
         self.fleet.ensure_live_key()  # and so is the live view during an SOS
-        self.server = self.fleet.issue_server("broker", [HOST, "localhost"])
         self.ca: CertPair = self.fleet.ca
+        # In the work directory, never FLEET/servers: that holds the deployment's broker
+        # certificate (`sos-center ca server broker`), which a loopback one must not replace.
+        self.server = pki.issue_server_cert(self.ca, self.workdir / "server", "broker",
+                                            [HOST, "localhost"])
         (self.workdir / "data").mkdir(exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
         self.log_file = self.workdir / "mosquitto.log"
@@ -90,6 +123,9 @@ class PrivateBroker:
         for it is `name`, whatever id the client asks for."""
         if name not in self._identities:
             pair = self.fleet.enrol_local(name, kind, self.workdir / "identities" / name)
+            if self.existing_fleet:
+                log.warning("enrolled %s (%s) in the existing fleet %s", name, kind,
+                            self.fleet.directory)
             self._identities[name] = BrokerConfig(
                 HOST, self.port, ca_file=str(self.ca.cert_file), cert_file=str(pair.cert_file),
                 key_file=str(pair.key_file), reconnect_min_s=0.2, reconnect_max_s=1.0)
@@ -120,8 +156,8 @@ class PrivateBroker:
         need two identities, since the broker makes the identity the client id."""
         broker = self.centre if identity == self.CENTRE else self.identity(identity, "centre")
         kwargs.setdefault("client_id", identity)
-        return CenterService(broker, store, signer=self.fleet.centre_signer(),
-                             trust=FleetTrust(self.fleet), **kwargs)
+        kwargs.setdefault("signer", self.fleet.centre_signer())
+        return CenterService(broker, store, trust=FleetTrust(self.fleet), **kwargs)
 
     def anonymous(self) -> BrokerConfig:
         """A client that checks the broker but shows no certificate of its own."""

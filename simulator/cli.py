@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from protocol.configfile import ConfigError
+from simulator.broker import is_fleet, sim_enrolments
 from simulator.processes import Entry, Recorder
 from simulator.runner import RunResult, ScenarioRun, dumps
 from simulator.scenario import available, load_scenario
@@ -92,8 +93,8 @@ def print_summary(result: RunResult) -> None:
                   f"newest frame {newest['p50']:.0f} ms (p50) / {newest['p95']:.0f} ms (p95) "
                   "behind the camera")
     if result.ok:
-        print(f"\nOK: {len(result.alerts)} alert(s), each stored once at the control centre and "
-              "acknowledged on the device.")
+        print(f"\nOK: {len(result.alerts)} alert(s), each stored once at the control centre, "
+              "and every operator decision applied on the device.")
     else:
         print("\nFAILED:\n  " + "\n  ".join(result.problems))
 
@@ -103,6 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.scenario)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    refusal = fleet_refusal(args, [d.id for d in scenario.devices
+                                   if d.id not in {i.partition("=")[0] for i in args.provisioned}])
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sos-sim-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +138,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def fleet_refusal(args: argparse.Namespace, enrolled_devices: list[str]) -> str | None:
+    """Why the run must not start on `--fleet`, or None. The simulator's centre is an identity
+    of the fleet like any other: in a fleet that exists (a deployment's, a partner's) it and the
+    scenario's devices are enrolled only when the user says so."""
+    if args.fleet is None or args.enrol_sim_identities or not is_fleet(args.fleet):
+        return None
+    added = sim_enrolments(args.fleet, enrolled_devices)
+    return (f"--fleet {args.fleet} is an existing fleet; this run would enrol in it: "
+            f"{'; '.join(added)}. Pass --enrol-sim-identities to allow that, or use a fleet "
+            "of its own for the simulator (sos-center ca init --fleet DIR)")
+
+
 def _device_root(item: str) -> tuple[str, Path]:
     device_id, _, root = item.partition("=")
     config = Path(root) / "etc" / "sos-device" / "device.toml"
@@ -159,7 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
     run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
     run.add_argument("--fleet", type=Path, metavar="DIR",
-                     help="use this fleet (sos-center ca init) instead of a new one")
+                     help="use this fleet (sos-center ca init) instead of a new one; an "
+                          "existing fleet is refused unless --enrol-sim-identities is given")
+    run.add_argument("--enrol-sim-identities", action="store_true",
+                     help="allow enrolling the simulator's identities in the existing --fleet: "
+                          "centre.sim, a centre identity that reads every device's topics and "
+                          "may send commands to every device (re-keyed on every run), the "
+                          "broker administrator admin.fleet if missing, and every scenario "
+                          "device not given with --provisioned (re-keyed if already enrolled). "
+                          "Revoke them afterwards with `sos-center ca revoke NAME`")
     run.add_argument("--port", type=int, help="broker port (default: a free one)")
     run.add_argument("--provisioned", action="append", default=[], metavar="ID=ROOT",
                      help="run device ID from a directory `sos-device provision` wrote "

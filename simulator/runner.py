@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from control_center import pki
 from control_center.audit import AuditLog
 from control_center.console import alert_line, event_line
 from control_center.ingest import DirectoryStore, IngestServer
@@ -122,7 +123,10 @@ class ScenarioRun:
         self.live: LiveReceiver | None = None
         if scenario.records:  # evidence comes home by upload; the live view during an SOS
             fleet = self.broker.fleet
-            server = fleet.issue_server("ingest", [HOST, "localhost"])
+            # Its own loopback certificate, in the run's directory: never over a deployment's
+            # ingest certificate in a fleet passed with --fleet.
+            server = pki.issue_server_cert(fleet.ca, workdir / "server", "ingest",
+                                           [HOST, "localhost"])
             self.ingest = IngestServer(
                 fleet, DirectoryStore(workdir / "evidence"), AuditLog(workdir / "audit.jsonl"),
                 workdir=workdir / "ingest", cert_file=server.cert_file,
@@ -369,6 +373,7 @@ class ScenarioRun:
                                         if u["kind"] == "position"),
                 "device_restarts": max(0, self.devices[record.device_id].starts - 1),
                 "feedback": feedback,
+                "decisions": decision_outcomes(self.store.commands(record.alert_id)),
             })
         expected = self.scenario.expected_alerts
         if len(alerts) != expected:
@@ -379,6 +384,7 @@ class ScenarioRun:
             elif "acknowledged" not in a["feedback"]:
                 problems.append(f"alert {a['alert_id'][:8]}: the device never showed "
                                 "acknowledged")
+            problems += decision_problems(a["alert_id"], a["decisions"])
         recordings = None
         if self.scenario.records:
             recordings = recording_results(self, alerts)
@@ -386,6 +392,30 @@ class ScenarioRun:
         self.store.close()
         return RunResult(self.scenario.name, self.speed, not problems, alerts, expected, problems,
                          str(self.workdir), list(self.recorder.entries), recordings)
+
+
+def decision_outcomes(commands: list[dict[str, Any]]) -> dict[str, str]:
+    """What became of each operator decision on an alert (Store.commands), by type: `applied`
+    once any of its commands (a re-send included) was applied on the device; otherwise what
+    its latest command got: `rejected: <reason_code>`, or `no answer`."""
+    outcomes: dict[str, str] = {}
+    for command in commands:
+        kind = command["type"]
+        if outcomes.get(kind) == "applied":
+            continue
+        if command["status"] == "applied":
+            outcomes[kind] = "applied"
+        elif command["status"] == "rejected":
+            outcomes[kind] = f"rejected: {command['reason_code'] or 'no reason code'}"
+        else:
+            outcomes[kind] = "no answer"
+    return outcomes
+
+
+def decision_problems(alert_id: str, outcomes: dict[str, str]) -> list[str]:
+    """A run is ok only if every decision the operator made was applied on the device."""
+    return [f"alert {alert_id[:8]}: the operator's {kind} was not applied on the device "
+            f"({outcome})" for kind, outcome in outcomes.items() if outcome != "applied"]
 
 
 def _iso(wall: float) -> str:

@@ -25,18 +25,12 @@ import threading
 import time
 from typing import Any
 
-from gpiozero.pins.mock import MockFactory
-
-from firmware.camera.synthetic import SyntheticCamera
 from firmware.config import load_device_config
-from firmware.device import DeviceRuntime
+from firmware.simulated import simulated_runtime
 from protocol.configfile import ConfigError
 from simulator.virtual_button import play, sequence_pattern
 
 _print_lock = threading.Lock()
-VIRTUAL_CAMERA_FRAMES = 5  # a device simulated without [camera] still passes the camera check
-SIM_MAX_PIXELS = 640 * 480  # larger camera modes are simulated at SIM_CAMERA_SIZE
-SIM_CAMERA_SIZE = (320, 240)
 
 
 def emit(name: str, fields: dict[str, Any]) -> None:
@@ -109,24 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gps_port:
         config = dataclasses.replace(config, gps=dataclasses.replace(config.gps,
                                                                      port=args.gps_port))
-    factory = MockFactory()
     battery = DrainingBattery(args.battery) if args.battery is not None else None
-    camera = None
-    if config.camera is not None:  # the simulator's camera: real H.264 of a test pattern
-        size, fps, bitrate = config.camera.size, config.camera.fps, config.camera.bitrate
-        if size[0] * size[1] > SIM_MAX_PIXELS:  # a provisioned 1080p30 config, on a desktop CPU
-            logging.getLogger("sos.sim").warning(
-                "camera %dx%d simulated at %dx%d (the desktop encodes in software)",
-                size[0], size[1], *SIM_CAMERA_SIZE)
-            size, bitrate = SIM_CAMERA_SIZE, min(bitrate, 800_000)
-        camera = SyntheticCamera(config.device_id, size=size, fps=fps, bitrate=bitrate)
-    probe = None if camera else (lambda: VIRTUAL_CAMERA_FRAMES)  # a camera counts its frames
     try:
-        runtime = DeviceRuntime(config, pin_factory=factory, battery=battery, observer=emit,
-                                camera_probe=probe, camera_source=camera)
+        device = simulated_runtime(config, battery=battery, observer=emit)
     except ConfigError as exc:  # e.g. the signing key is missing: never made here
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    runtime, factory = device.runtime, device.pins
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)

@@ -147,13 +147,10 @@ def test_close_shows_closed_then_idle_after_the_display_time() -> None:
 
 
 @pytest.mark.parametrize("payload", [
-    b"not json", b"{}", b'{"v":1,"type":"ack"}', b"\xff\xfe",
-    b'{"v":1,"command_id":"' + b"a" * 32 + b'","type":"self-destruct","alert_id":"' + b"0" * 31
-    + b'1","issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}',
-    b'{"v":2,"command_id":"' + b"a" * 32 + b'","type":"close","alert_id":"' + b"0" * 31
-    + b'1","issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}',
+    b"not json", b"{}", b'{"v":1,"type":"ack"}', b"\xff\xfe", b'[1]',
+    b'{"v":1,"command_id":"NOT-HEX","type":"close"}',
 ])
-def test_a_malformed_command_is_rejected_with_one_log_line_and_changes_nothing(
+def test_a_command_without_a_readable_id_is_only_logged_and_changes_nothing(
         payload: bytes) -> None:
     core = make_core()
     core.handle(Trigger("button_hold"), at(0), READINGS)
@@ -164,39 +161,99 @@ def test_a_malformed_command_is_rejected_with_one_log_line_and_changes_nothing(
     assert core.state() == before
 
 
+def rejection(actions: list) -> dict:
+    """The one event stored, checked against the schema: a command_rejected."""
+    (event,) = stored(actions)
+    validate(MessageKind.EVENT, {**event.message, "seq": 1})
+    assert event.message["type"] == "command_rejected"
+    return event.message
+
+
+def test_a_schema_invalid_command_with_a_readable_id_is_rejected_as_invalid() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    before = core.state()
+    payload = (b'{"v":2,"command_id":"' + b"a" * 32 + b'","type":"close","alert_id":"'
+               + b"0" * 31 + b'1","issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}')
+    actions = core.handle(CommandPayload(payload), at(1), READINGS)
+    event = rejection(actions)
+    assert (event["command_id"], event["reason_code"]) == ("a" * 32, "invalid")
+    assert event["alert_id"] == "0" * 31 + "1"
+    assert [a.level for a in actions if isinstance(a, Log)] == ["error"]
+    assert core.state() == before and shown(actions) == []
+
+
+def test_a_command_type_this_firmware_does_not_know_is_rejected_as_unknown_type() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    payload = (b'{"v":1,"command_id":"' + b"a" * 32 + b'","type":"self-destruct",'
+               b'"issued_at":"2026-11-23T10:00:03.000Z","operator":"x"}')
+    event = rejection(core.handle(CommandPayload(payload), at(1), READINGS))
+    assert event["reason_code"] == "unknown_type" and "alert_id" not in event
+    assert core.active is not None
+
+
 def test_a_command_for_another_alert_is_rejected_and_reported() -> None:
     core = make_core()
     core.handle(Trigger("button_hold"), at(0), READINGS)
     actions = core.handle(CommandPayload(command(core, "close", alert_id="f" * 32)), at(1),
                           READINGS)
-    (rejected,) = stored(actions)
-    assert rejected.message["type"] == "command_rejected"
+    event = rejection(actions)
+    assert (event["reason_code"], event["alert_id"]) == ("not_active_alert", "f" * 32)
     assert core.active is not None and shown(actions) == []
 
 
-def test_a_redelivered_command_is_applied_once() -> None:
+def test_a_redelivered_command_changes_nothing_but_is_reported_applied_again() -> None:
+    """A centre sending it again did so for want of an answer: it gets one."""
     core = make_core()
     core.handle(Trigger("button_hold"), at(0), READINGS)
     ack = command(core, "ack")
     core.handle(CommandPayload(ack), at(1), READINGS)
+    before = core.state()
     again = core.handle(CommandPayload(ack), at(2), READINGS)
-    assert stored(again) == []
+    (event,) = stored(again)
+    assert (event.message["type"], event.message["command_id"]) == ("command_applied", "c" * 32)
+    assert core.state() == before and shown(again) == []
     assert [a.level for a in again if isinstance(a, Log)] == ["info"]
 
 
-@pytest.mark.parametrize(("forge", "reason"), [
-    ({"signer": None}, "'sig' is a required property"),
-    ({"signer": IMPOSTOR}, "bad signature"),
-    ({"issued_at": "2026-11-23T09:59:00.000Z"}, "s old"),
-    ({"issued_at": "2026-11-23T10:01:00.000Z"}, "in the future"),
+def test_a_redelivery_after_the_time_window_is_still_reported_applied() -> None:
+    """The broker may hand a queued command over again minutes later: it was applied, so the
+    answer is `applied`, not `expired`."""
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    ack = command(core, "ack")
+    core.handle(CommandPayload(ack), at(3), READINGS)
+    (event,) = stored(core.handle(CommandPayload(ack), at(300), READINGS))
+    assert event.message["type"] == "command_applied"
+
+
+def test_a_redelivered_close_is_reported_applied_again_after_the_alert_ended() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    alert_id = core.active.alert_id
+    close = command(core, "close")
+    core.handle(CommandPayload(close), at(1), READINGS)
+    (event,) = stored(core.handle(CommandPayload(close), at(2), READINGS))
+    assert (event.message["type"], event.message["alert_id"]) == ("command_applied", alert_id)
+    assert core.active is None
+
+
+@pytest.mark.parametrize(("forge", "reason", "code"), [
+    ({"signer": None}, "'sig' is a required property", "invalid"),
+    ({"signer": IMPOSTOR}, "bad signature", "bad_signature"),
+    ({"issued_at": "2026-11-23T09:59:00.000Z"}, "s old", "expired"),
+    ({"issued_at": "2026-11-23T10:01:00.000Z"}, "in the future", "future"),
 ])
-def test_a_forged_or_stale_close_cannot_silence_an_sos(forge: dict, reason: str) -> None:
+def test_a_forged_or_stale_close_cannot_silence_an_sos(forge: dict, reason: str,
+                                                       code: str) -> None:
     core = make_core()
     core.handle(Trigger("button_hold"), at(0), READINGS)
     actions = core.handle(CommandPayload(command(core, "close", **forge)), at(3), READINGS)
     (log,) = [a for a in actions if isinstance(a, Log)]
     assert log.level == "error" and reason in log.text
-    assert core.active is not None and stored(actions) == [] and shown(actions) == []
+    assert core.active is not None and shown(actions) == []
+    assert rejection(actions)["reason_code"] == code
 
 
 PARTNER = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34))))
@@ -248,6 +305,7 @@ def test_a_replayed_sequence_number_is_rejected_even_with_a_new_command_id() -> 
                          READINGS)
     assert any("already seen (replayed)" in a.text for a in replay if isinstance(a, Log))
     assert core.active is not None
+    assert rejection(replay)["reason_code"] == "replayed"
 
 
 def test_a_forgery_does_not_use_up_the_sequence_number_of_the_real_command() -> None:
@@ -287,7 +345,10 @@ def test_an_active_alert_survives_a_restart() -> None:
     actions = reborn.restore(saved, at(100))
     assert reborn.active.alert_id == core.active.alert_id
     assert shown(actions) == [FeedbackState.ACKNOWLEDGED]
-    assert stored(reborn.handle(CommandPayload(command(core, "ack")), at(101), READINGS)) == []
+    redelivered = command(core, "ack", issued_at="2026-11-23T10:01:40.000Z")  # same id
+    again = reborn.handle(CommandPayload(redelivered), at(101), READINGS)
+    assert [e.message["type"] for e in stored(again)] == ["command_applied"]
+    assert reborn.state()["seen_commands"] == saved["seen_commands"]  # applied once
 
 
 def call_command(kind: str, call_id: str | None = None, cid: str = "f" * 32) -> bytes:
@@ -306,6 +367,22 @@ def test_dispatch_starts_and_ends_a_call_for_the_recorder() -> None:
     assert applied.message["type"] == "command_applied" and "alert_id" not in applied.message
     ended = core.handle(CommandPayload(call_command("call_end", cid="e" * 32)), at(4), READINGS)
     assert CallChange(None) in ended
+
+
+def test_a_call_commands_result_names_no_alert_even_while_an_sos_is_active() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    started = core.handle(CommandPayload(call_command("call_start", "call-18", cid="3" * 32)),
+                          at(3), READINGS)
+    (applied,) = stored(started)
+    assert applied.message["type"] == "command_applied" and "alert_id" not in applied.message
+
+
+def test_an_applied_command_carries_no_reason_code() -> None:
+    core = make_core()
+    core.handle(Trigger("button_hold"), at(0), READINGS)
+    (applied,) = stored(core.handle(CommandPayload(command(core, "ack")), at(1), READINGS))
+    assert "reason_code" not in applied.message and "reason" not in applied.message
 
 
 def test_an_sos_starts_recording_and_its_close_ends_it() -> None:

@@ -73,19 +73,50 @@ def test_the_last_will_marks_the_devices_open_alert_offline(broker, center) -> N
     assert center.store.device("tok-002")["state"] == "offline"
 
 
-def test_ack_reaches_the_device_command_topic_and_is_recorded(broker, center, device) -> None:
+def answer(broker, device: RawClient, command: dict, seq: int,
+           reason_code: str | None = None) -> None:
+    """What the device does with a command: its signed command_applied, or command_rejected
+    with a reason code."""
+    event = {"v": 1, "device_id": "tok-001", "seq": seq, "alert_id": command["alert_id"],
+             "created_at": "2026-11-23T10:00:03.000Z", "command_id": command["command_id"],
+             "type": "command_rejected" if reason_code else "command_applied"}
+    if reason_code:
+        event["reason_code"] = reason_code
+    device.publish(Topics("tok-001").event, encode(MessageKind.EVENT, sign(broker, event)))
+
+
+def raised_and_ordered(broker, center, device, decision: str = "ack") -> dict:
+    """An alert stored at the centre and the operator's decision received by the device."""
     device.subscribe(Topics("tok-001").command)
     message = alert_message()
     device.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, sign(broker, message)))
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
-    center.service.send_command(message["alert_id"], "ack", "op-7")
-    received = device.wait_messages(2)  # the alert's delivery receipt, then the ack
+    sent = center.service.send_command(message["alert_id"], decision, "op-7")
+    received = device.wait_messages(2)  # the alert's delivery receipt, then the command
     assert {topic for topic, _ in received} == {Topics("tok-001").command}
     (command,) = [m for _, p in received if (m := json.loads(p))["type"] != "delivered"]
-    assert (command["type"], command["alert_id"], command["operator"]) == \
-        ("ack", message["alert_id"], "op-7")
-    record = center.store.alert(message["alert_id"])
-    assert (record.status, record.acked_by) == ("acknowledged", "op-7")
+    assert command["command_id"] == sent["command_id"] and sent["status"] == "sent"
+    return command
+
+
+def test_an_ack_the_broker_took_leaves_the_alert_open_until_the_device_applies_it(
+        broker, center, device) -> None:
+    command = raised_and_ordered(broker, center, device)
+    assert (command["type"], command["operator"]) == ("ack", "op-7")
+    assert center.store.alert(command["alert_id"]).status == "open"
+    answer(broker, device, command, seq=2)
+    center.wait_for(lambda: center.store.alert(command["alert_id"]).status == "acknowledged")
+    assert center.store.alert(command["alert_id"]).acked_by == "op-7"
+    assert center.store.command(command["command_id"])["status"] == "applied"
+
+
+def test_a_refused_command_records_its_reason_code_and_the_alert_stays_open(
+        broker, center, device) -> None:
+    command = raised_and_ordered(broker, center, device, "close")
+    answer(broker, device, command, seq=2, reason_code="bad_signature")
+    center.wait_for(lambda: center.store.command(command["command_id"])["status"] == "rejected")
+    assert center.store.command(command["command_id"])["reason_code"] == "bad_signature"
+    assert center.store.alert(command["alert_id"]).status == "open"
 
 
 def test_two_instances_in_one_group_split_alerts_and_store_each_once(broker, tmp_path,
@@ -130,8 +161,9 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
     center.wait_for(lambda: center.store.alert(message["alert_id"]))
     sender.close()
 
-    center.service.send_command(message["alert_id"], "ack", "op-2")  # nobody listens: PUBACK 16
-    assert center.store.alert(message["alert_id"]).status == "acknowledged"
+    sent = center.service.send_command(message["alert_id"], "ack", "op-2")  # PUBACK 16
+    assert not sent["delivered"]
+    assert center.store.alert(message["alert_id"]).status == "open"
     assert any("not connected" in r.message for r in caplog.records)
 
     device = RawClient(broker.identity("tok-003"), "tok-003")
@@ -141,10 +173,25 @@ def test_a_decision_the_device_missed_is_sent_again_when_it_reports_back(broker,
                   "active_alert_id": message["alert_id"], "active_alert_stage": "delivered"}
         device.publish(topics.status, encode(MessageKind.STATUS, status))
         ((_, payload),) = device.wait_messages(1)
-        assert json.loads(payload)["type"] == "ack"
-        assert json.loads(payload)["operator"] == "op-2"
+        resent = json.loads(payload)
+        assert (resent["type"], resent["operator"]) == ("ack", "op-2")
+        assert resent["command_id"] != sent["command_id"]  # a new command, in its time window
     finally:
         device.close()
+
+
+def test_a_decision_refused_as_expired_is_sent_again_when_the_device_reports_back(
+        broker, center, device) -> None:
+    """It waited in the broker's queue for the device past its time window."""
+    command = raised_and_ordered(broker, center, device, "close")
+    answer(broker, device, command, seq=2, reason_code="expired")
+    center.wait_for(lambda: center.store.command(command["command_id"])["status"] == "rejected")
+    status = {"v": 1, "device_id": "tok-001", "state": "online",
+              "active_alert_id": command["alert_id"], "active_alert_stage": "delivered"}
+    device.publish(Topics("tok-001").status, encode(MessageKind.STATUS, status))
+    messages = device.wait_messages(4)  # receipts of the alert and the event, two closes
+    closes = [m for _, p in messages if (m := json.loads(p))["type"] == "close"]
+    assert [c["command_id"] == command["command_id"] for c in closes] == [True, False]
 
 
 @pytest.mark.parametrize("signing", ["unsigned", "another key"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import subprocess
 import sys
@@ -12,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from protocol import MessageKind, Topics, encode
+from protocol.signing import load_or_make_key
 from tests.helpers import RawClient, alert_message, device_signer
+from tests.test_device_process import Device
 
 
 @pytest.fixture
@@ -43,27 +44,87 @@ def serving(config: Path):
     proc.wait(timeout=10)
 
 
-def test_serve_prints_one_line_per_new_alert_and_ack_reaches_the_device(broker, config,
-                                                                       serving) -> None:
-    device = RawClient(broker.identity("tok-777"), "tok-777")
+def next_line(lines: queue.Queue[str], prefix: str, timeout: float = 20.0) -> str:
+    """The next line `serve` printed that starts with `prefix` (others are skipped)."""
+    while not (line := lines.get(timeout=timeout)).startswith(prefix):
+        pass
+    return line
+
+
+@pytest.fixture
+def token(broker, tmp_path: Path):
+    """A real device process (the firmware on virtual hardware), connected."""
+    device = Device(broker, tmp_path, "tok-777")
+    device.start()
+    device.wait_kind("link", up=True)
+    yield device
+    device.close()
+
+
+def raise_sos(token: Device, serving: queue.Queue[str]) -> str:
+    """Hold SOS on the token until `serve` prints the alert; its id."""
+    token.press(1.7)
+    line = next_line(serving, "SOS ")
+    assert "tok-777" in line
+    return line.rsplit("id ", 1)[1].strip()
+
+
+def test_serve_prints_one_line_per_new_alert_and_ack_says_the_device_applied_it(
+        config, serving, token) -> None:
+    alert_id = raise_sos(token, serving)
+    listed = sos_center(config, "alerts")
+    assert alert_id in listed.stdout and "open" in listed.stdout
+
+    acked = sos_center(config, "ack", alert_id[:6])
+    assert acked.returncode == 0, acked.stderr
+    assert acked.stdout.strip() == f"{alert_id} ack: applied"
+    token.wait_kind("feedback", state="acknowledged")
+    assert "acknowledged" in sos_center(config, "alerts").stdout
+
+
+def test_ack_with_a_key_the_device_does_not_trust_says_rejected_and_why(
+        broker, config, serving, token, tmp_path: Path) -> None:
+    """A centre key enrolled after the device was set up: the fleet trusts it, the device's
+    trust.centre_keys do not hold it yet."""
+    alert_id = raise_sos(token, serving)
+    broker.identity("centre.late", "centre")
+    late = tmp_path / "late.toml"
+    late.write_text(config.read_text().replace(
+        "[broker]", f'signing_key = "{broker.signing_key_file("centre.late")}"\n[broker]'))
+    done = sos_center(late, "ack", alert_id)
+    assert (done.returncode, done.stdout.strip()) == (1, f"{alert_id} ack: rejected: "
+                                                         "bad_signature")
+    assert f"of alert {alert_id} by tok-777: bad_signature" in next_line(serving, "REJECTED ack ")
+    assert "acknowledged" not in token.feedback()
+
+
+def test_ack_without_an_answer_says_it_stays_pending(broker, config, serving) -> None:
+    device = RawClient(broker.identity("tok-778"), "tok-778")  # takes commands, answers none
     try:
-        device.subscribe(Topics("tok-777").command)
-        message = device_signer(broker, "tok-777").sign(alert_message(device_id="tok-777"))
-        device.publish(Topics("tok-777").alert, encode(MessageKind.ALERT, message))
-        line = serving.get(timeout=20)
-        assert line.startswith("SOS ") and "tok-777" in line and message["alert_id"][:8] in line
-
-        listed = sos_center(config, "alerts")
-        assert message["alert_id"][:8] in listed.stdout and "open" in listed.stdout
-
-        acked = sos_center(config, "ack", message["alert_id"][:6])
-        assert acked.returncode == 0, acked.stderr
-        received = [json.loads(p) for _, p in device.wait_messages(2)]  # receipt, then ack
-        (command,) = [m for m in received if m["type"] != "delivered"]
-        assert (command["type"], command["operator"]) == ("ack", "op-cli")
-        assert "acknowledged" in sos_center(config, "alerts").stdout
+        device.subscribe(Topics("tok-778").command)
+        message = device_signer(broker, "tok-778").sign(alert_message(device_id="tok-778"))
+        device.publish(Topics("tok-778").alert, encode(MessageKind.ALERT, message))
+        next_line(serving, "SOS ")
+        done = sos_center(config, "close", message["alert_id"], "--wait", "0.5")
+        assert done.returncode == 3
+        assert done.stdout.strip() == (f"{message['alert_id'][:8]} close: no answer from the "
+                                       "device yet; it stays pending and is sent again when the "
+                                       "device reports back")
     finally:
         device.close()
+
+
+def test_a_signing_key_the_fleet_does_not_trust_is_refused_at_start(
+        broker, config, tmp_path: Path) -> None:
+    key = tmp_path / "stranger.key"
+    load_or_make_key(key)
+    stranger = tmp_path / "stranger.toml"
+    stranger.write_text(config.read_text().replace("[broker]",
+                                                   f'signing_key = "{key}"\n[broker]'))
+    done = sos_center(stranger, "serve")
+    assert done.returncode == 2
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("config error:")]
+    assert str(key) in line and "sos-center ca sign --kind centre --signing-key" in line
 
 
 def test_ack_of_an_unknown_alert_says_so(config) -> None:
