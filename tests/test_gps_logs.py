@@ -1,4 +1,4 @@
-"""Real receiver logs decode to the fixes gpsd decoded from them (shared/nmea, see its README).
+"""Real receiver logs decode to the fixes gpsd decoded from them (tests/data/nmea, see its README).
 
 Fixes are compared epoch by epoch, by UTC time, in log order. Latitude/longitude of gpsd's last
 record of each epoch must agree within 1e-6 deg. Altitude is compared on gpsd's records made right
@@ -29,10 +29,11 @@ from firmware.gps.fix import Fix
 from firmware.gps.nmea import NmeaDecoder
 from firmware.gps.reader import GpsReader
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SOS_SHARED_DIR") or REPO.parent / "shared")
-LOGS = SHARED / "nmea" / "logs"
-EXPECTED = SHARED / "nmea" / "expected"
+# gpsd's receiver logs and the fixes gpsd decoded from them, kept in the repository with their
+# licence (tests/data/nmea/COPYING, BSD-2-Clause) and README.
+NMEA = Path(__file__).resolve().parent / "data" / "nmea"
+LOGS = NMEA / "logs"
+EXPECTED = NMEA / "expected"
 LOG_NAMES = sorted(p.stem for p in LOGS.glob("*.log")) or ["<no logs found>"]
 
 POS_TOL_DEG = 1e-6
@@ -41,7 +42,7 @@ SPEED_TOL_MPS = 0.001  # gpsd rounds speed to 3 decimals
 TRACK_TOL_DEG = 0.001
 
 # ---- allowances ------------------------------------------------------------------------------
-# From the shared README:
+# From the logs' README (tests/data/nmea/README.md):
 FEW_SATS = "README: gpsd reports no fix for a GGA with fewer than 3 satellites"
 SIMULATOR = (
     "README: GGA quality 8 (simulator); gpsd printed it as an undated fix, we never trust a "
@@ -101,18 +102,15 @@ class Outcome:
     matched: int = 0
 
 
-def shared_dirs() -> tuple[Path, Path]:
+def nmea_dirs() -> tuple[Path, Path]:
     if not LOGS.is_dir() or not EXPECTED.is_dir():
-        pytest.fail(
-            f"shared NMEA logs not found under {SHARED}: set SOS_SHARED_DIR to the shared "
-            "directory that holds nmea/logs/*.log and nmea/expected/*.expected.jsonl, e.g. "
-            "SOS_SHARED_DIR=/work/shared pytest tests/test_gps_logs.py"
-        )
+        pytest.fail(f"the NMEA logs are missing from {NMEA} (logs/*.log and "
+                    "expected/*.expected.jsonl): restore them from git")
     return LOGS, EXPECTED
 
 
 def load_expected(name: str) -> list[dict]:
-    _, expected = shared_dirs()
+    _, expected = nmea_dirs()
     with open(expected / f"{name}.expected.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -134,7 +132,7 @@ def void_gga(r: dict) -> bool:
 
 def decode_log(name: str, seed: int = 0) -> list[Fix]:
     """The whole log through the pure decoder, cut into random chunks (1..64 bytes)."""
-    logs, _ = shared_dirs()
+    logs, _ = nmea_dirs()
     data = (logs / f"{name}.log").read_bytes()
     rng = random.Random(seed)
     decoder = NmeaDecoder(date_floor=None)  # historical logs: keep their dates as sent
@@ -253,8 +251,8 @@ def compare(name: str, fixes: list[Fix]) -> Outcome:
     return out
 
 
-def test_the_shared_logs_are_there():
-    logs, expected = shared_dirs()
+def test_the_nmea_logs_are_there():
+    logs, expected = nmea_dirs()
     names = sorted(p.stem for p in logs.glob("*.log"))
     assert len(names) >= 40
     for name in names:
@@ -300,7 +298,7 @@ def write_all(fd: int, data: bytes, timeout: float, rng: random.Random) -> None:
 @pytest.mark.parametrize("name", PTY_LOGS)
 def test_log_through_a_pty_into_the_reader(name: str, pty_pair):
     master, port = pty_pair
-    logs, _ = shared_dirs()
+    logs, _ = nmea_dirs()
     expected_fixes = decode_log(name)
     assert expected_fixes, "pick a log that has fixes"
     last = replace(expected_fixes[-1], received_at=0.0)
