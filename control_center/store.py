@@ -80,6 +80,8 @@ _COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT
 # broker's queue, or a centre's numbering went back.
 RETRYABLE_REFUSALS = ("expired", "replayed")
 DECISIONS = ("ack", "close")
+# Copies of one decision sent at most (the first and re-sends); beyond it the operator decides.
+MAX_COPIES = 6
 
 ALERT_COLUMNS = (
     "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
@@ -171,11 +173,19 @@ class Store:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
 
     def _add_command_columns(self) -> None:
+        """Stores made before commands were confirmed lack these columns. Their unanswered
+        commands count as sent and not taken by a device session, so a device that still shows
+        the alert undecided gets the decision again (the release before marked an alert decided
+        on the broker's word)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
         for name, kind in _COMMAND_COLUMNS.items():
             if name not in columns:
                 with contextlib.suppress(sqlite3.OperationalError):  # another instance won
                     self._db.execute(f"ALTER TABLE commands ADD COLUMN {name} {kind}")
+        if "sent_at" not in columns:
+            self._db.execute(
+                "UPDATE commands SET sent_at = (julianday(rtrim(issued_at, 'Z')) - 2440587.5) "
+                "* 86400.0, routed = 0 WHERE sent_at IS NULL AND result IS NULL")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -268,14 +278,25 @@ class Store:
             "UPDATE commands SET result = ?, result_at = ?, reason_code = ? WHERE command_id = ? "
             "AND device_id = ? AND result IS NOT 'command_applied'",
             (event["type"], at, event.get("reason_code"), command_id, device_id))
-        if event["type"] != "command_applied":
-            return
         row = self._db.execute(
             "SELECT c.type, c.alert_id, c.operator FROM commands c JOIN alerts a "
             "ON a.alert_id = c.alert_id AND a.device_id = c.device_id "
             "WHERE c.command_id = ? AND c.device_id = ?", (command_id, device_id)).fetchone()
+        if event["type"] == "command_rejected":
+            if (row is not None and row[0] == "close"
+                    and event.get("reason_code") == "not_active_alert"):
+                # The alert is over on the device already (another centre closed it, and its
+                # answer did not reach us): it must not stay open here for good.
+                self._mark(row[1], "close", f"{row[2]} (already ended on the device)", at)
+            return
         if row is not None and row[0] in DECISIONS:
             self._mark(row[1], row[0], row[2], at)
+        elif row is None and event.get("command_type") in DECISIONS and event.get("alert_id"):
+            # Another centre's command, applied on the device: the decision holds for everyone.
+            owned = self._db.execute("SELECT 1 FROM alerts WHERE alert_id = ? AND device_id = ?",
+                                     (event["alert_id"], device_id)).fetchone()
+            if owned:
+                self._mark(event["alert_id"], event["command_type"], "another centre", at)
 
     def set_device_status(self, device_id: str, status: dict[str, Any], seen_at: float) -> None:
         """Record online/offline; an offline device's open alerts are flagged for the operator."""
@@ -408,6 +429,8 @@ class Store:
         for decision in DECISIONS:
             sent = [c for c in commands if c["type"] == decision]
             if not sent or any(c["status"] == "applied" for c in sent):
+                continue
+            if len(sent) >= MAX_COPIES:  # e.g. a device clock far off: each copy is "expired"
                 continue
             latest = sent[-1]
             if latest["status"] == "sent" or (latest["status"] == "rejected"

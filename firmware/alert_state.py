@@ -38,6 +38,7 @@ from protocol.untrusted import UntrustedJsonError, loads_untrusted
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
+COMMAND_TYPES = ("ack", "close", "call_start", "call_end")
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
 COMMAND_TYPES = ("ack", "close", "call_start", "call_end")  # what this firmware can apply
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -213,6 +214,7 @@ class AlertCore:
             active = {"alert_id": self.active.alert_id, "stage": self.active.stage.value}
         return {"active": active, "seen_commands": list(self._seen_commands),
                 "command_seqs": {key: seqs.to_json() for key, seqs in self._command_seqs.items()},
+                "legacy_command_seqs": self._legacy_seqs,
                 "call_id": self.call_id}
 
     def restore(self, state: dict[str, Any] | None, now: Now) -> list[Action]:
@@ -222,6 +224,7 @@ class AlertCore:
             return []
         self._seen_commands.extend(state.get("seen_commands", []))
         seqs = state.get("command_seqs") or {}
+        self._legacy_seqs = state.get("legacy_command_seqs")
         if "floor" in seqs:  # saved before replay windows were per centre key
             self._legacy_seqs, seqs = seqs, {}
         self._command_seqs = {key: SeqMemory.from_json(data) for key, data in seqs.items()}
@@ -465,9 +468,15 @@ class AlertCore:
 
     def _seqs_of(self, sender: str) -> SeqMemory:
         """The replay memory of one centre key: any number of centres, ours or a partner's, can
-        command this device without sharing a counter."""
+        command this device without sharing a counter. A window saved before windows were per
+        key (one counter, the fleet's command key, the first of `command_keys`) goes on
+        guarding that key alone, and is kept in the state until that key has its own."""
         if sender not in self._command_seqs:
-            self._command_seqs[sender] = SeqMemory.from_json(self._legacy_seqs)
+            fleet_key = bool(self.command_keys) and sender == public_key_b64(self.command_keys[0])
+            legacy = self._legacy_seqs if fleet_key else None
+            self._command_seqs[sender] = SeqMemory.from_json(legacy)
+            if fleet_key:
+                self._legacy_seqs = None
         return self._command_seqs[sender]
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -482,6 +491,8 @@ class AlertCore:
             event.message["alert_id"] = alert_id
         if refusal is not None:
             event.message["reason_code"] = refusal.value
+        if command.get("type") in COMMAND_TYPES:
+            event.message["command_type"] = command["type"]
         return event
 
     def _event(self, kind: str, now: Now, alert_id: str | None = None,

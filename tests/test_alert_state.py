@@ -287,14 +287,39 @@ def test_a_number_a_centre_key_has_used_is_refused_for_that_key() -> None:
     assert any("already seen" in a.text for a in replay if isinstance(a, Log))
 
 
-def test_a_replay_window_saved_before_per_key_windows_still_guards_every_key() -> None:
+LEGACY = {"active": None, "command_seqs": {"floor": 0, "recent": [7]}}
+
+
+def test_a_replay_window_saved_before_per_key_windows_still_guards_the_fleet_key() -> None:
     core = make_core()
-    core.restore({"active": None, "command_seqs": {"floor": 0, "recent": [7]}}, at(0))
+    core.restore(LEGACY, at(0))
     core.handle(Trigger("button_hold"), at(0), READINGS)
     replay = core.handle(CommandPayload(command(core, "close", seq=7)), at(1), READINGS)
     assert core.active is not None
     assert any("already seen" in a.text for a in replay if isinstance(a, Log))
     assert set(core.state()["command_seqs"]) == {CENTRE.public_key_b64}
+
+
+def test_the_old_replay_window_survives_saves_until_the_fleet_key_has_its_own() -> None:
+    core = make_core()
+    core.restore(LEGACY, at(0))
+    saved = core.handle(Trigger("button_hold"), at(0), READINGS)  # stores the state
+    (state,) = [a.state for a in saved if isinstance(a, Store)]
+    rebooted = make_core()
+    rebooted.restore(state, at(1))
+    rebooted.handle(Trigger("button_hold"), at(1), READINGS)
+    replay = rebooted.handle(CommandPayload(command(rebooted, "close", seq=7)), at(2), READINGS)
+    assert rebooted.active is not None
+    assert any("already seen" in a.text for a in replay if isinstance(a, Log))
+
+
+def test_a_partner_key_does_not_inherit_the_old_counter() -> None:
+    """A partner's numbering may start at 1, whatever the fleet key used before."""
+    core = two_centre_core()
+    core.restore({**LEGACY, "command_seqs": {"floor": 500, "recent": []}}, at(0))
+    applied = core.handle(CommandPayload(command(core, "ack", seq=5, signer=PARTNER)), at(1),
+                          READINGS)
+    assert [i.message["type"] for i in stored(applied)] == ["command_applied"]
 
 
 def test_a_replayed_sequence_number_is_rejected_even_with_a_new_command_id() -> None:

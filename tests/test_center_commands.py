@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from itertools import count
 from pathlib import Path
 
 import pytest
 
-from control_center.store import Store
+from control_center.store import MAX_COPIES, Store
 from protocol import new_id
 from tests.helpers import alert_message
 
@@ -119,3 +120,62 @@ def test_a_decision_the_broker_never_took_is_the_operators_to_repeat(store: Stor
                        "operator": "op-7", "issued_at": "2026-11-23T10:00:02.000Z"},
                       alert["device_id"])
     assert store.undone_decisions(alert["alert_id"]) == []
+
+
+def test_another_centres_applied_close_closes_the_alert_here_too(store: Store,
+                                                                 alert: dict) -> None:
+    """A partner closed it: our store has no such command, the device's event says what it was."""
+    event = {"v": 1, "device_id": "tok-001", "seq": next(_seq), "alert_id": alert["alert_id"],
+             "created_at": "2026-11-23T10:00:03.000Z", "command_id": new_id(),
+             "type": "command_applied", "command_type": "close"}
+    store.add_update("event", event, stored_at=3.0)
+    record = store.alert(alert["alert_id"])
+    assert (record.status, record.closed_by) == ("closed", "another centre")
+
+
+def test_a_close_the_device_finds_already_ended_closes_the_alert(store: Store,
+                                                                 alert: dict) -> None:
+    command_id = sent(store, alert, "close", "op-2")
+    answer(store, command_id, alert, reason_code="not_active_alert")
+    record = store.alert(alert["alert_id"])
+    assert record.status == "closed"
+    assert record.closed_by == "op-2 (already ended on the device)"
+    assert store.undone_decisions(alert["alert_id"]) == []
+
+
+def test_a_decision_refused_again_and_again_is_not_sent_for_ever(store: Store,
+                                                                 alert: dict) -> None:
+    """A device clock far off makes every copy "expired": after MAX_COPIES the operator
+    decides, instead of one more copy at every status."""
+    for n in range(MAX_COPIES):
+        answer(store, sent(store, alert, "ack", at=2.0 + n), alert, reason_code="expired")
+        if n < MAX_COPIES - 1:
+            assert [c["type"] for c in store.undone_decisions(alert["alert_id"])] == ["ack"]
+    assert store.undone_decisions(alert["alert_id"]) == []
+
+
+def test_a_decision_recorded_before_the_upgrade_is_sent_again(tmp_path: Path) -> None:
+    """The release before marked the alert decided on the broker's word and kept no sent_at:
+    its unanswered command must still reach a device that missed it."""
+    path = tmp_path / "old.sqlite"
+    old = Store(path)
+    alert = alert_message()
+    old.add_alert(alert, stored_at=1.0)
+    old.close()
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE commands")
+    raw.execute("CREATE TABLE commands (command_id TEXT PRIMARY KEY, alert_id TEXT NOT NULL, "
+                "device_id TEXT NOT NULL, type TEXT NOT NULL, operator TEXT NOT NULL, "
+                "issued_at TEXT NOT NULL, result TEXT, result_at REAL)")
+    raw.execute("INSERT INTO commands VALUES (?,?,?,?,?,?,NULL,NULL)",
+                (new_id(), alert["alert_id"], "tok-001", "close", "op-1",
+                 "2026-11-23T10:00:05.000Z"))
+    raw.commit()
+    raw.close()
+    upgraded = Store(path)
+    try:
+        (undone,) = upgraded.undone_decisions(alert["alert_id"])
+        assert (undone["type"], undone["routed"]) == ("close", 0)
+        assert undone["sent_at"] == pytest.approx(1795428005.0)
+    finally:
+        upgraded.close()
