@@ -365,7 +365,7 @@ class DeviceRuntime:
                                   exc, self.config.data_dir)
                 case Show(state):
                     self.feedback.show(state)
-                    self._publish_stage()
+                    self._publish_stage(state)
                 case Log(level, text):
                     getattr(log, level)(text)
                 case CallChange(call_id):
@@ -390,11 +390,13 @@ class DeviceRuntime:
     def _feedback_changed(self, state: FeedbackState) -> None:
         self._observe("feedback", {"state": state.value, "wall": time.time()})
 
-    def _publish_stage(self) -> None:
-        """The retained status at once when what the device shows changes (a new alert, the
-        centre's receipt, an ack, a close), not at the next heartbeat: the centre re-sends a
-        decision the device missed on the stage the status reports (docs/PROTOCOL.md)."""
-        if self.uplink.connected:
+    def _publish_stage(self, shown: FeedbackState) -> None:
+        """The retained status at once when what the device shows changes (the centre's receipt,
+        an ack, a close, back to idle), not at the next heartbeat: the centre re-sends a
+        decision the device missed on the stage the status reports (docs/PROTOCOL.md). Not for
+        sending/retrying: the alert itself says that, and a status right behind it would only
+        delay the alert's receipt (`make bench`)."""
+        if shown not in (FeedbackState.SENDING, FeedbackState.RETRYING) and self.uplink.connected:
             self.uplink.publish_status()
 
     # -- recordings ------------------------------------------------------------------------------
