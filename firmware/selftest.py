@@ -165,7 +165,8 @@ def check_camera(probe: Callable[[], int], *, timeout_s: float = 10.0,
 def picamera2_probe(frames: int = 5, *, camera_num: int = 0) -> int:
     """Start the Pi camera and count `frames` frames (blocks per frame; check_camera bounds it).
 
-    picamera2 is imported here, not at the top: it cannot be imported off the Pi (FIELD-NOTES).
+    picamera2 is imported here, not at the top: it cannot be imported off the Pi
+    (docs/FIELD-NOTES.md).
     """
     from picamera2 import Picamera2  # lazy on purpose
 

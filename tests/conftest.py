@@ -56,7 +56,7 @@ def center(broker: PrivateBroker, tmp_path: Path) -> Iterator[CenterProbe]:
     store.close()
 
 
-# -- picamera2 off the Pi: stub modules that follow its real signatures (FIELD-NOTES) ----------
+# -- picamera2 off the Pi: stub modules that follow its real signatures (docs/FIELD-NOTES.md) --
 STUBS = Path(__file__).parent / "stubs"
 
 

@@ -72,7 +72,7 @@ GPSD_VOID_GGA = (
 )
 GPSD_ROLLOVER = (
     "gpsd moved this log's 2014 RMC date forward by 1024 weeks (to 2033); we keep dates as sent "
-    "when replaying logs (FIELD-NOTES: gpsd 'corrects' old dates)"
+    "when replaying logs (docs/FIELD-NOTES.md: gpsd 'corrects' old dates)"
 )
 GPSD_ROLLOVER_LOGS = {"rst39"}
 ROLLOVER = timedelta(weeks=1024)

@@ -1,7 +1,7 @@
 """The Pi camera as a `FrameSource`: picamera2 + the hardware H.264 encoder.
 
 picamera2 is imported only in `start()`: it cannot be imported off the Pi (its `__init__` needs
-libcamera's Python binding, FIELD-NOTES). Off the Pi this module imports fine and is tested
+libcamera's Python binding, docs/FIELD-NOTES.md). Off the Pi this module imports fine and is tested
 against stub modules that follow picamera2's real signatures.
 
 We do not use picamera2's CircularOutput/CircularOutput2 (bugs #1403, #226): an `Output` subclass

@@ -2,7 +2,7 @@
 
 MPEG-TS because it survives truncation (power loss mid-segment): every 188-byte packet stands on
 its own and the parameter sets travel in-band, so a file cut at any byte decodes up to the cut.
-MP4 does not (FIELD-NOTES).
+MP4 does not (docs/FIELD-NOTES.md).
 
 How pre-encoded packets are muxed (PyAV 12..18):
 - `add_stream("h264", rate=fps)` makes a stream with no encoder behind it; it is never opened.

@@ -1,7 +1,7 @@
 """The device's MQTT 5 link: TLS, last will, commands and delivery receipts in, outbox rows out.
 
-paho keeps QoS 1 messages only in memory (FIELD-NOTES), so durability is the outbox's job: every
-row is handed to paho (at start-up for what a previous process left, then as it is appended);
+paho keeps QoS 1 messages only in memory (docs/FIELD-NOTES.md), so durability is the outbox's job:
+every row is handed to paho (at start-up for what a previous process left, then as it is appended);
 paho re-sends in-flight rows on reconnect, in order. A row leaves the outbox only when the
 control centre's signed delivery receipt for it arrives on the command topic (`sig` by a key in
 `receipt_keys`, `digest` equal to the SHA-256 of the row's payload): a PUBACK only says the broker
@@ -245,7 +245,7 @@ class MqttUplink:
             log.warning("lost the broker (%s); retrying, pending messages stay in the outbox",
                         reason_code)
         else:
-            # Under TLS 1.3 a refused client certificate arrives only as this (FIELD-NOTES).
+            # Under TLS 1.3 a refused client certificate arrives only as this (docs/FIELD-NOTES.md).
             self._log_refusal(f"the broker closed the connection before accepting it "
                               f"({reason_code})")
         self._on_event(Disconnected(str(reason_code)))

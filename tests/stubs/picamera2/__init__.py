@@ -1,4 +1,4 @@
-"""Stub of picamera2 for tests off the Pi (the real one needs libcamera, FIELD-NOTES).
+"""Stub of picamera2 for tests off the Pi (the real one needs libcamera, docs/FIELD-NOTES.md).
 
 Only what our adapter touches, with picamera2's real signatures: `Picamera2`,
 `encoders.H264Encoder` (+ `Encoder`, `Quality`) and `outputs.Output`. A "sensor" thread paces
