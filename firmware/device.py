@@ -348,8 +348,11 @@ class DeviceRuntime:
                 log.error("internal: unexpected event %r ignored", item)
 
     def _handle(self, event: CoreEvent) -> None:
-        self._execute(self.core.handle(event, self._now(), self._readings()))
+        actions = self.core.handle(event, self._now(), self._readings())
+        # The button learns first: the actions publish (a close's command_applied), and a press
+        # right after the centre saw the close must count as a new SOS, not as a cancel gesture.
         self._sync_button()
+        self._execute(actions)
 
     # -- outputs ---------------------------------------------------------------------------------
     def _execute(self, actions: list[Action]) -> None:
