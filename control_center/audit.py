@@ -75,7 +75,6 @@ HEAD_INTERVAL_S = 60.0
 HEAD_EVERY_LINES = 100
 LINE_LIMITS = MANIFEST_LIMITS  # an `exported` line lists a call's segments: room for many
 HEAD_LIMITS = JsonLimits(max_bytes=1024 * 1024, max_depth=4)
-CENTRE_SIGNING_KEY = "centre-signing.key"  # in the fleet directory (Fleet.centre_signer)
 ERROR = "error"
 NOTE = "note"
 _TAIL_CHUNK = 64 * 1024
@@ -754,6 +753,8 @@ def _report_unanchored(check: AuditCheck) -> None:
 def centre_keys_from_fleet(fleet_dir: str | Path) -> list[Ed25519PublicKey]:
     """The centre's public command key, read from the fleet directory's private key file
     (never created here, unlike Fleet.centre_signer). OSError/ValueError if unusable."""
+    from control_center.fleet import CENTRE_SIGNING_KEY  # the log's module stays below fleet
+
     path = Path(fleet_dir) / CENTRE_SIGNING_KEY
     key = serialization.load_pem_private_key(read_regular(path, 64 * 1024), password=None)
     if not isinstance(key, Ed25519PrivateKey):

@@ -25,6 +25,7 @@ from control_center import pki
 from control_center.broker_admin import sync_broker
 from control_center.fleet import (
     CENTRE_ID,
+    CENTRE_SIGNING_KEY,
     DEVICE_ID,
     KINDS,
     Fleet,
@@ -35,7 +36,6 @@ from control_center.fleet import (
 from control_center.pki import CertPair
 
 FALLBACK_FLEET = "/var/lib/sos-center/fleet"
-CENTRE_SIGNING_KEY = "centre-signing.key"  # where Fleet.centre_signer() keeps it
 SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")

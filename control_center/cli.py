@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from cryptography import x509
@@ -144,7 +143,7 @@ def cmd_alerts(config: CenterConfig, args: argparse.Namespace) -> int:
     store = Store(config.db)
     records = store.alerts(open_only=not args.all)
     if args.json:
-        print(json.dumps([asdict(r) for r in records], indent=2))
+        print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
     elif not records:
         print("no open alerts" if not args.all else "no alerts")
     else:

@@ -50,6 +50,7 @@ ADMIN_NAME = "admin.fleet"
 PATTERNS = {"token": DEVICE_ID, "pillar": DEVICE_ID, "centre": CENTRE_ID, ADMIN: ADMIN_ID}
 DEVICE_LEAVES = ("alert", "position", "event", "status", LIVE)  # what a device publishes
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+CENTRE_SIGNING_KEY = "centre-signing.key"  # the fleet's shared command key (centre_signer)
 DYNSEC_FILE = "dynamic-security.json"  # in the broker's data directory: the broker rewrites it
 
 
@@ -187,7 +188,7 @@ class Fleet:
 
     def centre_signer(self) -> signing.Signer:
         """The key the control centre signs commands with, shared by its instances."""
-        return signing.Signer(signing.load_or_make_key(self.directory / "centre-signing.key"))
+        return signing.Signer(signing.load_or_make_key(self.directory / CENTRE_SIGNING_KEY))
 
     def centre_public_keys(self) -> list[str]:
         """What devices trust for commands and delivery receipts (`trust.centre_keys`): the

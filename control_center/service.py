@@ -92,10 +92,10 @@ class CenterService:
         live_idle_s: float = LIVE_IDLE_S,
     ) -> None:
         """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
-        nothing and keeps no session, so it never takes alerts away from the serving instances.
+        nothing, so it never takes alerts away from the serving instances.
 
-        `signer` signs commands; `trust(device_id)` gives the keys a device's messages must be
-        signed with (see FleetTrust).
+        `signer` signs commands and delivery receipts; `trust(device_id)` gives the keys a
+        device's messages must be signed with (see FleetTrust).
 
         `live`: where live video chunks go (None: the centre does not subscribe to them)."""
         self.store = store
@@ -184,7 +184,7 @@ class CenterService:
             "seq": self.store.next_command_seq(self._signer.public_key_b64,
                                                int(self._clock() * 1000)),
             **fields,
-            "issued_at": utc_iso(datetime.now(UTC)),
+            "issued_at": utc_iso(datetime.fromtimestamp(self._clock(), UTC)),
             "operator": operator,
         })
         payload = encode(MessageKind.COMMAND, command)
@@ -336,21 +336,22 @@ class CenterService:
             return
         device_id, kind = parsed
         payload = bytes(message.payload)
+        digest = payload_digest(payload)  # names it in a receipt, or in the refusals logged
         try:
             body = decode(kind, payload)
         except ProtocolError as exc:
-            self._refuse(payload, "rejected message from %s on %s: %s", device_id,
+            self._refuse(digest, "rejected message from %s on %s: %s", device_id,
                          message.topic, exc)
             return
         if body["device_id"] != device_id:
-            self._refuse(payload, "rejected message on %s: it claims to come from %s",
+            self._refuse(digest, "rejected message on %s: it claims to come from %s",
                          message.topic, body["device_id"])
             return
         if kind is not MessageKind.STATUS:  # status is volatile and the will is unsignable
             try:
                 verify(body, self._trust(device_id))
             except SignatureError as exc:
-                self._refuse(payload, "rejected %s from %s seq=%s: %s; is the device enrolled "
+                self._refuse(digest, "rejected %s from %s seq=%s: %s; is the device enrolled "
                              "with its signing key? (sos-center ca list)", kind.value,
                              device_id, body.get("seq"), exc)
                 return
@@ -358,22 +359,22 @@ class CenterService:
         try:
             match kind:
                 case MessageKind.ALERT:
-                    stored = self.store.add_alert(body, now, payload_digest(payload))
+                    stored = self.store.add_alert(body, now, digest)
                     if not stored.new:
                         log.info("alert %s (seq %d) from %s received again: a re-send; it is "
                                  "stored once and receipted again", body["alert_id"][:8],
                                  body["seq"], device_id)
                     else:
                         _note_timing(body, now)
-                    self._send_receipt(device_id, kind, body, payload, stored)
+                    self._send_receipt(device_id, kind, body, digest, stored)
                     self._on_event(CenterEvent("alert", device_id, body, stored.new))
                 case MessageKind.POSITION | MessageKind.EVENT:
                     leaf = "position" if kind is MessageKind.POSITION else "event"
-                    stored = self.store.add_update(leaf, body, now, payload_digest(payload))
-                    self._send_receipt(device_id, kind, body, payload, stored)
+                    stored = self.store.add_update(leaf, body, now, digest)
+                    self._send_receipt(device_id, kind, body, digest, stored)
                     self._on_event(CenterEvent(leaf, device_id, body, stored.new))
         except (NotYours, NotTheSame) as exc:
-            self._refuse(payload, "rejected %s from %s seq=%s: %s", kind.value, device_id,
+            self._refuse(digest, "rejected %s from %s seq=%s: %s", kind.value, device_id,
                          body["seq"], exc)
             return
         if kind is MessageKind.STATUS:
@@ -385,12 +386,12 @@ class CenterService:
                 self._resend_missed_decision(device_id, body)
 
     def _send_receipt(self, device_id: str, kind: MessageKind, body: dict[str, Any],
-                      payload: bytes, stored: Stored) -> None:
+                      digest: str, stored: Stored) -> None:
         """Tell the device, signed, that its message is stored (or was, for a re-send): only
         this lets it drop the message from its outbox and show DELIVERED."""
         receipt: dict[str, Any] = {
             "v": 1, "type": "delivered", "device_id": device_id, "seq": body["seq"],
-            "message": kind.value, "digest": payload_digest(payload),
+            "message": kind.value, "digest": digest,
             "stored_at": utc_iso(datetime.fromtimestamp(stored.stored_at, UTC)),
             "duplicate": not stored.new,
         }
@@ -401,9 +402,8 @@ class CenterService:
         with self._puback_arrived:  # paho's thread: its PUBACK cannot come before this
             self._unawaited_mids.add(info.mid)
 
-    def _refuse(self, payload: bytes, text: str, *args: object) -> None:
+    def _refuse(self, digest: str, text: str, *args: object) -> None:
         """Log a refused message once: its device re-sends it until receipted."""
-        digest = payload_digest(payload)
         if digest in self._refusals:
             self._refusals.move_to_end(digest)
             log.debug(text + " (again)", *args)

@@ -4,8 +4,8 @@ Ownership: an alert belongs to the device that raised it. A message naming anoth
 alert (a duplicate alert id, an update or event, a command result) raises NotYours and changes
 nothing.
 
-De-duplication: an alert is stored once per `alert_id` (a re-delivered alert, from a device that
-crashed before its PUBACK or a broker redelivery, only increments `alerts.duplicates`); updates and
+De-duplication: an alert is stored once per `alert_id` (a re-send, from a device that has no
+delivery receipt for it yet, only increments `alerts.duplicates`); updates and
 events once per (device_id, seq, created_at). `created_at` is part of the key because messages a
 device sent while its storage was full carry sequence numbers that a reboot may hand out again.
 

@@ -6,8 +6,8 @@ The same code runs on the Pi and in the simulator, and tests drive it with exact
 
 Life of an alert:
 
-    idle --trigger--> sending --PUBACK--> delivered --ack--> acknowledged --close--> closed -> idle
-              (link down before PUBACK: retrying; cancel gesture on the token: cancelled)
+    idle --trigger--> sending --receipt--> delivered --ack--> acknowledged --close--> closed -> idle
+              (link down before the receipt: retrying; cancel gesture on the token: cancelled)
 
 While an alert is active the device sends a position update every `position_interval_s` until the
 operator closes it. A cancel is a request reported to the operator, never a silent stop: position
@@ -38,7 +38,6 @@ from protocol.untrusted import UntrustedJsonError, loads_untrusted
 
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
-COMMAND_TYPES = ("ack", "close", "call_start", "call_end")
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
 COMMAND_TYPES = ("ack", "close", "call_start", "call_end")  # what this firmware can apply
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")

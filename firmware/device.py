@@ -1,6 +1,6 @@
 """The device process: wires the pure SOS core to the button, GPS, feedback outputs and uplink.
 
-Everything the outside world does (a button event, a PUBACK, a command, a lost link) is put on one
+Everything the outside world does (a button event, a receipt, a command, a lost link) is put on one
 queue and handled in one thread, in order, by `AlertCore`; the actions it returns are carried out
 here. The same runtime runs on the Pi and in the simulator: only the pin factory and the serial
 port differ.

@@ -95,18 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_device_config(args.config)
-    except ConfigError as exc:  # one line naming the file and key, as `sos-device run` says it
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if args.gps_port:
-        config = dataclasses.replace(config, gps=dataclasses.replace(config.gps,
-                                                                     port=args.gps_port))
     battery = DrainingBattery(args.battery) if args.battery is not None else None
-    try:
+    try:  # a config error (a missing signing key too) is one line, as `sos-device run` says it
+        config = load_device_config(args.config)
+        if args.gps_port:
+            config = dataclasses.replace(config, gps=dataclasses.replace(config.gps,
+                                                                         port=args.gps_port))
         device = simulated_runtime(config, battery=battery, observer=emit)
-    except ConfigError as exc:  # e.g. the signing key is missing: never made here
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     runtime, factory = device.runtime, device.pins

@@ -20,7 +20,7 @@ import pytest
 
 from control_center import cli
 from control_center.broker_admin import BrokerAdmin
-from control_center.config import CenterConfig
+from control_center.config import DEFAULT_GROUP, CenterConfig
 from control_center.fleet import MAX_PACKET_BYTES, MAX_PACKET_HEADROOM, render_broker_access
 from control_center.live import MAX_PAYLOAD_BYTES as LIVE_MAX_PAYLOAD_BYTES
 from control_center.store import Store
@@ -30,7 +30,7 @@ from simulator.broker import PrivateBroker
 from tests.helpers import RawClient
 
 NOT_AUTHORIZED = 0x87
-GROUP_ALERTS = "$share/sos-center/sos/v1/dev/+/alert"
+GROUP_ALERTS = f"$share/{DEFAULT_GROUP}/sos/v1/dev/+/alert"
 VICTIM, INTRUDER = "tok-001", "tok-666"
 
 
@@ -240,7 +240,7 @@ def test_syncing_an_up_to_date_broker_changes_nothing(broker) -> None:
 def command_config(broker, tmp_path: Path) -> CenterConfig:
     """What `sos-center ack` reads from center.toml on the serving centre's host."""
     return CenterConfig(db=tmp_path / "center.sqlite", fleet_dir=broker.fleet.directory,
-                        client_id="sos-center-1", group="sos-center", operator="op",
+                        client_id="sos-center-1", group=DEFAULT_GROUP, operator="op",
                         broker=broker.centre)
 
 

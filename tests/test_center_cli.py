@@ -144,8 +144,9 @@ def test_a_config_missing_a_key_is_named(tmp_path: Path) -> None:
                                             ("group", "#"), ("client_id", "a b")])
 def test_a_client_id_or_group_the_broker_cannot_use_is_refused_at_load(tmp_path: Path, key: str,
                                                                        value: str) -> None:
-    """An empty client id makes the broker invent one (an orphan session); a wildcard or '/' in
-    the group makes a shared subscription that matches something else, or nothing."""
+    """A client id a broker cannot take is refused at load, though the broker now makes the
+    certificate's name the client id; a wildcard or '/' in the group makes a shared subscription
+    that matches something else, or nothing."""
     path = tmp_path / "center.toml"
     path.write_text(f'[center]\ndb = "x.sqlite"\nfleet_dir = "f"\n{key} = "{value}"\n'
                     '[broker]\nhost = "h"\nport = 8883\nca_file = "ca.pem"\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from control_center.fleet import Fleet
@@ -58,8 +59,8 @@ def test_a_reflashed_device_is_trusted_with_its_new_key_without_a_restart(broker
     new_signer = Signer(load_or_make_key(flashed / "signing.key"))
     again = new_signer.sign(alert_message(device_id="tok-001", seq=2))
     identity = broker.identity("tok-001")
-    reflashed = RawClient(identity.__class__(identity.host, identity.port, identity.ca_file,
-                                             str(pair.cert_file), str(pair.key_file)), "tok-001")
+    reflashed = RawClient(dataclasses.replace(identity, cert_file=str(pair.cert_file),
+                                              key_file=str(pair.key_file)), "tok-001")
     try:
         reflashed.publish(Topics("tok-001").alert, encode(MessageKind.ALERT, again))
         center.wait_for(lambda: center.store.alert(again["alert_id"]))

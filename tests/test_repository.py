@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for d in ("firmware", "control_center", "protocol", "simulator", "bench", "tests",
-                       "scripts", "docs") for p in (ROOT / d).rglob("*")
-           if p.is_file() and p.suffix in {".py", ".md", ".mjs", ""}
-           and "data" not in p.relative_to(ROOT).parts and "node_modules" not in p.parts
-           and "__pycache__" not in p.parts]
+SOURCES = [*(ROOT / name for name in ("README.md", "Makefile")),
+           *(p for d in ("firmware", "control_center", "protocol", "simulator", "bench", "tests",
+                         "scripts", "docs", "hw") for p in (ROOT / d).rglob("*")
+             if p.is_file() and p.suffix in {".py", ".md", ".mjs", ".toml", ".service", ""}
+             and "data" not in p.relative_to(ROOT).parts and "node_modules" not in p.parts
+             and "__pycache__" not in p.parts)]
 OUTSIDE = re.compile(r"\.\./shared|/work/shared|parent / \"shared\"|SOS_SHARED_DIR")
 DOC_REFERENCE = re.compile(r"\bdocs/([A-Z][A-Z0-9_-]+\.md)")
 

@@ -6,8 +6,8 @@ from enum import StrEnum
 
 class FeedbackState(StrEnum):
     IDLE = "idle"
-    SENDING = "sending"  # triggered, not yet accepted by the broker
-    DELIVERED = "delivered"  # the broker accepted the alert
+    SENDING = "sending"  # triggered, no delivery receipt from the centre yet
+    DELIVERED = "delivered"  # the centre's signed delivery receipt arrived: it has the alert
     ACKNOWLEDGED = "acknowledged"  # an operator took it
     RETRYING = "retrying"  # sending failed, retrying
     CANCELLED = "cancelled"  # the device sent a cancel request

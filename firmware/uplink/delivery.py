@@ -63,9 +63,6 @@ class DeliveryTracker:
         self._highest_receipted = 0
         self._centre_absent = False  # PUBACK 16 since the last receipt
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def __contains__(self, seq: int) -> bool:
         return seq in self._waiting
 

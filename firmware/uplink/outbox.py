@@ -1,4 +1,5 @@
-"""Durable outbox: a message is on disk before its first publish and leaves only on PUBACK.
+"""Durable outbox: a message is on disk before its first publish and leaves only when the
+centre's signed delivery receipt for it arrives (firmware/uplink/mqtt.py).
 
 SQLite in WAL mode with `synchronous=FULL`, so a committed row survives power loss. Every row gets
 the next per-device sequence number inside the same transaction that stores it, so sequence numbers
@@ -114,7 +115,7 @@ class Outbox:
         return rows
 
     def pending(self) -> list[OutboxRow]:
-        """Every message not yet acknowledged by the broker, oldest first."""
+        """Every message the centre has not receipted yet, oldest first."""
         with self._lock:
             cur = self._db.execute("SELECT seq, kind, topic, payload FROM outbox ORDER BY seq")
             return [OutboxRow(s, MessageKind(k), t, bytes(p)) for s, k, t, p in cur]
@@ -124,7 +125,7 @@ class Outbox:
             return self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     def remove(self, seq: int) -> None:
-        """The broker acknowledged `seq`: forget it.
+        """The centre's receipt for `seq` arrived: forget it.
 
         Without an fsync of its own: a delete lost to power loss only means the row is sent again
         after the restart and the centre drops the duplicate. (The next durable commit syncs the

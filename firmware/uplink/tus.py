@@ -52,11 +52,10 @@ from urllib.parse import urljoin, urlsplit
 from firmware.uplink.upload_plan import parse_retry_after
 from protocol.untrusted import JsonLimits, loads_untrusted
 
-# The ingest's answers (errors, receipts) are small: anything bigger or deeper is not one.
-REPLY_LIMITS = JsonLimits(max_bytes=64 * 1024, max_depth=16)
-
 TUS_VERSION = "1.0.0"
 MAX_RESPONSE_BYTES = 64 * 1024
+# The ingest's answers (errors, receipts) are small: anything bigger or deeper is not one.
+REPLY_LIMITS = JsonLimits(max_bytes=MAX_RESPONSE_BYTES, max_depth=16)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507})
 
 

@@ -113,8 +113,8 @@ async function main(configFile) {
   client.on('error', (error) => fail(`broker connection: ${error.message}`));
   report('connected', { identity });
 
-  // Our own shared group, never the project centre's `sos-center`: the broker hands each message
-  // to one member of each group, so joining theirs would steal their alerts.
+  // Our own shared group, never the project centre's (`sos-devices-primary-centre`):
+  // the broker hands each message to one member of each group, so joining theirs would steal their alerts.
   const topics = Object.keys(LEAVES).map((leaf) => `$share/${group}/sos/v1/dev/+/${leaf}`);
   await client.subscribeAsync(topics, { qos: 1 }).catch((error) => fail(
     `subscription refused (${error.message}): a centre identity may subscribe only to `
