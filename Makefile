@@ -33,7 +33,7 @@ flash: venv ## Provision a device: make flash ID=tok-001 PROFILE=token TARGET=/m
 	@test -n "$(ID)" -a -n "$(PROFILE)" -a -n "$(TARGET)" -a -n "$(FLEET)" -a -n "$(BROKER)" || \
 	  { echo "usage: make flash ID=... PROFILE=token|pillar TARGET=... FLEET=... BROKER=host:port [ARGS='--surveyed LAT,LON']  (docs/FLASHING.md)"; exit 2; }
 	@test -d "$(TARGET)" || { echo "make flash: TARGET=$(TARGET): not an existing directory (mount the SD card's root filesystem there first)" >&2; exit 2; }
-	$(VENV)/bin/sos-device provision --id $(ID) --profile $(PROFILE) --target $(TARGET) \
+	$(VENV)/bin/sos-provision --id $(ID) --profile $(PROFILE) --target $(TARGET) \
 	  --fleet $(FLEET) --broker $(BROKER) $(ARGS)
 
 lint: venv ## ruff check

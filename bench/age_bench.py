@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from control_center.fleet import age_x25519_keypair
-from firmware.camera.age_stream import CHUNK, AgeStreamWriter
+from evidence_format.age_stream import CHUNK, AgeStreamWriter
 
 WRITE_SIZE = CHUNK  # how much the camera hands over at a time; TS packets are batched to this
 

@@ -28,8 +28,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center.fleet import age_x25519_keypair
-from firmware.camera.age_stream import CHUNK, AgeStreamWriter
-from firmware.camera.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
+from evidence_format.age_stream import CHUNK, AgeStreamWriter
+from evidence_format.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.recorder import HashingSink
 from firmware.camera.store import SegmentStore
 

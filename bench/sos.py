@@ -24,7 +24,7 @@ from control_center.service import CenterEvent, CenterService, CommandError
 from control_center.store import Store
 from firmware.config import DeviceConfig, load_device_config
 from firmware.device import DeviceRuntime
-from firmware.uplink.outbox import OutboxRow
+from firmware.uplink.outgoing import OutboxRow
 from protocol import MessageKind
 from simulator.broker import PrivateBroker
 from simulator.device_config import render_device_toml

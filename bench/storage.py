@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from control_center.store import Store as CentreStore
 from firmware.alert_state import AlertCore, DeviceIdentity, Now, Readings, Store, Trigger
 from firmware.gps.position import PositionProvider
-from firmware.uplink.outbox import Outbox, Outgoing
+from firmware.uplink.outbox import Outbox
+from firmware.uplink.outgoing import Outgoing
 from protocol import MessageKind, decode, encode, new_id
 from protocol.signing import Signer, public_key_from_b64, verify
 

@@ -53,8 +53,8 @@ from typing import Any
 from control_center.audit import AuditLog
 from control_center.fleet import Fleet
 from control_center.ingest import DirectoryStore, IngestServer
-from firmware.camera.age_stream import AgeStreamWriter
-from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
+from evidence_format.age_stream import AgeStreamWriter
+from evidence_format.manifest import build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import TusClient, mutual_tls_context
 from firmware.uplink.upload_settings import DEFAULT_CHUNK_BYTES

@@ -30,8 +30,9 @@ from typing import Any
 
 from control_center.audit import AuditCheck, NotARegularFile, open_regular, read_regular
 from control_center.fleet import Fleet
-from firmware.camera import age_stream, minisign
-from firmware.camera.manifest import (
+from evidence_format import age_stream, minisign
+from evidence_format.files import sha256_of
+from evidence_format.manifest import (
     FIRST_SEQ,
     MANIFEST_SUFFIX,
     SEGMENT_SUFFIX,
@@ -430,7 +431,7 @@ def _size_and_sha256(path: Path, sizes: set[int]) -> tuple[int, str | None]:
     first, on the file opened), else None."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        return size, (_sha256_of(f) if size in sizes else None)
+        return size, (sha256_of(f) if size in sizes else None)
 
 
 def _check_names(report: Report) -> None:
@@ -651,7 +652,7 @@ def decrypt_or_salvage(path: str | Path, identity: str | Path, out: str | Path) 
     """Decrypt one segment; if it was cut short, recover the authenticated part of it.
 
     A segment whose manifest (`NNNNNN.json` beside it) has a `cut` goes straight to the salvage
-    decryptor (`firmware.camera.age_stream.salvage_into`); any other goes to stock `age`
+    decryptor (`evidence_format.age_stream.salvage_into`); any other goes to stock `age`
     (`decrypt_segment`), and only if age fails AND the salvage decryptor finds the file merely
     truncated (not altered, not another key's) is the authenticated prefix kept. `out` is
     written (beside it first, then renamed) only when at least one chunk was recovered;
@@ -835,16 +836,8 @@ def file_sha256(path: str | Path) -> str:
 
 def _sha256_file(path: Path) -> tuple[str, int]:
     with open_regular(path) as f:
-        digest = _sha256_of(f)
+        digest = sha256_of(f)
         return digest, f.tell()
-
-
-def _sha256_of(f: Any) -> str:
-    """SHA-256 (hex) of what is left of an open file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    while chunk := f.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _when(text: str) -> datetime:

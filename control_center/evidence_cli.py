@@ -27,7 +27,7 @@ from typing import Any
 from control_center import evidence
 from control_center.audit import AuditCheck, AuditLog, centre_keys_from_fleet, check_audit
 from control_center.evidence import EvidenceError, KeysFor
-from firmware.camera import minisign
+from evidence_format import minisign
 
 AUDIT_ENV = "SOS_AUDIT_LOG"
 NOTHING_RECOVERED = 3

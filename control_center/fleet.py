@@ -31,7 +31,9 @@ from control_center import pki
 from control_center.live import MAX_HEADER_CHARS
 from control_center.live import MAX_PAYLOAD_BYTES as LIVE_MAX_PAYLOAD_BYTES
 from control_center.pki import CertPair
-from protocol import bech32, signing
+from evidence_format import bech32
+from evidence_format.files import atomic_write
+from protocol import signing
 from protocol.topics import LIVE, PREFIX
 
 # The largest packet the broker takes: a live chunk (the protocol's largest message) plus its
@@ -150,7 +152,7 @@ class Fleet:
                             signing_key=signing_key)
         path = self._cert_path(identity)
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(pem)
+        atomic_write(path, pem)
         if current is not None:
             self._mark_revoked(current)
         self.identities.append(identity)
@@ -163,8 +165,8 @@ class Fleet:
         key = pki.load_or_make_key(directory / "identity.key")
         signer = signing.Signer(signing.load_or_make_key(directory / "signing.key"))
         pair = CertPair(directory / "identity.pem", directory / "identity.key")
-        pair.cert_file.write_bytes(
-            self.sign_csr(pki.make_csr(key, name), kind, signer.public_key_b64))
+        atomic_write(pair.cert_file,
+                     self.sign_csr(pki.make_csr(key, name), kind, signer.public_key_b64))
         return pair
 
     def broker_admin(self) -> CertPair:
@@ -271,8 +273,8 @@ class Fleet:
         return self.directory / "issued" / f"{identity.serial}.pem"
 
     def _save(self) -> None:
-        _write_atomic(self._registry_file, json.dumps(
-            {"identities": [asdict(i) for i in self.identities]}, indent=2) + "\n")
+        atomic_write(self._registry_file, (json.dumps(
+            {"identities": [asdict(i) for i in self.identities]}, indent=2) + "\n").encode())
         revoked = [(int(i.serial, 16), dt.datetime.fromisoformat(i.revoked_at))
                    for i in self.identities if i.status == "revoked" and i.revoked_at]
         pki.write_crl(self.ca, revoked, self.crl_file)
@@ -355,7 +357,7 @@ def write_broker_access(fleet: Fleet, data_dir: Path) -> Path:
     running broker is brought up to date by BrokerAdmin.sync instead (it rewrites this file
     itself after every change)."""
     path = data_dir / DYNSEC_FILE
-    _write_atomic(path, json.dumps(render_broker_access(fleet), indent=2) + "\n")
+    atomic_write(path, (json.dumps(render_broker_access(fleet), indent=2) + "\n").encode())
     return path
 
 
@@ -405,12 +407,6 @@ def render_mosquitto_conf(fleet: Fleet, server: CertPair, *, host: str, port: in
 
 def _iso(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- age X25519 keys, so the centre needs no `age` binary ----------------------------------------

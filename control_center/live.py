@@ -46,7 +46,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from firmware.camera.age_stream import AgeFormatError, decrypt, parse_identities
+from evidence_format.age_stream import AgeFormatError, decrypt, parse_identities
 from protocol.signing import SignatureError, verify
 from protocol.topics import LIVE_HEADER_PROPERTY
 
@@ -146,7 +146,11 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _replace_for_readers(path: Path, data: bytes) -> None:
+    """A player never reads a half-written chunk or playlist. Not fsynced, unlike
+    `evidence_format.files.atomic_write`, on purpose: the live view is a viewing copy (the
+    evidence is the device's recorded segments, uploaded later) and an fsync per chunk would
+    add its latency to every frame the operator sees."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -232,7 +236,7 @@ class LiveReceiver:
         path = None
         if h["frames"] > 0:
             path = directory / f"chunk-{seq:06d}.ts"
-            _write_atomic(path, plaintext)
+            _replace_for_readers(path, plaintext)
             with (directory / "live.ts").open("ab") as f:
                 f.write(plaintext)
             stream.entries.append(_Entry(seq, float(h["duration_s"]), h["first_frame_utc"],
@@ -305,8 +309,8 @@ class LiveReceiver:
     def _save(self, stream: _Stream) -> None:
         directory = self.stream_dir(stream.alert_id)
         directory.mkdir(exist_ok=True)
-        _write_atomic(directory / "index.m3u8", render_playlist(stream).encode())
-        _write_atomic(directory / "stream.json",
+        _replace_for_readers(directory / "index.m3u8", render_playlist(stream).encode())
+        _replace_for_readers(directory / "stream.json",
                       (json.dumps(stream.to_json(), indent=1) + "\n").encode())
 
     # -- numbers ---------------------------------------------------------------------------------

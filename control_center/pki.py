@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from evidence_format.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,7 @@ class CertPair:
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    atomic_write(path, pem, mode=0o600)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -55,7 +54,7 @@ def make_ca(directory: Path, common_name: str = "SOS fleet CA", days: int = 3650
         .sign(key, hashes.SHA256())
     )
     pair = CertPair(directory / "ca.pem", directory / "ca.key")
-    pair.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(pair.cert_file, cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, pair.key_file)
     return pair
 
@@ -86,7 +85,7 @@ def issue_server_cert(ca: CertPair, directory: Path, name: str, hosts: list[str]
     )
     directory.mkdir(parents=True, exist_ok=True)
     pair = CertPair(directory / f"{name}.pem", directory / f"{name}.key")
-    pair.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(pair.cert_file, cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, pair.key_file)
     return pair
 
@@ -159,4 +158,4 @@ def write_crl(ca: CertPair, revoked: list[tuple[int, dt.datetime]], path: Path,
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
     crl = builder.sign(ca_key, hashes.SHA256())
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM))

@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware.sos_button.states import FeedbackState
-from firmware.uplink.outbox import Outgoing
+from firmware.uplink.outgoing import Outgoing
 from protocol import MessageKind, ProtocolError, Topics, decode, new_id, utc_iso
 from protocol.signing import SeqMemory, SignatureError, public_key_b64, verify, window_error
 from protocol.untrusted import UntrustedJsonError, loads_untrusted

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.configfile import ConfigError
@@ -55,68 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run one upload pass in the foreground")
     upload.add_argument("--retry-refused", action="store_true",
                         help="offer segments the centre refused before once more")
-    prov = sub.add_parser(
-        "provision", help="turn a Pi root filesystem (or a directory) into an enrolled token or "
-        "pillar: firmware, config, keys, certificate, systemd unit, udev rule, config.txt",
-        description="Writes everything a device needs under TARGET and enrols it in the fleet. "
-                    "Safe to run again. See docs/FLASHING.md.")
-    prov.add_argument("--id", required=True, help="device id, e.g. tok-amb-0412")
-    prov.add_argument("--profile", required=True, choices=["token", "pillar"])
-    prov.add_argument("--target", required=True, type=Path,
-                      help="root of the device's filesystem: the mounted SD card, or an "
-                           "existing directory")
-    prov.add_argument("--fleet", required=True, type=Path,
-                      help="fleet directory (sos-center ca init) to enrol the device in")
-    prov.add_argument("--broker", required=True, metavar="HOST:PORT",
-                      help="the control centre's MQTT broker, e.g. mqtt.example:8883")
-    prov.add_argument("--gps-port", default="/dev/serial0",
-                      help="GPS serial port on the device (default %(default)s); 'none' if the "
-                           "device has no receiver")
-    prov.add_argument("--surveyed", metavar="LAT,LON[,ALT,ACC]",
-                      help="surveyed position (pillars)")
-    prov.add_argument("--battery-sysfs", help="power-supply directory (tokens), e.g. "
-                      "/sys/class/power_supply/battery")
-    prov.add_argument("--ingest", metavar="URL",
-                      help="the centre's evidence ingest (sos-center ingest), e.g. "
-                           "https://ingest.example:8443: the device uploads its recordings there "
-                           "when docked (token: the board's dock pin in [upload]) or, for a "
-                           "pillar, whenever the centre answers")
     return parser
-
-
-def cmd_provision(args: argparse.Namespace) -> int:
-    from control_center.fleet import FleetError
-    from firmware.provision import (
-        ProvisionError,
-        Request,
-        parse_broker,
-        parse_surveyed,
-        provision,
-    )
-
-    try:
-        host, port = parse_broker(args.broker)
-        request = Request(
-            device_id=args.id, profile=args.profile, target=args.target, fleet_dir=args.fleet,
-            broker_host=host, broker_port=port,
-            gps_port=None if args.gps_port == "none" else args.gps_port,
-            surveyed=parse_surveyed(args.surveyed) if args.surveyed else None,
-            battery_sysfs=args.battery_sysfs, ingest_url=args.ingest)
-        report = provision(request)
-    except (ProvisionError, FleetError, ConfigError) as exc:
-        print(f"provision: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(report.lines))
-    print(f"{args.id} is ready: boot the card; check it with `sos-device selftest` on the device")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.action == "provision":
-        return cmd_provision(args)
     if args.action == "upload":
         from firmware.uplink.upload_cli import upload_now
 

@@ -251,7 +251,7 @@ def _camera(data: dict[str, Any], source: str) -> CameraConfig | None:
         return None
     if not data.get("evidence", {}).get("recipients"):
         raise ConfigError(f"{source}: missing key 'evidence.recipients' (recordings must be "
-                          "encrypted to the control centre; `sos-device provision` writes it)")
+                          "encrypted to the control centre; `sos-provision` writes it)")
     return CameraConfig(
         source=camera.get("source", "picamera2"),
         size=(camera.get("width", 1920), camera.get("height", 1080)),

@@ -82,7 +82,8 @@ from firmware.uplink.mqtt import (
     MqttUplink,
     Refused,
 )
-from firmware.uplink.outbox import Outbox, OutboxFull, OutboxRow, Outgoing
+from firmware.uplink.outbox import Outbox, OutboxFull
+from firmware.uplink.outgoing import OutboxRow, Outgoing
 from firmware.uplink.upload_plan import Progress
 from firmware.uplink.uploader import Uploader, UploadSummary, uploader_from_config
 from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso

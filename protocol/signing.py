@@ -92,7 +92,7 @@ def verify(message: dict[str, Any], keys: Iterable[Ed25519PublicKey]) -> Ed25519
 
 
 def load_key(path: Path) -> Ed25519PrivateKey:
-    """The device's signing key at `path`, made and enrolled by `sos-device provision`.
+    """The device's signing key at `path`, made and enrolled by `sos-provision`.
 
     Never makes one: a key made on the device is unknown to the fleet, so the centre would
     reject every message signed with it while the device showed them as delivered. Raises
@@ -104,7 +104,7 @@ def load_key(path: Path) -> Ed25519PrivateKey:
         if path.exists():
             raise
         raise ConfigError(f"{exc}; the signing key is made and enrolled only by provisioning: "
-                          "run `sos-device provision` (docs/FLASHING.md)") from None
+                          "run `sos-provision` (docs/FLASHING.md)") from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

@@ -155,7 +155,7 @@ def _device_root(item: str) -> tuple[str, Path]:
     config = Path(root) / "etc" / "sos-device" / "device.toml"
     if not device_id or not config.exists():
         raise ValueError(f"--provisioned {item}: expected ID=ROOT with ROOT/etc/sos-device/"
-                         "device.toml (written by sos-device provision)")
+                         "device.toml (written by sos-provision)")
     return device_id, Path(root)
 
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "Revoke them afterwards with `sos-center ca revoke NAME`")
     run.add_argument("--port", type=int, help="broker port (default: a free one)")
     run.add_argument("--provisioned", action="append", default=[], metavar="ID=ROOT",
-                     help="run device ID from a directory `sos-device provision` wrote "
+                     help="run device ID from a directory `sos-provision` wrote "
                           "(with --fleet and --port as given to it); repeatable")
     sub.add_parser("list", help="list the scenarios with their descriptions")
     from simulator.selftest import add_selftest_parser

@@ -109,7 +109,7 @@ class ScenarioRun:
     def __init__(self, scenario: Scenario, workdir: Path, *, speed: float = 1.0, seed: int = 1,
                  recorder: Recorder | None = None, fleet_dir: Path | None = None,
                  port: int | None = None, provisioned: dict[str, Path] | None = None) -> None:
-        """`provisioned`: device id -> the root a `sos-device provision` wrote; that device
+        """`provisioned`: device id -> the root a `sos-provision` wrote; that device
         runs from its own config and keys there (on `fleet_dir`'s broker at `port`)."""
         self.scenario = scenario
         self.workdir = workdir

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from firmware.uplink.delivery import DeliveryWaits
 from firmware.uplink.mqtt import MqttUplink
-from firmware.uplink.outbox import Outbox, Outgoing
+from firmware.uplink.outbox import Outbox
+from firmware.uplink.outgoing import Outgoing
 from protocol import MessageKind, Topics, encode, new_id
 from tests.helpers import NO_POSITION, device_signer
 

@@ -1,4 +1,4 @@
-"""firmware.camera.age_stream against the stock `age` 1.1.x binary (no mocks): round trips both
+"""evidence_format.age_stream against the stock `age` 1.1.x binary (no mocks): round trips both
 ways, several recipients, the truncation guarantee at many cut points, tampering, and the
 control centre's own evidence key."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from control_center.fleet import Fleet, age_x25519_keypair
-from firmware.camera.age_stream import (
+from evidence_format.age_stream import (
     CHUNK,
     FINISHED,
     NO_MATCH,

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center import pki
 from control_center.fleet import MAX_PACKET_BYTES, Fleet, age_x25519_keypair
+from evidence_format.bech32 import encode as bech32_encode
+from evidence_format.bech32 import words as bech32_words
 from protocol import signing
-from protocol.bech32 import encode as bech32_encode
-from protocol.bech32 import words as bech32_words
 
 
 def ca(fleet: Path | None, *args: str, env: dict[str, str] | None = None,

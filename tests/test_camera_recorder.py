@@ -15,8 +15,8 @@ import pytest
 
 from control_center.evidence import keys_from_pubkey_file, verify_directory
 from control_center.fleet import age_x25519_keypair
-from firmware.camera import minisign
-from firmware.camera.age_stream import decrypt_salvage, parse_identities
+from evidence_format import minisign
+from evidence_format.age_stream import decrypt_salvage, parse_identities
 from firmware.camera.recorder import SegmentRecorder
 from firmware.camera.recording import RecordingPolicy
 from firmware.camera.store import SegmentStore

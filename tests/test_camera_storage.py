@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from evidence_format.files import atomic_write
 from firmware.camera.space import RecordMode, SpaceLimits, StoredSegment, plan
-from firmware.camera.store import SegmentStore, atomic_write
+from firmware.camera.store import SegmentStore
 
 MiB = 2**20
 LIMITS = SpaceLimits(low_water=50 * MiB, high_water=100 * MiB, reserve=20 * MiB,

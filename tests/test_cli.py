@@ -1,4 +1,4 @@
-"""The three commands answer --help with what they do."""
+"""The commands answer --help with what they do."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 
 
 @pytest.mark.parametrize(("module", "words"), [
-    ("firmware.cli", ["run", "check-config", "selftest", "provision"]),
+    ("firmware.cli", ["run", "check-config", "selftest", "upload"]),
     ("simulator.cli", ["run", "list"]),
     ("control_center.cli", ["serve", "alerts", "ack", "close", "ca"]),
     ("control_center.evidence_cli", ["verify", "decrypt", "export"]),
+    ("provisioning.cli", ["--id", "--profile", "--target", "--fleet", "--broker"]),
 ])
 def test_help_lists_the_commands(module: str, words: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,

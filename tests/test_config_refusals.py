@@ -86,7 +86,7 @@ def test_check_config_refuses_a_missing_signing_key_and_says_to_provision(device
     (device / "signing.key").unlink()
     done = sos_device(device / "device.toml")
     assert_refused(done, str(device / "device.toml"), "key 'device.signing_key'",
-                   str(device / "signing.key"), "sos-device provision", "docs/FLASHING.md")
+                   str(device / "signing.key"), "sos-provision", "docs/FLASHING.md")
 
 
 def test_run_refuses_to_start_without_its_signing_key_and_makes_none(device: Path) -> None:
@@ -101,7 +101,7 @@ def test_the_runtime_never_makes_a_signing_key_that_went_missing(device: Path) -
 
     config = load_device_config(device / "device.toml")
     (device / "signing.key").unlink()
-    with pytest.raises(ConfigError, match="sos-device provision"):
+    with pytest.raises(ConfigError, match="sos-provision"):
         DeviceRuntime(config, pin_factory=MockFactory())
     assert not (device / "signing.key").exists()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from firmware.uplink.delivery import DeliveryTracker, DeliveryWaits
-from firmware.uplink.outbox import OutboxRow
+from firmware.uplink.outgoing import OutboxRow
 from protocol import MessageKind, payload_digest
 
 WAITS = DeliveryWaits(first_wait_s=2.0, unrouted_wait_s=1.0, refused_wait_s=30.0,

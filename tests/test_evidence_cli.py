@@ -20,8 +20,8 @@ from control_center.audit import AuditLog, verify_log
 from control_center.evidence import file_sha256
 from control_center.evidence_cli import NOTHING_RECOVERED, main
 from control_center.fleet import age_x25519_keypair
-from firmware.camera import minisign
-from firmware.camera.age_stream import CHUNK, SEALED_CHUNK, decrypt_salvage, parse_identities
+from evidence_format import minisign
+from evidence_format.age_stream import CHUNK, SEALED_CHUNK, decrypt_salvage, parse_identities
 from protocol.signing import load_or_make_key
 from tests.helpers import RecordingProcess
 

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from control_center.audit import AuditLog
 from control_center.evidence_cli import INCOMPLETE, main
 from control_center.fleet import Fleet
-from firmware.camera import minisign
-from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
+from evidence_format import minisign
+from evidence_format.manifest import build_manifest, manifest_sha256, sign_manifest
 from protocol.signing import load_or_make_key
 
 DEVICE = "tok-amb-0412"

@@ -21,8 +21,8 @@ from typing import Any
 from control_center.fleet import Fleet
 from control_center.ingest import DirectoryStore, EvidenceStore, IngestServer
 from control_center.pki import CertPair
-from firmware.camera.age_stream import AgeStreamWriter
-from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
+from evidence_format.age_stream import AgeStreamWriter
+from evidence_format.manifest import build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.store import SegmentStore
 from protocol.signing import load_or_make_key
 

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center.fleet import age_x25519_keypair
-from firmware.camera.age_stream import decrypt, parse_identities
+from evidence_format.age_stream import decrypt, parse_identities
 from firmware.camera.frames import EncodedFrame, starts_stream
 from firmware.camera.live import LiveStreamer
 from firmware.camera.picam import PicameraSource

@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema import Draft202012Validator, FormatChecker
 
-from firmware.camera import minisign
-from firmware.camera.manifest import (
+from evidence_format import minisign
+from evidence_format.manifest import (
     MANIFEST_SCHEMA,
     build_manifest,
     manifest_bytes,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware.uplink.outbox import Outbox, OutboxFull, Outgoing
+from firmware.uplink.outbox import Outbox, OutboxFull
+from firmware.uplink.outgoing import Outgoing
 from protocol import MessageKind, Topics, new_id
 
 TOPICS = Topics("tok-001")

@@ -1,4 +1,4 @@
-"""`sos-device provision`: a directory that becomes a working, enrolled device."""
+"""`sos-provision` (`make flash`): a directory that becomes a working, enrolled device."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def provision(fleet: Fleet, target: Path, *extra: str, device_id: str = "tok-amb-0412",
               profile: str = "token", broker: str = "127.0.0.1:8883", mount: bool = True):
-    """`sos-device provision`; `mount`: make TARGET first, as mounting the card does."""
+    """`sos-provision`; `mount`: make TARGET first, as mounting the card does."""
     if mount:
         target.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        [sys.executable, "-m", "firmware.cli", "provision", "--id", device_id, "--profile",
+        [sys.executable, "-m", "provisioning.cli", "--id", device_id, "--profile",
          profile, "--target", str(target), "--fleet", str(fleet.directory), "--broker", broker,
          *extra], capture_output=True, text=True, timeout=120)
 
@@ -154,3 +155,60 @@ def test_make_flash_refuses_a_target_that_does_not_exist_naming_it(fleet, tmp_pa
     assert f"TARGET={target}: not an existing directory" in done.stderr
     assert not (tmp_path / "does").exists()
     assert snapshot(fleet.directory) == before
+
+
+CENTRE_SIDE = ("control_center", "provisioning", "simulator", "bench", "tests")
+
+
+def test_make_flash_writes_no_centre_code_onto_the_card(fleet, tmp_path) -> None:
+    """What is copied onto a device: the firmware and the two formats it shares with the
+    centre, and no line of the centre (its CA code, its ingest server)."""
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    done = subprocess.run(
+        ["make", "-C", str(REPO), "--no-print-directory", "-o", ".venv/.installed-stamp",
+         "flash", "ID=tok-amb-0412", "PROFILE=token", f"TARGET={target}",
+         f"FLEET={fleet.directory}", "BROKER=127.0.0.1:8883"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = [p.relative_to(target) for p in target.rglob("*") if p.is_file()]
+    src = target / "opt" / "sos-device" / "src"
+    assert sorted(p.name for p in src.iterdir()) == [
+        "README.md", "evidence_format", "firmware", "hw", "protocol", "pyproject.toml"]
+    assert not [p for p in written if set(p.parts) & set(CENTRE_SIDE)]
+    centre_imports = [p for p in src.rglob("*.py")
+                      if any(f"{side}" in line for line in p.read_text().splitlines()
+                             if line.lstrip().startswith(("import ", "from "))
+                             for side in CENTRE_SIDE[:2])]
+    assert not centre_imports
+
+
+def test_the_cards_firmware_builds_into_a_wheel_of_the_device_packages_only(fleet,
+                                                                          tmp_path) -> None:
+    root = tmp_path / "sd"
+    assert provision(fleet, root).returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--no-index", "-q", "-w", str(tmp_path / "wheels"),
+         str(root / "opt" / "sos-device" / "src")],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "wheels").glob("sos_device_firmware-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(archive.read(n).decode() for n in names
+                            if n.endswith("entry_points.txt"))
+    packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == {"evidence_format", "firmware", "protocol"}
+    assert "sos-device = firmware.cli:main" in entry_points
+    assert "sos-center" not in entry_points
+    assert "firmware/config.schema.json" in names  # package data travels with it
+
+
+def test_provisioning_again_removes_what_an_older_version_copied(fleet, tmp_path) -> None:
+    root = tmp_path / "sd"
+    stale = root / "opt" / "sos-device" / "src" / "control_center"
+    stale.mkdir(parents=True)
+    (stale / "pki.py").write_text("# copied by an older sos-device provision\n")
+    assert provision(fleet, root).returncode == 0
+    assert not stale.exists()

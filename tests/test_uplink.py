@@ -10,7 +10,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.store import Store
 from firmware.uplink.mqtt import Connected, Delivered, Disconnected, Refused
-from firmware.uplink.outbox import Outbox, Outgoing
+from firmware.uplink.outbox import Outbox
+from firmware.uplink.outgoing import Outgoing
 from protocol import Topics
 from tests import links
 from tests.helpers import device_signer

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center.fleet import age_x25519_keypair
 from control_center.ingest.receipts import make_receipt
-from firmware.camera.age_stream import AgeStreamWriter
-from firmware.camera.manifest import build_manifest, manifest_sha256, sign_manifest
+from evidence_format.age_stream import AgeStreamWriter
+from evidence_format.manifest import build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import (
     ConnectionLost,

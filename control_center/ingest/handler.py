@@ -43,7 +43,7 @@ from control_center.ingest.tus import (
     preferred_wait,
 )
 from control_center.ingest.uploads import REFUSED, STORED, UPLOADING, Upload
-from firmware.camera.store import fsync_dir
+from evidence_format.files import fsync_dir
 
 if TYPE_CHECKING:
     from control_center.ingest.server import IngestServer, Limits

@@ -21,8 +21,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from firmware.camera.manifest import manifest_file, segment_file, signature_file
-from firmware.camera.store import fsync_dir
+from evidence_format.files import fsync_dir
+from evidence_format.manifest import manifest_file, segment_file, signature_file
 
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")  # as the manifest schema says
 MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json$")

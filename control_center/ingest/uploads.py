@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from firmware.camera.manifest import manifest_file, signature_file
+from evidence_format.manifest import manifest_file, signature_file
 from protocol.messages import utc_iso
 
 UPLOADING, STORING, STORED, REFUSED = "uploading", "storing", "stored", "refused"

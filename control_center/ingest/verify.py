@@ -20,7 +20,7 @@ from typing import Any
 from control_center.evidence import ERROR, KeysFor, check_signed_manifest
 from control_center.ingest.stores import EvidenceStore
 from control_center.ingest.tus import Refusal
-from firmware.camera.manifest import manifest_file, signature_file
+from evidence_format.manifest import manifest_file, signature_file
 from protocol.untrusted import MANIFEST_LIMITS, UntrustedJsonError, loads_untrusted
 
 REQUIRED = ("device_id", "seq", "manifest", "signature")

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from evidence_format.age_stream import AgeStreamWriter, parse_recipient
 from protocol.messages import utc_iso
 from protocol.signing import Signer
 
-from .age_stream import AgeStreamWriter, parse_recipient
 from .frames import EncodedFrame, starts_stream
 from .tsmux import TsSegmentWriter
 

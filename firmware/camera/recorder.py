@@ -25,9 +25,9 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.camera.age_stream import AgeStreamWriter
+from evidence_format.age_stream import AgeStreamWriter
+from evidence_format.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.frames import EncodedFrame
-from firmware.camera.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
 from firmware.camera.recording import RecordingPolicy
 from firmware.camera.segmenter import FrameOut, SegmentEnd, Segmenter, SegmentStart
 from firmware.camera.space import RecordMode

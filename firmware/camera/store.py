@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from evidence_format.files import atomic_write, fsync_dir
 from firmware.camera.space import StoredSegment
 
 PART = ".part"
@@ -36,30 +37,6 @@ WRITE_BUFFER = 1 << 20
 
 def segment_name(seq: int) -> str:
     return f"{seq:06d}"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync of the directory: the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from firmware.uplink.outbox import OutboxRow
+from firmware.uplink.outgoing import OutboxRow
 from protocol import MessageKind, payload_digest
 
 

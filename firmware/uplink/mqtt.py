@@ -38,7 +38,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware.uplink.delivery import DeliveryTracker, DeliveryWaits
-from firmware.uplink.outbox import Outbox, OutboxRow
+from firmware.uplink.outbox import Outbox
+from firmware.uplink.outgoing import OutboxRow
 from protocol import MessageKind, ProtocolError, Topics, validate
 from protocol.mqtt import BrokerConfig, make_client, session_properties
 from protocol.signing import SignatureError, verify

@@ -18,10 +18,10 @@ import json
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.uplink.outgoing import OutboxRow, Outgoing
 from protocol import MessageKind, encode
 from protocol.signing import Signer
 
@@ -44,24 +44,6 @@ CREATE TABLE IF NOT EXISTS device_state (
 
 class OutboxFull(OSError):
     """The storage refused the write (disk full or read-only): the message is NOT durable."""
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    seq: int
-    kind: MessageKind
-    topic: str
-    payload: bytes
-    durable: bool = True  # False: could not be stored (disk full), lives only in memory
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to store: its `seq` field is filled in by the outbox."""
-
-    kind: MessageKind
-    topic: str
-    message: dict[str, Any]
 
 
 class Outbox:

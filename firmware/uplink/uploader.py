@@ -60,8 +60,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from firmware.camera.manifest import MANIFEST_SUFFIX, SEGMENT_SUFFIX, SIGNATURE_SUFFIX
-from firmware.camera.store import SegmentStore, fsync_dir
+from evidence_format.files import fsync_dir
+from evidence_format.manifest import MANIFEST_SUFFIX, SEGMENT_SUFFIX, SIGNATURE_SUFFIX
+from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import (
     ConnectionLost,
     Created,

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol import bech32
+from evidence_format import bech32
 
 VERSION_LINE = b"age-encryption.org/v1\n"
 X25519_INFO = b"age-encryption.org/v1/X25519"

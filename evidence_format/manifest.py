@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema import Draft202012Validator, FormatChecker
 
-from firmware.camera import minisign
+from evidence_format import minisign
 from protocol.messages import utc_iso
 
 MANIFEST_VERSION = 1

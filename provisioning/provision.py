@@ -1,9 +1,11 @@
 """Turn a blank Raspberry Pi root filesystem into an enrolled token or pillar.
 
-`sos-device provision` writes, under TARGET (the mounted SD card's root, or an existing directory
+`sos-provision` writes, under TARGET (the mounted SD card's root, or an existing directory
 in tests; a TARGET that is not there is refused before anything is written or enrolled):
 
-    opt/sos-device/src/                  the firmware source (installed into a venv at first boot)
+    opt/sos-device/src/                  the firmware source (installed into a venv at first boot):
+                                         firmware/, protocol/, evidence_format/, hw/profiles/ and
+                                         a pyproject.toml naming only those (no centre code)
     etc/sos-device/device.toml           the config (validated; paths relative to this file)
     etc/sos-device/{ca.pem,device.pem}   the fleet CA and this device's certificate
     etc/sos-device/{device.key,signing.key}  the device's keys, made here, never copied anywhere
@@ -18,20 +20,24 @@ idempotent: running it again changes nothing that is already right and says so.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from control_center import pki
 from control_center.fleet import Fleet
+from evidence_format.files import atomic_write
 from firmware.config import PROFILES_DIR, load_device_config
 from protocol import signing
 
 REPO = Path(__file__).resolve().parents[1]
-FIRMWARE_PARTS = ("firmware", "protocol", "control_center", "hw", "pyproject.toml", "README.md")
+DEVICE_PACKAGES = ("protocol", "evidence_format", "firmware")  # what runs on a device, no more
+DEVICE_DATA = ("hw/profiles", "README.md")  # the board profiles the firmware reads at start
+DEVICE_COMMAND = "sos-device"
+# The marker keeps the command's old name: cards provisioned before have this exact line.
 CONFIG_TXT_BEGIN = "# >>> sos-device (managed by sos-device provision; do not edit inside)"
 CONFIG_TXT_END = "# <<< sos-device"
 CONFIG_TXT_LINES = (
@@ -151,7 +157,7 @@ def render_config(request: Request, fleet: Fleet) -> str:
     Pi and from a directory in the simulator."""
     keys = ", ".join(f'"{k}"' for k in fleet.centre_public_keys())
     lines = [
-        f"# Written by sos-device provision for {request.device_id}. Keys: "
+        f"# Written by sos-provision for {request.device_id}. Keys: "
         "firmware/config.schema.json.",
         "[device]", f'id = "{request.device_id}"', f'profile = "{request.profile}"',
         'data_dir = "../../var/lib/sos-device"', 'signing_key = "signing.key"',
@@ -185,29 +191,59 @@ def render_config(request: Request, fleet: Fleet) -> str:
 
 
 def _write(path: Path, content: bytes, mode: int | None = None) -> str:
-    """Write only if different; say what happened."""
+    """Write only if different (durably: the card may be pulled right after); say what
+    happened."""
     if path.exists() and path.read_bytes() == content:
         return "unchanged"
     existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, content, mode=mode)
     return "updated" if existed else "created"
 
 
 def _copy_firmware(destination: Path, report: Report) -> None:
+    """The device's packages and data, and a pyproject.toml that installs only them. A part
+    from an earlier provisioning that is no longer shipped (e.g. centre code copied by an older
+    version) is removed, so running it again leaves exactly this set."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for part in FIRMWARE_PARTS:
+    destination.mkdir(parents=True, exist_ok=True)
+    shipped = {*DEVICE_PACKAGES, *(Path(p).parts[0] for p in DEVICE_DATA), "pyproject.toml"}
+    for stale in sorted(destination.iterdir()):
+        if stale.name not in shipped:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+    for part in (*DEVICE_PACKAGES, *DEVICE_DATA):
         source = REPO / part
         if source.is_dir():
-            shutil.copytree(source, destination / part, ignore=ignore, dirs_exist_ok=True)
+            if (destination / part).exists():
+                shutil.rmtree(destination / part)  # a module removed upstream goes here too
+            shutil.copytree(source, destination / part, ignore=ignore)
         else:
-            destination.mkdir(parents=True, exist_ok=True)
+            (destination / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / part)
-    report.note("copied", f"firmware to {destination}")
+    _write(destination / "pyproject.toml", device_pyproject().encode())
+    report.note("copied", f"firmware to {destination} ({', '.join(DEVICE_PACKAGES)})")
+
+
+def device_pyproject() -> str:
+    """The project's pyproject.toml cut down to the device: its dependencies and version (one
+    source: the repository's pyproject.toml), its packages and its one command."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    script = project["scripts"][DEVICE_COMMAND]
+    packages = ", ".join(f'"{name}*"' for name in DEVICE_PACKAGES)
+    return "\n".join([
+        "# Written by sos-provision from the project's pyproject.toml: the device's part only.",
+        "[build-system]", 'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"', "",
+        "[project]", 'name = "sos-device-firmware"', f'version = "{project["version"]}"',
+        f'requires-python = "{project["requires-python"]}"',
+        "dependencies = [", *(f'    "{d}",' for d in project["dependencies"]), "]", "",
+        "[project.scripts]", f'{DEVICE_COMMAND} = "{script}"', "",
+        "[tool.setuptools.packages.find]", f"include = [{packages}]", "",
+        "[tool.setuptools.package-data]", '"*" = ["*.json", "*.toml"]', "",
+    ])
 
 
 def _write_units(root: Path, report: Report) -> None:
@@ -239,7 +275,7 @@ def _update_config_txt(path: Path) -> str:
 
 
 UDEV_RULES = """\
-# Written by sos-device provision: the service user reaches the GPIO chip and the GPS UART.
+# Written by sos-provision: the service user reaches the GPIO chip and the GPS UART.
 SUBSYSTEM=="gpio", KERNEL=="gpiochip*", GROUP="gpio", MODE="0660"
 KERNEL=="ttyAMA0", GROUP="dialout", MODE="0660", SYMLINK+="sos-gps"
 """
