@@ -17,7 +17,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from control_center.store import Store as CentreStore
-from firmware.alert_state import AlertCore, DeviceIdentity, Now, Readings, Store, Trigger
+from firmware.alert_state import (
+    AlertCore,
+    AppendToOutbox,
+    DeviceIdentity,
+    Now,
+    Readings,
+    Trigger,
+)
 from firmware.gps.position import PositionProvider
 from firmware.uplink.outbox import Outbox
 from firmware.uplink.outgoing import Outgoing
@@ -49,7 +56,7 @@ def sample_alert(device_id: str) -> SampleAlert:
                                                         **SURVEYED}).current()
     actions = core.handle(Trigger("button_press"), Now(time.monotonic(), datetime.now(UTC)),
                           Readings(position, None))
-    store = next(a for a in actions if isinstance(a, Store))
+    store = next(a for a in actions if isinstance(a, AppendToOutbox))
     return SampleAlert(store.items, store.state)
 
 

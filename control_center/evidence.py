@@ -54,7 +54,7 @@ class EvidenceError(Exception):
     """Something that stops a command (no key, no age binary, a refused export)."""
 
 
-class Refused(EvidenceError):
+class ExportRefused(EvidenceError):
     """An export refused because the directory does not verify; `report` says why."""
 
     def __init__(self, message: str, report: Report) -> None:
@@ -744,7 +744,7 @@ def export_call(directory: str | Path, call_id: str, *, identity: str | Path,
     if not segments:
         raise EvidenceError(f"{directory}: no segment of call {call_id!r}")
     if not report.ok and not force:
-        raise Refused(f"refusing to export call {call_id!r}: {directory} does not verify "
+        raise ExportRefused(f"refusing to export call {call_id!r}: {directory} does not verify "
                       f"({len(report.errors)} error(s)); --force exports it anyway", report)
     usable = [s for s in segments if s.ciphertext_path is not None]
     skipped = [s.stem + SEGMENT_SUFFIX for s in segments if s.ciphertext_path is None]

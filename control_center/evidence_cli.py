@@ -212,7 +212,7 @@ def _export(args: argparse.Namespace) -> int:
         try:
             done = evidence.export_call(args.directory, args.call, identity=args.identity,
                                         outdir=args.output, keys_for=keys, force=args.force)
-        except evidence.Refused as refused:
+        except evidence.ExportRefused as refused:
             for finding in refused.report.findings:
                 print(finding)
             print(refused.report.summary())

@@ -113,7 +113,7 @@ class _Stream:
                    lost=data.get("lost", 0))
 
 
-class _Refused(Exception):
+class _ChunkRefused(Exception):
     pass
 
 
@@ -195,7 +195,7 @@ class LiveReceiver:
         with self._lock:
             try:
                 return self._accept(device_id, payload, header)
-            except _Refused as exc:
+            except _ChunkRefused as exc:
                 self.refused += 1
                 log.error("refused live chunk from %s (alert %s, seq %s): %s", device_id,
                           (alert_id or "?")[:8], seq, exc)
@@ -204,31 +204,34 @@ class LiveReceiver:
     def _accept(self, device_id: str, payload: bytes, header: Any) -> LiveChunkResult:
         h = _check_header(header)
         if h["device_id"] != device_id:
-            raise _Refused(f"it claims to come from {h['device_id']}")
+            raise _ChunkRefused(f"it claims to come from {h['device_id']}")
         try:
             verify(h, self._keys_for(device_id))
         except SignatureError as exc:
-            raise _Refused(f"{exc} (is the device enrolled with its signing key?)") from None
+            raise _ChunkRefused(f"{exc} (is the device enrolled with its signing key?)") from None
         if len(payload) > MAX_PAYLOAD_BYTES:
-            raise _Refused(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
+            raise _ChunkRefused(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
         if (len(payload) != h["ciphertext_bytes"]
                 or hashlib.sha256(payload).hexdigest() != h["ciphertext_sha256"]):
-            raise _Refused("the ciphertext is not the one the header signs (altered in transit?)")
+            raise _ChunkRefused("the ciphertext is not the one the header signs "
+                                "(altered in transit?)")
         alert_id, seq = h["alert_id"], h["seq"]
         stream = self._stream(alert_id, device_id)
         if stream.device_id != device_id:
-            raise _Refused(f"alert {alert_id[:8]} streams from {stream.device_id}")
+            raise _ChunkRefused(f"alert {alert_id[:8]} streams from {stream.device_id}")
         if stream.ended:
-            raise _Refused(f"the stream of alert {alert_id[:8]} has ended ({stream.end_reason})")
+            raise _ChunkRefused(f"the stream of alert {alert_id[:8]} has ended "
+                                f"({stream.end_reason})")
         if seq <= stream.last_seq:
-            raise _Refused(f"chunk {seq} is a duplicate or late (have up to {stream.last_seq})")
+            raise _ChunkRefused(f"chunk {seq} is a duplicate or late "
+                                f"(have up to {stream.last_seq})")
         try:
             plaintext = b"".join(decrypt(BytesIO(payload), self._identities))
         except AgeFormatError as exc:
-            raise _Refused(f"cannot decrypt with the live identity: {exc}") from None
+            raise _ChunkRefused(f"cannot decrypt with the live identity: {exc}") from None
         if h["frames"] > 0 and (not plaintext or plaintext[0] != 0x47
                                 or len(plaintext) % TS_PACKET):
-            raise _Refused("the decrypted chunk is not MPEG-TS")
+            raise _ChunkRefused("the decrypted chunk is not MPEG-TS")
 
         lost = seq - stream.last_seq - 1
         directory = self.stream_dir(alert_id)
@@ -356,13 +359,14 @@ def render_playlist(stream: _Stream) -> str:
 
 
 def _check_header(header: Any) -> dict[str, Any]:
-    """The header if it has the shape docs/LIVE.md gives; _Refused naming the problem if not."""
+    """The header if it has the shape docs/LIVE.md gives; _ChunkRefused naming the problem if
+    not."""
     if not isinstance(header, dict):
-        raise _Refused("no header (user property sos-live-header missing or not JSON)")
+        raise _ChunkRefused("no header (user property sos-live-header missing or not JSON)")
 
     def need(key: str, ok: Callable[[Any], bool], what: str) -> None:
         if key not in header or not ok(header[key]):
-            raise _Refused(f"header field {key!r} missing or not {what}")
+            raise _ChunkRefused(f"header field {key!r} missing or not {what}")
 
     def is_int(v: Any) -> bool:
         return type(v) is int and v >= 0
@@ -394,5 +398,5 @@ def _check_header(header: Any) -> dict[str, Any]:
         need("first_frame_utc", is_time, "a UTC time")
         need("last_frame_utc", is_time, "a UTC time")
     elif not header["final"]:
-        raise _Refused("an empty chunk that is not the final one")
+        raise _ChunkRefused("an empty chunk that is not the final one")
     return header

@@ -123,7 +123,7 @@ class Readings:
 
 
 @dataclass(frozen=True)
-class Store:
+class AppendToOutbox:
     """Append these messages to the outbox, with the device state, in one durable transaction."""
 
     items: list[Outgoing]
@@ -164,7 +164,7 @@ class Log:
     text: str
 
 
-Action = Store | Persist | Show | Log | CallChange | RecordSos
+Action = AppendToOutbox | Persist | Show | Log | CallChange | RecordSos
 
 
 @dataclass
@@ -299,7 +299,7 @@ class AlertCore:
             "battery": readings.battery,
         }
         return [
-            Store([Outgoing(MessageKind.ALERT, self.topics.alert, message)], self.state()),
+            AppendToOutbox([Outgoing(MessageKind.ALERT, self.topics.alert, message)], self.state()),
             record,
             Log("warning", f"SOS {alert_id} raised ({trigger}, position "
                            f"{readings.position['source']})"),
@@ -314,7 +314,7 @@ class AlertCore:
         self.active.stage = Stage.CANCELLED
         event = self._event("cancel_requested", now)
         return [
-            Store([event], self.state()),
+            AppendToOutbox([event], self.state()),
             Log("warning", f"SOS {self.active.alert_id}: cancel requested by the wearer; "
                            "reported to the operator, who closes the alert"),
             *self._refresh_feedback(),
@@ -338,7 +338,7 @@ class AlertCore:
             text = f"call {call_id} ended by the wearer's gesture"
         self._transient, self._idle_at = shown, now.mono + CALL_DISPLAY_S
         event = self._event(kind, now, call_id=call_id)
-        return [Store([event], self.state()), CallChange(self.call_id), Log("info", text),
+        return [AppendToOutbox([event], self.state()), CallChange(self.call_id), Log("info", text),
                 *self._refresh_feedback()]
 
     def _on_delivered(self, kind: MessageKind, alert_id: str | None) -> list[Action]:
@@ -382,7 +382,7 @@ class AlertCore:
         call_id = command.get("call_id") if command["type"] == "call_start" else None
         self.call_id = call_id
         applied = self._command_event(command, "command_applied", now)
-        return [Store([applied], self.state()), CallChange(call_id),
+        return [AppendToOutbox([applied], self.state()), CallChange(call_id),
                 Log("info", f"call {'started: ' + call_id if call_id else 'ended'} "
                             f"({command['operator']})")]
 
@@ -402,13 +402,13 @@ class AlertCore:
             actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}"),
                        RecordSos(alert_id, False)]
         applied = self._command_event(command, "command_applied", now)
-        return [Store([applied], self.state()), *actions, *self._refresh_feedback()]
+        return [AppendToOutbox([applied], self.state()), *actions, *self._refresh_feedback()]
 
     def _report_applied_again(self, command: dict[str, Any], now: Now) -> list[Action]:
         """A redelivery of a command already applied changes nothing, but is answered again:
         the centre that sent it again did so for want of an answer."""
         applied = self._command_event(command, "command_applied", now)
-        return [Store([applied], self.state()),
+        return [AppendToOutbox([applied], self.state()),
                 Log("info", f"command {command['command_id']} ({command['type']}) already "
                             "applied; ignored (a redelivery), reported as applied again")]
 
@@ -416,7 +416,7 @@ class AlertCore:
                 now: Now) -> list[Action]:
         """Refuse a command: nothing changes; the centre gets `command_rejected`."""
         rejected = self._command_event(command, "command_rejected", now, refusal, problem)
-        return [Store([rejected], self.state()),
+        return [AppendToOutbox([rejected], self.state()),
                 Log("error", f"rejected {command['type']} command {command['command_id']}: "
                              f"{problem}; nothing changed")]
 
@@ -431,7 +431,7 @@ class AlertCore:
         refusal = (Refusal.UNKNOWN_TYPE if isinstance(readable.get("type"), str)
                    and readable["type"] not in COMMAND_TYPES else Refusal.INVALID)
         rejected = self._command_event(readable, "command_rejected", now, refusal, str(exc))
-        return [Store([rejected], self.state()), *actions]
+        return [AppendToOutbox([rejected], self.state()), *actions]
 
     def _on_tick(self, now: Now, readings: Readings) -> list[Action]:
         actions: list[Action] = []
@@ -451,8 +451,8 @@ class AlertCore:
                 "position": readings.position,
                 "battery": readings.battery,
             }
-            actions.append(Store([Outgoing(MessageKind.POSITION, self.topics.position, update)],
-                                 self.state()))
+            position = Outgoing(MessageKind.POSITION, self.topics.position, update)
+            actions.append(AppendToOutbox([position], self.state()))
         return actions
 
     @staticmethod

@@ -22,6 +22,7 @@ from typing import Any
 from firmware.alert_state import (
     Action,
     AlertCore,
+    AppendToOutbox,
     CallChange,
     CallGesture,
     CancelGesture,
@@ -37,7 +38,6 @@ from firmware.alert_state import (
     Readings,
     RecordSos,
     Show,
-    Store,
     Tick,
     Trigger,
 )
@@ -75,12 +75,12 @@ from firmware.systemd_notify import notify, watchdog_interval_s
 from firmware.uplink.docking import DockDetector, run_when_docked
 from firmware.uplink.mqtt import (
     Accepted,
+    BrokerRefused,
     CommandReceived,
     Connected,
     Delivered,
     Disconnected,
     MqttUplink,
-    Refused,
 )
 from firmware.uplink.outbox import Outbox, OutboxFull
 from firmware.uplink.outgoing import OutboxRow, Outgoing
@@ -322,7 +322,7 @@ class DeviceRuntime:
                 self._handle(LinkDown())
             case Delivered(row):
                 self._handle(MessageDelivered(row.kind, _alert_id_of(row)))
-            case Refused() | Accepted():
+            case BrokerRefused() | Accepted():
                 pass  # the broker's word: feedback waits for the centre's receipt
             case SegmentCommitted(seq):
                 self._write_failed = False
@@ -359,7 +359,7 @@ class DeviceRuntime:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
-                case Store(items, state):
+                case AppendToOutbox(items, state):
                     self._store(items, state)
                 case Persist(state):
                     try:

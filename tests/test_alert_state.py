@@ -13,6 +13,7 @@ from firmware.alert_state import (
     CALL_DISPLAY_S,
     CLOSED_DISPLAY_S,
     AlertCore,
+    AppendToOutbox,
     CallChange,
     CallGesture,
     CancelGesture,
@@ -28,7 +29,6 @@ from firmware.alert_state import (
     RecordSos,
     Show,
     Stage,
-    Store,
     Tick,
     Trigger,
 )
@@ -64,7 +64,7 @@ def make_core(kind: str = "token") -> AlertCore:
 
 
 def stored(actions: list) -> list:
-    return [item for a in actions if isinstance(a, Store) for item in a.items]
+    return [item for a in actions if isinstance(a, AppendToOutbox) for item in a.items]
 
 
 def shown(actions: list) -> list[FeedbackState]:
@@ -95,7 +95,7 @@ def test_a_trigger_stores_a_valid_alert_and_shows_sending() -> None:
 def test_the_alert_and_the_active_state_are_stored_together() -> None:
     core = make_core()
     (store,) = [a for a in core.handle(Trigger("button_hold"), at(1), READINGS)
-                if isinstance(a, Store)]
+                if isinstance(a, AppendToOutbox)]
     assert store.state["active"] == {"alert_id": core.active.alert_id, "stage": "sending"}
 
 
@@ -304,7 +304,7 @@ def test_the_old_replay_window_survives_saves_until_the_fleet_key_has_its_own() 
     core = make_core()
     core.restore(LEGACY, at(0))
     saved = core.handle(Trigger("button_hold"), at(0), READINGS)  # stores the state
-    (state,) = [a.state for a in saved if isinstance(a, Store)]
+    (state,) = [a.state for a in saved if isinstance(a, AppendToOutbox)]
     rebooted = make_core()
     rebooted.restore(state, at(1))
     rebooted.handle(Trigger("button_hold"), at(1), READINGS)
@@ -430,7 +430,7 @@ def test_the_call_gesture_starts_a_call_with_a_device_made_id() -> None:
     assert event.message["type"] == "call_started" and "alert_id" not in event.message
     assert event.message["call_id"] == core.call_id == "tok-001-20261123T100010Z-000000"
     assert CallChange("tok-001-20261123T100010Z-000000") in actions
-    (store,) = [a for a in actions if isinstance(a, Store)]
+    (store,) = [a for a in actions if isinstance(a, AppendToOutbox)]
     assert store.state["call_id"] == core.call_id
     assert shown(actions) == [FeedbackState.CALL_STARTED]
 
@@ -489,7 +489,7 @@ def test_dispatch_call_end_ends_a_call_the_gesture_started() -> None:
     core.handle(CallGesture(), at(1), READINGS)
     ended = core.handle(CommandPayload(call_command("call_end", cid="1" * 32)), at(3), READINGS)
     assert CallChange(None) in ended and core.call_id is None
-    (store,) = [a for a in ended if isinstance(a, Store)]
+    (store,) = [a for a in ended if isinstance(a, AppendToOutbox)]
     assert store.state["call_id"] is None
     (event,) = stored(core.handle(CallGesture(), at(20), READINGS))
     assert event.message["type"] == "call_started"  # the next gesture starts a new call

@@ -9,7 +9,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.store import Store
-from firmware.uplink.mqtt import Connected, Delivered, Disconnected, Refused
+from firmware.uplink.mqtt import BrokerRefused, Connected, Delivered, Disconnected
 from firmware.uplink.outbox import Outbox
 from firmware.uplink.outgoing import Outgoing
 from protocol import Topics
@@ -89,7 +89,7 @@ def test_an_alert_no_centre_is_subscribed_to_stays_in_the_outbox_until_one_is(
         link.uplink.start()
         rows = link.outbox.append([new_alert()])
         link.uplink.send(rows)
-        refused = link.wait_for(Refused)
+        refused = link.wait_for(BrokerRefused)
         assert "No matching subscribers" in refused.reason
         assert link.outbox.contains(rows[0].seq)
         stored = threading.Event()  # the device's PUBACK comes from the broker, before the store

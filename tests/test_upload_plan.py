@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import pytest
 
 from firmware.uplink.tus import (
+    NotTus,
     OffsetMismatch,
-    ProtocolError,
-    Refused,
     RetryLater,
+    SegmentRefused,
     Unauthorized,
     UploadGone,
     decode_receipt,
@@ -184,12 +184,12 @@ def test_a_507_is_retry_later_even_without_a_body() -> None:
 
 def test_a_422_is_a_refusal_with_the_servers_reason() -> None:
     error = error_from_response(422, {}, _json(error="ciphertext hash mismatch", retry=False))
-    assert type(error) is Refused and error.reason == "ciphertext hash mismatch"
+    assert type(error) is SegmentRefused and error.reason == "ciphertext hash mismatch"
 
 
 def test_the_bodys_retry_flag_overrides_the_status() -> None:
     assert isinstance(error_from_response(400, {}, _json(error="later", retry=True)), RetryLater)
-    assert type(error_from_response(500, {}, _json(error="never", retry=False))) is Refused
+    assert type(error_from_response(500, {}, _json(error="never", retry=False))) is SegmentRefused
 
 
 def test_special_statuses() -> None:
@@ -198,7 +198,7 @@ def test_special_statuses() -> None:
     assert isinstance(error_from_response(410, {}, b""), UploadGone)
     assert isinstance(error_from_response(403, {}, _json(error="revoked", retry=False)),
                       Unauthorized)
-    assert isinstance(error_from_response(302, {}, b""), ProtocolError)
+    assert isinstance(error_from_response(302, {}, b""), NotTus)
 
 
 def test_metadata_is_base64_pairs_in_order() -> None:
@@ -211,5 +211,5 @@ def test_metadata_is_base64_pairs_in_order() -> None:
 def test_a_receipt_header_is_base64_json() -> None:
     receipt = {"v": 1, "seq": 3}
     assert decode_receipt(base64.b64encode(json.dumps(receipt).encode()).decode()) == receipt
-    with pytest.raises(ProtocolError):
+    with pytest.raises(NotTus):
         decode_receipt("not base64!")

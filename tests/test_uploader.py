@@ -34,8 +34,8 @@ from firmware.uplink.tus import (
     Created,
     OffsetMismatch,
     PatchResult,
-    Refused,
     RetryLater,
+    SegmentRefused,
     TusClient,
     Unauthorized,
     UploadGone,
@@ -239,7 +239,7 @@ class ScriptedClient:
     @staticmethod
     def _raise_refusal(upload: dict[str, Any]) -> None:
         if upload["refused"]:
-            raise Refused(upload["refused"], 422)
+            raise SegmentRefused(upload["refused"], 422)
 
 
 @pytest.fixture(scope="module")
@@ -492,7 +492,7 @@ def test_a_centre_without_creation_with_upload_gets_the_bytes_by_patch(card, cen
     class OldCentre(ScriptedClient):
         def create(self, length: int, metadata: dict[str, bytes], **kwargs: Any) -> Created:
             if kwargs.get("body_length"):
-                raise Refused("a creation request carries no body", 400)
+                raise SegmentRefused("a creation request carries no body", 400)
             return super().create(length, metadata, **kwargs)
 
     uploader = Uploader(store, store.directory.parent / "upload.sqlite",

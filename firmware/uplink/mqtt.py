@@ -78,7 +78,10 @@ class Delivered:
 
 
 @dataclass(frozen=True)
-class Refused:
+class BrokerRefused:
+    """The broker's PUBACK refused the row or said nobody is subscribed (`reason`); the row
+    stays in the outbox. Not the centre's refusal: that comes as a signed receipt."""
+
     row: OutboxRow
     reason: str
 
@@ -88,7 +91,7 @@ class CommandReceived:
     payload: bytes
 
 
-UplinkEvent = Connected | Disconnected | Accepted | Delivered | Refused | CommandReceived
+UplinkEvent = Connected | Disconnected | Accepted | Delivered | BrokerRefused | CommandReceived
 
 
 class MqttUplink:
@@ -327,7 +330,7 @@ class MqttUplink:
             with self._due_changed:
                 self._delivery.unrouted(row.seq, now)
                 self._due_changed.notify_all()
-            self._on_event(Refused(row, str(reason_code)))
+            self._on_event(BrokerRefused(row, str(reason_code)))
             return
         if not reason_code.is_failure:
             with self._due_changed:
@@ -344,7 +347,7 @@ class MqttUplink:
         with self._due_changed:
             self._delivery.refused(row.seq, now)
             self._due_changed.notify_all()
-        self._on_event(Refused(row, str(reason_code)))
+        self._on_event(BrokerRefused(row, str(reason_code)))
 
     def _resend_loop(self) -> None:
         """Thread: send again what waited too long for its receipt, while connected."""

@@ -18,11 +18,11 @@ server to hold the answer until the receipt exists (`Prefer: wait=N`).
 
 Every failure is a typed exception (all `TusError`): `ConnectionLost` (the connection or TLS
 broke; the next call reconnects), `RetryLater(after_s, reason)` (503/507/429/5xx or a JSON body
-saying `"retry": true`), `Refused(reason)` (a 4xx the server will answer the same way again, e.g.
-422 for a corrupted segment), `Unauthorized` (401/403: this device's certificate is not accepted;
-a Refused that is not the segment's fault), `OffsetMismatch` (409: ask HEAD again), `UploadGone`
-(404/410: the server forgot the upload; create it again), `ProtocolError` (an answer that is not
-tus), `SourceChanged` (the local file ended before the bytes announced).
+saying `"retry": true`), `SegmentRefused(reason)` (a 4xx the server will answer the same way
+again, e.g. 422 for a corrupted segment), `Unauthorized` (401/403: this device's certificate is
+not accepted; a SegmentRefused that is not the segment's fault), `OffsetMismatch` (409: ask HEAD
+again), `UploadGone` (404/410: the server forgot the upload; create it again), `NotTus` (an
+answer that is not tus), `SourceChanged` (the local file ended before the bytes announced).
 
 Limits, stated plainly (like umqtt.simple's):
 - HTTP/1.1, one persistent connection, one request at a time, blocking with a socket timeout
@@ -31,7 +31,7 @@ Limits, stated plainly (like umqtt.simple's):
   concatenation. No `Expect: 100-continue`: a server that refuses a body before reading it makes
   us lose the connection, which is then a `ConnectionLost`.
 - No redirects, no proxies, no cookies, no compression. A `Location` on another host or scheme
-  is a ProtocolError. Response bodies are read up to 64 KiB.
+  is a NotTus. Response bodies are read up to 64 KiB.
 - Bodies are streamed from the caller's file in `blocksize` reads; nothing holds a whole chunk
   or segment in memory.
 """
@@ -81,11 +81,11 @@ class RetryLater(TusError):
         self.after_s = after_s
 
 
-class Refused(TusError):
+class SegmentRefused(TusError):
     """The server refuses this segment and would refuse it again (e.g. 422 corrupted)."""
 
 
-class Unauthorized(Refused):
+class Unauthorized(SegmentRefused):
     """401/403: the server does not accept this device; no segment can go until that is fixed."""
 
 
@@ -97,7 +97,7 @@ class UploadGone(TusError):
     """404/410 for an upload we created: the server no longer knows it; POST again."""
 
 
-class ProtocolError(TusError):
+class NotTus(TusError):
     """An answer that does not follow tus (missing or bad header, unexpected status)."""
 
 
@@ -133,7 +133,7 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes, *,
     """The exception for an unsuccessful answer: pure, so each status is tested exactly.
 
     A JSON body `{"error": ..., "retry": bool}` gives the reason and, when `retry` is present,
-    decides between RetryLater and Refused; otherwise the status does.
+    decides between RetryLater and SegmentRefused; otherwise the status does.
     """
     reason, retry = f"HTTP {status}", None
     try:
@@ -156,12 +156,12 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes, *,
     if status in (404, 410):
         return UploadGone(reason, status)
     if status < 400:
-        return ProtocolError(f"unexpected answer {reason}", status)
+        return NotTus(f"unexpected answer {reason}", status)
     if retry is None:
         retry = status in RETRY_STATUSES or status >= 500
     if retry:
         return RetryLater(parse_retry_after(headers.get("Retry-After"), now), reason, status)
-    return Refused(reason, status)
+    return SegmentRefused(reason, status)
 
 
 def decode_receipt(value: str) -> dict[str, Any]:
@@ -169,9 +169,9 @@ def decode_receipt(value: str) -> dict[str, Any]:
     try:
         data = loads_untrusted(base64.b64decode(value.strip(), validate=True), REPLY_LIMITS)
     except (binascii.Error, ValueError) as exc:
-        raise ProtocolError(f"Upload-Receipt is not base64 JSON: {exc}") from None
+        raise NotTus(f"Upload-Receipt is not base64 JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ProtocolError("Upload-Receipt is not a JSON object")
+        raise NotTus("Upload-Receipt is not a JSON object")
     return data
 
 
@@ -190,10 +190,10 @@ def _offset_header(headers: Mapping[str, str], name: str, *, required: bool = Tr
     value = headers.get(name)
     if value is None:
         if required:
-            raise ProtocolError(f"answer without {name}")
+            raise NotTus(f"answer without {name}")
         return None
     if not _DIGITS.fullmatch(value.strip()):
-        raise ProtocolError(f"{name} is not a non-negative integer: {value[:40]!r}")
+        raise NotTus(f"{name} is not a non-negative integer: {value[:40]!r}")
     return int(value)
 
 
@@ -286,10 +286,10 @@ class TusClient:
             raise self._error(response)
         location = response.headers.get("Location")
         if not location:
-            raise ProtocolError("201 Created without a Location", 201)
+            raise NotTus("201 Created without a Location", 201)
         offset = _offset_header(response.headers, "Upload-Offset", required=False)
         if offset is not None and offset > length:
-            raise ProtocolError(f"Upload-Offset {offset} beyond Upload-Length {length}")
+            raise NotTus(f"Upload-Offset {offset} beyond Upload-Length {length}")
         receipt = response.headers.get("Upload-Receipt")
         return Created(self._path_of(location), offset,
                        decode_receipt(receipt) if receipt else None)
@@ -318,7 +318,7 @@ class TusClient:
         new_offset = _offset_header(response.headers, "Upload-Offset")
         assert new_offset is not None
         if not offset <= new_offset <= offset + length:
-            raise ProtocolError(f"Upload-Offset {new_offset} after a PATCH of {length} bytes "
+            raise NotTus(f"Upload-Offset {new_offset} after a PATCH of {length} bytes "
                                 f"at {offset}")
         receipt = response.headers.get("Upload-Receipt")
         return PatchResult(new_offset, decode_receipt(receipt) if receipt else None)
@@ -326,7 +326,7 @@ class TusClient:
     def receipt(self, location: str, wait_s: float = 0.0) -> dict[str, Any] | None:
         """GET {location}/receipt: the centre's receipt once the segment is stored, asking the
         server to wait up to `wait_s` for it; None while it is still being stored (404 with
-        `retry: true`). A segment the centre refused raises Refused; one it holds only part
+        `retry: true`). A segment the centre refused raises SegmentRefused; one it holds only part
         of, OffsetMismatch; an upload it does not know (404 otherwise, 410), UploadGone."""
         headers = {"Prefer": f"wait={int(wait_s)}"} if wait_s >= 1 else {}
         response = self._request("GET", location.rstrip("/") + "/receipt", headers)
@@ -337,9 +337,9 @@ class TusClient:
         try:
             data = loads_untrusted(response.body, REPLY_LIMITS)
         except ValueError:
-            raise ProtocolError("receipt is not JSON", 200) from None
+            raise NotTus("receipt is not JSON", 200) from None
         if not isinstance(data, dict):
-            raise ProtocolError("receipt is not a JSON object", 200)
+            raise NotTus("receipt is not a JSON object", 200)
         return data
 
     def close(self) -> None:
@@ -361,7 +361,7 @@ class TusClient:
         base = urlsplit(self.files_url)
         if (absolute.scheme, absolute.hostname, absolute.port or 443) != \
                 (base.scheme, base.hostname, base.port or 443):
-            raise ProtocolError(f"Location {location!r} is on another server")
+            raise NotTus(f"Location {location!r} is on another server")
         return absolute.path + (f"?{absolute.query}" if absolute.query else "")
 
     def _connection(self) -> http.client.HTTPSConnection:

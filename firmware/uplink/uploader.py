@@ -66,10 +66,10 @@ from firmware.camera.store import SegmentStore
 from firmware.uplink.tus import (
     ConnectionLost,
     Created,
+    NotTus,
     OffsetMismatch,
-    ProtocolError,
-    Refused,
     RetryLater,
+    SegmentRefused,
     SourceChanged,
     TusClient,
     TusError,
@@ -292,7 +292,7 @@ class _Settler:
                 if storing < MAX_STORING_WAITS:
                     continue
                 reason = "the centre is still storing it"
-            except Refused as exc:
+            except SegmentRefused as exc:
                 uploader._refused(local, exc, summary)
                 return None
             except (OffsetMismatch, UploadGone) as exc:
@@ -305,7 +305,7 @@ class _Settler:
             except Unauthorized as exc:
                 summary.deferred[local.seq] = f"not authorised: {exc.reason}"
                 return None
-            except (RetryLater, ConnectionLost, ProtocolError) as exc:
+            except (RetryLater, ConnectionLost, NotTus) as exc:
                 reason = exc.reason
                 after = exc.after_s if isinstance(exc, RetryLater) else None
             else:
@@ -593,7 +593,7 @@ class Uploader:
                           "its certificate (broker.cert_file) is issued by the fleet CA and "
                           "not revoked; nothing uploaded", exc.reason)
                 raise _EndPass(f"not authorised: {exc.reason}") from None
-            except Refused as exc:
+            except SegmentRefused as exc:
                 self._refused(local, exc, summary)
                 return
             except UploadGone:
@@ -617,7 +617,7 @@ class Uploader:
                 log.error("segment %06d: cannot read it from the card (%s); left for the next "
                           "pass", local.seq, exc)
                 return
-            except (RetryLater, ConnectionLost, OffsetMismatch, ProtocolError) as exc:
+            except (RetryLater, ConnectionLost, OffsetMismatch, NotTus) as exc:
                 failures = 1 if attempt.progressed else failures + 1
                 if failures >= self.max_attempts:
                     log.warning("upload of segment %06d: %s; giving up for this pass after %d "
@@ -669,7 +669,7 @@ class Uploader:
             else:
                 if length is not None and length != local.size:
                     self.state.forget(local.seq)
-                    raise ProtocolError(f"the server's upload is {length} bytes, the segment "
+                    raise NotTus(f"the server's upload is {length} bytes, the segment "
                                         f"{local.size}")
         high = min(self.state.sent_to(local.seq), local.size)
         with open(local.path, "rb") as source:
@@ -686,7 +686,7 @@ class Uploader:
                         local.size, metadata, source=source if first else None,
                         body_length=first, respond_async=True,
                         on_sent=self._on_sent(local.seq, 0, first, report))
-                except Refused as exc:
+                except SegmentRefused as exc:
                     if not first or exc.status not in (400, 415):
                         raise
                     # A centre without creation-with-upload: create, then PATCH as before.
@@ -710,7 +710,7 @@ class Uploader:
             assert offset is not None
             if offset > local.size:
                 self.state.forget(local.seq)
-                raise ProtocolError(f"the server holds {offset} bytes of a {local.size}-byte "
+                raise NotTus(f"the server holds {offset} bytes of a {local.size}-byte "
                                     "segment")
             if high > offset:
                 summary.bytes_resent += high - offset  # sent before; the server did not keep it
@@ -731,7 +731,7 @@ class Uploader:
                 finally:
                     summary.bytes_sent += client.body_bytes_sent - before
                 if result.offset == offset:
-                    raise ProtocolError(f"PATCH at {offset} made no progress")
+                    raise NotTus(f"PATCH at {offset} made no progress")
                 offset = result.offset
                 attempt.progressed = True
                 report(offset)
