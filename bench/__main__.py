@@ -19,7 +19,11 @@ bench/upload_bench.py).
 Live view: glass-to-glass latency p50/p95 of the newest and the first frame of each live chunk
 during an SOS, chunks and losses (bench/live_bench.py).
 
---skip-sos, --skip-evidence, --skip-upload and --skip-live leave a section out.
+GPS decoder: NmeaDecoder lines/s on the real receiver logs (tests/data/nmea), fed in
+reader-sized reads, beside bare `pynmea2.parse` on the same lines (target: ours >= 0.8 of it;
+bench/gps_bench.py).
+
+--skip-sos, --skip-evidence, --skip-upload, --skip-live and --skip-gps leave a section out.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from simulator.broker import BrokerError, PrivateBroker
 
 from .evidence import run_evidence
 from .floor import FloorError, FloorSamples, run_floor
+from .gps_bench import run_gps
 from .live_bench import run_live
 from .report import Report, combined_json
 from .sos import DEVICE_ID, run_sos
@@ -95,9 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the evidence video section")
     parser.add_argument("--skip-upload", action="store_true", help="skip the upload section")
     parser.add_argument("--skip-live", action="store_true", help="skip the live view section")
+    parser.add_argument("--skip-gps", action="store_true", help="skip the GPS decoder section")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead (the SOS keys as before, plus "
-                             "\"evidence_video\", \"upload\" and \"live_view\")")
+                             "\"evidence_video\", \"upload\", \"live_view\" and "
+                             "\"gps_decoder\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
@@ -109,7 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("need --upload-mb >= 8 (one 8 MB segment)")
     if args.live_seconds <= 0 or args.upload_link_mbit < 0:
         parser.error("need --live-seconds > 0 and --upload-link-mbit >= 0")
-    if args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live:
+    if (args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live
+            and args.skip_gps):
         parser.error("skipping every section leaves nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
@@ -215,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     live = None if args.skip_live else _timed_section(
         "live-bench-", args.tmpdir, lambda tmp, context: run_live(
             tmp, args.live_seconds, progress=progress, context={"cpus": context["cpus"]}))
-    parts = (report, evidence, upload, live)
+    gps = None if args.skip_gps else _timed_section(
+        "gps-bench-", args.tmpdir, lambda tmp, context: run_gps(
+            progress=progress, context={"cpus": context["cpus"]}))
+    parts = (report, evidence, upload, live, gps)
     if args.json:
         print(combined_json(*parts))
     else:
         print("\n\n".join(part.as_table() for part in parts if part is not None))
     progress(f"done in {round(time.monotonic() - started, 1)} s")
-    failed = any(part is not None and part.errors for part in (evidence, upload, live))
+    failed = any(part is not None and part.errors for part in (evidence, upload, live, gps))
     return 1 if broke or errors or failed else 0
 
 

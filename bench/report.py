@@ -375,10 +375,80 @@ class LiveReport:
         return "\n".join(out)
 
 
+@dataclass
+class GpsReport:
+    """The "GPS decoder" section: NmeaDecoder lines/s on the receiver-log corpus, fed in
+    reader-sized chunks, beside bare `pynmea2.parse(check=True)` on the same lines (target: ours
+    >= 80% of it; bench.gps_bench)."""
+
+    logs: int
+    lines: int
+    size_bytes: int
+    reads: int
+    repeats: int
+    target_ratio: float
+    ours_lines_s: float = math.nan
+    pynmea2_lines_s: float = math.nan
+    fixes: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_lines_s / self.pynmea2_lines_s
+
+    @property
+    def complete(self) -> bool:
+        return not self.errors and not math.isnan(self.ratio)
+
+    @property
+    def target_met(self) -> bool:
+        return self.complete and self.ratio >= self.target_ratio
+
+    def verdict(self) -> str:
+        target = f"(target: at least {self.target_ratio:g})"
+        if not self.complete:
+            return f"ours / pynmea2.parse: not measured {target} -> INCOMPLETE RUN, no verdict"
+        return (f"ours / pynmea2.parse: {self.ratio:.2f} {target} -> "
+                f"{'MET' if self.target_met else 'MISSED'}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "context": self.context | {"logs": self.logs, "lines": self.lines,
+                                       "bytes": self.size_bytes, "reads": self.reads,
+                                       "repeats": self.repeats, "best_of": self.repeats,
+                                       "interleaved": True},
+            "lines_per_s": {"ours": round(self.ours_lines_s, 1),
+                            "pynmea2_parse": round(self.pynmea2_lines_s, 1)},
+            "fixes": self.fixes,
+            "verdict": {"ratio": round(self.ratio, 3), "target_ratio": self.target_ratio,
+                        "met": self.target_met, "text": self.verdict()},
+            "errors": self.errors,
+        }
+
+    def as_table(self) -> str:
+        c = self.context
+        out = [f"GPS decoder: {self.lines} lines ({self.size_bytes / 1e3:.0f} kB) of {self.logs} "
+               f"real receiver logs; best of {self.repeats} interleaved passes each; "
+               f"{c.get('cpus', '?')} CPU(s)", ""]
+        rows = [
+            (f"ours:    NmeaDecoder.feed in {self.reads} reader-sized reads (1..64 B), "
+             f"{self.fixes} fixes", self.ours_lines_s),
+            ("pynmea2: pynmea2.parse(line, check=True) on the same lines, already cut",
+             self.pynmea2_lines_s),
+        ]
+        label_w = max(len(label) for label, _ in rows) + 2
+        out.append(f"{'':{label_w}}{'lines/s':>10}")
+        out += [f"{label:{label_w}}{value:>10.0f}" for label, value in rows]
+        out += [""] + [f"ERROR: {e}" for e in self.errors] + [self.verdict()]
+        return "\n".join(out)
+
+
 def combined_json(sos: Report | None, evidence: EvidenceReport | None,
-                  upload: UploadReport | None = None, live: LiveReport | None = None) -> str:
-    """The SOS object as before (when it ran), plus "evidence_video", "upload" and
-    "live_view" (each when it ran)."""
+                  upload: UploadReport | None = None, live: LiveReport | None = None,
+                  gps: GpsReport | None = None) -> str:
+    """The SOS object as before (when it ran), plus "evidence_video", "upload",
+    "live_view" and "gps_decoder" (each when it ran)."""
     data = sos.as_dict() if sos is not None else {}
     if evidence is not None:
         data["evidence_video"] = evidence.as_dict()
@@ -386,6 +456,8 @@ def combined_json(sos: Report | None, evidence: EvidenceReport | None,
         data["upload"] = upload.as_dict()
     if live is not None:
         data["live_view"] = live.as_dict()
+    if gps is not None:
+        data["gps_decoder"] = gps.as_dict()
     return json.dumps(_finite(data), indent=2, allow_nan=False)
 
 

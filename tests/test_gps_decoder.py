@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from firmware.gps.nmea import NmeaDecoder
+from firmware.gps.nmea import GARBAGE_REASONS, NmeaDecoder
 
 
 def nmea(body: str) -> bytes:
@@ -253,3 +253,138 @@ def test_no_floor_keeps_dates_as_sent():
     dec = NmeaDecoder(date_floor=None)
     [fix] = dec.feed(nmea("GPRMC,000425.00,A,4808.9993,N,01135.0798,E,0.0,,220899,,,A"), now=1)
     assert fix.time is not None and fix.time.date() == date(1999, 8, 22)
+
+
+# ---- framing: a started sentence is never lost to what came before it (issue 12.4) ----------
+
+#: Binary noise as a receiver's UBX/SiRF binary output puts on the line: any byte but a line end.
+NOISE = bytes(b for b in range(256) if b not in (0x0A, 0x0D))
+
+
+def binary_burst(rng: random.Random, size: int) -> bytes:
+    return bytes(rng.choice(NOISE) for _ in range(size))
+
+
+def sentences_after_bursts() -> tuple[bytes, list[bytes]]:
+    """(stream, its sentences): each second's RMC and GGA after a 300..700 byte binary burst."""
+    rng = random.Random(7)
+    stream, clean = b"", []
+    for second in range(10):
+        rmc = nmea(f"GPRMC,1445{second:02d}.00,A,5222.19864,N,00453.40235,E,10.0,31.4,231126,,,A")
+        gga = nmea(f"GPGGA,1445{second:02d}.00,5222.19864,N,00453.40235,E,1,09,0.9,50.9,M,,M,,")
+        stream += binary_burst(rng, rng.randint(300, 700)) + rmc + gga
+        clean += [rmc, gga]
+    return stream, clean
+
+
+def feed_in_pieces(data: bytes, size: int) -> list:
+    dec = NmeaDecoder()
+    return [f for i in range(0, len(data), size) for f in dec.feed(data[i : i + size], now=1.0)]
+
+
+@pytest.mark.parametrize("size", [1, 16, 64, 10**6])
+def test_binary_bursts_before_sentences_lose_no_fix_whatever_the_read_size(size: int):
+    stream, clean = sentences_after_bursts()
+    expected = NmeaDecoder().feed(b"".join(clean), now=1.0)
+    assert len(expected) == 20
+    assert feed_in_pieces(stream, size) == expected
+
+
+def test_a_started_sentence_survives_garbage_that_overflows_the_held_back_buffer():
+    dec = NmeaDecoder()
+    assert dec.feed(b"\xb5b" * 240 + RMC[:40], now=1.0) == []  # 520 bytes without a line end
+    assert len(dec.feed(RMC[40:], now=1.1)) == 1
+
+
+def test_a_doubled_dollar_is_tolerated_not_counted_as_garbage():
+    dec = NmeaDecoder()
+    assert len(dec.feed(b"$" + RMC, now=1.0)) == 1
+    assert not set(dec.counters) & GARBAGE_REASONS
+
+
+def test_the_empty_zda_of_a_receiver_without_time_is_no_time_not_garbage():
+    dec = NmeaDecoder()
+    assert dec.feed(nmea("GPZDA,,,,,,"), now=1.0) == []
+    assert dec.counters == {"no_time": 1}
+
+
+# ---- a sentence without a time of day does not join or date an epoch (issue 12.4) -------------
+
+
+def test_a_position_sentence_without_time_does_not_join_the_open_epoch():
+    dec = NmeaDecoder()
+    dec.feed(RMC, now=1.0)
+    elsewhere = nmea("GPGGA,,4808.9993,N,01135.0798,E,1,09,0.9,50.9,M,,M,,")
+    assert dec.feed(elsewhere, now=1.5) == []
+    assert dec.counters["no_time"] == 1
+
+
+def test_an_rmc_without_time_does_not_date_the_open_epoch():
+    dec = NmeaDecoder()
+    dec.feed(GGA, now=1.0)
+    timeless = nmea("GPRMC,,A,5222.19864,N,00453.40235,E,10.000,31.40,231126,,,A")
+    assert dec.feed(timeless, now=1.5) == []
+    assert dec.counters["no_time"] == 1
+
+
+def test_the_first_position_sentence_without_time_gives_no_undated_fix():
+    dec = NmeaDecoder()
+    assert dec.feed(nmea("GPGLL,4808.9993,N,01135.0798,E,,A,A"), now=1.0) == []
+    assert dec.counters["no_time"] == 1
+
+
+# ---- implausible values with a valid checksum are rejected (issue 12.4) ------------------------
+
+
+def test_a_zda_for_year_9999_is_rejected_and_fixes_continue_past_midnight():
+    dec = NmeaDecoder()
+    dec.feed(nmea("GPZDA,235959.00,31,12,9999,00,00"), now=1.0)
+    [fix] = dec.feed(nmea("GPGGA,000001.00,5222.19864,N,00453.40235,E,1,09,0.9,50.9,M,,M,,"),
+                     now=2.0)
+    assert fix.time is None  # the implausible date was not taken
+    assert dec.counters["implausible"] == 1
+
+
+IMPLAUSIBLE = {
+    "course 1e299": "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,10.0,1e299,231126,,,A",
+    "course 361": "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,10.0,361.0,231126,,,A",
+    "negative speed": "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,-0.1,31.4,231126,,,A",
+    "speed 2000 knots": "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,2000,31.4,231126,,,A",
+    "year 1975": "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,10.0,31.4,231175,,,A",
+    "minutes 60": "GPRMC,144501.00,A,5260.00000,N,00453.40235,E,10.0,31.4,231126,,,A",
+    "latitude 91": "GPRMC,144501.00,A,9100.00000,N,00453.40235,E,10.0,31.4,231126,,,A",
+    "hour 24": "GPRMC,244501.00,A,5222.19864,N,00453.40235,E,10.0,31.4,231126,,,A",
+    "quality 310299": "GPGGA,144501.00,5222.19864,N,00453.40235,E,310299,09,0.9,50.9,M,,M,,",
+    "negative hdop": "GPGGA,144501.00,5222.19864,N,00453.40235,E,1,09,-1.0,50.9,M,,M,,",
+    "hdop 1e6": "GPGGA,144501.00,5222.19864,N,00453.40235,E,1,09,1e6,50.9,M,,M,,",
+    "10^40 satellites": "GPGGA,144501.00,5222.19864,N,00453.40235,E,1," + "1" + "0" * 40
+                        + ",0.9,50.9,M,,M,,",
+    "altitude 1e299": "GPGGA,144501.00,5222.19864,N,00453.40235,E,1,09,0.9,1e299,M,,M,,",
+    "gns satellites 1000": "GNGNS,144501.00,5222.19864,N,00453.40235,E,AA,1000,0.9,50.9,,,",
+}
+
+
+@pytest.mark.parametrize("body", IMPLAUSIBLE.values(), ids=IMPLAUSIBLE.keys())
+def test_an_implausible_value_rejects_the_sentence_and_decoding_goes_on(body: str):
+    dec = NmeaDecoder()
+    assert dec.feed(nmea(body), now=1.0) == []
+    assert dec.counters["implausible"] == 1
+    assert len(dec.feed(RMC, now=2.0)) == 1
+
+
+@pytest.mark.parametrize("body", [
+    "GPVTG,31.4,T,,M,-5.0,N,-9.3,K,A",  # negative speed
+    "GPVTG,400.0,T,,M,5.0,N,9.3,K,A",  # course beyond 360
+    "GPGSA,A,3,02,06,09,13,,,,,,,,,1.50,-0.90,1.20",  # negative HDOP
+], ids=["vtg speed", "vtg course", "gsa hdop"])
+def test_an_implausible_sentence_without_time_leaves_the_epoch_as_it_was(body: str):
+    dec = NmeaDecoder()
+    dec.feed(RMC, now=1.0)
+    assert dec.feed(nmea(body), now=1.1) == []
+    assert dec.counters["implausible"] == 1
+
+
+def test_a_zda_with_an_impossible_day_is_implausible():
+    dec = NmeaDecoder()
+    assert dec.feed(nmea("GPZDA,144501.00,31,02,2026,00,00"), now=1.0) == []
+    assert dec.counters["implausible"] == 1

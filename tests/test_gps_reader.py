@@ -7,6 +7,7 @@ import fcntl
 import itertools
 import logging
 import os
+import random
 import threading
 import time
 import tty
@@ -311,3 +312,52 @@ def test_a_port_missing_at_start_warns_once_and_recovers(raw_pty, log):
     [back] = capture.messages(logging.INFO)
     assert "receiving again" in back
     assert reader.counters["open_failures"] == 4
+
+
+class ScriptedPort:
+    """A serial port that returns scripted reads, then behaves like a silent line (each read
+    waits for its timeout or for cancel_read)."""
+
+    def __init__(self, reads: list[bytes], timeout: float) -> None:
+        self._reads = list(reads)
+        self._timeout = timeout
+        self._cancelled = threading.Event()
+        self.in_waiting = 0
+
+    def read(self, size: int = 1) -> bytes:
+        if self._reads:
+            return self._reads.pop(0)
+        self._cancelled.wait(self._timeout)
+        return b""
+
+    def cancel_read(self) -> None:
+        self._cancelled.set()
+
+    def close(self) -> None:
+        self._cancelled.set()
+
+
+def test_binary_bursts_read_in_small_pieces_lose_no_fix(log):
+    """A receiver mixing binary output with NMEA: the reader reads 1..64 bytes at a time, and
+    every sentence after a burst of a few hundred bytes still gives its fix."""
+    rng = random.Random(3)
+    noise = bytes(b for b in range(256) if b not in (0x0A, 0x0D))
+    stream = b"\r\n"  # the reader drops everything up to the first line end
+    for second in range(1, 9):
+        stream += bytes(rng.choice(noise) for _ in range(rng.randint(300, 700)))
+        stream += nmea_sentence(
+            f"GPRMC,1445{second:02d}.00,A,5222.19864,N,00453.40235,E,0.0,,231126,,,A").encode()
+    reads, i = [], 0
+    while i < len(stream):
+        n = rng.randint(1, 64)
+        reads.append(stream[i : i + n])
+        i += n
+    fixes = Collector()
+    reader = GpsReader("scripted", serial_factory=lambda **kw: ScriptedPort(reads, kw["timeout"]),
+                       on_fix=fixes.add, logger=log[0])
+    reader.start()
+    try:
+        assert fixes.wait_for(lambda f: len(f) >= 8)
+    finally:
+        reader.stop()
+    assert [f.time.second for f in fixes.snapshot()] == list(range(1, 9))

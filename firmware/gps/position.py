@@ -65,7 +65,8 @@ class PositionProvider:
 
 def _from_fix(source: str, fix: Fix, age: float) -> dict[str, Any]:
     # A receiver can send a well-formed sentence with impossible values (course 361, speed -0.1,
-    # HDOP -1): they are dropped here, because the alert that carries them must always be valid.
+    # HDOP -1). The decoder rejects such sentences (firmware/gps/nmea.py, "implausible"); this
+    # stays as the last guard, because the alert that carries a Fix must always be valid.
     hdop = _within(fix.hdop, 0.0, None)
     return _shape(
         source=source,
