@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.configfile import load_schema, load_toml
+from protocol.configfile import load_schema, load_toml, subschema, with_defaults
 from protocol.mqtt import BrokerConfig
 
 log = logging.getLogger("sos.center")
+SCHEMA = load_schema("control_center", "config.schema.json")  # every key, check and default
 
 # The shared-subscription group of THIS project's centre instances (`$share/<group>/...`): the
 # broker hands each alert, update and event to ONE member of a group. The members must be our
@@ -19,14 +20,13 @@ log = logging.getLogger("sos.center")
 # devices stop re-sending and our operators never see them: it needs a group of its own (a
 # separate group gets its own copy of every message). MQTT does not tell a subscriber who else
 # is in its group, so this cannot be detected from inside; it is documented (docs/FLASHING.md).
-DEFAULT_GROUP = "sos-devices-primary-centre"
+DEFAULT_GROUP: str = subschema(SCHEMA, "center", "group")["default"]
 
 
 @dataclass(frozen=True)
 class CenterConfig:
     db: Path
     fleet_dir: Path
-    client_id: str
     group: str
     operator: str
     broker: BrokerConfig
@@ -35,8 +35,9 @@ class CenterConfig:
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
+    """Load and validate; ConfigError naming the file and the key when anything is wrong."""
     path = Path(path)
-    data = load_toml(path, load_schema("control_center", "config.schema.json"))
+    data = with_defaults(load_toml(path, SCHEMA), SCHEMA)
     base = path.parent
 
     def rel(p: str | None) -> str | None:
@@ -46,9 +47,8 @@ def load_center_config(path: str | Path) -> CenterConfig:
     return CenterConfig(
         db=Path(rel(center["db"]) or ""),
         fleet_dir=Path(rel(center["fleet_dir"]) or ""),
-        client_id=center.get("client_id", "sos-center-1"),
         group=_group(center, path),
-        operator=center.get("operator", "operator"),
+        operator=center["operator"],
         broker=BrokerConfig(broker["host"], broker["port"], ca_file=rel(broker["ca_file"]),
                             cert_file=rel(broker.get("cert_file")),
                             key_file=rel(broker.get("key_file"))),
@@ -60,7 +60,7 @@ def load_center_config(path: str | Path) -> CenterConfig:
 def _group(center: dict[str, Any], path: Path) -> str:
     """The configured group; a warning when a centre with a signing key of its own (another
     organisation's, as the schema describes `signing_key`) would join the project's group."""
-    group = center.get("group", DEFAULT_GROUP)
+    group = center["group"]
     if "signing_key" in center and group == DEFAULT_GROUP:
         log.warning("%s: this centre signs with its own key (center.signing_key) but joins the "
                     "group '%s' of the project's own centre: the broker will split alerts "

@@ -20,6 +20,7 @@ from protocol.configfile import (
     no_file_in_the_way,
     pem_certificates,
     pem_private_key,
+    with_defaults,
 )
 from protocol.mqtt import BrokerConfig
 from protocol.signing import load_key, public_key_from_b64
@@ -53,13 +54,13 @@ class GpsConfig:
 
 @dataclass(frozen=True)
 class CameraConfig:
-    source: str
+    source: str  # which camera records: "picamera2" or "synthetic" (firmware/simulated.py)
     size: tuple[int, int]
     fps: int
     bitrate: int
     segment_s: float
     preroll_s: float
-    sync_interval_s: float = 1.0  # at most this much recorded video is lost to a power cut
+    sync_interval_s: float  # at most this much recorded video is lost to a power cut
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class DeviceConfig:
     battery_sysfs: str | None
     signing_key: Path
     centre_keys: list[str]
-    source: str
+    config_file: str  # the TOML it was read from: relative paths in it are relative to it
     camera: CameraConfig | None = None
     evidence_recipients: tuple[str, ...] = ()
     upload: UploadSettings | None = None  # None: this device does not upload recordings
@@ -143,14 +144,14 @@ def _parse(path: Path) -> tuple[dict[str, Any], DeviceConfig]:
     base = path.parent
     profile_path = _resolve_profile(data["device"]["profile"], base)
     profile = load_toml(profile_path, load_schema("firmware", "profile.schema.json"))
-    return data, build_config(data, profile, source=str(path), base=base)
+    return data, build_config(data, profile, config_file=str(path), base=base)
 
 
 def _check_files(data: dict[str, Any], config: DeviceConfig, *, thorough: bool) -> None:
     """Every file the config names (its schema's `x-file` keys) against its FILE_RULES entry,
     relative paths from the config's directory; ConfigError `FILE: key 'KEY': PATH: why`."""
     schema = load_schema("firmware", "config.schema.json")
-    base = Path(config.source).parent
+    base = Path(config.config_file).parent
     # The default signing key (in data_dir) is checked as if it had been written out.
     default_key = os.path.abspath(config.signing_key)
     data = {**data, "device": {"signing_key": default_key, **data["device"]}}
@@ -161,12 +162,20 @@ def _check_files(data: dict[str, Any], config: DeviceConfig, *, thorough: bool) 
             try:
                 check_file(Path(os.path.normpath(base / value)))
             except ConfigError as exc:
-                raise ConfigError(f"{config.source}: key '{key}': {exc}") from None
+                raise ConfigError(f"{config.config_file}: key '{key}': {exc}") from None
 
 
-def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
+def build_config(data: dict[str, Any], profile: dict[str, Any], *, config_file: str,
                  base: Path) -> DeviceConfig:
-    check(data, load_schema("firmware", "config.schema.json"), source)
+    """The DeviceConfig of a parsed config over its board profile. Every default comes from the
+    schemas (`with_defaults`); what a schema cannot say (one key needing another, a key that
+    must parse) is checked here, naming the key."""
+    schema = load_schema("firmware", "config.schema.json")
+    check(data, schema, config_file)
+    profile = with_defaults(profile, load_schema("firmware", "profile.schema.json"))
+    if "upload" in data:  # the board's dock under the device's own [upload] keys
+        data = {**data, "upload": {**profile.get("upload", {}), **data["upload"]}}
+    data = with_defaults(data, schema)
     dev, brk, gps = data["device"], data["broker"], data["gps"]
     button = {**profile["button"], **data.get("button", {})}
 
@@ -176,35 +185,35 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
 
     surveyed = gps.get("surveyed")
     if "port" not in gps and surveyed is None:
-        raise ConfigError(f"{source}: missing key 'gps.port' (or gps.surveyed for a device "
+        raise ConfigError(f"{config_file}: missing key 'gps.port' (or gps.surveyed for a device "
                           "without a receiver)")
     if surveyed is not None:
-        surveyed = {"alt_m": None, "accuracy_m": 5.0, **surveyed}
+        surveyed = {"alt_m": None, **surveyed}
     return DeviceConfig(
         device_id=dev["id"],
         kind=profile["kind"],
         data_dir=Path(rel(dev["data_dir"]) or "."),
-        position_interval_s=float(dev.get("position_interval_s", 5.0)),
-        heartbeat_s=float(dev.get("heartbeat_s", 30.0)),
+        position_interval_s=float(dev["position_interval_s"]),
+        heartbeat_s=float(dev["heartbeat_s"]),
         broker=BrokerConfig(
             host=brk["host"],
             port=brk["port"],
             ca_file=rel(brk["ca_file"]),
             cert_file=rel(brk.get("cert_file")),
             key_file=rel(brk.get("key_file")),
-            keepalive_s=brk.get("keepalive_s", 30),
-            reconnect_max_s=float(brk.get("reconnect_max_s", 8.0)),
+            keepalive_s=brk["keepalive_s"],
+            reconnect_max_s=float(brk["reconnect_max_s"]),
         ),
         gps=GpsConfig(
             port=gps.get("port"),
-            baudrate=gps.get("baudrate", 9600),
-            live_max_age_s=float(gps.get("live_max_age_s", 3.0)),
+            baudrate=gps["baudrate"],
+            live_max_age_s=float(gps["live_max_age_s"]),
             surveyed=surveyed,
         ),
         button=ButtonConfig(
             pin=button["pin"],
-            pull_up=button.get("pull_up", True),
-            debounce_s=float(button.get("debounce_s", 0.030)),
+            pull_up=button["pull_up"],
+            debounce_s=float(button["debounce_s"]),
             trigger_hold_s=float(button["trigger_hold_s"]),
             cancellable=bool(button["cancellable"]),
         ),
@@ -217,45 +226,45 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, source: str,
         battery_sysfs=data.get("battery", {}).get("sysfs"),
         signing_key=Path(rel(dev.get("signing_key")) or Path(rel(dev["data_dir"]) or ".")
                          / "signing.key"),
-        centre_keys=_centre_keys(data["trust"]["centre_keys"], source),
-        source=source,
-        camera=_camera(data, source),
+        centre_keys=_centre_keys(data["trust"]["centre_keys"], config_file),
+        config_file=config_file,
+        camera=_camera(data, config_file),
         evidence_recipients=tuple(data.get("evidence", {}).get("recipients", ())),
-        upload=_upload(data, profile, source),
+        upload=_upload(data, config_file),
         live_recipients=tuple(data.get("live", {}).get("recipients", ())),
     )
 
 
-def _upload(data: dict[str, Any], profile: dict[str, Any], source: str) -> UploadSettings | None:
-    """The `[upload]` section over the board profile's (which knows the dock's pin)."""
+def _upload(data: dict[str, Any], config_file: str) -> UploadSettings | None:
+    """The `[upload]` section (the board profile's keys under it), or None without one."""
     if "upload" not in data:
         return None
     try:
-        return UploadSettings.from_dict({**profile.get("upload", {}), **data["upload"]})
+        return UploadSettings.from_dict(data["upload"])
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{config_file}: {exc}") from None
 
 
-def _centre_keys(keys: list[str], source: str) -> list[str]:
+def _centre_keys(keys: list[str], config_file: str) -> list[str]:
     for index, key in enumerate(keys):
         try:
             public_key_from_b64(key)
         except ValueError as exc:
-            raise ConfigError(f"{source}: key 'trust.centre_keys[{index}]': {exc}") from None
+            raise ConfigError(f"{config_file}: key 'trust.centre_keys[{index}]': {exc}") from None
     return keys
 
 
-def _camera(data: dict[str, Any], source: str) -> CameraConfig | None:
+def _camera(data: dict[str, Any], config_file: str) -> CameraConfig | None:
     camera = data.get("camera")
     if camera is None:
         return None
     if not data.get("evidence", {}).get("recipients"):
-        raise ConfigError(f"{source}: missing key 'evidence.recipients' (recordings must be "
+        raise ConfigError(f"{config_file}: missing key 'evidence.recipients' (recordings must be "
                           "encrypted to the control centre; `sos-provision` writes it)")
     return CameraConfig(
-        source=camera.get("source", "picamera2"),
-        size=(camera.get("width", 1920), camera.get("height", 1080)),
-        fps=camera.get("fps", 30), bitrate=camera.get("bitrate", 8_000_000),
-        segment_s=float(camera.get("segment_s", 10.0)),
-        preroll_s=float(camera.get("preroll_s", 30.0)),
-        sync_interval_s=float(camera.get("sync_interval_s", 1.0)))
+        source=camera["source"],
+        size=(camera["width"], camera["height"]),
+        fps=camera["fps"], bitrate=camera["bitrate"],
+        segment_s=float(camera["segment_s"]),
+        preroll_s=float(camera["preroll_s"]),
+        sync_interval_s=float(camera["sync_interval_s"]))

@@ -28,32 +28,82 @@ def load_schema(package: str, name: str) -> dict[str, Any]:
 
 def check(data: dict[str, Any], schema: dict[str, Any], source: str) -> None:
     """Raise ConfigError for the first problem, as `FILE: key.path: what is wrong`."""
-    _check_finite(data, source)
+    text = problem(data, schema)
+    if text is not None:
+        raise ConfigError(f"{source}: {text}")
+
+
+def problem(data: Any, schema: dict[str, Any]) -> str | None:
+    """The first thing `data` breaks in `schema`, as `key 'a.b': what is wrong`; None if
+    nothing. A key's `"x-error"` says what its value must be in the words of its users, and
+    `"x-removed"` (beside `"not": {}`) why a key that used to be read is now refused."""
+    not_finite = _not_finite(data)
+    if not_finite is not None:
+        return not_finite
     errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if not errors:
-        return
+        return None
     error = errors[0]
     path = [str(p) for p in error.absolute_path]
+
+    def key(*names: str) -> str:
+        return ".".join([*path, *names]) or "(top level)"
+
     if error.validator == "required":
         missing = next(k for k in error.validator_value if k not in error.instance)
-        raise ConfigError(f"{source}: missing key '{'.'.join([*path, missing])}'")
+        return f"missing key '{key(missing)}'"
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        raise ConfigError(f"{source}: unknown key '{'.'.join([*path, extra[0]])}' (a typo?)")
-    raise ConfigError(f"{source}: key '{'.'.join(path) or '(top level)'}': {error.message}")
+        return f"unknown key '{key(extra[0])}' (a typo?)"
+    if error.validator == "dependentRequired":
+        name, needs = next((k, [n for n in v if n not in error.instance])
+                           for k, v in error.validator_value.items()
+                           if k in error.instance and any(n not in error.instance for n in v))
+        return f"key '{key(name)}': is set but '{key(needs[0])}' is not"
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    if "x-removed" in sub:
+        return f"key '{key()}' {sub['x-removed']}"
+    if "x-error" in sub:
+        return f"key '{key()}': {sub['x-error']}, not {error.instance!r}"
+    return f"key '{key()}': {error.message}"
 
 
-def _check_finite(data: Any, source: str, key: str = "") -> None:
+def with_defaults(data: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of (validated) `data` with the schema's `default` of every absent key, in each
+    object that is present: the schema is the one place a default is written. An absent
+    object stays absent (an optional section that is off)."""
+    filled = dict(data)
+    for name, sub in schema.get("properties", {}).items():
+        if name in filled:
+            if isinstance(filled[name], dict):
+                filled[name] = with_defaults(filled[name], sub)
+        elif "default" in sub:
+            filled[name] = sub["default"]
+    return filled
+
+
+def subschema(schema: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The sub-schema of the key at `names` (e.g. "upload"), for code that reads one."""
+    for name in names:
+        schema = schema["properties"][name]
+    return schema
+
+
+def _not_finite(data: Any, key: str = "") -> str | None:
     """TOML allows nan and inf, and JSON Schema's minimum/maximum let nan through (every
     comparison with it is false); no key of ours has a use for either, whatever its schema."""
     if isinstance(data, float) and not math.isfinite(data):
-        raise ConfigError(f"{source}: key '{key}': {data} is not a finite number")
+        return f"key '{key}': {data} is not a finite number"
+    items: Any = ()
     if isinstance(data, dict):
-        for name, value in data.items():
-            _check_finite(value, source, f"{key}.{name}" if key else str(name))
+        items = ((f"{key}.{name}" if key else str(name), value) for name, value in data.items())
     elif isinstance(data, list):
-        for index, value in enumerate(data):
-            _check_finite(value, source, f"{key}[{index}]")
+        items = ((f"{key}[{index}]", value) for index, value in enumerate(data))
+    for inner, value in items:
+        text = _not_finite(value, inner)
+        if text is not None:
+            return text
+    return None
 
 
 def load_toml(path: str | Path, schema: dict[str, Any]) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def test_syncing_an_up_to_date_broker_changes_nothing(broker) -> None:
 def command_config(broker, tmp_path: Path) -> CenterConfig:
     """What `sos-center ack` reads from center.toml on the serving centre's host."""
     return CenterConfig(db=tmp_path / "center.sqlite", fleet_dir=broker.fleet.directory,
-                        client_id="sos-center-1", group=DEFAULT_GROUP, operator="op",
+                        group=DEFAULT_GROUP, operator="op",
                         broker=broker.centre)
 
 

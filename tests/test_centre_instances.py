@@ -29,7 +29,6 @@ def centre_config(broker, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'[center]\ndb = "{tmp_path / "shared.sqlite"}"\nfleet_dir = "{broker.fleet.directory}"\n'
-        f'client_id = "centre.{name}"\n'
         f'[broker]\nhost = "{identity.host}"\nport = {identity.port}\n'
         f'ca_file = "{identity.ca_file}"\ncert_file = "{identity.cert_file}"\n'
         f'key_file = "{identity.key_file}"\n')

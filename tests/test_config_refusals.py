@@ -210,6 +210,30 @@ def test_any_config_refuses_non_finite_numbers_whatever_its_schema() -> None:
         check({"a": {"b": [1.0, float("nan")]}}, {"type": "object"}, "center.toml")
 
 
+# -- keys ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("add", "key"), [
+    ('[upload]\nurl = "https://ingest.example"\nchunk_bytes = "16M"\n', "upload.chunk_bytes"),
+    ('[upload]\nurl = "https://ingest.example"\ndock_pin = true\n', "upload.dock_pin"),
+    ('[upload]\nurl = "ingest.example"\n', "upload.url"),
+])
+def test_check_config_names_an_upload_key_whose_value_cannot_work(device: Path, add: str,
+                                                                  key: str) -> None:
+    config = device / "device.toml"
+    config.write_text(config.read_text() + add)
+    assert_refused(sos_device(config), str(config), f"key '{key}': ")
+
+
+@pytest.mark.parametrize(("add", "key"), [
+    ('[upload]\nurl = "https://ingest.example"\nchunk_size = 4096\n', "upload.chunk_size"),
+    ("[battery]\nsysfs = \"/sys\"\nvoltage = 3\n", "battery.voltage"),
+])
+def test_check_config_names_a_key_nothing_reads(device: Path, add: str, key: str) -> None:
+    config = device / "device.toml"
+    config.write_text(config.read_text() + add)
+    assert_refused(sos_device(config), str(config), f"unknown key '{key}'")
+
+
 # -- the config file itself -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("content", "what"), [
