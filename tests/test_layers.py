@@ -40,6 +40,7 @@ PURE_CORES = {
     "firmware.uplink.outgoing",
     "firmware.uplink.delivery",
     "firmware.uplink.upload_plan",
+    "firmware.uplink.upload_machine",
 }
 
 # I/O, threads or the wall clock: what a pure core must not reach. (`logging` is allowed: where

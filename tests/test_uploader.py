@@ -42,9 +42,10 @@ from firmware.uplink.tus import (
     mutual_tls_context,
 )
 from firmware.uplink.upload_cli import ProgressPrinter, upload_now
+from firmware.uplink.upload_machine import receipt_problems
 from firmware.uplink.upload_plan import Backoff, Progress
 from firmware.uplink.upload_settings import UploadSettings
-from firmware.uplink.uploader import Uploader, receipt_problems
+from firmware.uplink.uploader import Uploader
 from protocol.signing import Signer, load_or_make_key
 
 DEVICE = "tok-001"
@@ -482,6 +483,19 @@ def test_an_upload_the_server_forgot_before_the_receipt_is_sent_again_in_the_sam
     summary = scripted_uploader(store, server, centre).run_once(threading.Event())
     assert summary.uploaded == [seq] and summary.complete
     assert server.calls.count("create") == 2 and files_of(store, seq) == []
+
+
+def test_a_receipt_request_not_authorised_defers_the_segment_and_does_not_refuse_it(
+        card, centre) -> None:
+    store, camera = card
+    seq = camera.record(3 * CHUNK)
+    server = ScriptedServer(centre, respond_async=True)
+    server.fail("receipt", Unauthorized("certificate revoked", 403))
+    uploader = scripted_uploader(store, server, centre)
+    summary = uploader.run_once(threading.Event())
+    assert summary.deferred == {seq: "not authorised: certificate revoked"}
+    assert not summary.refused and uploader.state.refusals() == {}
+    assert uploader.run_once(threading.Event()).uploaded == [seq]  # the next pass settles it
 
 
 def test_a_centre_without_creation_with_upload_gets_the_bytes_by_patch(card, centre) -> None:

@@ -7,27 +7,17 @@ One pass (`Uploader.run_once`) under an exclusive file lock, so the running daem
    are deleted (the store keeps the chain head, so even the newest one may go);
 2. order the rest (upload_plan.order: evidence/SOS first, then oldest first), skipping segments
    the centre refused before;
-3. per segment, on the first connection: HEAD the persisted upload location and PATCH from
-   the server's offset; or take the upload that a second connection (the creator) made while
-   the previous segment was sending (POST, the manifest checked by the server); or, without
-   one, create it with its first chunk in the POST (creation-with-upload; a POST without body
-   if an earlier one may have sent bytes). Then PATCH the rest, in `chunk_bytes` chunks
-   streamed from the file. The request that sends the last byte asks the server to answer at
-   once (`Prefer: respond-async`), and the connection goes on with the next segment while the
-   centre checks and stores this one;
-4. on a third connection (the settler, in send order): GET {location}/receipt, which waits
-   for the receipt; check it (signed by a centre key, for this device, seq, manifest hash,
-   ciphertext hash and size), append it to `receipts.jsonl` (fsynced), `mark_uploaded`, then
-   delete the segment's files, in that order. Anything else leaves the segment on the device;
-   a segment the centre turns out to hold only part of (it restarted before storing it) is
-   sent again, once more in the same pass.
+3. per segment, on the byte connection: HEAD a saved upload, or take the one the creator (a
+   second connection) POSTed while the previous segment was sending, or POST with the first
+   chunk; then PATCH the rest from the server's offset, streamed from the file;
+4. on the settler (a third connection, in send order): GET {location}/receipt, check it, keep
+   it in `receipts.jsonl` (fsynced), `mark_uploaded`, delete the files, in that order.
 
-Failures: 503/507/429/5xx and connection errors back off (upload_plan.Backoff, honouring
-Retry-After) and resume from a fresh HEAD, so a cut costs at most the chunk in flight; after
-`max_attempts` failures without progress the pass ends and the rest is deferred. 409 re-HEADs.
-A refusal (4xx, `retry: false`, e.g. 422 corrupted) marks the segment refused with the reason,
-logs one line, and the segment stays on the device and is not offered again until
-`retry_refused()`. 401/403 (this device not accepted) ends the pass without blaming segments.
+What to do at each answer or failure (409, 404/410, 422, 401/403, 503 and Retry-After, a cut,
+"still storing", the budgets and backoffs) is decided by the pure machines in
+`upload_machine.py`, whose two tables are the protocol at a glance. This module is their
+adapter: it performs their actions with the tus connections, SQLite, the files and threads,
+and feeds back what happened.
 
 State (`state_path`, SQLite WAL): refusals with `synchronous=FULL`; seq -> upload location and
 the per-segment "sent up to" mark used to count resent bytes with `synchronous=NORMAL` (a
@@ -41,6 +31,7 @@ left there and reported as deferred; the next pass deletes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -56,13 +47,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from evidence_format.files import fsync_dir
 from evidence_format.manifest import MANIFEST_SUFFIX, SEGMENT_SUFFIX, SIGNATURE_SUFFIX
 from firmware.camera.store import SegmentStore
+from firmware.uplink import upload_machine as um
 from firmware.uplink.tus import (
     ConnectionLost,
     Created,
@@ -78,21 +70,13 @@ from firmware.uplink.tus import (
 )
 from firmware.uplink.upload_plan import Backoff, Candidate, Progress, order
 from firmware.uplink.upload_settings import DEFAULT_CHUNK_BYTES
-from protocol.signing import SignatureError, public_key_from_b64, verify
+from protocol.signing import public_key_from_b64
 from protocol.untrusted import MANIFEST_LIMITS, loads_untrusted
 
 log = logging.getLogger("sos.upload")
 
-RECEIPT_TYPE = "segment_receipt"
 MARK_STEP = 4 << 20  # the "sent up to" mark moves in steps of this much within a body
 PROGRESS_STEP = 1 << 20  # progress is reported at least this often within a body
-RECEIPT_WAIT_S = 20.0  # a receipt request asks the server to hold it this long (Prefer: wait)
-MAX_STORING_WAITS = 30  # receipt requests answered "still storing" before the segment waits
-# Field names follow the manifest's (protocol/schemas/receipt.schema.json): the size is
-# `ciphertext_bytes`, not `size`.
-RECEIPT_FIELDS = ("v", "type", "receipt_id", "device_id", "seq", "ciphertext_sha256",
-                  "manifest_sha256", "ciphertext_bytes", "stored_at", "store", "sig")
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
     seq             INTEGER PRIMARY KEY,
@@ -109,31 +93,6 @@ CREATE TABLE IF NOT EXISTS sent (
     sent_to INTEGER NOT NULL
 );
 """
-
-
-# -- receipts (pure) -------------------------------------------------------------------------
-def receipt_problems(receipt: Any, keys: Iterable[Ed25519PublicKey], *, device_id: str,
-                     seq: int, ciphertext_sha256: str, manifest_sha256: str,
-                     ciphertext_bytes: int) -> list[str]:
-    """Why `receipt` does not prove that the centre stored this segment, or [] if it does."""
-    if not isinstance(receipt, dict):
-        return ["not a JSON object"]
-    missing = [f for f in RECEIPT_FIELDS if f not in receipt]
-    if missing:
-        return [f"missing {', '.join(missing)}"]
-    try:
-        verify(receipt, keys)
-    except SignatureError as exc:
-        return [f"signature: {exc} (not signed by a centre key in trust.centre_keys)"]
-    problems = []
-    expected = {"v": 1, "type": RECEIPT_TYPE, "device_id": device_id, "seq": seq,
-                "ciphertext_sha256": ciphertext_sha256, "manifest_sha256": manifest_sha256,
-                "ciphertext_bytes": ciphertext_bytes}
-    for name, want in expected.items():
-        got = receipt[name]
-        if got != want or type(got) is not type(want):
-            problems.append(f"{name} is {got!r}, expected {want!r}")
-    return problems
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -191,9 +150,8 @@ class _Creator:
         """Create `local`'s upload in the background, unless the device already has one, or
         may have sent bytes of it (then the sender asks the server where it stands)."""
         state = self._uploader.state
-        if (local.seq in self._prepared or
-                state.location(local.seq, local.manifest_sha256) is not None or
-                state.sent_to(local.seq)):
+        if local.seq in self._prepared or not um.wants_creator(
+                state.location(local.seq, local.manifest_sha256), state.sent_to(local.seq)):
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload-create")
@@ -264,65 +222,133 @@ class _Settler:
         while (job := self._queue.get()) is not None:
             local, location, receipt = job
             try:
-                if receipt is None:
-                    assert location is not None
-                    receipt = self._fetch(local, location)
-                if receipt is not None:
-                    self._uploader._accept(local, receipt, self._summary)
+                self._settle(local, location, receipt)
             except Exception as exc:  # one segment's trouble must not strand the others
                 log.exception("settling uploaded segment %06d failed; it stays on the device",
                               local.seq)
                 self._summary.deferred[local.seq] = f"settling it failed: {exc}"
 
-    def _fetch(self, local: _Local, location: str) -> dict[str, Any] | None:
-        """The receipt, or None with the segment deferred, refused or queued to resend."""
+    def _settle(self, local: _Local, location: str | None,
+                receipt: dict[str, Any] | None) -> None:
+        """What `ReceiptFetch` decides, performed."""
         uploader, summary = self._uploader, self._summary
-        failures = storing = 0
-        while True:
-            if self._stop.is_set() or self._abort.is_set():
-                summary.deferred[local.seq] = "stopped"
-                return None
-            try:
-                if self._client is None:
-                    self._client = uploader._client_factory()
-                receipt = self._client.receipt(location, RECEIPT_WAIT_S)
-                if receipt is not None:
-                    return receipt
-                storing += 1  # a busy centre: waited RECEIPT_WAIT_S, not a failure
-                if storing < MAX_STORING_WAITS:
-                    continue
-                reason = "the centre is still storing it"
-            except SegmentRefused as exc:
-                uploader._refused(local, exc, summary)
-                return None
-            except (OffsetMismatch, UploadGone) as exc:
-                if isinstance(exc, UploadGone):
-                    uploader.state.forget(local.seq)
-                log.warning("segment %06d: the centre lost its last bytes (%s); sending them "
-                            "again", local.seq, exc.reason)
-                self._resend.append(local)
-                return None
-            except Unauthorized as exc:
-                summary.deferred[local.seq] = f"not authorised: {exc.reason}"
-                return None
-            except (RetryLater, ConnectionLost, NotTus) as exc:
-                reason = exc.reason
+        machine = um.ReceiptFetch(local.seq, max_attempts=uploader.max_attempts,
+                                  backoff=uploader.backoff, rand=uploader._rand)
+        outcome = um.drive(machine.start(receipt), machine.handle,
+                           lambda fetch: self._fetch(location, fetch.wait_s),
+                           lambda effect: uploader._effect(effect, local, summary, self._stop))
+        if isinstance(outcome, um.Accept):
+            uploader._accept(local, outcome.receipt, summary)
+        elif isinstance(outcome, um.Refuse):
+            uploader._refused(local, outcome.reason, summary)
+        elif isinstance(outcome, um.Resend):
+            self._resend.append(local)
+        elif isinstance(outcome, um.Defer):
+            summary.deferred[local.seq] = outcome.reason
+
+    def _fetch(self, location: str | None, wait_s: float) -> um.Event:
+        if self._stop.is_set() or self._abort.is_set():
+            return um.Stopped()
+        assert location is not None
+        try:
+            if self._client is None:
+                self._client = self._uploader._client_factory()
+            receipt = self._client.receipt(location, wait_s)
+        except TusError as exc:
+            return _failed(exc)
+        return um.StillStoring() if receipt is None else um.Receipt(receipt)
+
+
+class _Sender:
+    """Performs the byte connection's requests for one segment (`Begin`, `TakePrepared`,
+    `Head`, `Create`, `Patch`) and turns each answer, or failure, into the next event."""
+
+    def __init__(self, uploader: Uploader, client: TusClient, local: _Local,
+                 summary: UploadSummary, report: Callable[[int], None],
+                 prepared: Future[Created] | None) -> None:
+        self._uploader, self._client, self._local = uploader, client, local
+        self._summary, self._report, self._prepared = summary, report, prepared
+        self._source: BinaryIO | None = None  # the segment file, opened for a body
+
+    def request(self, action: Any) -> um.Event:
+        try:
+            return self._perform(action)
+        except (TusError, OSError) as exc:
+            return _failed(exc)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    def _perform(self, action: Any) -> um.Event:
+        uploader, local, client = self._uploader, self._local, self._client
+        if isinstance(action, um.Begin):  # a new attempt opens the file again
+            self.close()
+            return um.Attempt(uploader.state.location(local.seq, local.manifest_sha256),
+                              uploader.state.sent_to(local.seq), self._prepared is not None)
+        if isinstance(action, um.TakePrepared):
+            assert self._prepared is not None
+            prepared, self._prepared = self._prepared, None
+            created = prepared.result()  # the creator's error is raised here
+            return um.Prepared(created.location, created.offset, created.receipt)
+        if isinstance(action, um.Head):
+            return um.OffsetKnown(*client.head(action.location))
+        if isinstance(action, um.Create):
+            first = action.body_length
+            source = self._file(0) if first else None
+            if first:
+                uploader._mark(local.seq, 0, first)
+            with self._counted():
+                created = client.create(
+                    local.size, uploader._metadata(local), source=source, body_length=first,
+                    respond_async=True,
+                    on_sent=uploader._on_sent(local.seq, 0, first, self._report))
+            return um.Created(created.location, created.offset, created.receipt)
+        assert isinstance(action, um.Patch), action
+        source = self._file(action.offset)
+        uploader._mark(local.seq, action.offset, action.length)
+        with self._counted():
+            result = client.patch(action.location, action.offset, source, action.length,
+                                  respond_async=action.respond_async,
+                                  on_sent=uploader._on_sent(local.seq, action.offset,
+                                                            action.length, self._report))
+        return um.Patched(result.offset, result.receipt)
+
+    def _file(self, offset: int) -> BinaryIO:
+        if self._source is None:
+            self._source = open(self._local.path, "rb")  # noqa: SIM115 -- closed by close()
+        self._source.seek(offset)
+        return self._source
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Body bytes handed to the connection count as sent, whatever the answer."""
+        before = self._client.body_bytes_sent
+        try:
+            yield
+        finally:
+            self._summary.bytes_sent += self._client.body_bytes_sent - before
+
+
+_FAILURE_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (Unauthorized, "unauthorized"),  # before SegmentRefused, its base
+    (SegmentRefused, "refused"), (RetryLater, "retry_later"),
+    (ConnectionLost, "connection_lost"), (OffsetMismatch, "offset_mismatch"),
+    (UploadGone, "upload_gone"), (NotTus, "not_tus"), (SourceChanged, "source_changed"),
+    (FileNotFoundError, "file_gone"),  # before OSError, its base: deleted meanwhile
+    (OSError, "card_error"))
+
+
+def _failed(exc: Exception) -> um.Failed:
+    """A tus exception (or the card's OSError) as the machines' event."""
+    for cls, kind in _FAILURE_KINDS:
+        if isinstance(exc, cls):
+            if isinstance(exc, TusError):
                 after = exc.after_s if isinstance(exc, RetryLater) else None
-            else:
-                after = None
-            failures += 1
-            if failures >= uploader.max_attempts:
-                log.warning("segment %06d: no receipt (%s); left for the next pass", local.seq,
-                            reason)
-                summary.deferred[local.seq] = f"no receipt: {reason}"
-                return None
-            uploader._wait(uploader.backoff.delay(failures - 1, uploader._rand(), after),
-                           self._stop)
-
-
-@dataclass
-class _Attempt:
-    progressed: bool = False  # the server's offset moved during this attempt
+                return um.Failed(kind, exc.reason, exc.status, after)
+            return um.Failed(kind, str(exc))
+    raise exc
 
 
 class _EndPass(Exception):
@@ -578,166 +604,55 @@ class Uploader:
     def _segment(self, client: TusClient, local: _Local, stop: threading.Event,
                  summary: UploadSummary, report: Callable[[int], None],
                  settler: _Settler, creator: _Creator) -> None:
-        """Send one segment and hand it to the settler, or record why not. Raises _EndPass to
-        end the pass."""
-        failures = 0
-        while True:
-            if stop.is_set():
-                raise _EndPass("stopped")
-            attempt = _Attempt()
-            try:
-                sent = self._transfer(client, local, stop, summary, report, attempt,
-                                      creator.take(local.seq))
-            except Unauthorized as exc:
-                log.error("the ingest server does not accept this device (%s): check that "
-                          "its certificate (broker.cert_file) is issued by the fleet CA and "
-                          "not revoked; nothing uploaded", exc.reason)
-                raise _EndPass(f"not authorised: {exc.reason}") from None
-            except SegmentRefused as exc:
-                self._refused(local, exc, summary)
-                return
-            except UploadGone:
-                self.state.forget(local.seq)  # the server forgot it: create it again
-                failures += 1
-                if failures >= self.max_attempts:
-                    raise _EndPass("the server keeps forgetting the upload") from None
-                continue
-            except SourceChanged as exc:
-                self.state.forget(local.seq)
-                summary.deferred[local.seq] = f"segment file changed: {exc.reason}"
-                log.warning("segment %06d changed while uploading (%s); left for the next pass",
-                            local.seq, exc.reason)
-                return
-            except FileNotFoundError:
-                self.state.forget(local.seq)  # deleted meanwhile (space policy): nothing to do
-                log.info("segment %06d was deleted on the device while uploading", local.seq)
-                return
-            except OSError as exc:  # the card, not the network: this segment waits
-                summary.deferred[local.seq] = f"cannot read the segment: {exc}"
-                log.error("segment %06d: cannot read it from the card (%s); left for the next "
-                          "pass", local.seq, exc)
-                return
-            except (RetryLater, ConnectionLost, OffsetMismatch, NotTus) as exc:
-                failures = 1 if attempt.progressed else failures + 1
-                if failures >= self.max_attempts:
-                    log.warning("upload of segment %06d: %s; giving up for this pass after %d "
-                                "attempts", local.seq, exc.reason, failures)
-                    raise _EndPass(f"{type(exc).__name__}: {exc.reason}") from None
-                if isinstance(exc, OffsetMismatch):
-                    continue  # re-HEAD at once: nothing is wrong with the server
-                after = exc.after_s if isinstance(exc, RetryLater) else None
-                delay = self.backoff.delay(failures - 1, self._rand(), after)
-                log.warning("upload of segment %06d: %s; trying again in %.1f s", local.seq,
-                            exc.reason, delay)
-                self._wait(delay, stop)
-                continue
-            if sent is None:  # stopped between chunks
-                raise _EndPass("stopped")
-            location, receipt = sent
-            settler.submit(local, location, receipt)
-            return
+        """Send one segment and hand it to the settler, or record why not: what
+        `SegmentUpload` decides, performed. Raises _EndPass to end the pass."""
+        machine = um.SegmentUpload(local.seq, local.size, chunk_bytes=self.chunk_bytes,
+                                   max_attempts=self.max_attempts, backoff=self.backoff,
+                                   rand=self._rand)
+        sender = _Sender(self, client, local, summary, report, creator.take(local.seq))
+        try:  # the pass stops between requests
+            outcome = um.drive(machine.start(), machine.handle,
+                               lambda request: um.Stopped() if stop.is_set()
+                               else sender.request(request),
+                               lambda effect: self._effect(effect, local, summary, stop, report))
+        finally:
+            sender.close()
+        if isinstance(outcome, um.Handoff):
+            settler.submit(local, outcome.location, outcome.receipt)
+        elif isinstance(outcome, um.Refuse):
+            self._refused(local, outcome.reason, summary)
+        elif isinstance(outcome, um.Defer):
+            summary.deferred[local.seq] = outcome.reason
+        elif isinstance(outcome, um.EndPass):
+            raise _EndPass(outcome.reason)
 
-    def _refused(self, local: _Local, exc: TusError, summary: UploadSummary) -> None:
-        reason = exc.reason if exc.status is None else f"{exc.reason} (HTTP {exc.status})"
+    def _effect(self, action: Any, local: _Local, summary: UploadSummary,
+                stop: threading.Event, report: Callable[[int], None] | None = None) -> None:
+        """An effect either machine asks for (see upload_machine)."""
+        if isinstance(action, um.Forget):
+            self.state.forget(local.seq)
+        elif isinstance(action, um.SaveLocation):
+            self.state.set_location(local.seq, local.manifest_sha256, action.location)
+        elif isinstance(action, um.MarkSent):
+            self.state.set_sent_to(local.seq, action.offset)
+        elif isinstance(action, um.CountResent):
+            summary.bytes_resent += action.nbytes
+        elif isinstance(action, um.Report):
+            if report is not None:
+                report(action.offset)
+        elif isinstance(action, um.Log):
+            log.log(action.level, "%s", action.message)
+        elif isinstance(action, um.Wait):
+            self._wait(action.seconds, stop)
+        else:
+            raise AssertionError(f"not an effect: {action!r}")
+
+    def _refused(self, local: _Local, reason: str, summary: UploadSummary) -> None:
         self.state.refuse(local.seq, local.manifest_sha256, reason)
         self.state.forget(local.seq)
         summary.refused[local.seq] = reason
         log.error("segment %06d refused by the centre: %s; it stays on the device and is not "
                   "offered again (sos-device upload --now --retry-refused)", local.seq, reason)
-
-    def _transfer(self, client: TusClient, local: _Local, stop: threading.Event,
-                  summary: UploadSummary, report: Callable[[int], None],
-                  attempt: _Attempt, prepared: Future[Created] | None = None,
-                  ) -> tuple[str, dict[str, Any] | None] | None:
-        """From wherever the server is to every byte sent: (location, the receipt if the
-        server already gave it), or None if stopped between chunks. `prepared` is the
-        creator's POST for this segment (its error is raised here). `attempt.progressed`
-        tells the caller the server's offset moved before an error."""
-        offset: int | None = None
-        if prepared is not None:
-            created = prepared.result()
-            if created.receipt is not None:
-                return created.location, created.receipt
-            offset = created.offset or 0
-        location = self.state.location(local.seq, local.manifest_sha256)
-        if location is not None and offset is None:
-            try:
-                offset, length = client.head(location)
-            except UploadGone:
-                self.state.forget(local.seq)
-                location = None
-            else:
-                if length is not None and length != local.size:
-                    self.state.forget(local.seq)
-                    raise NotTus(f"the server's upload is {length} bytes, the segment "
-                                        f"{local.size}")
-        high = min(self.state.sent_to(local.seq), local.size)
-        with open(local.path, "rb") as source:
-            if location is None:
-                metadata = self._metadata(local)
-                # The first chunk rides in the POST, unless an earlier POST may have sent
-                # bytes already (a crash before its answer): then the server says where it is.
-                first = min(self.chunk_bytes, local.size) if high == 0 else 0
-                if first:
-                    self._mark(local.seq, 0, first)
-                before = client.body_bytes_sent
-                try:
-                    created = client.create(
-                        local.size, metadata, source=source if first else None,
-                        body_length=first, respond_async=True,
-                        on_sent=self._on_sent(local.seq, 0, first, report))
-                except SegmentRefused as exc:
-                    if not first or exc.status not in (400, 415):
-                        raise
-                    # A centre without creation-with-upload: create, then PATCH as before.
-                    log.info("the centre takes no body with a POST (%s); sending it by PATCH",
-                             exc.reason)
-                    self.state.set_sent_to(local.seq, 0)
-                    first = 0
-                    source.seek(0)
-                    created = client.create(local.size, metadata, respond_async=True)
-                finally:
-                    summary.bytes_sent += client.body_bytes_sent - before
-                high = max(high, first)  # a body the server dropped is sent again below
-                location = created.location
-                self.state.set_location(local.seq, local.manifest_sha256, location)
-                offset = created.offset or 0
-                if created.offset:
-                    attempt.progressed = True
-                if created.receipt is not None or offset == local.size:
-                    report(local.size)
-                    return location, created.receipt
-            assert offset is not None
-            if offset > local.size:
-                self.state.forget(local.seq)
-                raise NotTus(f"the server holds {offset} bytes of a {local.size}-byte "
-                                    "segment")
-            if high > offset:
-                summary.bytes_resent += high - offset  # sent before; the server did not keep it
-                self.state.set_sent_to(local.seq, offset)
-            report(offset)
-            while offset < local.size:
-                if stop.is_set():
-                    return None
-                length = min(self.chunk_bytes, local.size - offset)
-                source.seek(offset)
-                self._mark(local.seq, offset, length)
-                before = client.body_bytes_sent
-                try:
-                    result = client.patch(location, offset, source, length,
-                                          respond_async=offset + length == local.size,
-                                          on_sent=self._on_sent(local.seq, offset, length,
-                                                                report))
-                finally:
-                    summary.bytes_sent += client.body_bytes_sent - before
-                if result.offset == offset:
-                    raise NotTus(f"PATCH at {offset} made no progress")
-                offset = result.offset
-                attempt.progressed = True
-                report(offset)
-                if result.receipt is not None:
-                    return location, result.receipt
-        return location, None
 
     def _metadata(self, local: _Local) -> dict[str, bytes]:
         return {"device_id": self.device_id.encode(), "seq": str(local.seq).encode(),
@@ -768,7 +683,7 @@ class Uploader:
     def _accept(self, local: _Local, receipt: dict[str, Any],
                 summary: UploadSummary) -> None:
         """Settler thread: a receipt that checks out finishes the segment on the device."""
-        problems = receipt_problems(
+        problems = um.receipt_problems(
             receipt, self._keys, device_id=self.device_id, seq=local.seq,
             ciphertext_sha256=local.ciphertext_sha256, manifest_sha256=local.manifest_sha256,
             ciphertext_bytes=local.ciphertext_bytes)
