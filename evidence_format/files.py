@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,22 +28,33 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Temp file beside `path`, fsync, rename over `path`, fsync of the directory. `mode` sets
-    the permissions before the rename (a key is never readable by others, even for a moment)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """A temp file beside `path` (a new name, never followed if a symlink sits there), fsync,
+    rename over `path`, fsync of the directory. `mode` sets the permissions before the rename (a
+    key is never readable by others, even for a moment); without it, a file that is replaced
+    keeps its permission bits and, where the writer may set it, its group (e.g. a CRL made
+    readable for the broker's group); a new one gets 0666 less the umask, as `open` gives."""
+    group = None
+    if mode is None:
+        with contextlib.suppress(FileNotFoundError):
+            old = os.stat(path)
+            mode, group = stat.S_IMODE(old.st_mode), old.st_gid
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)  # 0o666: less the umask
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                     0o666 if mode is None else mode)  # then the umask, as open() does
         with open(fd, "wb") as f:
+            if group is not None:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(f.fileno(), -1, group)
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     fsync_dir(path.parent)
 

@@ -1,4 +1,4 @@
-"""The device's configuration: a TOML file plus the board profile it names (hw/profiles/)."""
+"""The device's configuration: a TOML file plus the board profile it names (firmware/profiles/)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from protocol.configfile import (
 from protocol.mqtt import BrokerConfig
 from protocol.signing import load_key, public_key_from_b64
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "hw" / "profiles"
+# Package data, so an installed firmware (a wheel, not this source tree) has its boards.
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -71,14 +72,15 @@ def problem(data: Any, schema: dict[str, Any]) -> str | None:
 def with_defaults(data: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of (validated) `data` with the schema's `default` of every absent key, in each
     object that is present: the schema is the one place a default is written. An absent
-    object stays absent (an optional section that is off)."""
+    object stays absent (an optional section that is off). Only `properties` are followed
+    (no `$ref`, `allOf` or `oneOf`: the config schemas use none for keys with defaults)."""
     filled = dict(data)
     for name, sub in schema.get("properties", {}).items():
         if name in filled:
             if isinstance(filled[name], dict):
                 filled[name] = with_defaults(filled[name], sub)
         elif "default" in sub:
-            filled[name] = sub["default"]
+            filled[name] = copy.deepcopy(sub["default"])  # never the cached schema's own
     return filled
 
 

@@ -4,8 +4,9 @@
 in tests; a TARGET that is not there is refused before anything is written or enrolled):
 
     opt/sos-device/src/                  the firmware source (installed into a venv at first boot):
-                                         firmware/, protocol/, evidence_format/, hw/profiles/ and
-                                         a pyproject.toml naming only those (no centre code)
+                                         firmware/ (with its board profiles), protocol/,
+                                         evidence_format/ and a pyproject.toml naming only those
+                                         (no centre code)
     etc/sos-device/device.toml           the config (validated; paths relative to this file)
     etc/sos-device/{ca.pem,device.pem}   the fleet CA and this device's certificate
     etc/sos-device/{device.key,signing.key}  the device's keys, made here, never copied anywhere
@@ -35,7 +36,9 @@ from protocol import signing
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PACKAGES = ("protocol", "evidence_format", "firmware")  # what runs on a device, no more
-DEVICE_DATA = ("hw/profiles", "README.md")  # the board profiles the firmware reads at start
+DEVICE_DATA = ("README.md",)
+# What older versions copied into src/ and this one no longer ships: removed when found there.
+NO_LONGER_SHIPPED = ("control_center", "hw")
 DEVICE_COMMAND = "sos-device"
 # The marker keeps the command's old name: cards provisioned before have this exact line.
 CONFIG_TXT_BEGIN = "# >>> sos-device (managed by sos-device provision; do not edit inside)"
@@ -113,7 +116,7 @@ def provision(request: Request) -> Report:
                 etc / "device.toml")
     load_device_config(etc / "device.toml")  # what we wrote must load: fail here, not on the Pi
 
-    _copy_firmware(root / "opt" / "sos-device" / "src", report)
+    _copy_firmware(firmware_dir(root), report)
     _write_units(root, report)
     report.note(_write(root / "etc" / "udev" / "rules.d" / "99-sos-device.rules",
                        UDEV_RULES.encode()), "udev rule")
@@ -130,7 +133,7 @@ def _check(request: Request) -> None:
                              "3 to 63 characters")
     if not (PROFILES_DIR / f"{request.profile}.toml").exists():
         raise ProvisionError(f"--profile '{request.profile}': no such board profile "
-                             f"(hw/profiles/{request.profile}.toml)")
+                             f"(firmware/profiles/{request.profile}.toml)")
     if request.gps_port is None and request.surveyed is None:
         raise ProvisionError("a device without a GPS receiver needs --surveyed LAT,LON")
     if not (request.fleet_dir / "ca.pem").exists():
@@ -146,6 +149,10 @@ def _check_target(target: Path) -> None:
                              "filesystem there, or make the directory first)")
     if not target.is_dir():
         raise ProvisionError(f"--target {target}: not a directory")
+    src = firmware_dir(target)
+    if src.is_symlink() or _inside(src.resolve(), REPO) or _inside(REPO, src.resolve()):
+        raise ProvisionError(f"--target {target}: {src} is a symlink or overlaps this source "
+                             f"tree ({REPO}); provisioning replaces the firmware there")
 
 
 # profile -> (width, height, fps, bitrate) of the evidence video
@@ -202,29 +209,32 @@ def _write(path: Path, content: bytes, mode: int | None = None) -> str:
 
 
 def _copy_firmware(destination: Path, report: Report) -> None:
-    """The device's packages and data, and a pyproject.toml that installs only them. A part
-    from an earlier provisioning that is no longer shipped (e.g. centre code copied by an older
-    version) is removed, so running it again leaves exactly this set."""
+    """The device's packages and data, and a pyproject.toml that installs only them. What an
+    older version copied and this one no longer ships (centre code) is removed; nothing else
+    there is touched."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     destination.mkdir(parents=True, exist_ok=True)
-    shipped = {*DEVICE_PACKAGES, *(Path(p).parts[0] for p in DEVICE_DATA), "pyproject.toml"}
-    for stale in sorted(destination.iterdir()):
-        if stale.name not in shipped:
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
+    for stale in NO_LONGER_SHIPPED:
+        if (destination / stale).is_dir() and not (destination / stale).is_symlink():
+            shutil.rmtree(destination / stale)
     for part in (*DEVICE_PACKAGES, *DEVICE_DATA):
-        source = REPO / part
+        source, copy = REPO / part, destination / part
         if source.is_dir():
-            if (destination / part).exists():
-                shutil.rmtree(destination / part)  # a module removed upstream goes here too
-            shutil.copytree(source, destination / part, ignore=ignore)
+            if copy.is_dir() and not copy.is_symlink():
+                shutil.rmtree(copy)  # a module removed upstream goes from the card too
+            shutil.copytree(source, copy, ignore=ignore)
         else:
-            (destination / part).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / part)
+            shutil.copy2(source, copy)
     _write(destination / "pyproject.toml", device_pyproject().encode())
     report.note("copied", f"firmware to {destination} ({', '.join(DEVICE_PACKAGES)})")
+
+
+def firmware_dir(root: Path) -> Path:
+    return root / "opt" / "sos-device" / "src"
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
 
 
 def device_pyproject() -> str:

@@ -7,8 +7,9 @@ from typing import Any
 
 from simulator.broker import PrivateBroker
 
-DOCK_PIN = 24  # the simulated dock's GPIO input (hw/profiles has none: a real dock is wired per
-#                board, or detected by the station network)
+# The simulated dock's GPIO input (firmware/profiles has none: a real dock is wired per board, or
+# detected by the station network).
+DOCK_PIN = 24
 
 
 def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: PrivateBroker,

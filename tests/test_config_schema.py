@@ -235,10 +235,13 @@ def test_an_upload_key_of_the_wrong_type_is_refused_naming_it(tmp_path: Path, ke
         parse_device_config(tmp_path / "device.toml")
 
 
-def test_an_upload_url_with_a_port_out_of_range_is_refused_naming_the_key() -> None:
-    """A check the schema cannot express, still naming the key."""
-    with pytest.raises(ConfigError, match=re.escape("key 'upload.url': bad port")):
-        UploadSettings.from_dict({"url": "https://ingest.example:99999"})
+@pytest.mark.parametrize(("url", "why"), [("https://ingest.example:99999", "Port out of range"),
+                                          ("https://[::1", "Invalid IPv6 URL")])
+def test_an_upload_url_the_schema_lets_through_is_refused_naming_the_key(url: str,
+                                                                          why: str) -> None:
+    """Checks the schema cannot express, still naming the key (and never a traceback)."""
+    with pytest.raises(ConfigError, match=re.escape(f"key 'upload.url': {why}")):
+        UploadSettings.from_dict({"url": url})
 
 
 def test_an_upload_url_that_is_not_https_says_what_it_must_be() -> None:

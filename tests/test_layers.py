@@ -61,6 +61,15 @@ def sources(package: str) -> list[Path]:
     return sorted((REPO / package).rglob("*.py"))
 
 
+def _from_module(path: Path, node: ast.ImportFrom) -> str:
+    """The module of `from m import n`, a relative one resolved against `path`'s package."""
+    if node.level == 0:
+        return node.module or ""
+    package = module_name(path).split(".")
+    base = package[:len(package) - node.level + (path.name == "__init__.py")]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
 def imported_modules(path: Path) -> set[str]:
     """The modules a file imports, anywhere in it, relative imports resolved: for
     `from m import n`, m."""
@@ -68,12 +77,8 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
         elif isinstance(node, ast.ImportFrom):
-            package = module_name(path).split(".")
-            base = package[:len(package) - node.level + (path.name == "__init__.py")]
-            found.add(".".join([*base, *([node.module] if node.module else [])]))
+            found.add(_from_module(path, node))
     return found
 
 
@@ -81,8 +86,9 @@ def imports(path: Path) -> set[str]:
     """`imported_modules`, plus m.n for every `from m import n` (n may be a module)."""
     found = imported_modules(path)
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        if isinstance(node, ast.ImportFrom):
+            module = _from_module(path, node)
+            found |= {f"{module}.{alias.name}" for alias in node.names}
     return found
 
 

@@ -174,7 +174,7 @@ def test_make_flash_writes_no_centre_code_onto_the_card(fleet, tmp_path) -> None
     written = [p.relative_to(target) for p in target.rglob("*") if p.is_file()]
     src = target / "opt" / "sos-device" / "src"
     assert sorted(p.name for p in src.iterdir()) == [
-        "README.md", "evidence_format", "firmware", "hw", "protocol", "pyproject.toml"]
+        "README.md", "evidence_format", "firmware", "protocol", "pyproject.toml"]
     assert not [p for p in written if set(p.parts) & set(CENTRE_SIDE)]
     centre_imports = [p for p in src.rglob("*.py")
                       if any(f"{side}" in line for line in p.read_text().splitlines()
@@ -203,12 +203,31 @@ def test_the_cards_firmware_builds_into_a_wheel_of_the_device_packages_only(flee
     assert "sos-device = firmware.cli:main" in entry_points
     assert "sos-center" not in entry_points
     assert "firmware/config.schema.json" in names  # package data travels with it
+    assert {"firmware/profiles/token.toml", "firmware/profiles/pillar.toml"} <= set(names)
 
 
 def test_provisioning_again_removes_what_an_older_version_copied(fleet, tmp_path) -> None:
     root = tmp_path / "sd"
-    stale = root / "opt" / "sos-device" / "src" / "control_center"
-    stale.mkdir(parents=True)
-    (stale / "pki.py").write_text("# copied by an older sos-device provision\n")
+    src = root / "opt" / "sos-device" / "src"
+    for stale in ("control_center", "hw/profiles"):
+        (src / stale).mkdir(parents=True)
+        (src / stale / "old.py").write_text("# copied by an older sos-device provision\n")
+    (src / "notes.txt").write_text("someone's notes\n")
     assert provision(fleet, root).returncode == 0
-    assert not stale.exists()
+    assert not (src / "control_center").exists() and not (src / "hw").exists()
+    assert (src / "notes.txt").read_text() == "someone's notes\n"  # not ours: left alone
+
+
+def test_a_firmware_directory_that_is_a_symlink_is_refused_and_nothing_is_deleted(
+        fleet, tmp_path) -> None:
+    elsewhere = tmp_path / "checkout"
+    (elsewhere / "firmware").mkdir(parents=True)
+    (elsewhere / "firmware" / "mine.py").write_text("# a developer's work\n")
+    root = tmp_path / "sd"
+    (root / "opt" / "sos-device").mkdir(parents=True)
+    (root / "opt" / "sos-device" / "src").symlink_to(elsewhere)
+    before = snapshot(fleet.directory)
+    done = provision(fleet, root)
+    assert done.returncode == 2 and "is a symlink or overlaps" in done.stderr
+    assert (elsewhere / "firmware" / "mine.py").exists()
+    assert snapshot(fleet.directory) == before

@@ -56,11 +56,11 @@ class UploadSettings:
             raise ConfigError(text)
         values = with_defaults(section, SCHEMA)
         url = values["url"]
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)  # ValueError for e.g. "https://[::1"
             parts.port  # noqa: B018 -- raises ValueError for a bad port
-        except ValueError:
-            raise ConfigError(f"key '{where}.url': bad port in {url!r}") from None
+        except ValueError as exc:
+            raise ConfigError(f"key '{where}.url': {exc} in {url!r}") from None
         if not parts.hostname:
             raise ConfigError(f"key '{where}.url': must have a host, not {url!r}")
         return cls(
