@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the device until SIGTERM/SIGINT (what the systemd unit runs)",
         description="Run the device until SIGTERM/SIGINT. On a Pi it needs the GPIO library of "
-                    "the board profile's pin factory (lgpio) and, with [camera], picamera2; "
-                    "without them it exits 2 with one line naming what is missing.")
+                    "the board profile's pin factory (lgpio): without it it exits 2 with one "
+                    "line naming what is missing. Without picamera2 (with [camera]) it runs "
+                    "without the camera and reports the camera fault to the centre.")
     run.add_argument("--simulated-hardware", action="store_true",
                      help="run off a Pi (a laptop, against your own broker): gpiozero mock pins, "
                           "the synthetic camera instead of picamera2, no battery gauge; the "
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(config: DeviceConfig) -> int:
-    """The device on the Pi's hardware. A missing library is refused before anything starts
-    (picamera2 would otherwise fail only when the camera starts, after the link is up)."""
+    """The device on the Pi's hardware. A missing GPIO library is refused before anything
+    starts: without it there is no SOS button. A missing camera library is not: the SOS path
+    runs without the camera, and the runtime reports the fault (one log line naming the module
+    and its package, a `camera_fault` event and the status's `faults`) and keeps retrying."""
     from firmware.device import DeviceRuntime
     from firmware.simulated import configured_camera, missing_hardware
 

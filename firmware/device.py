@@ -43,6 +43,13 @@ from firmware.alert_state import (
 )
 from firmware.battery import BatterySource, NoBattery, SysfsBattery
 from firmware.camera.frames import EncodedFrame, FrameSource
+from firmware.camera.health import (
+    CameraHealth,
+    CameraLimits,
+    FaultChange,
+    FaultCleared,
+    FaultRaised,
+)
 from firmware.camera.live import LiveStreamer
 from firmware.camera.picam import PicameraSource
 from firmware.camera.recorder import SegmentRecorder
@@ -109,6 +116,79 @@ class SegmentCommitted:
 class CheckSpace:
     """Plan the card's space again: segments left it (upload), or a write failed."""
 
+
+@dataclass(frozen=True)
+class CameraStarted:
+    """The camera thread's answer to a start: `error` says why it failed (None: running)."""
+
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CameraFrame:
+    """The first frame after a start arrived: wakes the loop to clear a camera fault."""
+
+
+# A missing camera library, by the module that failed to import: the apt package to install.
+CAMERA_PACKAGES = {"picamera2": "python3-picamera2", "libcamera": "python3-libcamera"}
+
+
+class CameraControl:
+    """Starts and stops the camera on a thread of its own, in the order asked: a camera that
+    hangs in start() or stop() (a wedged driver) holds this thread, never the device's, so the
+    SOS path never waits for it. Each start is answered with `CameraStarted` on `report`."""
+
+    def __init__(self, camera: FrameSource, on_frame: Callable[[EncodedFrame], None],
+                 on_lores: Callable[[EncodedFrame], None] | None,
+                 report: Callable[[object], None]) -> None:
+        self._camera = camera
+        self._on_frame, self._on_lores = on_frame, on_lores
+        self._report = report
+        self._ops: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="camera-control", daemon=True)
+        self._thread.start()
+
+    def start(self) -> None:
+        self._ops.put("start")
+
+    def stop(self) -> None:
+        self._ops.put("stop")
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the camera and end the thread (waits at most `timeout_s`)."""
+        self._ops.put("stop")
+        self._ops.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("camera: did not stop within %g s; leaving it", timeout_s)
+
+    def _run(self) -> None:
+        while (op := self._ops.get()) is not None:
+            if op == "start":
+                try:
+                    self._camera.start(self._on_frame, self._on_lores)
+                except Exception as exc:  # whatever the library raises: a fault, reported
+                    self._report(CameraStarted(camera_error(exc)))
+                else:
+                    self._report(CameraStarted(None))
+            else:
+                try:
+                    self._camera.stop()
+                except Exception:
+                    log.exception("camera: stop failed")
+
+
+def camera_error(exc: BaseException) -> str:
+    """One line for the log and the centre: what failed and, for a missing library, what to
+    install."""
+    if isinstance(exc, ImportError):
+        named = [m for m in CAMERA_PACKAGES if f"'{m}" in str(exc)]  # a raise without name=
+        module = (exc.name or "").split(".")[0] or (named[0] if named else "the camera library")
+        package = CAMERA_PACKAGES.get(module)
+        install = f"; install the apt package {package}" if package else ""
+        return f"{module} cannot be imported ({exc}){install}"[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]
+
 FIRMWARE_VERSION = "0.1.0"
 
 # An observer sees what a person near the device would: the trigger and every feedback change.
@@ -129,11 +209,13 @@ class DeviceRuntime:
         camera_probe: Callable[[], int] | None = None,
         camera_source: FrameSource | None = None,
         space_limits: SpaceLimits | None = None,
+        camera_limits: CameraLimits | None = None,
     ) -> None:
         """`camera_source` delivers encoded frames (the simulator passes its own; on the Pi it is
         picamera2). `camera_probe` counts frames for the self-test; by default the frames the
         running camera delivers (opening the camera a second time would fail), or picamera2's
-        own probe on a device that does not record."""
+        own probe on a device that does not record. `camera_limits`: the camera's retry backoff
+        and frame watchdog (firmware/camera/health.py)."""
         self.config = config
         self._pin_factory = pin_factory
         self._camera_probe = camera_probe or self._count_camera_frames
@@ -184,6 +266,11 @@ class DeviceRuntime:
         )
         self.recorder: SegmentRecorder | None = None
         self._camera = camera_source
+        self._camera_limits = camera_limits or CameraLimits()
+        self._camera_health: CameraHealth | None = None  # from run(): the camera is watched
+        self._camera_control: CameraControl | None = None
+        self._last_frame_at: float | None = None  # camera thread: when the last frame came
+        self._wake_on_frame = False  # camera thread: wake the loop at the next frame
         self._space_limits = space_limits or _space_limits_for(config)
         self._write_failed = False  # the card refused a frame; cleared by the next commit
         self._storage_mode = RecordMode.NORMAL
@@ -235,8 +322,7 @@ class DeviceRuntime:
                 log.warning("closed %d segment(s) interrupted by a crash: %s", len(closed), closed)
         self._execute(self.core.restore(self.outbox.load_state(), self._now()))
         self._sync_button()
-        if self.recorder is not None and self._camera is not None:
-            self._camera.start(self._on_frame, self.live.on_lores if self.live else None)
+        if self.recorder is not None:
             self._check_space()
         if self.uploader is not None and self.dock is not None:
             dock = self.dock
@@ -250,14 +336,20 @@ class DeviceRuntime:
         next_heartbeat = self._clock() + self.config.heartbeat_s
         watchdog_s = watchdog_interval_s()
         next_watchdog = self._clock() + watchdog_s if watchdog_s else None
-        notify("READY=1")
+        notify("READY=1")  # the SOS path is up; the camera starts below and may fail on its own
+        if self.recorder is not None and self._camera is not None:
+            self._camera_health = CameraHealth(self._clock(), self._camera_limits)
+            self._camera_control = CameraControl(
+                self._camera, self._on_frame, self.live.on_lores if self.live else None,
+                self._events.put)
         stopper = threading.Thread(target=lambda: (stop.wait(), self._events.put(None)),
                                    daemon=True)
         stopper.start()
         try:
             while not stop.is_set():
                 deadline = min(d for d in (self.core.next_deadline(), next_heartbeat,
-                                           self._selftest_deadline(), next_watchdog)
+                                           self._selftest_deadline(), next_watchdog,
+                                           self._camera_deadline())
                                if d is not None)
                 try:
                     item = self._events.get(timeout=max(0.0, deadline - self._clock()))
@@ -275,6 +367,7 @@ class DeviceRuntime:
                         self.uplink.publish_status()
                     self._check_space()
                 self._maybe_selftest(now)
+                self._watch_camera(now)
                 if next_watchdog is not None and now >= next_watchdog:
                     notify("WATCHDOG=1")  # only this loop feeds it: a hung loop is restarted
                     next_watchdog = now + watchdog_s
@@ -288,8 +381,9 @@ class DeviceRuntime:
             self._upload_thread.join(timeout=30)
         if self.uploader is not None:
             self.uploader.close()
+        if self._camera_control is not None:
+            self._camera_control.close()
         if self._camera is not None and self.recorder is not None:
-            self._camera.stop()
             self.recorder.close()  # the open segment is committed, not left for recovery
             self.recorder.store.close()
         if self.live is not None:
@@ -330,6 +424,10 @@ class DeviceRuntime:
                 self._check_space()
             case CheckSpace():
                 self._check_space()
+            case CameraStarted(error):
+                self._camera_started(error)
+            case CameraFrame():
+                pass  # the loop's camera watch reads the frame's time
             case SelftestDone(results):
                 self._selftest_thread = None
                 self.selftest_summary = summary(results, self._utc())
@@ -411,7 +509,11 @@ class DeviceRuntime:
                                                   "utc": utc_iso(fix.time)}))
 
     def _on_frame(self, frame: EncodedFrame) -> None:
-        """Camera thread: record the frame, and count it for the self-test."""
+        """Camera thread: record the frame, and count it for the self-test and the watch."""
+        self._last_frame_at = self._clock()
+        if self._wake_on_frame:
+            self._wake_on_frame = False
+            self._events.put(CameraFrame())
         if self.recorder is not None:
             try:
                 self.recorder.on_frame(frame)
@@ -423,6 +525,93 @@ class DeviceRuntime:
         with self._frame_arrived:
             self._frames_seen += 1
             self._frame_arrived.notify_all()
+
+    # -- the camera's health: retried with backoff, watched for frames, never on the SOS path --
+    def _camera_deadline(self) -> float | None:
+        return self._camera_health.next_deadline() if self._camera_health else None
+
+    def _watch_camera(self, now: float) -> None:
+        """Start a camera that is due to start; stop, cut and retry one that sent no frame for
+        `frame_timeout_s` (the sensor stalled, or the encoder's thread died)."""
+        health, control = self._camera_health, self._camera_control
+        if health is None or control is None:
+            return
+        last = self._last_frame_at
+        if last is not None:
+            self._camera_fault(health.frame(last))
+        if health.stalled(now):
+            reason = f"no frame for {health.limits.frame_timeout_s:g} s; camera restarted"
+            if self.recorder is not None:
+                try:
+                    cut = self.recorder.cut("camera-fault")
+                except OSError:
+                    cut = None
+                    self._events.put(CheckSpace())
+                if cut is not None:
+                    log.error("camera: segment %06d closed as cut (camera-fault)", cut)
+            control.stop()
+            self._camera_failed(now, reason)
+        if health.start_due(now):
+            health.starting()
+            self._last_frame_at = None
+            self._wake_on_frame = True
+            control.start()
+
+    def _camera_started(self, error: str | None) -> None:
+        health = self._camera_health
+        if health is None:
+            return
+        now = self._clock()
+        if error is None:
+            health.started(now)
+            return
+        self._camera_failed(now, error)
+
+    def _camera_failed(self, now: float, reason: str) -> None:
+        health = self._camera_health
+        assert health is not None
+        before = health.fault
+        change = health.failed(now, reason)
+        if change is None and before != reason:  # a fault going on, for another reason
+            log.warning("camera: still not running (%s); retrying in %g s", reason,
+                        health.retry_delay_s)
+        elif change is None:
+            log.debug("camera: retry %d failed (%s); next in %g s", health.failures, reason,
+                      health.retry_delay_s)
+        self._camera_fault(change)
+
+    def _camera_fault(self, change: FaultChange | None) -> None:
+        """Report a camera fault as it begins and as it clears: one log line, an event to the
+        centre, and the retained status (its `faults`)."""
+        match change:
+            case FaultRaised(reason):
+                assert self._camera_health is not None
+                log.error("camera fault: %s; the SOS button, GPS and uplink work without it; "
+                          "retrying in %g s (then up to every %g s)", reason,
+                          self._camera_health.retry_delay_s,
+                          self._camera_health.limits.max_retry_s)
+                event = self._fault_event("camera_fault", reason)
+            case FaultCleared(was):
+                log.warning("camera: recording again (the fault was: %s)", was)
+                event = self._fault_event("camera_restored", f"was: {was}")
+            case _:
+                return
+        self._observe("camera_fault" if isinstance(change, FaultRaised) else "camera_restored",
+                      {"reason": event.message["reason"], "wall": time.time()})
+        self._store([event], self.core.state())
+        if self.uplink.connected:
+            self.uplink.publish_status()
+
+    def _fault_event(self, kind: str, reason: str) -> Outgoing:
+        message = {"v": 1, "device_id": self.config.device_id,
+                   "created_at": utc_iso(self._utc()), "type": kind, "reason": reason[:200]}
+        return Outgoing(MessageKind.EVENT, Topics(self.config.device_id).event, message)
+
+    def faults(self) -> dict[str, str]:
+        """What does not work now, by part, with the reason (the status's `faults`)."""
+        health = self._camera_health
+        camera = health.fault if health is not None else None
+        return {"camera": camera} if camera else {}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
         """Self-test probe: frames the running camera delivers within `timeout_s`."""
@@ -615,6 +804,9 @@ class DeviceRuntime:
         }
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
+        faults = self.faults()
+        if faults:
+            status["faults"] = faults
         return status
 
 

@@ -7,8 +7,10 @@ simulator's virtual devices (`simulator/virtual_device.py`) build their runtime 
 battery gauge unless the caller brings one. Everything else is the firmware as it runs on a
 device: the config, the keys, the outbox, the broker link, the GPS port the config names.
 
-Without the flag, `missing_hardware` says which of the Pi's libraries are absent, so `sos-device
-run` can refuse in one line instead of dying with a traceback half-way through its start.
+Without the flag, `missing_hardware` says which of the Pi's libraries the SOS path needs and
+cannot import (the GPIO pin factory's), so `sos-device run` can refuse in one line instead of
+dying with a traceback half-way through its start. A missing camera library is not among them:
+the device runs without its camera and reports the fault (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ PIN_FACTORY_LIBRARIES = {
     "rpigpio": ("RPi.GPIO", "python3-rpi.gpio"),
     "pigpio": ("pigpio", "python3-pigpio"),
 }
-CAMERA_LIBRARY = ("picamera2", "python3-picamera2")
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,17 @@ def simulated_runtime(config: DeviceConfig, *, battery: BatterySource | None = N
 
 
 def missing_hardware(config: DeviceConfig) -> list[str]:
-    """The Pi libraries `sos-device run` would need and cannot import, each as
-    `module (what for; apt package)`; empty when nothing is missing. Only what the config uses
-    is checked: a device without [camera] (or with `source = "synthetic"`) needs no picamera2."""
-    needed: list[tuple[str, str, str]] = []
+    """The Pi libraries the SOS path needs and cannot import, each as `module (what for; apt
+    package)`; empty when nothing is missing: only the pin factory's GPIO library. picamera2 is
+    not among them: without it the device runs, and reports the camera fault (the runtime names
+    the module and the package, firmware/device.py `camera_error`)."""
     factory = os.environ.get("GPIOZERO_PIN_FACTORY") or config.pin_factory
-    if factory in PIN_FACTORY_LIBRARIES:
-        module, package = PIN_FACTORY_LIBRARIES[factory]
-        needed.append((module, f"GPIO pin factory '{factory}'", package))
-    if config.camera is not None and config.camera.source == "picamera2":
-        needed.append((CAMERA_LIBRARY[0], "camera", CAMERA_LIBRARY[1]))
-    return [f"{module} ({purpose}; apt package {package})"
-            for module, purpose, package in needed if not _importable(module)]
+    if factory not in PIN_FACTORY_LIBRARIES:
+        return []
+    module, package = PIN_FACTORY_LIBRARIES[factory]
+    if _importable(module):
+        return []
+    return [f"{module} (GPIO pin factory '{factory}'; apt package {package})"]
 
 
 def _importable(module: str) -> bool:

@@ -98,3 +98,33 @@ def test_a_camera_that_fails_to_start_is_closed(picamera2: ModuleType,
         source.start(lambda frame: None)
     assert not picamera2.Picamera2.instances[-1].is_open
     source.stop()  # nothing started: harmless
+
+
+def test_a_start_that_fails_after_the_lores_encoder_began_stops_that_encoder(
+        picamera2: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """picamera2's close() does not stop encoders: without stopping it ourselves, the lores
+    encoder's thread would run on, beside every retry."""
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("Failed to start camera: Device or resource busy")
+
+    monkeypatch.setattr(picamera2.Picamera2, "start_recording", broken)
+    source = PicameraSource(size=(320, 240))
+    with pytest.raises(RuntimeError, match="busy"):
+        source.start(lambda frame: None, lambda frame: None)
+    camera = picamera2.Picamera2.instances[-1]
+    (lores,) = camera.started_encoders
+    assert lores.name == "lores" and not lores.running
+    assert camera.encoders == set() and not camera.is_open
+
+
+def test_the_stub_close_leaves_encoders_running_as_picamera2_does(
+        picamera2: ModuleType) -> None:
+    """Pins the stub's strictness (Picamera2.close, picamera2/picamera2.py 0.3.36)."""
+    camera = picamera2.Picamera2()
+    camera.configure(camera.create_video_configuration(main={"size": (320, 240)}))
+    encoder = picamera2.encoders.H264Encoder()
+    camera.start_encoder(encoder, picamera2.outputs.Output())
+    camera.close()
+    assert not camera.is_open and encoder.running
+    camera.stop_encoder()
+    assert not encoder.running

@@ -34,6 +34,7 @@ PURE_CORES = {
     "firmware.gps.fix",
     "firmware.gps.nmea",
     "firmware.camera.frames",
+    "firmware.camera.health",
     "firmware.camera.segmenter",
     "firmware.camera.space",
     "firmware.camera.recording",

@@ -123,13 +123,42 @@ def test_without_the_flag_and_without_lgpio_it_exits_2_with_one_line(
     assert "picamera2" not in line  # this pillar has no camera
 
 
-def test_the_one_line_names_picamera2_too_when_the_config_records_with_it(
+def test_the_one_line_names_only_lgpio_even_when_the_config_records_with_picamera2(
         broker, tmp_path, no_pi_libraries) -> None:
+    """Only what the SOS path needs refuses the start: a missing camera library does not."""
     done = run_without_flag(device_config(broker, tmp_path, camera_source="picamera2"),
                             no_pi_libraries)
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
-    assert "lgpio" in line and "picamera2" in line and "--simulated-hardware" in line
+    assert "lgpio" in line and "--simulated-hardware" in line
+    assert "picamera2" not in line
+
+
+def test_without_picamera2_the_device_runs_and_reports_the_camera_fault(
+        broker, center, tmp_path, no_pi_libraries) -> None:
+    """`sos-device run` on GPIO that works (gpiozero's mock pins stand in for lgpio) and no
+    picamera2: it comes up, one log line names the module and the apt package, and the centre
+    sees the fault in the device's status."""
+    log = tmp_path / "device.log"
+    with log.open("w") as out:
+        process = sos_device(device_config(broker, tmp_path, camera_source="picamera2"),
+                             env={**no_pi_libraries, "GPIOZERO_PIN_FACTORY": "mock"},
+                             stdout=out, stderr=subprocess.STDOUT)
+        try:
+            def camera_fault() -> str:
+                device = center.store.device(DEVICE)
+                return device and device["status"].get("faults", {}).get("camera")
+
+            reason = center.wait_for(camera_fault)
+            assert "picamera2" in reason and "python3-picamera2" in reason
+            assert any(e.kind == "event" and e.message["type"] == "camera_fault"
+                       for e in center.events)
+            assert process.poll() is None
+        finally:
+            process.terminate()
+            assert process.wait(timeout=30) == 0
+    lines = [x for x in log.read_text().splitlines() if "python3-picamera2" in x]
+    assert len(lines) == 1 and "camera fault" in lines[0], lines
 
 
 def test_run_help_documents_the_flag() -> None:

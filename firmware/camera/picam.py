@@ -22,6 +22,7 @@ CPU, a few percent at 320x180.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from .frames import (
     check_stream_settings,
     deliver,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _TimestampMap:
@@ -152,7 +155,7 @@ class PicameraSource(FrameSource):
                                         _TimestampMap(self._clock, self._utc_clock))
             camera.start_recording(encoder, self.output, name="main")
         except BaseException:
-            camera.close()
+            _release(camera)
             raise
         self._camera = camera
 
@@ -163,4 +166,19 @@ class PicameraSource(FrameSource):
         try:
             camera.stop_recording()
         finally:
-            camera.close()
+            _release(camera)
+
+
+def _release(camera: Any) -> None:
+    """Stop every encoder still running, then close the camera. picamera2's `close()` stops
+    the camera but not its encoders (Picamera2.close, picamera2/picamera2.py in 0.3.36): a
+    start that failed after the lores encoder began, or a `stop_recording()` that raised, would
+    leave an encoder thread running on a closed camera, and the next start beside it."""
+    try:
+        running = list(camera.encoders)
+        if running:
+            camera.stop_encoder(running)
+    except Exception:  # already stopped, or the library is in a bad state: close anyway
+        log.exception("camera: stopping its encoders failed; closing it anyway")
+    finally:
+        camera.close()

@@ -122,6 +122,7 @@ class SegmentRecorder:
         first = last[0] + 1 if last else FIRST_SEQ
         self._segmenter = Segmenter(segment_s, policy.preroll_s, first_seq=first)
         self._restart_pending = False
+        self._cut_reason: str | None = None  # set while `cut` commits the open segment
 
     # -- after a crash ---------------------------------------------------------------------------
     def recover(self, *, now_mono: float) -> list[int]:
@@ -222,6 +223,23 @@ class SegmentRecorder:
             if self._segmenter.recording:
                 self._handle(self._segmenter.stop_recording())
 
+    def cut(self, reason: str) -> int | None:
+        """The camera died mid-recording: commit the open segment now, whole as far as it
+        got, with a manifest whose `cut` names `reason` (not truncated: every frame received is
+        in it), so the chain shows where the video stops. Recording resumes, in a new segment,
+        with the first frame of the restarted camera. Returns the cut segment's seq, if any."""
+        with self._lock, self._recovering():
+            seq = self._segmenter.current_seq
+            if not self._segmenter.recording or seq is None:
+                return None
+            self._cut_reason = reason
+            try:
+                self._handle(self._segmenter.stop_recording())
+            finally:
+                self._cut_reason = None
+            self._restart_pending = True  # the next frame records again, if wanted
+            return seq
+
     def _handle(self, events: list[Any]) -> None:
         for event in events:
             match event:
@@ -254,7 +272,8 @@ class SegmentRecorder:
             call_id=segment.call_id, flags=flags,
             ciphertext_sha256=segment.hashed.hexdigest(),
             ciphertext_bytes=segment.hashed.bytes, prev_manifest_sha256=self._prev_sha,
-            chain_restart=None if self._prev_sha or end.seq == FIRST_SEQ else "index lost")
+            chain_restart=None if self._prev_sha or end.seq == FIRST_SEQ else "index lost",
+            cut={"reason": self._cut_reason, "truncated": False} if self._cut_reason else None)
         body, signature = sign_manifest(manifest, self._key)
         self.store.commit(end.seq, segment.file, manifest=body, signature=signature,
                           manifest_sha256=manifest_sha256(manifest),

@@ -231,6 +231,15 @@ class SyntheticCamera(FrameSource):
 
     def _run(self, encoder: _H264Stream, on_frame: FrameCallback,
              lores: tuple[_H264Stream, FrameCallback] | None = None) -> None:
+        """The camera's thread. An exception ends it, logged, and the frames stop: as when
+        picamera2's encoder thread raises (the device's frame watch then restarts us)."""
+        try:
+            self._produce(encoder, on_frame, lores)
+        except Exception:
+            log.exception("synthetic camera: the encoder failed; no more frames")
+
+    def _produce(self, encoder: _H264Stream, on_frame: FrameCallback,
+                 lores: tuple[_H264Stream, FrameCallback] | None) -> None:
         interval = 1.0 / self._fps
         t0 = self._clock()
         n = 0

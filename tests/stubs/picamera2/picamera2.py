@@ -104,9 +104,11 @@ class Picamera2:
             self._sensor.join()
 
     def close(self) -> None:
+        # As strict as the real one: close() stops the camera and releases it, but leaves every
+        # encoder running, with its thread (Picamera2.close in picamera2/picamera2.py, 0.3.36:
+        # `self.stop()`, `self.camera.release()`, no stop_encoder). Only stop_encoder() or
+        # stop_recording() stop them; a caller that forgets leaks an encoder thread.
         self.stop()
-        if self._encoders:
-            self.stop_encoder()
         self.is_open = False
 
     def start_encoder(self, encoder=None, output=None, pts=None, quality=None,
