@@ -46,6 +46,8 @@ GPS_SILENT_FIX = ("check the receiver's power and its TX wire to the Pi's RX (GP
                   "enable_uart=1 in /boot/firmware/config.txt")
 CERT_REFUSED_FIX = ("the broker refused this device's certificate: is it issued by the fleet CA "
                     "and not revoked? see docs/FLASHING.md")
+GPS_BUSY_FIX = ("stop it first (`systemctl stop sos-device`); a pillar's scheduled self-test runs "
+                "inside the service and judges the service's own GPS reader")
 PINS_BUSY_FIX = ("the pin is in use: if sos-device is running it holds the pins (stop it with "
                  "`systemctl stop sos-device`, or let it run its scheduled self-test)")
 
@@ -244,6 +246,10 @@ def _open_failure(port: str, exc: BaseException) -> CheckResult:
     if code in (errno.EACCES, errno.EPERM):
         return CheckResult("gps", False, f"no permission to open {port}",
                            "add the service user to the 'dialout' group")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK) or "exclusively lock" in str(exc):
+        # pyserial's flock for exclusive=True: another exclusive reader, i.e. sos-device's own
+        return CheckResult("gps", False, f"GPS port {port} busy: the sos-device service holds "
+                           "it", GPS_BUSY_FIX)
     if code == errno.EBUSY or "busy" in str(exc).lower() or "lock" in str(exc).lower():
         return CheckResult("gps", False, f"port {port} is in use by another program",
                            "stop what holds it (sos-device, gpsd, or the serial console: remove "
@@ -257,7 +263,9 @@ def _read_gps(port: str, baudrate: int, timeout_s: float, min_sentences: int,
               clock: Callable[[], float]) -> GpsProbe:
     start = clock()
     try:
-        ser = serial_factory(port=port, baudrate=baudrate, timeout=min(0.1, timeout_s))
+        # exclusive: a second reader would split the bytes with the running service's reader
+        ser = serial_factory(port=port, baudrate=baudrate, timeout=min(0.1, timeout_s),
+                             exclusive=True)
     except (serial.SerialException, OSError, ValueError) as exc:
         return GpsProbe(_open_failure(port, exc))
     decoder = NmeaDecoder()
@@ -668,8 +676,8 @@ def run_selftest(
     """Every check in CHECKS order.
 
     Run in-process by the runtime, the parts are already in use: pass its gpiozero `button` and
-    `led`, a `gps_probe` judging its GpsReader's data (opening the port a second time would
-    split the bytes between two readers: pyserial does not lock the port by default), and a
+    `led`, a `gps_probe` judging its GpsReader's data (the reader holds the port exclusively; a
+    second open would fail, and without the lock would split the bytes between two readers), and a
     `broker_probe` judging its own MQTT link (a second connection as this device would take the
     device's session over).
     """

@@ -9,6 +9,7 @@ from pathlib import Path
 from control_center.fleet import FleetError
 from protocol.configfile import ConfigError
 from provisioning.provision import (
+    GPS_PORT,
     ProvisionError,
     Request,
     parse_broker,
@@ -22,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sos-provision",
         description="Turn a Pi root filesystem (or a directory) into an enrolled token or "
                     "pillar: firmware, config, keys, certificate, systemd units, udev rule, "
-                    "config.txt. Writes everything a device needs under TARGET and enrols it "
-                    "in the fleet; safe to run again. Runs where the fleet CA is, not on a "
-                    "device. See docs/FLASHING.md.")
+                    "config.txt and cmdline.txt (no serial console on the GPS UART). Writes "
+                    "everything a device needs under TARGET and enrols it in the fleet; safe "
+                    "to run again. Runs where the fleet CA is, not on a device. See "
+                    "docs/FLASHING.md.")
     parser.add_argument("--id", required=True, help="device id, e.g. tok-amb-0412")
     parser.add_argument("--profile", required=True, choices=["token", "pillar"])
     parser.add_argument("--target", required=True, type=Path,
@@ -34,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fleet directory (sos-center ca init) to enrol the device in")
     parser.add_argument("--broker", required=True, metavar="HOST:PORT",
                         help="the control centre's MQTT broker, e.g. mqtt.example:8883")
-    parser.add_argument("--gps-port", default="/dev/serial0",
-                        help="GPS serial port on the device (default %(default)s); 'none' if "
-                             "the device has no receiver")
+    parser.add_argument("--gps-port", default=GPS_PORT,
+                        help="GPS serial port on the device (default %(default)s: the udev "
+                             "rule's name for the UART on GPIO14/15, on every board); 'none' "
+                             "if the device has no receiver")
     parser.add_argument("--surveyed", metavar="LAT,LON[,ALT,ACC]",
                         help="surveyed position (pillars)")
     parser.add_argument("--battery-sysfs", help="power-supply directory (tokens), e.g. "

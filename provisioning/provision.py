@@ -13,7 +13,10 @@ in tests; a TARGET that is not there is refused before anything is written or en
     var/lib/sos-device/                  the data directory (outbox, state)
     etc/systemd/system/...               sos-device.service (watchdog, restart) + first-boot setup
     etc/udev/rules.d/99-sos-device.rules GPIO and UART access for the service user
-    boot/firmware/config.txt             a marked block: UART for the GPS, camera, watchdog
+    boot/firmware/config.txt             a marked block: the GPS UART on GPIO14/15 (per board),
+                                         camera, watchdog (provisioning/boot.py)
+    boot/firmware/cmdline.txt            no serial console (it would share the GPS UART)
+    etc/systemd/system/serial-getty@...  masked: no login prompt on the GPS UART
 
 and enrols the device in the fleet registry (its certificate and its signing key). Every step is
 idempotent: running it again changes nothing that is already right and says so.
@@ -33,6 +36,7 @@ from control_center.fleet import Fleet
 from evidence_format.files import atomic_write
 from firmware.config import PROFILES_DIR, load_device_config
 from protocol import signing
+from provisioning import boot
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_PACKAGES = ("protocol", "evidence_format", "firmware")  # what runs on a device, no more
@@ -40,15 +44,7 @@ DEVICE_DATA = ("README.md",)
 # What older versions copied into src/ and this one no longer ships: removed when found there.
 NO_LONGER_SHIPPED = ("control_center", "hw")
 DEVICE_COMMAND = "sos-device"
-# The marker keeps the command's old name: cards provisioned before have this exact line.
-CONFIG_TXT_BEGIN = "# >>> sos-device (managed by sos-device provision; do not edit inside)"
-CONFIG_TXT_END = "# <<< sos-device"
-CONFIG_TXT_LINES = (
-    "enable_uart=1            # GPS receiver on the PL011 UART (GPIO14/15) = /dev/serial0",
-    "dtoverlay=disable-bt     # give the PL011 UART to the GPS, not to Bluetooth",
-    "camera_auto_detect=1     # the camera module",
-    "dtparam=watchdog=on      # hardware watchdog, fed by systemd (RuntimeWatchdogSec)",
-)
+GPS_PORT = "/dev/sos-gps"  # the udev rule's name for the GPIO14/15 UART on every board
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
 
@@ -64,7 +60,7 @@ class Request:
     fleet_dir: Path
     broker_host: str
     broker_port: int
-    gps_port: str | None = "/dev/serial0"
+    gps_port: str | None = GPS_PORT
     surveyed: dict[str, float] | None = None
     battery_sysfs: str | None = None
     ingest_url: str | None = None  # https://host:port of `sos-center ingest`: uploads recordings
@@ -120,8 +116,7 @@ def provision(request: Request) -> Report:
     _write_units(root, report)
     report.note(_write(root / "etc" / "udev" / "rules.d" / "99-sos-device.rules",
                        UDEV_RULES.encode()), "udev rule")
-    report.note(_update_config_txt(root / "boot" / "firmware" / "config.txt"),
-                root / "boot" / "firmware" / "config.txt")
+    _write_boot_config(root, report)
     report.lines.append(f"enrolled   {request.device_id} ({request.profile}) in {fleet.directory}")
     return report
 
@@ -136,6 +131,11 @@ def _check(request: Request) -> None:
                              f"(firmware/profiles/{request.profile}.toml)")
     if request.gps_port is None and request.surveyed is None:
         raise ProvisionError("a device without a GPS receiver needs --surveyed LAT,LON")
+    config_txt = request.target / "boot" / "firmware" / "config.txt"
+    try:  # a block we cannot replace safely stops us before anything is written or enrolled
+        boot.render_config_txt(config_txt.read_text() if config_txt.exists() else "")
+    except boot.BootConfigError as exc:
+        raise ProvisionError(f"{config_txt}: {exc}") from exc
     if not (request.fleet_dir / "ca.pem").exists():
         raise ProvisionError(f"--fleet {request.fleet_dir}: no fleet CA there "
                              "(run: sos-center ca init)")
@@ -271,21 +271,31 @@ def _write_units(root: Path, report: Report) -> None:
     report.note(_write(watchdog, b"[Manager]\nRuntimeWatchdogSec=15\n"), watchdog)
 
 
-def _update_config_txt(path: Path) -> str:
-    """Replace our marked block (or append it); leave every other line alone."""
-    text = path.read_text() if path.exists() else ""
-    block = "\n".join([CONFIG_TXT_BEGIN, *CONFIG_TXT_LINES, CONFIG_TXT_END]) + "\n"
-    pattern = re.compile(re.escape(CONFIG_TXT_BEGIN) + r".*?" + re.escape(CONFIG_TXT_END) + r"\n?",
-                         re.S)
-    if pattern.search(text):
-        new = pattern.sub(block, text)
-    else:
-        new = text + ("" if text.endswith("\n") or not text else "\n") + block
-    return _write(path, new.encode())
+def _write_boot_config(root: Path, report: Report) -> None:
+    """config.txt's block, cmdline.txt without a serial console, the serial gettys masked: the
+    GPS UART carries the receiver's bytes alone, at its speed (provisioning/boot.py)."""
+    firmware = root / "boot" / "firmware"
+    config_txt = firmware / "config.txt"
+    text = config_txt.read_text() if config_txt.exists() else ""
+    report.note(_write(config_txt, boot.render_config_txt(text).encode()), config_txt)
+    cmdline = firmware / "cmdline.txt"
+    if cmdline.exists():
+        report.note(_write(cmdline, boot.render_cmdline_txt(cmdline.read_text()).encode()),
+                    cmdline)
+    else:  # not a real card (a directory for the simulator): nothing to mend, nothing made
+        report.note("missing", f"{cmdline} (left missing: no kernel console to remove)")
+    try:
+        masked = boot.mask_units(root / "etc" / "systemd" / "system")
+    except boot.BootConfigError as exc:  # a directory in the way: say so, no traceback
+        raise ProvisionError(str(exc)) from exc
+    for what, link in masked:
+        report.note(what, f"{link} -> /dev/null")
 
 
 UDEV_RULES = """\
 # Written by sos-provision: the service user reaches the GPIO chip and the GPS UART.
 SUBSYSTEM=="gpio", KERNEL=="gpiochip*", GROUP="gpio", MODE="0660"
-KERNEL=="ttyAMA0", GROUP="dialout", MODE="0660", SYMLINK+="sos-gps"
+# The UART on GPIO14/15 is ttyAMA0 on every board once config.txt's block applies (Pi 3, 4,
+# Zero 2 W: dtoverlay=disable-bt; Pi 5: dtparam=uart0=on); /dev/sos-gps names it on all of them.
+SUBSYSTEM=="tty", KERNEL=="ttyAMA0", GROUP="dialout", MODE="0660", SYMLINK+="sos-gps"
 """

@@ -361,3 +361,44 @@ def test_binary_bursts_read_in_small_pieces_lose_no_fix(log):
     finally:
         reader.stop()
     assert [f.time.second for f in fixes.snapshot()] == list(range(1, 9))
+
+
+def test_the_reader_holds_its_port_exclusively_so_a_second_reader_is_refused(raw_pty, log):
+    """Two readers of one UART would each get part of the bytes; the second is refused."""
+    _, port = raw_pty
+    reader = GpsReader(port, logger=log[0])
+    reader.start()
+    try:
+        assert reader.connected.wait(WAIT_S)
+        with pytest.raises(serial.SerialException, match="Could not exclusively lock port"):
+            serial.Serial(port=port, baudrate=9600, timeout=0.1, exclusive=True)
+    finally:
+        reader.stop()
+    serial.Serial(port=port, baudrate=9600, timeout=0.1, exclusive=True).close()  # freed
+
+
+def test_a_port_busy_at_start_is_retried_until_its_holder_lets_go(raw_pty, log):
+    """Busy like `sos-device selftest` holding it while the service starts: one warning, then
+    the fix arrives once the other program closes the port."""
+    master, port = raw_pty
+    logger, capture = log
+    fixes = Collector()
+    holder = serial.Serial(port=port, baudrate=9600, timeout=0.1, exclusive=True)
+    reader = GpsReader(port, on_fix=fixes.add, logger=logger, reopen_min_s=0.01,
+                       reopen_max_s=0.05)
+    reader.start()
+    try:
+        assert capture.records.wait_for(
+            lambda records: sum("unavailable" in r.getMessage() for r in records) >= 3)
+        assert not reader.connected.is_set()
+        holder.close()
+        assert reader.connected.wait(WAIT_S)
+        os.write(master, ("\r\n" + nmea_sentence(
+            "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,0.0,,231126,,,A")).encode())
+        assert fixes.wait_for(lambda f: len(f) == 1)
+    finally:
+        holder.close()
+        reader.stop()
+    [busy] = capture.messages(logging.WARNING)
+    assert "Could not exclusively lock port" in busy
+    assert reader.counters["open_failures"] >= 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -22,6 +24,7 @@ def fleet(tmp_path: Path) -> Fleet:
 
 
 REPO = Path(__file__).resolve().parents[1]
+BOOT_DATA = REPO / "tests" / "data" / "boot"
 
 
 def provision(fleet: Fleet, target: Path, *extra: str, device_id: str = "tok-amb-0412",
@@ -42,7 +45,7 @@ def test_provisioning_writes_a_device_that_loads_and_is_enrolled(fleet, tmp_path
     etc = root / "etc" / "sos-device"
     config = load_device_config(etc / "device.toml")
     assert (config.device_id, config.kind, config.gps.port) == ("tok-amb-0412", "token",
-                                                                "/dev/serial0")
+                                                                "/dev/sos-gps")
     assert config.data_dir == root / "var" / "lib" / "sos-device"
     for key in ("device.key", "signing.key"):
         assert stat.S_IMODE((etc / key).stat().st_mode) == 0o600
@@ -55,6 +58,52 @@ def test_provisioning_writes_a_device_that_loads_and_is_enrolled(fleet, tmp_path
     assert (units / "multi-user.target.wants" / "sos-device.service").is_symlink()
     assert "gpiochip" in (root / "etc" / "udev" / "rules.d" / "99-sos-device.rules").read_text()
     assert "enable_uart=1" in (root / "boot" / "firmware" / "config.txt").read_text()
+    assert os.readlink(units / "serial-getty@ttyAMA0.service") == "/dev/null"
+    cmdline = root / "boot" / "firmware" / "cmdline.txt"
+    assert not cmdline.exists()  # a directory, not a card: left missing, and said so
+    assert f"missing    {cmdline} (left missing" in done.stdout
+
+
+def test_a_stock_card_loses_its_serial_console_and_gets_a_block_every_board_applies(
+        fleet, tmp_path) -> None:
+    """The boot partition of a Raspberry Pi OS Bookworm card, provisioned twice: the golden
+    files of tests/test_boot_config.py, byte for byte, and the second run changes nothing."""
+    root = tmp_path / "sd"
+    firmware = root / "boot" / "firmware"
+    firmware.mkdir(parents=True)
+    for name in ("config.txt", "cmdline.txt"):
+        shutil.copy(BOOT_DATA / "stock-bookworm" / name, firmware / name)
+    assert provision(fleet, root).returncode == 0
+    for name in ("config.txt", "cmdline.txt"):
+        assert (firmware / name).read_bytes() == (BOOT_DATA / name).read_bytes()
+    again = provision(fleet, root)
+    assert again.returncode == 0, again.stderr
+    for name in ("config.txt", "cmdline.txt"):
+        assert f"unchanged  {firmware / name}" in again.stdout
+    units = root / "etc" / "systemd" / "system"
+    assert f"unchanged  {units / 'serial-getty@ttyAMA0.service'} -> /dev/null" in again.stdout
+
+
+def test_the_udev_rule_names_the_gpio14_15_uart_sos_gps(fleet, tmp_path) -> None:
+    root = tmp_path / "sd"
+    assert provision(fleet, root).returncode == 0
+    rules = (root / "etc" / "udev" / "rules.d" / "99-sos-device.rules").read_text()
+    assert ('SUBSYSTEM=="tty", KERNEL=="ttyAMA0", GROUP="dialout", MODE="0660", '
+            'SYMLINK+="sos-gps"') in rules.splitlines()
+
+
+def test_a_config_txt_block_without_its_end_is_refused_before_anything_is_enrolled(
+        fleet, tmp_path) -> None:
+    root = tmp_path / "sd"
+    config_txt = root / "boot" / "firmware" / "config.txt"
+    config_txt.parent.mkdir(parents=True)
+    config_txt.write_text("arm_64bit=1\n# >>> sos-device (managed by sos-device provision; "
+                          "do not edit inside)\nenable_uart=1\n")
+    before = snapshot(fleet.directory)
+    done = provision(fleet, root)
+    assert done.returncode == 2 and "has no end line" in done.stderr
+    assert snapshot(fleet.directory) == before
+    assert not (root / "etc").exists()
 
 
 def test_running_it_again_changes_nothing_and_keeps_other_config_txt_lines(fleet,

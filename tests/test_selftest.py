@@ -21,6 +21,7 @@ from gpiozero.pins.mock import MockConnectedPin, MockFactory, MockPin
 
 from control_center.fleet import Fleet
 from firmware.gps.fix import Fix
+from firmware.gps.reader import GpsReader
 from firmware.selftest import (
     CHECKS,
     MAX_INTERVAL_S,
@@ -43,7 +44,7 @@ from protocol.mqtt import BrokerConfig
 from simulator.broker import PrivateBroker, free_port
 from simulator.cli import main as sim_main
 from simulator.device_config import render_device_toml
-from simulator.gps_receiver import nmea_sentence
+from simulator.gps_receiver import PtyGps, RouteReceiver, nmea_sentence
 from simulator.selftest import UNPLUGGABLE, ShortedToGroundPin, run_virtual_selftest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,38 @@ def test_an_unexpected_error_in_a_check_is_a_fail_with_its_text() -> None:
 
     result = check_gps("/dev/serial0", 9600, timeout_s=1.0, serial_factory=broken)
     assert not result.ok and "RuntimeError: driver bug" in result.detail
+
+
+def test_the_gps_check_opens_the_port_exclusively() -> None:
+    asked: list[dict] = []
+
+    def factory(**kw):
+        asked.append(kw)
+        raise serial.SerialException(2, "could not open port /dev/sos-gps: No such file")
+
+    check_gps("/dev/sos-gps", 9600, timeout_s=1.0, serial_factory=factory)
+    assert asked[0]["exclusive"] is True
+
+
+def test_a_selftest_beside_the_running_service_says_the_port_is_busy_in_one_line() -> None:
+    """The service's GpsReader holds the port: the standalone check is refused the port (it
+    would otherwise split the bytes with the service) and says so in one line, no traceback."""
+    route = RouteReceiver([(52.37, 4.89), (52.38, 4.90)], start_utc=NOW, seed=1,
+                          speed_mps=10.0)
+    receiver = PtyGps(route, speed=20.0)
+    service = GpsReader(receiver.port)
+    receiver.start()
+    service.start()
+    try:
+        assert service.connected.wait(5.0)
+        result = check_gps(receiver.port, 9600, timeout_s=1.0)
+    finally:
+        service.stop()
+        receiver.stop()
+    assert format_line(result) == (
+        f"FAIL gps      GPS port {receiver.port} busy: the sos-device service holds it -- fix: "
+        "stop it first (`systemctl stop sos-device`); a pillar's scheduled self-test runs "
+        "inside the service and judges the service's own GPS reader")
 
 
 def test_gps_time_now_adds_the_age_of_the_fix() -> None:

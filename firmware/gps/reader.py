@@ -4,6 +4,9 @@ The port may vanish (USB receiver unplugged, UART driver reset): the thread clos
 with exponential backoff (reset once data flows again), logging once per change of state: one
 warning when the port is lost or cannot be opened, one info line when data arrives again; the
 retries in between are logged at debug level only.
+The port is opened with ``exclusive=True`` (pyserial 3.5 takes a non-blocking ``flock`` on POSIX):
+two readers of one UART would each get a share of the bytes and both decode garbage, so a second
+exclusive opener fails instead; a port busy at start is retried like a missing one.
 Damaged input is never fatal; it is counted by the decoder and logged as a one-line summary at
 most every ``summary_interval_s``.
 """
@@ -111,7 +114,8 @@ class GpsReader:
         while not self._stop.is_set():
             try:
                 ser = self._serial_factory(
-                    port=self.port, baudrate=self.baudrate, timeout=self._read_timeout_s
+                    port=self.port, baudrate=self.baudrate, timeout=self._read_timeout_s,
+                    exclusive=True,
                 )
             except (serial.SerialException, OSError, ValueError) as exc:
                 with self._lock:
