@@ -100,6 +100,9 @@ log = logging.getLogger("sos.device")
 
 
 TRACK_POINTS = 3600  # an hour of 1 Hz fixes for the manifests' GPS tracks
+# How often the loop looks for a fault that began or cleared without an event (the GPS port
+# gone or silent): the status is published at once on a change, not at the next heartbeat.
+FAULT_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ class DeviceRuntime:
         self._camera = camera_source
         self._camera_limits = camera_limits or CameraLimits()
         self._camera_health: CameraHealth | None = None  # from run(): the camera is watched
+        self._faults_published: dict[str, str] = {}
         self._camera_control: CameraControl | None = None
         self._last_frame_at: float | None = None  # camera thread: when the last frame came
         self._wake_on_frame = False  # camera thread: wake the loop at the next frame
@@ -336,6 +340,7 @@ class DeviceRuntime:
         next_heartbeat = self._clock() + self.config.heartbeat_s
         watchdog_s = watchdog_interval_s()
         next_watchdog = self._clock() + watchdog_s if watchdog_s else None
+        next_fault_check = self._clock() + FAULT_CHECK_S
         notify("READY=1")  # the SOS path is up; the camera starts below and may fail on its own
         if self.recorder is not None and self._camera is not None:
             self._camera_health = CameraHealth(self._clock(), self._camera_limits)
@@ -349,7 +354,7 @@ class DeviceRuntime:
             while not stop.is_set():
                 deadline = min(d for d in (self.core.next_deadline(), next_heartbeat,
                                            self._selftest_deadline(), next_watchdog,
-                                           self._camera_deadline())
+                                           self._camera_deadline(), next_fault_check)
                                if d is not None)
                 try:
                     item = self._events.get(timeout=max(0.0, deadline - self._clock()))
@@ -368,6 +373,9 @@ class DeviceRuntime:
                     self._check_space()
                 self._maybe_selftest(now)
                 self._watch_camera(now)
+                if now >= next_fault_check:
+                    next_fault_check = now + FAULT_CHECK_S
+                    self._publish_faults_if_changed()
                 if next_watchdog is not None and now >= next_watchdog:
                     notify("WATCHDOG=1")  # only this loop feeds it: a hung loop is restarted
                     next_watchdog = now + watchdog_s
@@ -607,11 +615,19 @@ class DeviceRuntime:
                    "created_at": utc_iso(self._utc()), "type": kind, "reason": reason[:200]}
         return Outgoing(MessageKind.EVENT, Topics(self.config.device_id).event, message)
 
+    def _publish_faults_if_changed(self) -> None:
+        """Publish the status when its faults are not the ones the last status carried (a
+        status built for any reason records them: `_status`)."""
+        if self.faults() != self._faults_published and self.uplink.connected:
+            self.uplink.publish_status()
+
     def faults(self) -> dict[str, str]:
-        """What does not work now, by part, with the reason (the status's `faults`)."""
+        """What does not work now, by part, with the reason (the status's `faults`). A change
+        is published at once (checked every `FAULT_CHECK_S`)."""
         health = self._camera_health
-        camera = health.fault if health is not None else None
-        return {"camera": camera} if camera else {}
+        found = {"camera": health.fault if health is not None else None,
+                 "gps": self.gps.problem() if self.gps else None}
+        return {part: reason[:200] for part, reason in found.items() if reason}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
         """Self-test probe: frames the running camera delivers within `timeout_s`."""
@@ -807,6 +823,7 @@ class DeviceRuntime:
         faults = self.faults()
         if faults:
             status["faults"] = faults
+        self._faults_published = faults  # what the centre will have (_publish_faults_if_changed)
         return status
 
 

@@ -154,7 +154,8 @@ def test_vanished_port_is_reopened_with_backoff_and_recovers(tmp_path, log):
         gps1.start()
         assert fixes.wait_for(dated_on(START_A))
 
-        gps1.stop()  # unplugged: the pty and its path are gone
+        gps1.stop()  # unplugged: the pty is gone, and udev removes its by-id link (a dangling
+        link.unlink()  # link could meet a reused /dev/pts number of another program's pty)
         assert capture.records.wait_for(lambda r: any("lost" in x.getMessage() for x in r))
         assert attempts.wait_for(lambda a: len(a) >= 6)  # first open + 5 failed reopens
 
@@ -402,3 +403,79 @@ def test_a_port_busy_at_start_is_retried_until_its_holder_lets_go(raw_pty, log):
     [busy] = capture.messages(logging.WARNING)
     assert "Could not exclusively lock port" in busy
     assert reader.counters["open_failures"] >= 3
+
+
+# -- problem(): what the device reports as its GPS fault --------------------------------------
+
+
+def test_a_port_that_cannot_be_opened_is_a_problem_until_it_delivers(raw_pty, log):
+    master, port = raw_pty
+    fixes = Collector()
+    holder = serial.Serial(port=port, baudrate=9600, timeout=0.1, exclusive=True)
+    reader = GpsReader(port, on_fix=fixes.add, logger=log[0], reopen_min_s=0.01,
+                       reopen_max_s=0.05)
+    reader.start()
+    try:
+        assert log[1].records.wait_for(
+            lambda records: any("unavailable" in r.getMessage() for r in records))
+        problem = reader.problem()
+        assert problem is not None and problem.startswith(f"GPS port {port} unavailable")
+        holder.close()
+        assert reader.connected.wait(WAIT_S)
+        os.write(master, ("\r\n" + nmea_sentence(
+            "GPRMC,144501.00,A,5222.19864,N,00453.40235,E,0.0,,231126,,,A")).encode())
+        assert fixes.wait_for(lambda f: len(f) == 1)  # decoded after the problem was cleared
+        assert reader.problem() is None
+    finally:
+        holder.close()
+        reader.stop()
+
+
+def test_an_open_port_that_stays_silent_is_a_problem_after_silence_s():
+    clock = FakeClock()
+    reader = GpsReader("scripted", clock=clock, silence_s=10.0,
+                       serial_factory=lambda **kw: ScriptedPort([], kw["timeout"]))
+    reader.start()
+    try:
+        assert reader.connected.wait(WAIT_S)
+        clock.t += 9.9
+        assert reader.problem() is None
+        clock.t += 0.2
+        assert reader.problem() == "no data from scripted for 10 s (receiver power, TX wire)"
+    finally:
+        reader.stop()
+
+
+class GatedPort(ScriptedPort):
+    """Gives its reads only once `gate` is set; `asked_again` is set when the reader asks for
+    more after the scripted reads, i.e. once it has handled them."""
+
+    def __init__(self, reads: list[bytes], timeout: float) -> None:
+        super().__init__(reads, timeout)
+        self.gate = threading.Event()
+        self.asked_again = threading.Event()
+
+    def read(self, size: int = 1) -> bytes:
+        if not self.gate.wait(self._timeout):
+            return b""
+        if not self._reads:
+            self.asked_again.set()
+        return super().read(size)
+
+
+def test_bytes_of_any_kind_end_the_silence():
+    """Binary output with no line end still proves the receiver is powered and wired."""
+    clock = FakeClock()
+    port = GatedPort([b"\xb5\x62\x01\x07"], timeout=0.05)  # a UBX frame's start, no NMEA
+    reader = GpsReader("scripted", clock=clock, silence_s=10.0,
+                       serial_factory=lambda **kw: port)
+    reader.start()
+    try:
+        assert reader.connected.wait(WAIT_S)
+        clock.t += 9.0
+        port.gate.set()
+        assert port.asked_again.wait(WAIT_S)
+        clock.t += 9.0  # 18 s after opening, 9 s after the bytes
+        assert reader.problem() is None
+    finally:
+        reader.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +46,10 @@ class GpsReader:
         logger: logging.Logger = LOG,
         read_timeout_s: float = 0.2,
         decoder: NmeaDecoder | None = None,
+        silence_s: float = 10.0,
     ) -> None:
+        """`silence_s`: an open port that delivers no byte for this long is reported by
+        `problem()` (the receiver is unpowered or its TX wire is loose)."""
         self.port = port
         self.baudrate = baudrate
         self._clock = clock
@@ -69,6 +73,9 @@ class GpsReader:
         self._next_summary = 0.0
         self._callback_failed = False
         self._failing = False  # a warning was logged and the port has not delivered data since
+        self._silence_s = silence_s
+        self._problem: str | None = None  # why the port is unavailable, while it is
+        self._quiet_since: float | None = None  # open and no byte since this clock value
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -99,6 +106,18 @@ class GpsReader:
         with self._lock:
             return self._latest
 
+    def problem(self) -> str | None:
+        """Why the GPS gives nothing now, in words, or None: the port cannot be opened or was
+        lost (until it delivers data again), or it is open and silent for `silence_s`. The
+        device reports it in its status (`faults.gps`); the reader keeps retrying either way."""
+        with self._lock:
+            if self._problem is not None:
+                return self._problem
+            quiet = self._quiet_since
+        if quiet is not None and self._clock() - quiet >= self._silence_s:
+            return f"no data from {self.port} for {self._silence_s:g} s (receiver power, TX wire)"
+        return None
+
     @property
     def counters(self) -> dict[str, int]:
         """Decoder reject reasons plus port events (opens, open_failures, port_errors)."""
@@ -127,6 +146,7 @@ class GpsReader:
             with self._lock:
                 self._own["opens"] += 1
                 self._decoder.reset_framing()
+                self._quiet_since = self._clock()
             self._serial = ser
             self.connected.set()
             got_data = False
@@ -138,6 +158,8 @@ class GpsReader:
                 self._failed(f"GPS port {self.port} lost ({exc}); reopening", exc)
             finally:
                 self.connected.clear()
+                with self._lock:
+                    self._quiet_since = None
                 self._serial = None
                 with contextlib.suppress(Exception):  # closing a dead port can fail too
                     ser.close()
@@ -150,6 +172,8 @@ class GpsReader:
 
     def _failed(self, message: str, exc: BaseException) -> None:
         """One warning when the port goes bad; retries while it stays bad only at debug."""
+        with self._lock:
+            self._problem = _brief(message.partition(" (")[0], exc)
         if self._failing:
             self._log.debug("%s", message)
             return
@@ -169,6 +193,9 @@ class GpsReader:
                 if not got_data and self._failing:
                     self._failing = False
                     self._log.info("GPS port %s back: receiving again", self.port)
+                with self._lock:
+                    self._problem = None
+                    self._quiet_since = self._clock()
                 got_data = True
                 if skipping:
                     cut = _first_eol(data)
@@ -209,6 +236,14 @@ class GpsReader:
             text = " ".join(f"{k}={v}" for k, v in delta.items())
             self._log.info("GPS %s: discarded input in the last %.0f s: %s",
                            self.port, self._summary_interval_s, text)
+
+
+def _brief(what: str, exc: BaseException) -> str:
+    """`what` and the cause in a few words, for the status (at most 200 characters): pyserial's
+    own messages repeat the port's path twice."""
+    number = getattr(exc, "errno", None)
+    cause = os.strerror(number) if isinstance(number, int) else str(exc)
+    return f"{what}: {cause}"[:200]
 
 
 def _first_eol(data: bytes) -> int:
