@@ -272,6 +272,7 @@ class DeviceRuntime:
         self._camera_limits = camera_limits or CameraLimits()
         self._camera_health: CameraHealth | None = None  # from run(): the camera is watched
         self._faults_published: dict[str, str] = {}
+        self._upload_problem: str | None = None  # from the last upload pass (upload thread)
         self._camera_control: CameraControl | None = None
         self._last_frame_at: float | None = None  # camera thread: when the last frame came
         self._wake_on_frame = False  # camera thread: wake the loop at the next frame
@@ -626,7 +627,8 @@ class DeviceRuntime:
         is published at once (checked every `FAULT_CHECK_S`)."""
         health = self._camera_health
         found = {"camera": health.fault if health is not None else None,
-                 "gps": self.gps.problem() if self.gps else None}
+                 "gps": self.gps.problem() if self.gps else None,
+                 "upload": self._upload_problem}
         return {part: reason[:200] for part, reason in found.items() if reason}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
@@ -716,6 +718,8 @@ class DeviceRuntime:
         assert self.uploader is not None
         self._observe("upload_started", {"wall": time.time()})
         summary = self.uploader.run_once(stop)
+        if not summary.busy:
+            self._upload_problem = summary.problem()  # cleared by a pass that left nothing
         log.info("upload pass: %d segment(s) uploaded, %d byte(s) sent (%d resent), "
                  "%d refused, %d left for later", summary.segments_uploaded, summary.bytes_sent,
                  summary.bytes_resent, len(summary.refused), len(summary.deferred))

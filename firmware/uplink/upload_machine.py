@@ -80,6 +80,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from firmware.uplink.upload_plan import Backoff
 from protocol.signing import SignatureError, verify
 
+STOPPED = "stopped"  # the reason a segment waits when the pass was stopped: not a fault
+
 RECEIPT_WAIT_S = 20.0  # a receipt request asks the server to hold it this long (Prefer: wait)
 MAX_STORING_WAITS = 30  # receipt requests answered "still storing" before they count as failures
 ANY = "*"
@@ -513,7 +515,7 @@ class SegmentUpload:
                 *self._done(Defer(f"cannot read the segment: {event.reason}"))]
 
     def _stopped(self, event: Stopped) -> list[Any]:
-        return self._done(EndPass("stopped"))
+        return self._done(EndPass(STOPPED))
 
     # -- steps -------------------------------------------------------------------------------
     def _create(self) -> list[Any]:
@@ -661,7 +663,7 @@ class ReceiptFetch:
                 *self._fetch()]
 
     def _stopped(self, event: Stopped) -> list[Any]:
-        return self._done(Defer("stopped"))
+        return self._done(Defer(STOPPED))
 
     def _fetch(self) -> list[Any]:
         self.phase = "fetching"

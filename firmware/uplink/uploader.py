@@ -43,6 +43,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,6 +116,17 @@ class UploadSummary:
     def complete(self) -> bool:
         """Nothing is left to upload (refused segments aside)."""
         return not self.busy and not self.deferred
+
+    def problem(self) -> str | None:
+        """What kept segments on the card, in words, or None: the device reports it in its
+        status (`faults.upload`) until a pass uploads everything. A pass that was stopped
+        (undocked, shutting down) or found another uploader at work is not a fault."""
+        reasons = Counter(r for r in self.deferred.values() if r != um.STOPPED)
+        if self.busy or not reasons:
+            return None
+        reason, _ = reasons.most_common(1)[0]
+        count = sum(reasons.values())
+        return f"{count} segment(s) not uploaded: {reason}"[:200]
 
 
 @dataclass(frozen=True)
@@ -567,7 +579,7 @@ class Uploader:
             while todo:
                 for index, local in enumerate(todo):
                     if ended is None and stop.is_set():
-                        ended = "stopped"
+                        ended = um.STOPPED
                     if ended is not None:
                         summary.deferred[local.seq] = ended
                         continue
