@@ -23,7 +23,12 @@ GPS decoder: NmeaDecoder lines/s on the real receiver logs (tests/data/nmea), fe
 reader-sized reads, beside bare `pynmea2.parse` on the same lines (target: ours >= 0.8 of it;
 bench/gps_bench.py).
 
---skip-sos, --skip-evidence, --skip-upload, --skip-live and --skip-gps leave a section out.
+Camera callback: how long picamera2's `outputframe` holds the camera thread per frame (p50/p99/
+max, microseconds) while the recorder writes real segments, beside the old synchronous path
+(target: p99 < 1 ms; bench/camera_bench.py).
+
+--skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps and --skip-callback leave a
+section out.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 from simulator.broker import BrokerError, PrivateBroker
 
+from .camera_bench import run_callback
 from .evidence import run_evidence
 from .floor import FloorError, FloorSamples, run_floor
 from .gps_bench import run_gps
@@ -101,10 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-upload", action="store_true", help="skip the upload section")
     parser.add_argument("--skip-live", action="store_true", help="skip the live view section")
     parser.add_argument("--skip-gps", action="store_true", help="skip the GPS decoder section")
+    parser.add_argument("--skip-callback", action="store_true",
+                        help="skip the camera callback hold-time section")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead (the SOS keys as before, plus "
-                             "\"evidence_video\", \"upload\", \"live_view\" and "
-                             "\"gps_decoder\")")
+                             "\"evidence_video\", \"upload\", \"live_view\", "
+                             "\"gps_decoder\" and \"camera_callback\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
@@ -117,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.live_seconds <= 0 or args.upload_link_mbit < 0:
         parser.error("need --live-seconds > 0 and --upload-link-mbit >= 0")
     if (args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live
-            and args.skip_gps):
+            and args.skip_gps and args.skip_callback):
         parser.error("skipping every section leaves nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
@@ -226,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     gps = None if args.skip_gps else _timed_section(
         "gps-bench-", args.tmpdir, lambda tmp, context: run_gps(
             progress=progress, context={"cpus": context["cpus"]}))
-    parts = (report, evidence, upload, live, gps)
+    callback = None if args.skip_callback else _timed_section(
+        "callback-bench-", args.tmpdir, lambda tmp, context: run_callback(
+            tmp, progress=progress, context=context))
+    parts = (report, evidence, upload, live, gps, callback)
     if args.json:
         print(combined_json(*parts))
     else:
         print("\n\n".join(part.as_table() for part in parts if part is not None))
     progress(f"done in {round(time.monotonic() - started, 1)} s")
-    failed = any(part is not None and part.errors for part in (evidence, upload, live, gps))
+    failed = any(part is not None and part.errors
+                 for part in (evidence, upload, live, gps, callback))
     return 1 if broke or errors or failed else 0
 
 

@@ -6,6 +6,13 @@
     CPU seconds per second of video = the share of one core it needs.
 (b) For reference, the simulator's synthetic camera (render + libx264) at 640x480, unpaced.
 
+(c) `callback_hold`: how long picamera2's `outputframe` holds the camera thread, per frame
+    (p50/p99/max in microseconds), while a real SegmentRecorder writes real segments (age
+    encryption, fsync every second to a temp dir, signed manifests, 2 s segments): pre-encoded
+    1080p30 frames fed through the real output class (firmware/camera/picam.py) at 30 fps.
+    "handoff" is the shipped path (the callback only queues, firmware/camera/handoff.py);
+    "synchronous" hands each frame straight to the recorder, as before issue 13.
+
 Rows are (name, value). Benchmarks report, they do not assert.
 """
 
@@ -14,15 +21,29 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 import av
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.camera.frames import EncodedFrame
+from control_center.fleet import age_x25519_keypair
+from firmware.camera.frames import EncodedFrame, deliver
+from firmware.camera.handoff import FrameHandoff
+from firmware.camera.picam import HANDOFF_S, _frame_output, _TimestampMap
+from firmware.camera.recorder import SegmentRecorder
+from firmware.camera.recording import RecordingPolicy
 from firmware.camera.segmenter import FrameOut, SegmentEnd, Segmenter, SegmentEvent, SegmentStart
+from firmware.camera.store import SegmentStore
 from firmware.camera.synthetic import encode_clip
 from firmware.camera.tsmux import TsSegmentWriter
+
+from .report import CallbackReport
+from .stats import percentile
 
 SIZE = (1920, 1080)
 FPS = 30
@@ -123,6 +144,72 @@ def synthetic_fps(frames: int = 250) -> tuple[float, float]:
     return len(clip) / wall, len(clip) / cpu
 
 
+HOLD_TARGET_US = 1000.0  # the issue's target: outputframe's p99 under 1 ms
+
+
+@dataclass
+class HoldResult:
+    """One run of `callback_hold`: the callback's hold times and what the recorder made."""
+
+    mode: str
+    hold_us: list[float]
+    dropped: int
+    segments: int
+
+
+class _Output:
+    """Stands in for `picamera2.outputs.Output`: only `recording` is read by our subclass."""
+
+    recording = True
+
+
+class _Direct:
+    """The old path: the callback hands each frame straight to the recorder."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.dropped = 0
+
+    def put(self, frame: EncodedFrame) -> bool:
+        deliver(self.consumer, frame, "on_frame")
+        return True
+
+
+def callback_hold(tmp: Path, clip: list[EncodedFrame], *, mode: str = "handoff",
+                  passes: int = 3) -> HoldResult:
+    """Feed `clip` `passes` times at FPS through the real output class into a real recorder
+    writing to `tmp`; time every `outputframe` call (perf_counter_ns)."""
+    _identity, recipient = age_x25519_keypair()
+    store = SegmentStore(tmp)
+    committed: list[int] = []
+    recorder = SegmentRecorder(store, device_id="bench-cam-001", recipients=[recipient],
+                               signing_key=Ed25519PrivateKey.generate(), fps=FPS, size=SIZE,
+                               policy=RecordingPolicy(preroll_s=0.0), segment_s=2.0,
+                               on_commit=committed.append)
+    recorder.change(lambda p: p.call_start("bench-call"))
+    sink: Any = (FrameHandoff(recorder.on_frame, max_frames=round(FPS * HANDOFF_S))
+                 if mode == "handoff" else _Direct(recorder.on_frame))
+    output = _frame_output(_Output, sink, _TimestampMap(time.monotonic,
+                                                        lambda: datetime.now(UTC)))
+    hold_us: list[float] = []
+    began = time.perf_counter()
+    n = 0
+    for _ in range(passes):
+        for frame in clip:
+            delay = began + n / FPS - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)  # paced like the sensor
+            t0 = time.perf_counter_ns()
+            output.outputframe(frame.data, frame.keyframe, round(n * 1e6 / FPS))
+            hold_us.append((time.perf_counter_ns() - t0) / 1000)
+            n += 1
+    if isinstance(sink, FrameHandoff):
+        sink.close(timeout_s=30.0)
+    recorder.close()
+    store.close()
+    return HoldResult(mode, hold_us, sink.dropped, len(committed))
+
+
 def run() -> list[tuple[str, float]]:
     clip = encode_1080p()
     video_s = PASSES * len(clip) / FPS
@@ -152,3 +239,29 @@ if __name__ == "__main__":
     print(f"camera bench on {os.cpu_count()} CPUs (pre-encoding {CLIP_S} s of 1080p30 first)")
     for name, value in run():
         print(f"{name:<56} {value:12.4f}")
+
+
+def run_callback(tmp: Path, seconds: int = 4, passes: int = 3,
+                 progress: Callable[[str], None] = lambda text: None,
+                 context: dict[str, Any] | None = None) -> CallbackReport:
+    """The "camera callback" section (bench/report.py CallbackReport): the synchronous path
+    first, for comparison, then the shipped handoff path, each in its own directory."""
+    report = CallbackReport(target_us=HOLD_TARGET_US, context={
+        **(context or {}), "video": f"{SIZE[0]}x{SIZE[1]} ~{BITRATE // 1_000_000} Mbit/s H.264",
+        "fps": FPS, "segment_s": 2.0})
+    progress(f"camera callback: pre-encoding {seconds} s of 1080p30, then "
+             f"2 x {seconds * passes} s paced at {FPS} fps")
+    try:
+        clip = encode_1080p(seconds)
+        labels = {"synchronous": "before: synchronous (old path)",
+                  "handoff": "after: queue to recorder thread"}
+        for mode, label in labels.items():
+            result = callback_hold(tmp / mode, clip, mode=mode, passes=passes)
+            ordered = sorted(result.hold_us)
+            report.rows.append({"mode": mode, "label": label, "frames": len(ordered),
+                                "p50_us": percentile(ordered, 50),
+                                "p99_us": percentile(ordered, 99), "max_us": ordered[-1],
+                                "dropped": result.dropped, "segments": result.segments})
+    except Exception as exc:  # PyAV/libx264/disk failures vary: report them and go on
+        report.errors.append(f"camera callback: {type(exc).__name__}: {exc}")
+    return report

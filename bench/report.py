@@ -444,11 +444,65 @@ class GpsReport:
         return "\n".join(out)
 
 
+@dataclass
+class CallbackReport:
+    """The "camera callback" section: how long picamera2's `outputframe` holds the camera
+    thread per frame while the recorder writes real segments (bench.camera_bench.callback_hold),
+    for the shipped handoff path and, for comparison, the old synchronous one. Target: the
+    handoff path's p99 under `target_us`."""
+
+    target_us: float
+    rows: list[dict[str, Any]] = field(default_factory=list)  # mode frames p50 p99 max drops segs
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["mode"] == "handoff"), None)
+
+    @property
+    def target_met(self) -> bool:
+        row = self.headline
+        return row is not None and row["p99_us"] < self.target_us
+
+    def verdict(self) -> str:
+        row = self.headline
+        target = f"(target: p99 < {self.target_us:g} us)"
+        if row is None:
+            return f"outputframe hold p99: not measured {target} -> INCOMPLETE RUN, no verdict"
+        return (f"outputframe hold p99 (handoff): {row['p99_us']:.0f} us {target} -> "
+                f"{'MET' if self.target_met else 'MISSED'}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"context": self.context, "target_us": self.target_us,
+                "rows": [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+                         for r in self.rows],
+                "met": self.target_met, "verdict": self.verdict(), "errors": self.errors}
+
+    def as_table(self) -> str:
+        c = self.context
+        out = [f"camera callback: outputframe's hold on the camera thread per frame, "
+               f"{c.get('video', '?')} fed at {c.get('fps', '?')} fps through the real output "
+               "class while the recorder writes real segments (age, fsync every 1 s, signed "
+               f"manifests, {c.get('segment_s', '?')} s segments)",
+               f"temp data on {c.get('filesystem', '?')} under {c.get('tmpdir', '?')}; "
+               f"{c.get('cpus', '?')} CPU(s)", ""]
+        if self.rows:
+            out.append(f"{'':34}{'frames':>7}{'p50':>9}{'p99':>9}{'max':>10}  (us)"
+                       f"{'dropped':>9}{'segments':>9}")
+            for r in self.rows:
+                out.append(f"{r['label']:34}{r['frames']:>7}{r['p50_us']:>9.0f}"
+                           f"{r['p99_us']:>9.0f}{r['max_us']:>10.0f}      "
+                           f"{r['dropped']:>9}{r['segments']:>9}")
+        out += [""] + [f"ERROR: {e}" for e in self.errors] + [self.verdict()]
+        return "\n".join(out)
+
+
 def combined_json(sos: Report | None, evidence: EvidenceReport | None,
                   upload: UploadReport | None = None, live: LiveReport | None = None,
-                  gps: GpsReport | None = None) -> str:
+                  gps: GpsReport | None = None, callback: CallbackReport | None = None) -> str:
     """The SOS object as before (when it ran), plus "evidence_video", "upload",
-    "live_view" and "gps_decoder" (each when it ran)."""
+    "live_view", "gps_decoder" and "camera_callback" (each when it ran)."""
     data = sos.as_dict() if sos is not None else {}
     if evidence is not None:
         data["evidence_video"] = evidence.as_dict()
@@ -458,6 +512,8 @@ def combined_json(sos: Report | None, evidence: EvidenceReport | None,
         data["live_view"] = live.as_dict()
     if gps is not None:
         data["gps_decoder"] = gps.as_dict()
+    if callback is not None:
+        data["camera_callback"] = callback.as_dict()
     return json.dumps(_finite(data), indent=2, allow_nan=False)
 
 

@@ -274,8 +274,8 @@ class DeviceRuntime:
         self._faults_published: dict[str, str] = {}
         self._upload_problem: str | None = None  # from the last upload pass (upload thread)
         self._camera_control: CameraControl | None = None
-        self._last_frame_at: float | None = None  # camera thread: when the last frame came
-        self._wake_on_frame = False  # camera thread: wake the loop at the next frame
+        self._last_frame_at: float | None = None  # frame thread: when the last frame came
+        self._wake_on_frame = False  # frame thread: wake the loop at the next frame
         self._space_limits = space_limits or _space_limits_for(config)
         self._write_failed = False  # the card refused a frame; cleared by the next commit
         self._storage_mode = RecordMode.NORMAL
@@ -518,7 +518,9 @@ class DeviceRuntime:
                                                   "utc": utc_iso(fix.time)}))
 
     def _on_frame(self, frame: EncodedFrame) -> None:
-        """Camera thread: record the frame, and count it for the self-test and the watch."""
+        """The recorder's handoff thread (never the camera's own: camera/handoff.py): record
+        the frame, and count it for the self-test and the frame watchdog, which therefore also
+        sees a recorder stuck for longer than its limit."""
         self._last_frame_at = self._clock()
         if self._wake_on_frame:
             self._wake_on_frame = False

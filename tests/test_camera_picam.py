@@ -59,14 +59,15 @@ def test_frames_flow_with_keyframes_and_sensor_timestamps_mapped(picamera2: Modu
 
     # What the adapter asked picamera2 for.
     config = camera.camera_config
-    assert config["main"]["size"] == (320, 240)
+    assert (config["main"]["size"], config["main"]["format"]) == ((320, 240), "YUV420")
     assert config["controls"]["FrameDurationLimits"] == (20_000, 20_000)
     (encoder,) = camera.started_encoders
     assert isinstance(encoder, picamera2.encoders.H264Encoder)
     assert (encoder.bitrate, encoder.repeat, encoder.iperiod) == (500_000, True, 10)
     assert encoder.name == "main" and encoder.output is source.output
     assert isinstance(source.output, picamera2.outputs.Output)
-    assert threads == {"stub-encoder"}  # outputframe ran on the encoder's thread
+    # outputframe ran on the encoder's thread and only queued; on_frame ran on the handoff's
+    assert threads == {"camera-frame"}
 
     # Each frame against what the encoder handed out: (keyframe flag, timestamp in us).
     emitted = encoder.emitted

@@ -66,7 +66,7 @@ def test_lores_runs_a_second_h264_encoder_on_the_lores_stream(picamera2: ModuleT
     assert main_encoder.iperiod == 50  # the main stream is unchanged
     assert lores_encoder.output is source.lores_output
     assert isinstance(source.lores_output, picamera2.outputs.Output)
-    assert lores.threads == {"stub-encoder"}  # its own encoder's thread, like main
+    assert lores.threads == {"camera-lores"}  # its own handoff thread, not the encoder's
 
     for frame, (keyframe, timestamp_us) in zip(lores.frames, lores_encoder.emitted,
                                                strict=False):

@@ -24,12 +24,15 @@ class EncodedFrame:
 
     `pts_s` is on the device's monotonic clock (seconds), `utc` the wall-clock time of the same
     instant; a keyframe from our encoders also carries SPS/PPS, so any keyframe can start a file.
+    `dropped_before`: frames dropped just before this keyframe because its consumer fell behind
+    (firmware/camera/handoff.py); 0 for a stream without a gap.
     """
 
     data: bytes
     pts_s: float
     keyframe: bool
     utc: datetime
+    dropped_before: int = 0
 
 
 FrameCallback = Callable[[EncodedFrame], None]
@@ -40,7 +43,8 @@ class FrameSource(Protocol):
     """A camera that encodes H.264 and hands every access unit to `on_frame`.
 
     `on_frame` is called from the source's own thread, one frame at a time and in order; it must
-    not block for long (a slow consumer makes a real camera drop frames).
+    not block for long (a slow consumer makes a real camera drop frames). The Pi camera calls it
+    from a handoff thread of its own, never from picamera2's (firmware/camera/handoff.py).
 
     Lores: `start(on_frame, on_lores)` also runs a secondary low-resolution stream (for the live
     view during an SOS, firmware/camera/live.py) from a second encoder on the same sensor, and

@@ -7,6 +7,10 @@ against stub modules that follow picamera2's real signatures.
 We do not use picamera2's CircularOutput/CircularOutput2 (bugs #1403, #226): an `Output` subclass
 turns every access unit into an `EncodedFrame` and our own `Segmenter` keeps the pre-event buffer.
 
+Threads: `outputframe` only queues each frame (firmware/camera/handoff.py); the recorder (main)
+and the live view (lores) run on one handoff thread per stream, never on picamera2's. The main
+stream is YUV420 (`MAIN_FORMAT`), not picamera2's default XBGR8888.
+
 Lores (live view, firmware/camera/live.py): with `start(on_frame, on_lores)` the configuration
 asks for a second stream, `create_video_configuration(main=..., lores={"size": ..., "format":
 "YUV420"})`, and a second `H264Encoder` (repeat=True, its own short `iperiod`) is started on it
@@ -23,7 +27,6 @@ CPU, a few percent at 320x180.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -35,10 +38,19 @@ from .frames import (
     FrameSource,
     check_lores_size,
     check_stream_settings,
-    deliver,
 )
+from .handoff import FrameHandoff
 
 log = logging.getLogger(__name__)
+
+# Video a stream's handoff queue holds while its consumer is behind, in seconds (at the
+# configured fps): an SD card's fsync stall of up to a second or so is absorbed without a drop;
+# beyond that the recorder cannot keep up and holding more only costs memory (2 s of 1080p at
+# 8 Mbit/s is about 2 MB), so frames are dropped up to the next keyframe (handoff.py).
+HANDOFF_S = 2.0
+# The main stream's pixel format: YUV420 is what the H.264 encoder takes, 1.5 bytes a pixel
+# where picamera2's default XBGR8888 takes 4 (and a conversion on a Pi 5).
+MAIN_FORMAT = "YUV420"
 
 
 class _TimestampMap:
@@ -65,24 +77,24 @@ class _TimestampMap:
         return mono + offset_us / 1e6, utc + timedelta(microseconds=offset_us)
 
 
-def _frame_output(output_base: type, on_frame: FrameCallback,
-                  times: _TimestampMap, what: str = "on_frame") -> Any:
-    """An instance of a `picamera2.outputs.Output` subclass that feeds `on_frame`."""
+def _frame_output(output_base: type, handoff: FrameHandoff, times: _TimestampMap) -> Any:
+    """An instance of a `picamera2.outputs.Output` subclass that queues every frame on `handoff`.
+
+    picamera2 calls `outputframe` in the camera thread (on a Pi 5 synchronously, with its
+    encoder lock held), so it only maps the time, copies the bytes (the buffer is the encoder's,
+    reused after we return) and queues: no I/O, no lock held across anything slow. The recorder
+    and the live view run on the handoff's thread (firmware/camera/handoff.py).
+    """
 
     class FrameOutput(output_base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self._lock = threading.Lock()
-
         def outputframe(self, frame: Any, keyframe: bool = True, timestamp: int | None = None,
                         packet: Any = None, audio: bool = False) -> None:
-            # Called from the encoder's thread. Audio and frames after stop() are ignored.
+            # Audio and frames after stop() are ignored.
             if audio or frame is None or not self.recording:
                 return
-            with self._lock:
-                pts_s, utc = times.map(timestamp)
-                data = frame if isinstance(frame, bytes) else bytes(frame)  # mmap/memoryview
-                deliver(on_frame, EncodedFrame(data, pts_s, bool(keyframe), utc), what)
+            pts_s, utc = times.map(timestamp)
+            data = frame if isinstance(frame, bytes) else bytes(frame)  # mmap/memoryview
+            handoff.put(EncodedFrame(data, pts_s, bool(keyframe), utc))
 
     return FrameOutput()
 
@@ -111,6 +123,7 @@ class PicameraSource(FrameSource):
         self.lores_bitrate = lores_bitrate
         self.lores_iperiod = max(1, round(fps * lores_gop_s))
         self.lores_output: Any = None
+        self._handoffs: list[FrameHandoff] = []
 
     @property
     def fps(self) -> float:
@@ -134,7 +147,7 @@ class PicameraSource(FrameSource):
         camera = Picamera2(self.camera_num)
         try:
             frame_us = round(1_000_000 / self._fps)
-            streams: dict[str, Any] = {"main": {"size": self._size}}
+            streams: dict[str, Any] = {"main": {"size": self._size, "format": MAIN_FORMAT}}
             if on_lores is not None:
                 streams["lores"] = {"size": self.lores_size, "format": "YUV420"}
             config = camera.create_video_configuration(
@@ -145,28 +158,53 @@ class PicameraSource(FrameSource):
             if on_lores is not None:
                 lores_encoder = H264Encoder(bitrate=self.lores_bitrate, repeat=True,
                                             iperiod=self.lores_iperiod)
-                self.lores_output = _frame_output(Output, on_lores,
-                                                  _TimestampMap(self._clock, self._utc_clock),
-                                                  "on_lores")
+                self.lores_output = _frame_output(Output, self._handoff(on_lores, "on_lores"),
+                                                  _TimestampMap(self._clock, self._utc_clock))
                 camera.start_encoder(lores_encoder, self.lores_output, name="lores")
             # repeat=True: SPS/PPS on every keyframe, so any keyframe can start a segment.
             encoder = H264Encoder(bitrate=self.bitrate, repeat=True, iperiod=self.iperiod)
-            self.output = _frame_output(Output, on_frame,
+            self.output = _frame_output(Output, self._handoff(on_frame, "on_frame"),
                                         _TimestampMap(self._clock, self._utc_clock))
             camera.start_recording(encoder, self.output, name="main")
         except BaseException:
-            _release(camera)
+            try:
+                _release(camera)
+            finally:
+                self._close_handoffs()
             raise
         self._camera = camera
 
     def stop(self) -> None:
+        """Stop the camera, then hand on the frames still queued (the open segment gets every
+        frame the camera delivered) and end the handoff threads."""
         camera, self._camera = self._camera, None
         if camera is None:
             return
         try:
             camera.stop_recording()
         finally:
-            _release(camera)
+            try:
+                _release(camera)
+            finally:
+                self._close_handoffs()
+
+    @property
+    def handoffs(self) -> dict[str, FrameHandoff]:
+        """The running streams' handoff queues by consumer ("on_frame", "on_lores"): counters."""
+        return {handoff.what: handoff for handoff in self._handoffs}
+
+    def _handoff(self, consumer: FrameCallback, what: str) -> FrameHandoff:
+        handoff = FrameHandoff(consumer, max_frames=max(1, round(self._fps * HANDOFF_S)),
+                               what=what, name=f"camera-{what.removeprefix('on_')}")
+        self._handoffs.append(handoff)
+        return handoff
+
+    def _close_handoffs(self) -> None:
+        handoffs, self._handoffs = self._handoffs, []
+        for handoff in handoffs:
+            if not handoff.close():
+                log.error("camera: %s did not finish within 5 s; its thread is left to end",
+                          handoff.what)
 
 
 def _release(camera: Any) -> None:

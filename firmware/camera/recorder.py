@@ -5,7 +5,11 @@
     SegmentEnd -> manifest (SHA-256 of the ciphertext, chained to the previous manifest,
                   flags from the RecordingPolicy) -> minisign signature -> SegmentStore.commit
 
-One lock serialises the camera thread (`on_frame`) and the device thread (`update`). After a
+One lock serialises the frame thread (`on_frame`) and the device thread (`update`). On the Pi,
+`on_frame` runs on the camera's handoff thread (firmware/camera/handoff.py), never in
+picamera2's `outputframe`: the writes, fsyncs and signing here may take as long as the card
+needs without stalling the camera. A keyframe after dropped frames cuts the open segment
+(`cut.reason` "frames-dropped"). After a
 crash, `recover()` closes each interrupted segment with a manifest that says it was cut, so the
 chain shows exactly where, and the next segment continues the chain.
 """
@@ -157,13 +161,27 @@ class SegmentRecorder:
 
     # -- live ------------------------------------------------------------------------------------
     def on_frame(self, frame: EncodedFrame) -> None:
-        """From the camera's thread. An OSError (a full or failing card) is raised after the
-        recorder has recovered from it: see `_failed`."""
+        """From the frame thread (the camera's handoff thread on the Pi). An OSError (a full or
+        failing card) is raised after the recorder has recovered from it: see `_failed`."""
         with self._lock, self._recovering():
+            if frame.dropped_before:
+                self._gap(frame)
             if self._restart_pending:  # after a failure: record again as soon as it can
                 self._restart_pending = False
                 self._apply()
             self._handle(self._segmenter.push(frame))
+
+    def _gap(self, frame: EncodedFrame) -> None:
+        """Frames were dropped before `frame` (a keyframe: firmware/camera/handoff.py): commit
+        the open segment as it is, with `cut: {"reason": "frames-dropped", "truncated": false}`
+        (every frame it holds decodes; the dropped ones follow it), so the manifests show the
+        gap; recording goes on in a new segment from `frame`. A gap in the pre-event buffer is
+        not marked (nothing is recorded yet; its frames still decode)."""
+        seq = self._cut_locked("frames-dropped")
+        if seq is not None:
+            log.warning("recording: segment %06d closed as cut (frames-dropped): %d frame(s) "
+                        "were dropped before the keyframe at %.3f s", seq, frame.dropped_before,
+                        frame.pts_s)
 
     def change(self, edit: Callable[[RecordingPolicy], object]) -> None:
         """Change the policy (a call starts or ends, an SOS, the storage mode) and act on it,
@@ -229,16 +247,19 @@ class SegmentRecorder:
         in it), so the chain shows where the video stops. Recording resumes, in a new segment,
         with the first frame of the restarted camera. Returns the cut segment's seq, if any."""
         with self._lock, self._recovering():
-            seq = self._segmenter.current_seq
-            if not self._segmenter.recording or seq is None:
-                return None
-            self._cut_reason = reason
-            try:
-                self._handle(self._segmenter.stop_recording())
-            finally:
-                self._cut_reason = None
-            self._restart_pending = True  # the next frame records again, if wanted
-            return seq
+            return self._cut_locked(reason)
+
+    def _cut_locked(self, reason: str) -> int | None:
+        seq = self._segmenter.current_seq
+        if not self._segmenter.recording or seq is None:
+            return None
+        self._cut_reason = reason
+        try:
+            self._handle(self._segmenter.stop_recording())
+        finally:
+            self._cut_reason = None
+        self._restart_pending = True  # the next frame records again, if wanted
+        return seq
 
     def _handle(self, events: list[Any]) -> None:
         for event in events:

@@ -9,7 +9,7 @@ does. Tests install it by putting tests/stubs first on sys.path.
 
 A lores stream (`create_video_configuration(lores=...)`, `start_encoder(..., name="lores")`) runs
 a second encoder on the same sensor requests; `configure` applies picamera2's lores checks (not
-larger than main; YUV, as on a Pi 4).
+larger than main; YUV, as on a Pi 4) and its stream format check (picamera2/formats.py).
 """
 
 from .picamera2 import Picamera2

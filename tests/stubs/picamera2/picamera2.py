@@ -9,6 +9,30 @@ from .encoders.encoder import Encoder
 
 SENSOR_BASE_NS = 5_000_000_000_123  # sensor timestamps start anywhere, like a real boot clock
 
+# The pixel formats a main or lores stream may have: picamera2/formats.py (0.3.36) YUV_FORMATS
+# and RGB_FORMATS, plus "MJPEG" (Picamera2.check_stream_config in picamera2/picamera2.py allows
+# it for USB cameras). The value is bytes per pixel of the first plane, for the stub's stride.
+YUV_FORMATS = {"NV21": 1, "NV12": 1, "YUV420": 1, "YVU420": 1,
+               "YVYU": 2, "YUYV": 2, "UYVY": 2, "VYUY": 2}
+RGB_FORMATS = {"BGR888": 3, "RGB888": 3, "XBGR8888": 4, "XRGB8888": 4,
+               "RGB161616": 6, "BGR161616": 6}
+STREAM_FORMATS = {**YUV_FORMATS, **RGB_FORMATS, "MJPEG": 1}
+
+
+def check_stream_format(stream: dict[str, Any], name: str) -> None:
+    """Picamera2.check_stream_config (picamera2/picamera2.py, 0.3.36): the format must be a
+    string and, for main and lores, one of formats.is_YUV / formats.is_RGB or "MJPEG", with the
+    library's own words."""
+    fmt = stream["format"]
+    if type(fmt) is not str:
+        raise RuntimeError("format in " + name + " stream should be a string")
+    if fmt not in STREAM_FORMATS:
+        raise RuntimeError("Bad format " + fmt + " in stream " + name)
+
+
+def _stride(stream: dict[str, Any]) -> int:
+    return stream["size"][0] * STREAM_FORMATS.get(stream["format"], 4)
+
 
 class _Request:
     """What an encoder reads from a completed request: its metadata."""
@@ -48,11 +72,11 @@ class Picamera2:
                                    colour_space=None, buffer_count=6, controls={},  # noqa: B006
                                    display="main", encode="main", queue=True, sensor={},  # noqa: B006
                                    use_case="video") -> dict[str, Any]:
-        main = {"format": "XBGR8888", "size": (1280, 720), **main}
-        main["stride"] = main["size"][0] * 4
+        main = {"format": "XBGR8888", "size": (1280, 720), **main}  # picamera2's default
+        main["stride"] = _stride(main)
         if lores is not None:
             lores = {"format": "YUV420", "size": (320, 240), **lores}
-            lores["stride"] = lores["size"][0]
+            lores["stride"] = _stride(lores)
         controls = {"FrameDurationLimits": (33333, 33333), **controls}
         return {"use_case": use_case, "transform": transform, "colour_space": colour_space,
                 "buffer_count": buffer_count, "queue": queue, "main": main, "lores": lores,
@@ -64,7 +88,10 @@ class Picamera2:
             raise RuntimeError("the stub only understands configuration dicts")
         if self.started:
             raise RuntimeError("Camera must be stopped before configuring")
+        check_stream_format(camera_config["main"], "main")
         lores = camera_config.get("lores")
+        if lores is not None:
+            check_stream_format(lores, "lores")
         if lores is not None:  # picamera2's own checks (Picamera2.check_camera_config)
             (main_w, main_h), (lores_w, lores_h) = camera_config["main"]["size"], lores["size"]
             if lores_w > main_w or lores_h > main_h:
