@@ -192,6 +192,7 @@ def camera_error(exc: BaseException) -> str:
         return f"{module} cannot be imported ({exc}){install}"[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
 
+
 FIRMWARE_VERSION = "0.1.0"
 
 # An observer sees what a person near the device would: the trigger and every feedback change.
