@@ -333,3 +333,13 @@ def test_camera_source_picamera2_leaves_the_camera_to_the_runtimes_picamera2(
 def test_an_unknown_camera_source_is_refused_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("key 'camera.source'")):
         _camera(tmp_path, "webcam")
+
+
+def test_an_odd_video_size_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """picamera2 would round 321 down to 320 without a word; the recording must be the size
+    the config and the segments' metadata say."""
+    (tmp_path / "bare.toml").write_text(BARE_PROFILE)
+    (tmp_path / "device.toml").write_text(
+        BARE_DEVICE.replace("[camera]", '[camera]\nwidth = 321\nheight = 240'))
+    with pytest.raises(ConfigError, match=re.escape("key 'camera.width': must be an even")):
+        parse_device_config(tmp_path / "device.toml")

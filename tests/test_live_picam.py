@@ -1,5 +1,6 @@
 """The Pi camera's lores stream, off the Pi, against the stub picamera2 (tests/stubs/picamera2),
-which keeps picamera2's signatures, its lores checks, and one encoder thread per stream."""
+which keeps picamera2's signatures and its lores checks, on a Pi 4 (one encoder thread per
+stream) and a Pi 5 (both encoders in the camera thread)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ from protocol.signing import Signer
 UTC0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
 
+@pytest.fixture(params=["vc4", "pisp"])
+def pi(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The stub picamera2 playing a Pi 4 (VC4) or a Pi 5 (PiSP, where outputframe runs in the
+    camera thread with its lock held): the adapter must work on both."""
+    monkeypatch.setenv("PICAMERA2_STUB_PLATFORM", request.param)
+    return request.getfixturevalue("picamera2")
+
+
 class Frames:
     """A callback that keeps frames and the threads they came from, and signals at `enough`."""
 
@@ -42,13 +51,13 @@ class Frames:
             self.done.set()
 
 
-def test_lores_runs_a_second_h264_encoder_on_the_lores_stream(picamera2: ModuleType) -> None:
+def test_lores_runs_a_second_h264_encoder_on_the_lores_stream(pi: ModuleType) -> None:
     main, lores = Frames(25), Frames(25)
     source = PicameraSource(size=(320, 240), fps=50, bitrate=500_000, gop_s=1.0,
                             lores_size=(160, 120), lores_bitrate=100_000, lores_gop_s=0.2,
                             clock=lambda: 1000.0, utc_clock=lambda: UTC0)
     source.start(main, lores)
-    camera = picamera2.Picamera2.instances[-1]
+    camera = pi.Picamera2.instances[-1]
     try:
         assert main.done.wait(15) and lores.done.wait(15)
     finally:
@@ -65,7 +74,7 @@ def test_lores_runs_a_second_h264_encoder_on_the_lores_stream(picamera2: ModuleT
         100_000, True, 10)
     assert main_encoder.iperiod == 50  # the main stream is unchanged
     assert lores_encoder.output is source.lores_output
-    assert isinstance(source.lores_output, picamera2.outputs.Output)
+    assert isinstance(source.lores_output, pi.outputs.Output)
     assert lores.threads == {"camera-lores"}  # its own handoff thread, not the encoder's
 
     for frame, (keyframe, timestamp_us) in zip(lores.frames, lores_encoder.emitted,
@@ -77,11 +86,11 @@ def test_lores_runs_a_second_h264_encoder_on_the_lores_stream(picamera2: ModuleT
     assert all(starts_stream(f.data) for f in lores.frames if f.keyframe)
 
 
-def test_without_on_lores_no_lores_stream_is_asked_for(picamera2: ModuleType) -> None:
+def test_without_on_lores_no_lores_stream_is_asked_for(pi: ModuleType) -> None:
     main = Frames(5)
     source = PicameraSource(size=(320, 240), fps=30)
     source.start(main)
-    camera = picamera2.Picamera2.instances[-1]
+    camera = pi.Picamera2.instances[-1]
     try:
         assert main.done.wait(15)
     finally:
@@ -100,8 +109,9 @@ def test_the_default_lores_keeps_the_main_aspect_and_a_larger_one_is_refused() -
 
 def test_picamera2_refuses_a_lores_that_is_not_yuv(picamera2: ModuleType,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the stub (like picamera2 on a Pi 4) does with an RGB lores; the adapter asks for
-    YUV420, so this is only reachable by changing it, and the camera is closed again."""
+    """What picamera2 on a Pi 4 (the stub's default, VC4) does with an RGB lores; the adapter
+    asks for YUV420, so this is only reachable by changing it, and the camera is closed again.
+    (A Pi 5 would take it: tests/test_picamera2_stub.py.)"""
     real = picamera2.Picamera2.create_video_configuration
 
     def rgb_lores(self, main={}, lores=None, **kwargs):  # noqa: B006
@@ -115,7 +125,7 @@ def test_picamera2_refuses_a_lores_that_is_not_yuv(picamera2: ModuleType,
     assert not picamera2.Picamera2.instances[-1].is_open
 
 
-def test_pi_lores_frames_become_decodable_live_chunks(picamera2: ModuleType,
+def test_pi_lores_frames_become_decodable_live_chunks(pi: ModuleType,
                                                       tmp_path: Path) -> None:
     identity, recipient = age_x25519_keypair()
     sent: list[tuple[bytes, dict[str, Any]]] = []

@@ -155,6 +155,7 @@ class PicameraSource(FrameSource):
                 controls={"FrameDurationLimits": (frame_us, frame_us)},
             )
             camera.configure(config)
+            _warn_if_resized(camera.camera_configuration(), self._size, "main")
             if on_lores is not None:
                 lores_encoder = H264Encoder(bitrate=self.lores_bitrate, repeat=True,
                                             iperiod=self.lores_iperiod)
@@ -205,6 +206,16 @@ class PicameraSource(FrameSource):
             if not handoff.close():
                 log.error("camera: %s did not finish within 5 s; its thread is left to end",
                           handoff.what)
+
+
+def _warn_if_resized(configured: dict[str, Any], asked: tuple[int, int], stream: str) -> None:
+    """picamera2 rounds an odd size down to even without a word (Picamera2.align_stream with
+    optimal=False, in create_video_configuration): the recording is then not the size the
+    configuration (and the recorder's metadata) says. The schema allows odd sizes, so say it."""
+    got = tuple(configured[stream]["size"])
+    if got != tuple(asked):
+        log.warning("camera: picamera2 configured the %s stream as %dx%d, not the %dx%d asked "
+                    "for (its sizes are even); set an even size", stream, *got, *asked)
 
 
 def _release(camera: Any) -> None:

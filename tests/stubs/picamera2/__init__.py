@@ -1,15 +1,21 @@
 """Stub of picamera2 for tests off the Pi (the real one needs libcamera, docs/FIELD-NOTES.md).
 
-Only what our adapter touches, with picamera2's real signatures: `Picamera2`,
-`encoders.H264Encoder` (+ `Encoder`, `Quality`) and `outputs.Output`. A "sensor" thread paces
-frames at the configured FrameDurationLimits and hands each to the running encoders, like
-libcamera's request loop; the H264Encoder encodes on its own thread with PyAV's libx264 and calls
-`Output.outputframe(frame, keyframe, timestamp, packet, audio)` from there, as the V4L2 encoder
-does. Tests install it by putting tests/stubs first on sys.path.
+Only what the project touches, as strict as picamera2 0.3.36 for those calls: `Picamera2`
+(create_video_configuration, configure, start/stop/close, capture_metadata, start_encoder,
+start_recording, stop_encoder/stop_recording), `encoders.H264Encoder` (+ `Encoder`, `Quality`,
+`LibavH264Encoder`), `outputs.Output`, `formats`, `platform`. Each refusal is commented with the
+library function it copies, and tests/test_picamera2_stub.py proves each one.
 
-A lores stream (`create_video_configuration(lores=...)`, `start_encoder(..., name="lores")`) runs
-a second encoder on the same sensor requests; `configure` applies picamera2's lores checks (not
-larger than main; YUV, as on a Pi 4) and its stream format check (picamera2/formats.py).
+The stub plays a Pi 4 (VC4, the default) or a Pi 5 (PiSP), chosen at import from
+PICAMERA2_STUB_PLATFORM, as the real package decides at import (picamera2/platform.py):
+- VC4: `H264Encoder` is the V4L2 hardware encoder; `outputframe` comes from its own thread;
+  the lores stream must be YUV.
+- PiSP: `H264Encoder` is `LibavH264Encoder`; `outputframe` comes synchronously from the camera
+  thread with `Picamera2.lock` held; the lores stream may be YUV or RGB.
+
+A camera thread paces requests at the configured FrameDurationLimits and hands each to the
+running encoders, like Picamera2.process_requests; PyAV's libx264 does the encoding. Tests
+install the package by putting tests/stubs first on sys.path (the `picamera2` fixture).
 """
 
 from .picamera2 import Picamera2
