@@ -29,9 +29,9 @@ soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
 
 fuzz: soak ## Alias of soak: the long randomised runs
 
-flash: venv ## Provision a device: make flash ID=tok-001 PROFILE=token TARGET=/media/rootfs FLEET=dir BROKER=host:8883 [ARGS=...]
+flash: venv ## Provision a device (firmware wheel + the Pi's wheelhouse: installs offline): make flash ID=tok-001 PROFILE=token TARGET=/media/rootfs FLEET=dir BROKER=host:8883 [ARGS=...]
 	@test -n "$(ID)" -a -n "$(PROFILE)" -a -n "$(TARGET)" -a -n "$(FLEET)" -a -n "$(BROKER)" || \
-	  { echo "usage: make flash ID=... PROFILE=token|pillar TARGET=... FLEET=... BROKER=host:port [ARGS='--surveyed LAT,LON']  (docs/FLASHING.md)"; exit 2; }
+	  { echo "usage: make flash ID=... PROFILE=token|pillar TARGET=... FLEET=... BROKER=host:port [ARGS='--surveyed LAT,LON --wheelhouse DIR']  (docs/FLASHING.md)"; exit 2; }
 	@test -d "$(TARGET)" || { echo "make flash: TARGET=$(TARGET): not an existing directory (mount the SD card's root filesystem there first)" >&2; exit 2; }
 	$(VENV)/bin/sos-provision --id $(ID) --profile $(PROFILE) --target $(TARGET) \
 	  --fleet $(FLEET) --broker $(BROKER) $(ARGS)

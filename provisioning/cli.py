@@ -10,6 +10,8 @@ from control_center.fleet import FleetError
 from protocol.configfile import ConfigError
 from provisioning.provision import (
     GPS_PORT,
+    HOST,
+    PI_PLATFORM,
     ProvisionError,
     Request,
     parse_broker,
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sos-provision",
         description="Turn a Pi root filesystem (or a directory) into an enrolled token or "
                     "pillar: firmware, config, keys, certificate, systemd units, udev rule, "
-                    "config.txt and cmdline.txt (no serial console on the GPS UART). Writes "
+                    "config.txt and cmdline.txt (no serial console on the GPS UART), and a "
+                    "wheelhouse so the first boot installs offline. Writes "
                     "everything a device needs under TARGET and enrols it in the fleet; safe "
                     "to run again. Runs where the fleet CA is, not on a device. See "
                     "docs/FLASHING.md.")
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "https://ingest.example:8443: the device uploads its recordings "
                              "there when docked (token: the board's dock pin in [upload]) or, "
                              "for a pillar, whenever the centre answers")
+    parser.add_argument("--platform", default=PI_PLATFORM,
+                        help="platform tag of the wheels laid on the card (default %(default)s: "
+                             "a 64-bit Raspberry Pi OS Bookworm: glibc 2.36, and every older "
+                             f"manylinux tag); '{HOST}' for this machine's")
+    parser.add_argument("--wheelhouse", type=Path, metavar="DIR",
+                        help="take every wheel from DIR (for example the wheelhouse of a card "
+                             "flashed before) and ask no package index: flash offline")
     return parser
 
 
@@ -61,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             broker_host=host, broker_port=port,
             gps_port=None if args.gps_port == "none" else args.gps_port,
             surveyed=parse_surveyed(args.surveyed) if args.surveyed else None,
-            battery_sysfs=args.battery_sysfs, ingest_url=args.ingest)
+            battery_sysfs=args.battery_sysfs, ingest_url=args.ingest,
+            platform=args.platform, wheelhouse=args.wheelhouse)
         report = provision(request)
     except (ProvisionError, FleetError, ConfigError) as exc:
         print(f"sos-provision: {exc}", file=sys.stderr)

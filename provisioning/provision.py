@@ -3,10 +3,14 @@
 `sos-provision` writes, under TARGET (the mounted SD card's root, or an existing directory
 in tests; a TARGET that is not there is refused before anything is written or enrolled):
 
-    opt/sos-device/src/                  the firmware source (installed into a venv at first boot):
-                                         firmware/ (with its board profiles), protocol/,
-                                         evidence_format/ and a pyproject.toml naming only those
-                                         (no centre code)
+    opt/sos-device/src/                  the firmware source: firmware/ (with its board
+                                         profiles), protocol/, evidence_format/ and a
+                                         pyproject.toml naming only those (no centre code)
+    opt/sos-device/wheelhouse/           the firmware as a wheel and a wheel of every dependency
+                                         for the Pi (--platform), nothing else
+    opt/sos-device/install               the first-boot install (hw/sos-device-install): a venv
+                                         with --system-site-packages, pip --no-index from there
+    opt/sos-device/apt-packages.txt      what the image must carry (hw/pi-apt-packages.txt)
     etc/sos-device/device.toml           the config (validated; paths relative to this file)
     etc/sos-device/{ca.pem,device.pem}   the fleet CA and this device's certificate
     etc/sos-device/{device.key,signing.key}  the device's keys, made here, never copied anywhere
@@ -24,8 +28,13 @@ idempotent: running it again changes nothing that is already right and says so.
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +55,19 @@ NO_LONGER_SHIPPED = ("control_center", "hw")
 DEVICE_COMMAND = "sos-device"
 GPS_PORT = "/dev/sos-gps"  # the udev rule's name for the GPIO14/15 UART on every board
 DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
+# The Pi's Python and platform: Raspberry Pi OS Bookworm 64-bit has CPython 3.11 on glibc 2.36,
+# so a wheel for any manylinux tag up to 2_36 runs there. pip takes a manylinux_X_Y --platform
+# literally, so platform_tags() names every older tag too: the aarch64 wheels of cryptography,
+# cffi and rpds-py (jsonschema's) are manylinux2014 (= 2_17), av's are manylinux_2_28.
+MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
+DEVICE_PYTHON = "3.11"
+PI_PLATFORM = "manylinux_2_36_aarch64"
+HOST = "host"  # --platform host: this machine's platform (tests, an aarch64 workstation)
+APT_PACKAGES = REPO / "hw" / "pi-apt-packages.txt"
+FIRST_BOOT_INSTALL = REPO / "hw" / "sos-device-install"
+# Wheels carry the time of their files; a fixed one makes the firmware wheel the same bytes on
+# every run, so provisioning again reports it unchanged (1980-01-01, the earliest a zip holds).
+WHEEL_EPOCH = "315532800"
 
 
 class ProvisionError(ValueError):
@@ -64,6 +86,8 @@ class Request:
     surveyed: dict[str, float] | None = None
     battery_sysfs: str | None = None
     ingest_url: str | None = None  # https://host:port of `sos-center ingest`: uploads recordings
+    platform: str = PI_PLATFORM  # the wheels' platform tag, or HOST
+    wheelhouse: Path | None = None  # wheels prepared before (offline): no index is asked
 
 
 @dataclass
@@ -113,6 +137,7 @@ def provision(request: Request) -> Report:
     load_device_config(etc / "device.toml")  # what we wrote must load: fail here, not on the Pi
 
     _copy_firmware(firmware_dir(root), report)
+    _lay_down_install(root / "opt" / "sos-device", request, report)
     _write_units(root, report)
     report.note(_write(root / "etc" / "udev" / "rules.d" / "99-sos-device.rules",
                        UDEV_RULES.encode()), "udev rule")
@@ -136,6 +161,8 @@ def _check(request: Request) -> None:
         boot.render_config_txt(config_txt.read_text() if config_txt.exists() else "")
     except boot.BootConfigError as exc:
         raise ProvisionError(f"{config_txt}: {exc}") from exc
+    if request.wheelhouse is not None and not request.wheelhouse.is_dir():
+        raise ProvisionError(f"--wheelhouse {request.wheelhouse}: not a directory")
     if not (request.fleet_dir / "ca.pem").exists():
         raise ProvisionError(f"--fleet {request.fleet_dir}: no fleet CA there "
                              "(run: sos-center ca init)")
@@ -227,6 +254,90 @@ def _copy_firmware(destination: Path, report: Report) -> None:
             shutil.copy2(source, copy)
     _write(destination / "pyproject.toml", device_pyproject().encode())
     report.note("copied", f"firmware to {destination} ({', '.join(DEVICE_PACKAGES)})")
+
+
+def host_platform() -> str:
+    """This machine's manylinux tag (its glibc and machine), e.g. manylinux_2_36_x86_64."""
+    libc, version = platform.libc_ver()
+    if libc != "glibc":
+        raise ProvisionError("--platform host: this machine has no glibc; name a platform tag")
+    major, minor = version.split(".")[:2]
+    return f"manylinux_{major}_{minor}_{platform.machine()}"
+
+
+def platform_tags(tag: str) -> list[str]:
+    """`manylinux_2_36_aarch64` -> that tag and every older manylinux tag of the same machine
+    (the legacy manylinux2014/2010/1 names included), newest first; any other tag as it is."""
+    match = MANYLINUX.match(tag)
+    if not match:
+        return [tag]
+    major, minor, machine = int(match[1]), int(match[2]), match[3]
+    tags = [f"manylinux_{major}_{m}_{machine}" for m in range(minor, 4, -1)]
+    return [*tags, *(f"manylinux{legacy}_{machine}" for legacy in ("2014", "2010", "1"))]
+
+
+def _lay_down_install(prefix: Path, request: Request, report: Report) -> None:
+    """Everything the first boot installs from, so it needs no network: the firmware's wheel,
+    its dependencies' wheels for the Pi, the install script and the apt list it checks."""
+    target_platform = host_platform() if request.platform == HOST else request.platform
+    with tempfile.TemporaryDirectory(prefix="sos-provision-") as scratch:
+        wheels = build_wheelhouse(prefix / "src", Path(scratch),
+                                  target_platform, request.wheelhouse)
+        changes = _sync_wheelhouse(wheels, prefix / "wheelhouse")
+    report.note(changes, f"{prefix / 'wheelhouse'} ({len(wheels)} wheels for "
+                         f"{target_platform}, CPython {DEVICE_PYTHON})")
+    report.note(_write(prefix / "install", FIRST_BOOT_INSTALL.read_bytes(), mode=0o755),
+                prefix / "install")
+    report.note(_write(prefix / "apt-packages.txt", APT_PACKAGES.read_bytes()),
+                f"{prefix / 'apt-packages.txt'} (the image must carry: "
+                f"{', '.join(apt_packages())})")
+
+
+def apt_packages() -> list[str]:
+    """The apt packages named in hw/pi-apt-packages.txt, the one list."""
+    return [line.split()[0] for line in APT_PACKAGES.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def build_wheelhouse(source: Path, scratch: Path, target_platform: str,
+                     prepared: Path | None = None) -> list[Path]:
+    """The firmware's wheel (built here, offline) and, by pip download for the Pi's Python and
+    platform, binary wheels of all it needs: from the index, or from `prepared` alone."""
+    build, out = scratch / "build", scratch / "wheels"
+    shutil.copytree(source, build / "src")  # setuptools leaves build/ and egg-info beside it
+    env = {**os.environ, "SOURCE_DATE_EPOCH": WHEEL_EPOCH}
+    _pip(["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(build),
+          str(build / "src")], env, "building the firmware's wheel")
+    (firmware_wheel,) = build.glob("sos_device_firmware-*.whl")
+    index = ["--no-index", "--find-links", str(prepared)] if prepared else []
+    platforms = [a for tag in platform_tags(target_platform) for a in ("--platform", tag)]
+    _pip(["download", "--dest", str(out), "--only-binary", ":all:", *platforms,
+          "--python-version", DEVICE_PYTHON, "--implementation", "cp",
+          *index, str(firmware_wheel)], env,
+         f"collecting the wheels for {target_platform}"
+         + (f" from {prepared}" if prepared else ""))
+    return sorted(out.glob("*.whl"))
+
+
+def _pip(args: list[str], env: dict[str, str], doing: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q",
+                           *args], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+        raise ProvisionError(f"{doing} failed: " + ("; ".join(errors) or done.stderr.strip()))
+
+
+def _sync_wheelhouse(wheels: list[Path], wheelhouse: Path) -> str:
+    """The card's wheelhouse becomes exactly `wheels`: pip --no-index there can only pick what
+    this run chose; a wheel left from an older run is removed."""
+    results = [_write(wheelhouse / wheel.name, wheel.read_bytes()) for wheel in wheels]
+    keep = {wheel.name for wheel in wheels}
+    stale = [old for old in wheelhouse.glob("*.whl") if old.name not in keep]
+    for old in stale:
+        old.unlink()
+    if not stale and all(r == "unchanged" for r in results):
+        return "unchanged"
+    return "created" if not stale and all(r == "created" for r in results) else "updated"
 
 
 def firmware_dir(root: Path) -> Path:

@@ -16,6 +16,15 @@ import pytest
 from control_center.fleet import Fleet
 from firmware.config import load_device_config
 from simulator.broker import free_port
+from tests.wheelhouse_fixture import host_wheelhouse  # noqa: F401  (a fixture)
+
+# This machine's wheels from the session's wheelhouse: no card here downloads anything.
+OFFLINE: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _offline_wheels(host_wheelhouse: Path) -> None:  # noqa: F811
+    OFFLINE[:] = ["--platform", "host", "--wheelhouse", str(host_wheelhouse)]
 
 
 @pytest.fixture
@@ -35,7 +44,7 @@ def provision(fleet: Fleet, target: Path, *extra: str, device_id: str = "tok-amb
     return subprocess.run(
         [sys.executable, "-m", "provisioning.cli", "--id", device_id, "--profile",
          profile, "--target", str(target), "--fleet", str(fleet.directory), "--broker", broker,
-         *extra], capture_output=True, text=True, timeout=120)
+         *OFFLINE, *extra], capture_output=True, text=True, timeout=120)
 
 
 def test_provisioning_writes_a_device_that_loads_and_is_enrolled(fleet, tmp_path) -> None:
@@ -119,6 +128,8 @@ def test_running_it_again_changes_nothing_and_keeps_other_config_txt_lines(fleet
     assert again.returncode == 0, again.stderr
     assert "unchanged  " + str(root / "etc" / "sos-device" / "device.toml") in again.stdout
     assert "unchanged  " + str(root / "etc" / "sos-device" / "device.pem") in again.stdout
+    wheelhouse = root / "opt" / "sos-device" / "wheelhouse"
+    assert f"unchanged  {wheelhouse} (" in again.stdout  # the firmware wheel: the same bytes
     assert keys == {k: (root / "etc" / "sos-device" / k).read_bytes() for k in keys}
     text = config_txt.read_text()
     assert text.startswith("arm_64bit=1\n") and text.count("enable_uart=1") == 1
@@ -217,13 +228,15 @@ def test_make_flash_writes_no_centre_code_onto_the_card(fleet, tmp_path) -> None
     done = subprocess.run(
         ["make", "-C", str(REPO), "--no-print-directory", "-o", ".venv/.installed-stamp",
          "flash", "ID=tok-amb-0412", "PROFILE=token", f"TARGET={target}",
-         f"FLEET={fleet.directory}", "BROKER=127.0.0.1:8883"],
+         f"FLEET={fleet.directory}", "BROKER=127.0.0.1:8883", f"ARGS={' '.join(OFFLINE)}"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     written = [p.relative_to(target) for p in target.rglob("*") if p.is_file()]
     src = target / "opt" / "sos-device" / "src"
     assert sorted(p.name for p in src.iterdir()) == [
         "README.md", "evidence_format", "firmware", "protocol", "pyproject.toml"]
+    assert sorted(p.name for p in src.parent.iterdir()) == [
+        "apt-packages.txt", "install", "src", "wheelhouse"]
     assert not [p for p in written if set(p.parts) & set(CENTRE_SIDE)]
     centre_imports = [p for p in src.rglob("*.py")
                       if any(f"{side}" in line for line in p.read_text().splitlines()
