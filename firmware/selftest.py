@@ -75,7 +75,7 @@ class SelftestLimits:
 
 
 def format_line(result: CheckResult) -> str:
-    """`PASS gps      /dev/serial0: ...` or `FAIL gps      ... -- fix: ...`."""
+    """`PASS gps      /dev/sos-gps: ...` or `FAIL gps      ... -- fix: ...`."""
     status = "SKIP" if result.skipped else ("PASS" if result.ok else "FAIL")
     line = f"{status} {result.name:<8} {result.detail}"
     if not result.ok and result.fix:

@@ -294,7 +294,8 @@ def _lay_down_install(prefix: Path, request: Request, report: Report) -> None:
 
 
 def apt_packages() -> list[str]:
-    """The apt packages named in hw/pi-apt-packages.txt, the one list."""
+    """The apt packages named in hw/pi-apt-packages.txt, the one list (columns: package,
+    module, need, why)."""
     return [line.split()[0] for line in APT_PACKAGES.read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 

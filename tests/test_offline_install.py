@@ -106,6 +106,29 @@ def test_a_missing_apt_package_is_named_in_one_line_and_nothing_is_installed(
     assert not (prefix / ".venv").exists()
 
 
+@needs_netns
+def test_a_missing_camera_package_is_a_warning_and_the_device_is_installed(
+        fleet, tmp_path, host_wheelhouse) -> None:  # noqa: F811
+    """The SOS path must not wait for the camera, at first boot either."""
+    prefix = flash(fleet, tmp_path / "sd", "--platform", "host", "--wheelhouse",
+                   str(host_wheelhouse))
+    image = image_modules(tmp_path / "image")
+    shutil.rmtree(image / "picamera2")
+    done = first_boot(prefix, tmp_path, pythonpath=image)
+    assert done.returncode == 0, done.stderr
+    (warning,) = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert "python3-picamera2 (import picamera2)" in warning and "without its camera" in warning
+    assert (prefix / ".venv" / "bin" / "sos-device").exists()
+
+
+def test_the_install_is_not_marked_done_before_its_files_are_synced() -> None:
+    """The stamp is written (via a temp file and a rename) only after a sync, so a power cut
+    never leaves a stamp over a half-written venv."""
+    script = (REPO / "hw" / "sos-device-install").read_text().splitlines()
+    sync, stamp = script.index("sync"), script.index('mv "$STAMP.tmp" "$STAMP"')
+    assert sync < stamp and 'printf \'%s\\n\' "$wanted" >"$STAMP.tmp"' in script[sync + 1]
+
+
 def test_the_apt_packages_are_named_in_one_place_and_the_card_carries_that_list(
         fleet, tmp_path, host_wheelhouse) -> None:  # noqa: F811
     assert apt_packages() == ["python3-venv", "python3-lgpio", "python3-libcamera",
