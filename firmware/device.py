@@ -143,10 +143,14 @@ class CameraControl:
 
     def __init__(self, camera: FrameSource, on_frame: Callable[[EncodedFrame], None],
                  on_lores: Callable[[EncodedFrame], None] | None,
-                 report: Callable[[object], None]) -> None:
+                 report: Callable[[object], None],
+                 cut: Callable[[], None] | None = None) -> None:
+        """`cut` closes the recording's open segment as cut (before a stop for a stall): on
+        this thread, since it waits for the recorder, which may be stuck in the card's I/O."""
         self._camera = camera
         self._on_frame, self._on_lores = on_frame, on_lores
         self._report = report
+        self._cut = cut
         self._ops: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="camera-control", daemon=True)
         self._thread.start()
@@ -155,6 +159,11 @@ class CameraControl:
         self._ops.put("start")
 
     def stop(self) -> None:
+        self._ops.put("stop")
+
+    def cut_and_stop(self) -> None:
+        """A stalled camera: close the open segment as cut, then stop the camera."""
+        self._ops.put("cut")
         self._ops.put("stop")
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -174,6 +183,9 @@ class CameraControl:
                     self._report(CameraStarted(camera_error(exc)))
                 else:
                     self._report(CameraStarted(None))
+            elif op == "cut":
+                if self._cut is not None:
+                    self._cut()
             else:
                 try:
                     self._camera.stop()
@@ -348,7 +360,7 @@ class DeviceRuntime:
             self._camera_health = CameraHealth(self._clock(), self._camera_limits)
             self._camera_control = CameraControl(
                 self._camera, self._on_frame, self.live.on_lores if self.live else None,
-                self._events.put)
+                self._events.put, cut=self._cut_for_camera_fault)
         stopper = threading.Thread(target=lambda: (stop.wait(), self._events.put(None)),
                                    daemon=True)
         stopper.start()
@@ -553,21 +565,29 @@ class DeviceRuntime:
             self._camera_fault(health.frame(last))
         if health.stalled(now):
             reason = f"no frame for {health.limits.frame_timeout_s:g} s; camera restarted"
-            if self.recorder is not None:
-                try:
-                    cut = self.recorder.cut("camera-fault")
-                except OSError:
-                    cut = None
-                    self._events.put(CheckSpace())
-                if cut is not None:
-                    log.error("camera: segment %06d closed as cut (camera-fault)", cut)
-            control.stop()
+            control.cut_and_stop()  # on the control thread: the recorder may be stuck in I/O
             self._camera_failed(now, reason)
+        self._camera_fault(health.start_hung(now))
         if health.start_due(now):
-            health.starting()
+            health.starting(now)
             self._last_frame_at = None
             self._wake_on_frame = True
             control.start()
+
+    def _cut_for_camera_fault(self) -> None:
+        """Camera control thread: close the open segment as cut (`camera-fault`)."""
+        if self.recorder is None:
+            return
+        try:
+            cut = self.recorder.cut("camera-fault")
+        except OSError:
+            self._events.put(CheckSpace())
+            return
+        except Exception:  # must not end the control thread: the camera is still restarted
+            log.exception("camera: closing the open segment as cut failed")
+            return
+        if cut is not None:
+            log.error("camera: segment %06d closed as cut (camera-fault)", cut)
 
     def _camera_started(self, error: str | None) -> None:
         health = self._camera_health

@@ -66,6 +66,19 @@ def test_frames_that_do_not_fit_are_dropped_and_counted() -> None:
     assert handoff.close()
 
 
+def test_a_handoff_closed_while_its_consumer_is_stuck_never_hands_on_its_old_frames() -> None:
+    """After a stall the camera restarts with a new handoff; the old worker, once unstuck, must
+    not feed the recorder frames older than the new camera's (they are counted as dropped)."""
+    handoff, consumer = blocked_handoff(max_frames=5)
+    for n in range(1, 4):
+        assert handoff.put(frame(n))
+    assert not handoff.close(timeout_s=0.05)  # the consumer is still stuck in frame 0
+    consumer.gate.set()
+    handoff._thread.join(WAIT_S)
+    assert [f.pts_s * 30 for f in consumer.frames] == [0]
+    assert (handoff.delivered, handoff.dropped) == (1, 3)
+
+
 def test_after_a_drop_the_stream_resumes_at_a_keyframe() -> None:
     handoff, consumer = blocked_handoff(max_frames=1)
     handoff.put(frame(1))

@@ -46,6 +46,7 @@ class FrameHandoff:
         self._cond = threading.Condition()
         self._busy = False  # the worker is inside the consumer
         self._closed = False
+        self._abandoned = False  # closed while a consumer was stuck: the rest is dropped
         self._skipping = 0  # frames dropped in the current episode (0: not dropping)
         # Counters: frames put, handed on, dropped; episodes of dropping.
         self.received = 0
@@ -93,7 +94,13 @@ class FrameHandoff:
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        if not self._thread.is_alive():
+            return True
+        with self._cond:  # abandoned: what is still queued is dropped (counted), never handed on
+            self._abandoned = True  # after a newer camera's frames
+            self.dropped += len(self._queue)
+            self._queue.clear()
+        return False
 
     def _run(self) -> None:
         while True:
@@ -107,6 +114,12 @@ class FrameHandoff:
                 log.warning("camera: %s fell behind; dropped %d frame(s) up to the keyframe at "
                             "%.3f s (%d dropped in %d episode(s) so far)", self.what,
                             frame.dropped_before, frame.pts_s, self.dropped, self.drop_episodes)
+            with self._cond:
+                if self._abandoned:
+                    self.dropped += 1
+                    self._busy = False
+                    self._cond.notify_all()
+                    continue
             deliver(self._consumer, frame, self.what)
             with self._cond:
                 self.delivered += 1

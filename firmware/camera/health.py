@@ -21,11 +21,14 @@ class CameraLimits:
     first_retry_s: float = 2.0
     max_retry_s: float = 60.0
     frame_timeout_s: float = 5.0  # several keyframe intervals; a Pi camera starts in about 1 s
+    start_timeout_s: float = 10.0  # a start() still running after this is a fault (a wedged
+    # driver): reported, though the control thread stays blocked in it
 
     def __post_init__(self) -> None:
-        if not 0 < self.first_retry_s <= self.max_retry_s or self.frame_timeout_s <= 0:
+        if (not 0 < self.first_retry_s <= self.max_retry_s or self.frame_timeout_s <= 0
+                or self.start_timeout_s <= 0):
             raise ValueError("camera limits: need 0 < first_retry_s <= max_retry_s and a "
-                             "positive frame_timeout_s")
+                             "positive frame_timeout_s and start_timeout_s")
 
 
 class CameraState(Enum):
@@ -58,6 +61,7 @@ class CameraHealth:
         self.failures = 0  # consecutive, for the backoff
         self._running_since = now
         self._last_frame = now
+        self._starting_since = now
 
     @property
     def retry_delay_s(self) -> float:
@@ -70,8 +74,18 @@ class CameraHealth:
     def start_due(self, now: float) -> bool:
         return self.state is CameraState.WAITING and now >= self.next_start
 
-    def starting(self) -> None:
+    def starting(self, now: float) -> None:
         self.state = CameraState.STARTING
+        self._starting_since = now
+
+    def start_hung(self, now: float) -> FaultChange | None:
+        """A start() under way for `start_timeout_s` (the driver is wedged): FaultRaised once,
+        so the centre hears of it; the fault clears with the first frame if it ever returns."""
+        if (self.state is not CameraState.STARTING or self.fault is not None
+                or now - self._starting_since < self.limits.start_timeout_s):
+            return None
+        self.fault = f"the camera's start did not return within {self.limits.start_timeout_s:g} s"
+        return FaultRaised(self.fault)
 
     def started(self, now: float) -> None:
         """start() returned: frames are expected within `frame_timeout_s` from now."""
@@ -107,9 +121,12 @@ class CameraHealth:
                 and now - self._last_frame >= self.limits.frame_timeout_s)
 
     def next_deadline(self) -> float | None:
-        """When the device thread must look again (None: a start is under way)."""
+        """When the device thread must look again (None: a start under way, already reported
+        as hung)."""
         if self.state is CameraState.WAITING:
             return self.next_start
         if self.state is CameraState.RUNNING:
             return self._last_frame + self.limits.frame_timeout_s
+        if self.fault is None:
+            return self._starting_since + self.limits.start_timeout_s
         return None
