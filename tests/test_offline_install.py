@@ -146,6 +146,14 @@ def test_the_first_boot_unit_needs_no_network_and_runs_the_cards_install() -> No
     assert "ExecStart=/bin/sh /opt/sos-device/install /opt/sos-device" in unit.splitlines()
 
 
+def test_the_device_unit_does_not_wait_for_a_network_at_boot() -> None:
+    """On a closed or absent network, network-online.target can hold a unit for a minute and a
+    half; the SOS button must work at once (the outbox keeps the alert meanwhile)."""
+    unit = (REPO / "hw" / "systemd" / "sos-device.service").read_text().splitlines()
+    assert "network-online" not in "\n".join(line for line in unit if not line.startswith("#"))
+    assert "Requires=sos-device-setup.service" in unit
+
+
 def test_a_glibc_platform_takes_every_older_manylinux_wheel() -> None:
     """pip takes a manylinux_X_Y --platform literally; the Pi runs any wheel up to glibc 2.36:
     cryptography's aarch64 wheels are manylinux2014, av's manylinux_2_28."""
