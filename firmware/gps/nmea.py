@@ -361,12 +361,7 @@ class NmeaDecoder:
         alt = _altitude(f[8])
         ep = self._open(tod)
         ep.lat, ep.lon, ep.quality = lat, lon, quality
-        if sats is not None:
-            ep.satellites = sats
-        if hdop is not None:
-            ep.hdop = hdop
-        if alt is not None:
-            ep.alt_m = alt
+        _set_quality_fields(ep, sats, hdop, alt)
         self._emit(ep, now, out)
 
     def _gll(self, f: list[str], now: float, out: list[Fix]) -> None:
@@ -401,12 +396,7 @@ class NmeaDecoder:
         alt = _altitude(f[8])
         ep = self._open(tod)
         ep.lat, ep.lon = lat, lon
-        if sats is not None:
-            ep.satellites = sats
-        if hdop is not None:
-            ep.hdop = hdop
-        if alt is not None:
-            ep.alt_m = alt
+        _set_quality_fields(ep, sats, hdop, alt)
         self._emit(ep, now, out)
 
     def _gsa(self, f: list[str], now: float, out: list[Fix]) -> None:
@@ -482,6 +472,17 @@ _HANDLERS: dict[bytes, Callable[[NmeaDecoder, list[str], float, list[Fix]], None
     b"ZDA": NmeaDecoder._zda,
 }
 
+
+
+def _set_quality_fields(ep: _Epoch, sats: int | None, hdop: float | None,
+                        alt: float | None) -> None:
+    """GGA and GNS: the fields a sentence gave (an empty one keeps the epoch's value)."""
+    if sats is not None:
+        ep.satellites = sats
+    if hdop is not None:
+        ep.hdop = hdop
+    if alt is not None:
+        ep.alt_m = alt
 
 def _xor(body: bytes) -> int:
     """The NMEA checksum: XOR of all bytes, folded in halves on one integer (a Python loop over
