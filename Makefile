@@ -3,7 +3,8 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
-SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign node=nodejs npm=npm
+SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign node=nodejs npm=npm \
+           chromium=chromium chromedriver=chromium-driver
 INTEROP := tests/interop
 
 .DEFAULT_GOAL := help
@@ -14,7 +15,7 @@ help: ## Show this help
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) and a pillar SOS
+sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) and a pillar SOS; prints the operator console's URL and log-in (sos-sim run shift --console keeps it up)
 	$(VENV)/bin/sos-sim run shift
 	$(VENV)/bin/sos-sim run pillar-sos
 
@@ -39,7 +40,7 @@ flash: venv ## Provision a device (firmware wheel + the Pi's wheelhouse: install
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check .
 
-sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign, nodejs, npm)
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign, nodejs, npm, chromium)
 	@scripts/ensure-system-deps $(SYSDEPS)
 
 venv: $(STAMP) ## Create .venv and install the project with its dev tools

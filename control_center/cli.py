@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from control_center import audit_cli, ca_cli, pki
+from control_center import audit_cli, ca_cli, pki, user_cli
 from control_center.broker_admin import sync_broker
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, event_line, record_line, rejection_line
@@ -25,7 +25,7 @@ from control_center.fleet import Fleet, FleetError
 from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
-from protocol.configfile import ConfigError
+from protocol.configfile import ConfigError, pem_certificates, pem_private_key
 from protocol.mqtt import BrokerConfig
 from protocol.signing import Signer, load_key
 
@@ -123,20 +123,51 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         live = LiveReceiver(fleet.live_identity_file, config.live_dir, FleetTrust(fleet))
+    observers: list[Callable[[CenterEvent], None]] = [_printer(store)]
     service = _service(config, store, client_id=identity_name(config.broker),
-                       group=config.group, on_event=_printer(store), live=live)
+                       group=config.group, on_event=lambda e: [o(e) for o in observers],
+                       live=live)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     service.start(wait_s=None)
+    console = None
+    if config.console is not None:
+        from control_center.web.launch import start_console  # only a centre with a console
+
+        try:
+            console = start_console(config.console, store=store, accounts_db=config.db,
+                                    fleet=Fleet(config.fleet_dir), commands=service,
+                                    live_dir=config.live_dir)
+        except (OSError, RuntimeError) as exc:
+            print(f"config error: key 'console.port': cannot serve the console on "
+                  f"{config.console.listen}:{config.console.port}: {exc}", file=sys.stderr)
+            service.stop()
+            return 2
+        observers.append(console.console.on_center_event)
     print(f"sos-center serving: broker {config.broker.host}:{config.broker.port}, "
           f"store {config.db}" + (f", live view in {config.live_dir}" if live else "")
+          + (f", operator console at {console.url}" if console else "")
           + "; Ctrl-C stops", flush=True)
     signal.sigwait(stopping)
+    if console is not None:
+        console.stop()
     service.stop()
     store.close()
     return 0
+
+
+def check_console_files(config: CenterConfig) -> None:
+    """The console's certificate and key, checked at start-up with the key's name."""
+    if config.console is None:
+        return
+    for key, path, check in (("console.cert_file", config.console.cert_file, pem_certificates),
+                             ("console.key_file", config.console.key_file, pem_private_key)):
+        try:
+            check(path)
+        except (ConfigError, OSError) as exc:
+            raise ConfigError(f"key '{key}': {exc}") from None
 
 
 def cmd_alerts(config: CenterConfig, args: argparse.Namespace) -> int:
@@ -231,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="consume alerts and print one line per new alert, until Ctrl-C; "
-                   "with center.live_dir, also write each SOS's live view there (HLS)")
+                   "with center.live_dir, also write each SOS's live view there (HLS); with a "
+                   "[console] section, also serve the operators' web console (HTTPS)")
     alerts = sub.add_parser("alerts", help="list open alerts (oldest first)")
     alerts.add_argument("--all", action="store_true", help="include closed alerts")
     alerts.add_argument("--json", action="store_true", help="machine-readable output")
@@ -246,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(command=name)
     ca_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    user_cli.add_parser(sub)
     sub.add_parser("ingest", add_help=False,
                    help="receive devices' evidence uploads over HTTPS (tus, mutual TLS); "
                         "`sos-center ingest --help` lists its options")
@@ -275,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(config.fleet_dir)  # fail now, not at the first alert
         if args.action in ("serve", "ack", "close"):
             command_signer(config, fleet)
+        if args.action == "serve":
+            check_console_files(config)
     except (ConfigError, FleetError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.action == "user":
+        return user_cli.run(args, config)
     handlers = {"serve": cmd_serve, "alerts": cmd_alerts, "ack": cmd_decide,
                 "close": cmd_decide}
     return handlers[args.action](config, args)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.configfile import load_schema, load_toml, subschema, with_defaults
+from protocol.configfile import check, load_schema, load_toml, subschema, with_defaults
 from protocol.mqtt import BrokerConfig
 
 log = logging.getLogger("sos.center")
@@ -24,6 +24,22 @@ DEFAULT_GROUP: str = subschema(SCHEMA, "center", "group")["default"]
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The web console (`[console]`); paths are resolved beside the config file."""
+
+    listen: str
+    port: int
+    cert_file: Path
+    key_file: Path
+    exports_dir: Path
+    audit_log: Path
+    session_idle_h: float
+    tiles_attribution: str
+    tiles_url: str | None = None
+    evidence_dir: Path | None = None
+
+
+@dataclass(frozen=True)
 class CenterConfig:
     db: Path
     fleet_dir: Path
@@ -32,6 +48,7 @@ class CenterConfig:
     broker: BrokerConfig
     live_dir: Path | None = None  # None: this instance does not receive live video
     signing_key: Path | None = None  # None: the fleet's shared command key (centre-signing.key)
+    console: ConsoleConfig | None = None  # None: `serve` serves no web console
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
@@ -54,6 +71,25 @@ def load_center_config(path: str | Path) -> CenterConfig:
                             key_file=rel(broker.get("key_file"))),
         live_dir=Path(rel(center["live_dir"]) or "") if "live_dir" in center else None,
         signing_key=Path(rel(center["signing_key"]) or "") if "signing_key" in center else None,
+        console=_console(data["console"], base) if "console" in data else None,
+    )
+
+
+def console_config(section: dict[str, Any], base: Path) -> ConsoleConfig:
+    """A `[console]` section given in code (the simulator's, a test's): checked against the
+    schema and completed with its defaults, as from a file; relative paths beside `base`."""
+    check(section, subschema(SCHEMA, "console"), "console")
+    return _console(with_defaults(section, subschema(SCHEMA, "console")), base)
+
+
+def _console(section: dict[str, Any], base: Path) -> ConsoleConfig:
+    return ConsoleConfig(
+        listen=section["listen"], port=section["port"],
+        cert_file=base / section["cert_file"], key_file=base / section["key_file"],
+        exports_dir=base / section["exports_dir"], audit_log=base / section["audit_log"],
+        session_idle_h=section["session_idle_h"], tiles_url=section.get("tiles_url"),
+        tiles_attribution=section["tiles_attribution"],
+        evidence_dir=base / section["evidence_dir"] if "evidence_dir" in section else None,
     )
 
 

@@ -148,18 +148,19 @@ class CenterService:
 
     # -- commands --------------------------------------------------------------------------------
     def send_command(self, alert_id: str, decision: str, operator: str,
-                     timeout_s: float = 10.0) -> dict[str, Any]:
+                     timeout_s: float = 10.0, note: str | None = None) -> dict[str, Any]:
         """Send `ack` or `close` for an alert to its device; return once the broker has it.
 
         Returns the command sent, with `status` "sent" and `delivered`: False if the device had
         no session to take it (it is then sent again when the device reports back). The alert
         shows the decision only when the device's `command_applied` for it arrives
-        (Store.add_update): the broker taking a command proves nothing about the device."""
+        (Store.add_update): the broker taking a command proves nothing about the device.
+        `note`: the operator's reason (a close's), kept with the command in the store."""
         alert = self.store.alert(alert_id)
         if alert is None:
             raise CommandError(f"no alert {alert_id}")
         command, delivered = self._send(alert.device_id, {"type": decision, "alert_id": alert_id},
-                                        operator, timeout_s)
+                                        operator, timeout_s, note)
         if not delivered:
             log.warning("%s for %s recorded, but device %s is not connected and has no session; "
                         "it is sent again when the device reports back", decision, alert_id[:8],
@@ -176,7 +177,7 @@ class CenterService:
         return {**command, "delivered": delivered}
 
     def _send(self, device_id: str, fields: dict[str, Any], operator: str,
-              timeout_s: float) -> tuple[dict[str, Any], bool]:
+              timeout_s: float, note: str | None = None) -> tuple[dict[str, Any], bool]:
         """Sign, number, record and publish a command; wait for its PUBACK and read it."""
         command = self._signer.sign({
             "v": 1,
@@ -188,7 +189,7 @@ class CenterService:
             "operator": operator,
         })
         payload = encode(MessageKind.COMMAND, command)
-        self.store.add_command(command, device_id)
+        self.store.add_command(command, device_id, note)
         info = self._client.publish(Topics(device_id).command, payload, qos=1)
         kind = fields["type"]
         with self._puback_arrived:

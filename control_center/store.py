@@ -75,7 +75,10 @@ CREATE TABLE IF NOT EXISTS commands (
 """
 # Added to `commands` after the first release (ALTER TABLE on an older store): when the broker
 # took the command, whether anyone was subscribed to take it, and why the device refused it.
-_COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT"}
+# `note`: what the operator gave with it (a close's reason, from the web console).
+_COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT", "note": "TEXT"}
+# Added to `alerts` with the web console: who took (claimed) the alert, and when.
+_ALERT_COLUMNS_ADDED = {"claimed_by": "TEXT", "claimed_at": "REAL"}
 # Refusals a fresh command (new id, number and time) can overcome: it waited too long in the
 # broker's queue, or a centre's numbering went back.
 RETRYABLE_REFUSALS = ("expired", "replayed")
@@ -86,7 +89,7 @@ MAX_COPIES = 6
 ALERT_COLUMNS = (
     "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
     "stored_at", "status", "device_offline", "cancel_requested_at", "acked_at", "acked_by",
-    "closed_at", "closed_by", "duplicates",
+    "closed_at", "closed_by", "duplicates", "claimed_by", "claimed_at",
 )
 
 
@@ -109,6 +112,8 @@ class AlertRecord:
     closed_at: float | None
     closed_by: str | None
     duplicates: int
+    claimed_by: str | None = None
+    claimed_at: float | None = None
 
     @classmethod
     def from_row(cls, row: tuple) -> AlertRecord:
@@ -121,6 +126,14 @@ class AlertRecord:
 
 class AmbiguousAlertId(LookupError):
     pass
+
+
+class AlreadyClaimed(RuntimeError):
+    """Another operator took the alert first; `owner` is who."""
+
+    def __init__(self, alert_id: str, owner: str) -> None:
+        super().__init__(f"alert {alert_id[:8]} is taken by {owner}")
+        self.owner = owner
 
 
 class NotYours(ValueError):
@@ -158,6 +171,7 @@ class Store:
         self._db.executescript(_SCHEMA)
         self._add_digest_columns()
         self._add_command_columns()
+        self._add_columns("alerts", _ALERT_COLUMNS_ADDED)
 
     def close(self) -> None:
         with self._lock:
@@ -171,6 +185,14 @@ class Store:
             if "digest" not in columns:
                 with contextlib.suppress(sqlite3.OperationalError):  # another instance won
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+
+    def _add_columns(self, table: str, wanted: dict[str, str]) -> None:
+        """Columns a later release added (nullable: rows from before have none)."""
+        columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in wanted.items():
+            if name not in columns:
+                with contextlib.suppress(sqlite3.OperationalError):  # another instance won
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _add_command_columns(self) -> None:
         """Stores made before commands were confirmed lack these columns. Their unanswered
@@ -314,6 +336,14 @@ class Store:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def _write_status(self, device_id: str, status: dict[str, Any], seen_at: float) -> None:
+        if status["state"] == "offline":
+            # The broker's last will carries only who and "offline": keep what the device last
+            # said about itself (battery, firmware, self-test, faults) for the fleet view, as
+            # its last known state, under the will's own fields.
+            row = self._db.execute("SELECT status FROM devices WHERE device_id = ?",
+                                   (device_id,)).fetchone()
+            if row is not None:
+                status = {**json.loads(row[0]), **status}
         self._db.execute(
             "INSERT INTO devices(device_id, device_kind, state, last_seen, status) "
             "VALUES (?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
@@ -340,14 +370,36 @@ class Store:
                 (f"command_seq:{signer}", now_ms)).fetchone()
         return row[0]
 
-    def add_command(self, command: dict[str, Any], device_id: str) -> None:
+    def add_command(self, command: dict[str, Any], device_id: str,
+                    note: str | None = None) -> None:
+        """Record a command before it is published; `note`: the operator's reason, if any."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO commands(command_id, alert_id, device_id, type, operator, issued_at) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO commands(command_id, alert_id, device_id, type, operator, issued_at, "
+                "note) VALUES (?,?,?,?,?,?,?)",
                 (command["command_id"], command.get("alert_id", ""), device_id, command["type"],
-                 command["operator"], command["issued_at"]),
+                 command["operator"], command["issued_at"], note),
             )
+
+    def claim(self, alert_id: str, operator: str, at: float) -> AlertRecord:
+        """Let `operator` take an alert not yet taken (or taken by them already). One UPDATE
+        decides, so of two operators clicking at once exactly one gets it: the other gets
+        AlreadyClaimed. LookupError if there is no such alert; a closed alert cannot be taken."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE alerts SET claimed_by = ?, claimed_at = ? WHERE alert_id = ? "
+                "AND claimed_by IS NULL AND status != 'closed'", (operator, at, alert_id))
+            row = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE alert_id = ?", (alert_id,)
+            ).fetchone()
+        if row is None:
+            raise LookupError(f"no alert {alert_id}")
+        record = AlertRecord.from_row(row)
+        if record.claimed_by != operator:
+            if record.claimed_by is None:  # closed before anyone took it
+                raise AlreadyClaimed(alert_id, f"nobody: it is {record.status}")
+            raise AlreadyClaimed(alert_id, record.claimed_by)
+        return record
 
     def mark_sent(self, command_id: str, at: float, *, routed: bool) -> None:
         """The broker took the command (PUBACK); `routed` False: nobody was subscribed to take
@@ -423,7 +475,7 @@ class Store:
 
     def _commands_where(self, where: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         keys = ("command_id", "alert_id", "device_id", "type", "operator", "issued_at",
-                "sent_at", "routed", "result", "reason_code", "result_at")
+                "sent_at", "routed", "result", "reason_code", "result_at", "note")
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(keys)} FROM commands WHERE {where} ORDER BY issued_at",
@@ -450,6 +502,25 @@ class Store:
                                               and latest["reason_code"] in RETRYABLE_REFUSALS):
                 undone.append(latest)
         return undone
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device that ever reported a status, as `device()` gives each."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, state, last_seen, status FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [{"device_id": d, "state": s, "last_seen": t, "status": json.loads(b)}
+                for d, s, t, b in rows]
+
+    def latest_device_events(self, event_type: str) -> dict[str, dict[str, Any]]:
+        """Per device, its newest event of `event_type` (e.g. `storage_alert`), with
+        `stored_at`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, body, max(stored_at) FROM updates WHERE kind = 'event' "
+                "AND json_extract(body, '$.type') = ? GROUP BY device_id", (event_type,)
+            ).fetchall()
+        return {d: {**json.loads(b), "stored_at": t} for d, b, t in rows}
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         with self._lock:

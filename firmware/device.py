@@ -845,6 +845,8 @@ class DeviceRuntime:
             "battery": self._battery.read(),
             "firmware": FIRMWARE_VERSION,
         }
+        if self.recorder is not None:
+            status["recordings_waiting"] = self.recorder.store.waiting_for_upload()
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
         faults = self.faults()

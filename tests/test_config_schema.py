@@ -162,6 +162,12 @@ PROFILE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
 CENTRE_DEFAULTS: dict[str, Callable[[CenterConfig], Any]] = {
     "center.group": lambda c: c.group,
     "center.operator": lambda c: c.operator,
+    "console.listen": lambda c: c.console.listen,
+    "console.port": lambda c: c.console.port,
+    "console.exports_dir": lambda c: c.console.exports_dir.name,  # beside the config file
+    "console.audit_log": lambda c: c.console.audit_log.name,
+    "console.session_idle_h": lambda c: c.console.session_idle_h,
+    "console.tiles_attribution": lambda c: c.console.tiles_attribution,
 }
 
 
@@ -190,7 +196,8 @@ def test_a_device_config_that_leaves_a_key_out_gets_the_schemas_default(
 def test_a_centre_config_that_leaves_a_key_out_gets_the_schemas_default(tmp_path: Path) -> None:
     path = tmp_path / "center.toml"
     path.write_text('[center]\ndb = "c.sqlite"\nfleet_dir = "fleet"\n'
-                    '[broker]\nhost = "h"\nport = 8883\nca_file = "ca.pem"\n')
+                    '[broker]\nhost = "h"\nport = 8883\nca_file = "ca.pem"\n'
+                    '[console]\ncert_file = "console.pem"\nkey_file = "console.key"\n')
     expected = defaults("centre")
     assert sorted(CENTRE_DEFAULTS) == sorted(expected)
     config = load_center_config(path)

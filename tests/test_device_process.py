@@ -3,65 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from control_center.evidence import keys_from_fleet, verify_directory
 from protocol import Topics
-from simulator.device_config import render_device_toml
-from simulator.gps_receiver import PtyGps, RouteReceiver
-from simulator.processes import DeviceProcess, Recorder
-from tests.helpers import RawClient
-
-ROUTE = [(52.3781, 4.9000), (52.3730, 4.8928)]
-
-
-class Device:
-    """One virtual token process with a GPS on a real pty, plus its recorded output."""
-
-    def __init__(self, broker, tmp_path: Path, device_id: str = "tok-test-01",
-                 profile: str = "token", camera: bool = False) -> None:
-        self.id = device_id
-        self.recorder = Recorder()
-        self.gps = PtyGps(RouteReceiver(ROUTE, start_utc=datetime.now(UTC), seed=3), speed=2.0)
-        self.gps.start()
-        directory = tmp_path / device_id
-        directory.mkdir()
-        config = directory / "device.toml"
-        surveyed = {"lat": 52.3789, "lon": 4.9003} if profile == "pillar" else None
-        config.write_text(render_device_toml(
-            device_id=device_id, profile=profile, data_dir=directory / "data", broker=broker,
-            gps_port=None if surveyed else self.gps.port, surveyed=surveyed, camera=camera,
-            segment_s=1.0, preroll_s=2.0))
-        self.recordings = directory / "data" / "recordings"
-        self.process = DeviceProcess(device_id, config, directory / "device.log", self.recorder,
-                                     battery=90.0)
-        self.log_file = directory / "device.log"
-
-    def start(self) -> None:
-        runs = self.process.starts
-        self.process.start()
-        self.wait(lambda es: any(e.kind == "ready" and e.data["run"] == runs + 1 for e in es))
-
-    def wait(self, predicate, timeout: float = 20.0) -> None:
-        assert self.recorder.wait_for(predicate, timeout), f"timed out: {self.recorder.entries}"
-
-    def wait_kind(self, kind: str, timeout: float = 20.0, **data) -> None:
-        self.wait(lambda es: any(e.kind == kind and all(e.data.get(k) == v
-                                                        for k, v in data.items()) for e in es),
-                  timeout)
-
-    def feedback(self) -> list[str]:
-        return [e.data["state"] for e in self.recorder.find(kind="feedback")]
-
-    def press(self, hold_s: float, seed: int = 1, gap_s: float = 0.0) -> None:
-        self.process.send({"op": "press", "hold_s": hold_s, "seed": seed, "gap_s": gap_s})
-
-    def close(self) -> None:
-        self.process.stop()
-        self.gps.stop()
+from tests.helpers import Device, RawClient
 
 
 @pytest.fixture

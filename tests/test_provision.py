@@ -169,7 +169,7 @@ def test_a_provisioned_device_completes_paramedic_sos_from_its_directory_alone(
     done = subprocess.run(
         [sys.executable, "-m", "simulator.cli", "run", "paramedic-sos", "--json", "--speed", "4",
          "--fleet", str(fleet.directory), "--port", str(port),
-         "--provisioned", f"tok-amb-0412={root}", "--enrol-sim-identities"],
+         "--provisioned", f"tok-amb-0412={root}", "--enrol-sim-identities", "--no-browser"],
         capture_output=True, text=True, timeout=240)
     result = json.loads(done.stdout)
     assert result["ok"], result["problems"]

@@ -155,6 +155,12 @@ class SegmentStore:
                 "SELECT seq, size, evidence, uploaded FROM segments ORDER BY seq").fetchall()
         return [StoredSegment(s, z, bool(e), bool(u)) for s, z, e, u in rows]
 
+    def waiting_for_upload(self) -> int:
+        """How many recorded segments are still on the card for want of a receipt."""
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM segments WHERE uploaded = 0"
+                                    ).fetchone()[0]
+
     def last(self) -> tuple[int, str] | None:
         """(seq, manifest sha256) of the newest segment ever committed, even if it has been
         deleted since (uploaded, space freed): where the chain continues."""

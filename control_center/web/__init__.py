@@ -1,0 +1,1 @@
+"""The operator console: a web interface to the centre (docs/CONSOLE-API.md)."""

@@ -1,0 +1,475 @@
+"""The operator's web console: an ASGI app (Starlette) over the centre's store and command path.
+
+Routes and JSON shapes: docs/CONSOLE-API.md. Why Starlette on uvicorn: docs/CONSOLE.md.
+
+Every action goes the way the CLI's does (CenterService.send_command / send_call: signed,
+numbered, recorded, then published; the alert shows a decision only when the device applied
+it). The console adds who: the logged-in user's name is the command's `operator`, and every
+log-in, decision, dispatch, evidence view and export is a line in the audit log with it.
+
+Endpoints that read the store, hash a password or wait for the broker are plain `def`s:
+Starlette runs them on its worker threads, so the event loop only serves files and events.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from control_center.audit import AuditLog
+from control_center.evidence import EvidenceError
+from control_center.fleet import Fleet
+from control_center.store import AlreadyClaimed, Store
+from control_center.web.accounts import Accounts, Session
+from control_center.web.alert_view import alert_view
+from control_center.web.evidence_view import CallRefused, EvidenceBrowser, InvalidId
+from control_center.web.fleet_view import device_view, device_views
+from control_center.web.hub import EventHub
+
+STATIC = Path(str(resources.files("control_center.web").joinpath("static")))
+COOKIE = "sos_session"
+ALERT_ID = re.compile(r"^[0-9a-f]{32}$")
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CALL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+LIVE_FILE = re.compile(r"^(index\.m3u8|chunk-[0-9]{6}\.ts|live\.ts)$")
+MAX_BODY = 16 * 1024  # no console request needs more
+CLOSE_REASON_MAX = 200
+
+
+class CommandPath(Protocol):
+    """What the console needs of CenterService: the CLI's own way to send a decision."""
+
+    def send_command(self, alert_id: str, decision: str, operator: str,
+                     timeout_s: float = ..., note: str | None = ...) -> dict[str, Any]: ...
+
+    def send_call(self, device_id: str, kind: str, operator: str, call_id: str | None = ...,
+                  timeout_s: float = ...) -> dict[str, Any]: ...
+
+
+@dataclass
+class Console:
+    """Everything the console's routes read and act on."""
+
+    store: Store
+    accounts: Accounts
+    commands: CommandPath
+    audit: AuditLog
+    hub: EventHub = field(default_factory=EventHub)
+    fleet: Fleet | None = None  # certificate expiry and enrolled devices in the fleet view
+    live_dir: Path | None = None
+    evidence: EvidenceBrowser | None = None
+    tiles: dict[str, str] | None = None
+    clock: Callable[[], float] = time.time
+    _live_viewed: set[tuple[str, str]] = field(default_factory=set)
+
+    # -- what the centre tells us ----------------------------------------------------------------
+    def on_center_event(self, event: Any) -> None:
+        """CenterService's observer (paho's thread): push what changed to the open pages."""
+        message = event.message
+        if event.kind == "status":
+            self.publish_device(event.device_id)
+            if message.get("active_alert_id"):
+                self.publish_alert(message["active_alert_id"])
+        elif event.kind in ("alert", "position", "event") and message.get("alert_id"):
+            self.publish_alert(message["alert_id"])
+        elif event.kind == "event":
+            self.publish_device(event.device_id)  # a storage alert, say
+        elif event.kind == "live" and event.new and message.get("seq") == 0:
+            self.publish_alert(str(message["alert_id"]))
+
+    def publish_alert(self, alert_id: str) -> None:
+        record = self.store.alert(alert_id)
+        if record is not None:
+            self.hub.publish("alert", alert_view(self.store, record, self.live_dir))
+
+    def publish_device(self, device_id: str) -> None:
+        view = device_view(self.store, self.fleet, device_id, self.clock())
+        if view is not None:
+            self.hub.publish("device", view)
+
+
+def build_app(console: Console) -> Starlette:
+    routes = [
+        Route("/", partial(_page, console), methods=["GET"]),
+        Route("/login", _login_page, methods=["GET"]),
+        Route("/api/login", partial(_login, console), methods=["POST"]),
+        Route("/api/logout", partial(_logout, console), methods=["POST"]),
+        Route("/api/me", partial(_me, console), methods=["GET"]),
+        Route("/api/alerts", partial(_alerts, console), methods=["GET"]),
+        Route("/api/alerts/{alert_id}", partial(_alert, console), methods=["GET"]),
+        Route("/api/alerts/{alert_id}/{action}", partial(_act, console), methods=["POST"]),
+        Route("/api/devices", partial(_devices, console), methods=["GET"]),
+        Route("/api/dispatch", partial(_dispatch, console), methods=["POST"]),
+        Route("/api/evidence", partial(_evidence, console), methods=["GET"]),
+        Route("/api/evidence/{device_id}/calls/{call_id}/export",
+              partial(_export, console), methods=["POST"]),
+        Route("/api/exports/{export_id}/{name}", partial(_export_file, console),
+              methods=["GET"]),
+        Route("/live/{alert_id}/{name}", partial(_live_file, console), methods=["GET"]),
+        Route("/events", partial(_events, console), methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _error},
+                    middleware=[Middleware(SecurityHeaders, tiles=console.tiles)])
+    return app
+
+
+# -- pages and accounts ------------------------------------------------------------------------
+def _login_page(request: Request) -> Response:
+    return FileResponse(STATIC / "login.html")
+
+
+def _page(console: Console, request: Request) -> Response:
+    if _current(console, request) is None:
+        return RedirectResponse("/login", status_code=303)
+    return FileResponse(STATIC / "index.html")
+
+
+def _login(console: Console, request: Request) -> Response:
+    body = _json_sync(request)
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise HTTPException(400, "give a user name and a password")
+    _same_origin(request)
+    session = console.accounts.login(username, password, console.clock())
+    if session is None:
+        console.audit.append("console_login_failed", username[:64] or "-",
+                             client=_client(request))
+        raise HTTPException(401, "wrong user name or password")
+    console.audit.append("console_login", session.username, role=session.role,
+                         client=_client(request))
+    response = JSONResponse(_me_json(console, session))
+    response.set_cookie(COOKIE, session.token, secure=True, httponly=True, samesite="strict",
+                        path="/", max_age=int(session.expires_at - console.clock()))
+    return response
+
+
+def _logout(console: Console, request: Request) -> Response:
+    session = _acting(console, request, None)
+    console.accounts.logout(session.token)
+    console.audit.append("console_logout", session.username, durable=False)
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+def _me(console: Console, request: Request) -> Response:
+    return JSONResponse(_me_json(console, _viewing(console, request, "view")))
+
+
+def _me_json(console: Console, session: Session) -> dict[str, Any]:
+    return {"user": session.username, "role": session.role, "rights": sorted(session.rights),
+            "csrf": session.csrf, "tiles": console.tiles,
+            "evidence": console.evidence is not None}
+
+
+# -- alerts ------------------------------------------------------------------------------------
+def _alerts(console: Console, request: Request) -> Response:
+    _viewing(console, request, "view")
+    records = console.store.alerts(open_only=request.query_params.get("all") != "1")
+    records.sort(key=lambda r: r.stored_at, reverse=True)
+    return JSONResponse({"alerts": [alert_view(console.store, r, console.live_dir)
+                                    for r in records]})
+
+
+def _alert(console: Console, request: Request) -> Response:
+    _viewing(console, request, "view")
+    return JSONResponse(alert_view(console.store, _record(console, request), console.live_dir))
+
+
+def _record(console: Console, request: Request) -> Any:
+    alert_id = request.path_params["alert_id"]
+    record = console.store.alert(alert_id) if ALERT_ID.match(alert_id) else None
+    if record is None:
+        raise HTTPException(404, f"no alert {alert_id[:40]}")
+    return record
+
+
+def _act(console: Console, request: Request) -> Response:
+    action = request.path_params["action"]
+    if action not in ("claim", "ack", "close"):
+        raise HTTPException(404, f"no action {action[:20]}")
+    body = _json_sync(request) if action == "close" else {}
+    session = _acting(console, request, "act")
+    record = _record(console, request)
+    reason = None
+    if action == "close":
+        reason = body.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise HTTPException(400, "give a reason to close the alert")
+        reason = reason.strip()
+        if len(reason) > CLOSE_REASON_MAX:
+            raise HTTPException(400, f"the reason is longer than {CLOSE_REASON_MAX} characters")
+    if record.status == "closed":
+        raise HTTPException(409, f"alert {record.alert_id[:8]} is closed")
+    try:  # acknowledging or closing takes the alert first: one operator decides an alert
+        record = console.store.claim(record.alert_id, session.username, console.clock())
+    except AlreadyClaimed as exc:
+        raise HTTPException(409, str(exc)) from None
+    if action == "claim":
+        console.audit.append("console_claim", session.username, alert_id=record.alert_id)
+        console.publish_alert(record.alert_id)
+        return JSONResponse(alert_view(console.store, record, console.live_dir))
+    command = _send(console, lambda: console.commands.send_command(
+        record.alert_id, action, session.username, note=reason))
+    console.audit.append(f"console_{action}", session.username, alert_id=record.alert_id,
+                         command_id=command["command_id"], delivered=command["delivered"],
+                         **({"reason": reason} if reason else {}))
+    console.publish_alert(record.alert_id)
+    return JSONResponse({"command": _command_json(command, record.device_id)}, status_code=202)
+
+
+def _send(console: Console, send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return send()
+    except Exception as exc:  # CommandError: the broker did not take it; say so, change nothing
+        raise HTTPException(503, f"not sent: {exc}") from None
+
+
+def _command_json(command: dict[str, Any], device_id: str) -> dict[str, Any]:
+    keys = ("command_id", "type", "alert_id", "call_id", "operator", "delivered")
+    return {"device_id": device_id, **{k: command[k] for k in keys if k in command}}
+
+
+# -- fleet and dispatch ------------------------------------------------------------------------
+def _devices(console: Console, request: Request) -> Response:
+    _viewing(console, request, "view")
+    return JSONResponse({"devices": device_views(console.store, console.fleet, console.clock())})
+
+
+def _dispatch(console: Console, request: Request) -> Response:
+    body = _json_sync(request)
+    session = _acting(console, request, "act")
+    device_id, kind, call_id = body.get("device_id"), body.get("kind"), body.get("call_id")
+    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+        raise HTTPException(400, "choose a device")
+    if kind not in ("call_start", "call_end"):
+        raise HTTPException(400, "kind must be call_start or call_end")
+    if kind == "call_start" and (not isinstance(call_id, str) or not CALL_ID.match(call_id)):
+        raise HTTPException(400, "a call start needs a call id (letters, digits, . _ : -)")
+    if console.store.device(device_id) is None:
+        raise HTTPException(404, f"device {device_id} has never reported to this centre")
+    command = _send(console, lambda: console.commands.send_call(
+        device_id, kind, session.username, call_id if kind == "call_start" else None))
+    console.audit.append("console_dispatch", session.username, device_id=device_id, kind=kind,
+                         call_id=call_id if kind == "call_start" else None,
+                         command_id=command["command_id"], delivered=command["delivered"])
+    return JSONResponse({"command": _command_json(command, device_id)}, status_code=202)
+
+
+# -- evidence ----------------------------------------------------------------------------------
+def _evidence(console: Console, request: Request) -> Response:
+    session = _viewing(console, request, "evidence")
+    if console.evidence is None:
+        raise HTTPException(404, "no evidence directory is configured (console.evidence_dir)")
+    return JSONResponse(console.evidence.overview(session.username))
+
+
+def _export(console: Console, request: Request) -> Response:
+    session = _acting(console, request, "export")
+    if console.evidence is None:
+        raise HTTPException(404, "no evidence directory is configured (console.evidence_dir)")
+    try:
+        export = console.evidence.export(session.username, request.path_params["device_id"],
+                                         request.path_params["call_id"])
+    except CallRefused as exc:  # it does not verify: the report's words
+        raise HTTPException(409, str(exc)) from None
+    except EvidenceError as exc:  # e.g. no evidence key on this host
+        raise HTTPException(503, str(exc)) from None
+    except (LookupError, InvalidId) as exc:
+        raise HTTPException(404 if isinstance(exc, LookupError) else 400, str(exc)) from None
+    return JSONResponse({"export": export})
+
+
+def _export_file(console: Console, request: Request) -> Response:
+    _viewing(console, request, "export")
+    if console.evidence is None:
+        raise HTTPException(404, "no evidence directory is configured")
+    try:
+        path = console.evidence.export_file(request.path_params["export_id"],
+                                            request.path_params["name"])
+    except (LookupError, ValueError) as exc:
+        raise HTTPException(404, str(exc)) from None
+    return FileResponse(path, filename=path.name)
+
+
+# -- live video and events ---------------------------------------------------------------------
+def _live_file(console: Console, request: Request) -> Response:
+    session = _viewing(console, request, "view")
+    alert_id, name = request.path_params["alert_id"], request.path_params["name"]
+    if console.live_dir is None or not ALERT_ID.match(alert_id) or not LIVE_FILE.match(name):
+        raise HTTPException(404, "no such live file")
+    path = console.live_dir / alert_id / name
+    if not path.is_file():
+        raise HTTPException(404, "no such live file")
+    if (session.username, alert_id) not in console._live_viewed:
+        console._live_viewed.add((session.username, alert_id))
+        console.audit.append("console_live_view", session.username, alert_id=alert_id,
+                             durable=False)
+    media = "application/vnd.apple.mpegurl" if name.endswith(".m3u8") else "video/mp2t"
+    return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+async def _events(console: Console, request: Request) -> Response:
+    await _in_thread(_viewing, console, request, "view")
+    return StreamingResponse(console.hub.stream(request.is_disconnected),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+# -- sessions, rights and CSRF -----------------------------------------------------------------
+def _current(console: Console, request: Request) -> Session | None:
+    token = request.cookies.get(COOKIE)
+    return console.accounts.session(token, console.clock()) if token else None
+
+
+def _viewing(console: Console, request: Request, right: str) -> Session:
+    session = _current(console, request)
+    if session is None:
+        raise HTTPException(401, "log in first")
+    if right not in session.rights:
+        raise HTTPException(403, f"{session.username} ({session.role}) may not do this")
+    return session
+
+
+def _acting(console: Console, request: Request, right: str | None) -> Session:
+    """A state-changing request: a session, the right, and the session's CSRF token in the
+    X-CSRF-Token header (SameSite=Strict already keeps other sites' requests cookie-less; the
+    token also refuses a request made by anything that cannot read our pages)."""
+    session = _viewing(console, request, right or "view")
+    presented = request.headers.get("x-csrf-token")
+    if presented is None or not hmac.compare_digest(presented, session.csrf):
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page")
+    _same_origin(request)
+    return session
+
+
+def _same_origin(request: Request) -> None:
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"https://{request.headers.get('host', '')}":
+        raise HTTPException(403, "request from another origin refused")
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def _json_sync(request: Request) -> dict[str, Any]:
+    """The body of a request handled on a worker thread (read before it, by BodyCache)."""
+    return _parse_json(request.scope.get("sos.body", b""))
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    from protocol.untrusted import UntrustedJsonError, loads_untrusted
+
+    if len(raw) > MAX_BODY:
+        raise HTTPException(413, "request too large")
+    if not raw:
+        return {}
+    try:
+        body = loads_untrusted(raw)
+    except UntrustedJsonError as exc:
+        raise HTTPException(400, f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+class SecurityHeaders:
+    """Strict headers on every answer, and the body of a POST read before its handler runs
+    (sync handlers run on a worker thread, where the body cannot be awaited)."""
+
+    def __init__(self, app: ASGIApp, tiles: dict[str, str] | None) -> None:
+        self.app = app
+        tile_host = ""
+        if tiles:
+            match = re.match(r"^(https?://[^/]+)", tiles["url"])
+            tile_host = f" {match.group(1)}" if match else ""
+        self.csp = ("default-src 'self'; script-src 'self'; style-src 'self'; "
+                    f"img-src 'self' data: blob:{tile_host}; media-src 'self' blob:; "
+                    "connect-src 'self'; worker-src 'self'; frame-ancestors 'none'; "
+                    "base-uri 'none'; form-action 'self'")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST":
+            body, receive = await _buffer(receive)
+            scope["sos.body"] = body
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                for name, value in (
+                        ("content-security-policy", self.csp),
+                        ("x-content-type-options", "nosniff"),
+                        ("referrer-policy", "no-referrer"),
+                        ("x-frame-options", "DENY"),
+                        ("strict-transport-security", "max-age=31536000")):
+                    headers.append((name.encode(), value.encode()))
+                if scope["path"].startswith("/api/"):
+                    headers.append((b"cache-control", b"no-store"))
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
+    """Read a request's whole body (at most MAX_BODY + 1 bytes kept) and replay it."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= MAX_BODY + 1:
+            chunks.append(chunk)
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
