@@ -27,8 +27,14 @@ Camera callback: how long picamera2's `outputframe` holds the camera thread per 
 max, microseconds) while the recorder writes real segments, beside the old synchronous path
 (target: p99 < 1 ms; bench/camera_bench.py).
 
---skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps and --skip-callback leave a
-section out.
+Operator console: in headless Chromium with the console page open, alert stored -> its row
+visible in the page (p50/p95/p99, and from the device's publish; beside the SOS section's
+trigger -> stored), and alert stored -> the live video playing, the click on the row included
+(target: row within 250 ms p99, video within 2 s; bench/console_bench.py). Without chromium
+the section prints why instead.
+
+--skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps, --skip-callback and
+--skip-console leave a section out.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 from simulator.broker import BrokerError, PrivateBroker
 
 from .camera_bench import run_callback
+from .console_bench import run_console
 from .evidence import run_evidence
 from .floor import FloorError, FloorSamples, run_floor
 from .gps_bench import run_gps
@@ -69,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "latency.",
         epilog="Takes about presses x 0.2 s plus set-up (about 45 s for 200), about 10 s for "
                "the evidence video section at 64 MB, 15 s for the upload section at 64 MB "
-               "(half of it the relay lines) and --live-seconds plus 2 s for the live view: "
-               "about 80 s in all on 2 cores. Exit status 0 whether or not a target is met; "
-               "1 if a part could not run.",
+               "(half of it the relay lines), --live-seconds plus 2 s for the live view and "
+               "about 15 s for the operator console: about 95 s in all on 2 cores. Exit "
+               "status 0 whether or not a target is met; 1 if a part could not run.",
     )
     parser.add_argument("--presses", type=int, default=200, metavar="N",
                         help="counted samples per line: presses, floor round trips and "
@@ -101,6 +108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "through, Mbit/s (default 400; 0 leaves them out)")
     parser.add_argument("--live-seconds", type=float, default=10.0, metavar="S",
                         help="seconds of live view streamed (default 10: about 20 chunks)")
+    parser.add_argument("--console-alerts", type=int, default=30, metavar="N",
+                        help="alerts sent into the open console page, after 3 uncounted "
+                             "(default 30)")
+    parser.add_argument("--console-video-runs", type=int, default=3, metavar="K",
+                        help="SOS presses timed until the console plays their live video "
+                             "(default 3; 0 leaves that line out)")
     parser.add_argument("--skip-sos", action="store_true", help="skip the SOS latency section")
     parser.add_argument("--skip-evidence", action="store_true",
                         help="skip the evidence video section")
@@ -109,10 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-gps", action="store_true", help="skip the GPS decoder section")
     parser.add_argument("--skip-callback", action="store_true",
                         help="skip the camera callback hold-time section")
+    parser.add_argument("--skip-console", action="store_true",
+                        help="skip the operator console section (headless Chromium)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead (the SOS keys as before, plus "
                              "\"evidence_video\", \"upload\", \"live_view\", "
-                             "\"gps_decoder\" and \"camera_callback\")")
+                             "\"gps_decoder\", \"camera_callback\" and \"console\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
@@ -124,8 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("need --upload-mb >= 8 (one 8 MB segment)")
     if args.live_seconds <= 0 or args.upload_link_mbit < 0:
         parser.error("need --live-seconds > 0 and --upload-link-mbit >= 0")
+    if args.console_alerts < 1 or args.console_video_runs < 0:
+        parser.error("need --console-alerts >= 1 and --console-video-runs >= 0")
     if (args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live
-            and args.skip_gps and args.skip_callback):
+            and args.skip_gps and args.skip_callback and args.skip_console):
         parser.error("skipping every section leaves nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
@@ -237,14 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     callback = None if args.skip_callback else _timed_section(
         "callback-bench-", args.tmpdir, lambda tmp, context: run_callback(
             tmp, progress=progress, context=context))
-    parts = (report, evidence, upload, live, gps, callback)
+    console = None if args.skip_console else _timed_section(
+        "console-bench-", args.tmpdir, lambda tmp, context: run_console(
+            tmp, args.console_alerts, args.console_video_runs, progress=progress,
+            context={"cpus": context["cpus"]},
+            sos_stored=report.ours if report is not None else None))
+    parts = (report, evidence, upload, live, gps, callback, console)
     if args.json:
         print(combined_json(*parts))
     else:
         print("\n\n".join(part.as_table() for part in parts if part is not None))
     progress(f"done in {round(time.monotonic() - started, 1)} s")
     failed = any(part is not None and part.errors
-                 for part in (evidence, upload, live, gps, callback))
+                 for part in (evidence, upload, live, gps, callback, console))
     return 1 if broke or errors or failed else 0
 
 

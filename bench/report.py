@@ -498,11 +498,102 @@ class CallbackReport:
         return "\n".join(out)
 
 
+@dataclass
+class ConsoleReport:
+    """The "operator console" section (bench.console_bench): how soon an open console page in
+    headless Chromium shows a new alert's row, and plays its live video once the row is
+    clicked. Targets: stored -> row visible p99 within `row_target_ms`; stored -> video playing
+    within `video_target_ms` in every run (the max: a few runs only)."""
+
+    row_target_ms: float
+    video_target_ms: float
+    alerts: int = 0
+    devices: int = 0
+    video_runs: int = 0
+    rows: list[Summary] = field(default_factory=list)  # stored -> row, publish -> row
+    video: Summary | None = None  # stored -> playing, the click on the row included
+    sos_stored: Summary | None = None  # trigger -> stored, from the SOS section (when it ran)
+    why_not: str | None = None  # no browser here: a reason instead of numbers, not an error
+    context: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def row(self) -> Summary | None:
+        return next((s for s in self.rows if s.key == "console_stored_row"), None)
+
+    @property
+    def row_met(self) -> bool:
+        return self.row is not None and self.row.n > 0 and self.row.p99_ms <= self.row_target_ms
+
+    @property
+    def video_met(self) -> bool:
+        return (self.video is not None and self.video.n > 0
+                and self.video.max_ms <= self.video_target_ms)
+
+    def verdict(self) -> str:
+        row_target = f"(target: p99 within {self.row_target_ms:g} ms)"
+        video_target = f"(target: within {self.video_target_ms:g} ms, every run)"
+        if self.why_not:
+            return f"operator console: not measured: {self.why_not}"
+        row = self.row
+        parts = [f"stored -> row visible p99: {row.p99_ms:.0f} ms {row_target} -> "
+                 f"{'MET' if self.row_met else 'MISSED'}" if row is not None and row.n
+                 else f"stored -> row visible: not measured {row_target}"]
+        if self.video is not None and self.video.n:
+            parts.append(f"stored -> video playing max: {self.video.max_ms:.0f} ms "
+                         f"{video_target} -> {'MET' if self.video_met else 'MISSED'}")
+        elif self.video_runs:
+            parts.append(f"stored -> video playing: not measured {video_target}")
+        line = "; ".join(parts)
+        return f"{line} -> INCOMPLETE RUN" if self.errors else line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "context": self.context | {"alerts": self.alerts, "devices": self.devices,
+                                       "video_runs": self.video_runs},
+            "why_not": self.why_not,
+            "latency": [s.as_dict() for s in self.rows],
+            "video": self.video.as_dict() if self.video is not None else None,
+            "sos_trigger_to_stored": self.sos_stored.as_dict() if self.sos_stored else None,
+            "verdict": {"row_p99_ms": round(self.row.p99_ms, 3) if self.row else None,
+                        "row_target_ms": self.row_target_ms, "row_met": self.row_met,
+                        "video_max_ms": round(self.video.max_ms, 3) if self.video else None,
+                        "video_target_ms": self.video_target_ms, "video_met": self.video_met,
+                        "text": self.verdict()},
+            "errors": self.errors,
+        }
+
+    def as_table(self) -> str:
+        if self.why_not:
+            return self.verdict()
+        c = self.context
+        out = [f"operator console in {c.get('browser', 'headless Chromium')} (headless), the "
+               "page open and logged in, SSE from the centre; "
+               f"{self.alerts} alerts, one at a time, from {self.devices} enrolled devices, "
+               "published as a device does (signed, MQTT QoS 1) through one private Mosquitto "
+               "(mutual TLS) to the centre (its store, then the console's event stream)",
+               f"video: {self.video_runs} SOS presses on a virtual pillar process with its "
+               "camera (real firmware); the row is clicked (Selenium) as soon as it shows, and "
+               "the page plays the live view of the selected alert only, so THE CLICK IS "
+               "INCLUDED in that line",
+               f"browser, centre and device on one machine and one clock; "
+               f"{c.get('cpus', '?')} CPU(s)", ""]
+        lines = ([self.sos_stored] if self.sos_stored is not None else []) + self.rows
+        lines += [self.video] if self.video is not None else []
+        if lines:
+            label_w = max(len(s.label) for s in lines) + 2
+            out.append(f"{'':{label_w}}{'n':>5}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  (ms)")
+            out += [_row(s, label_w) for s in lines]
+        out += [""] + [f"ERROR: {e}" for e in self.errors] + [self.verdict()]
+        return "\n".join(out)
+
+
 def combined_json(sos: Report | None, evidence: EvidenceReport | None,
                   upload: UploadReport | None = None, live: LiveReport | None = None,
-                  gps: GpsReport | None = None, callback: CallbackReport | None = None) -> str:
+                  gps: GpsReport | None = None, callback: CallbackReport | None = None,
+                  console: ConsoleReport | None = None) -> str:
     """The SOS object as before (when it ran), plus "evidence_video", "upload",
-    "live_view", "gps_decoder" and "camera_callback" (each when it ran)."""
+    "live_view", "gps_decoder", "camera_callback" and "console" (each when it ran)."""
     data = sos.as_dict() if sos is not None else {}
     if evidence is not None:
         data["evidence_video"] = evidence.as_dict()
@@ -514,6 +605,8 @@ def combined_json(sos: Report | None, evidence: EvidenceReport | None,
         data["gps_decoder"] = gps.as_dict()
     if callback is not None:
         data["camera_callback"] = callback.as_dict()
+    if console is not None:
+        data["console"] = console.as_dict()
     return json.dumps(_finite(data), indent=2, allow_nan=False)
 
 

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from protocol.configfile import ConfigError
 from simulator.broker import is_fleet, sim_enrolments
 from simulator.processes import Entry, Recorder
-from simulator.runner import RunResult, ScenarioRun, dumps
+from simulator.runner import CONSOLE_USER, ConsoleStartError, RunResult, ScenarioRun, dumps
 from simulator.scenario import available, load_scenario
 
 SHOWN = {"setup", "button", "kill", "start", "broker", "problem", "error", "ack", "close",
          "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback",
          "call_start", "call_end", "dock", "undock", "upload_started", "upload_progress",
-         "upload", "segment_stored", "segment_refused", "live"}
+         "upload", "segment_stored", "segment_refused", "live", "row"}
 
 
 class TimelinePrinter:
@@ -92,11 +97,30 @@ def print_summary(result: RunResult) -> None:
             print(f"live:      {live['chunks']} chunk(s) during the SOS, {live['lost']} lost; "
                   f"newest frame {newest['p50']:.0f} ms (p50) / {newest['p95']:.0f} ms (p95) "
                   "behind the camera")
+    if result.console:
+        print_console(result.console)
     if result.ok:
         print(f"\nOK: {len(result.alerts)} alert(s), each stored once at the control centre, "
               "and every operator decision applied on the device.")
     else:
         print("\nFAILED:\n  " + "\n  ".join(result.problems))
+
+
+def print_console(console: dict[str, Any]) -> None:
+    """The console's line of the summary: where it was, and each row's time in the browser."""
+    print(f"\nconsole:   {console['url']} (user {console['user']})")
+    if console["why_not"]:
+        print(f"           no browser timed it: {console['why_not']}")
+        return
+    for row in console["alerts"]:
+        if row["stored_to_row_ms"] is None:
+            print(f"           {row['alert_id'][:8]}: its row NEVER appeared in "
+                  f"{console['browser']}")
+            continue
+        pressed = (f"{row['pressed_to_row_ms']:.0f} ms after the press, "
+                   if row["pressed_to_row_ms"] is not None else "")
+        print(f"           {row['alert_id'][:8]}: row visible in {console['browser']} {pressed}"
+              f"{row['stored_to_row_ms']:.0f} ms after it was stored")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -123,19 +147,79 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     run = ScenarioRun(scenario, workdir, speed=args.speed, seed=args.seed,
                       recorder=Recorder(on_entry=printer), fleet_dir=args.fleet, port=args.port,
-                      provisioned=provisioned)
-    result = run.run()
-    if printer:
-        printer.close()
-    if args.json:
-        print(dumps(result))
-    else:
-        print_summary(result)
-        if args.out:
-            print(f"broker, centre and device files are in {workdir}")
-    if not args.out:
-        shutil.rmtree(workdir, ignore_errors=True)
+                      provisioned=provisioned, browser=not args.no_browser,
+                      console_port=args.console_port)
+    try:
+        try:
+            result = run.run(keep_running=args.console)
+        except ConsoleStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if printer:
+                printer.close()
+        if args.json:
+            print(dumps(result), flush=True)
+        else:
+            print_summary(result)
+            if args.out:
+                print(f"broker, centre and device files are in {workdir}")
+        if args.console:
+            hold(run, sys.stderr if args.json else sys.stdout)
+    finally:
+        if not args.out:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0 if result.ok else 1
+
+
+def hold(run: ScenarioRun, out: TextIO) -> None:
+    """`--console`: keep what the run left running until SIGINT or SIGTERM, then stop it."""
+    try:
+        with stop_signal() as wait:
+            print(f"\nconsole:  {run.console_url}  user {CONSOLE_USER}  password "
+                  f"{run.console_password}\n          (its certificate is from the run's fleet "
+                  f"CA {run.ca_file}: trust that, or accept the browser's warning)\n"
+                  "The broker, the control centre with its console and the devices keep "
+                  "running until Ctrl-C.", file=out, flush=True)
+            signum = wait()
+        print(f"{signal.Signals(signum).name}: stopping", file=out, flush=True)
+    finally:
+        run.stop()
+
+
+@contextlib.contextmanager
+def stop_signal() -> Iterator[Callable[[], int]]:
+    """Inside: SIGINT and SIGTERM no longer interrupt; the yielded function blocks until one
+    of them arrives and returns its number.
+
+    `sos-center serve` blocks the signals before it starts any thread and sigwaits. That does
+    not fit here: the run has started threads (paho, uvicorn, the device readers) with the
+    signals unblocked, and Linux delivers a process-wide signal to any thread that does not
+    block it, where a sigwait in the main thread would never see it. Blocking them from the
+    start instead would be inherited by every process the run starts (Mosquitto, the devices,
+    chromedriver keep a blocked mask across exec), which SIGTERM could then no longer stop.
+    So the signals get a handler that does nothing, and Python's C-level handler writes each
+    one's number to a wakeup socket, from whichever thread took it: the main thread reads it.
+    """
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    stopping = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: None) for s in stopping}
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def wait() -> int:
+        while (signum := reader.recv(1)[0]) not in stopping:
+            continue  # another signal with a Python handler (none by default)
+        return signum
+
+    try:
+        yield wait
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        reader.close()
+        writer.close()
 
 
 def fleet_refusal(args: argparse.Namespace, enrolled_devices: list[str]) -> str | None:
@@ -163,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sos-sim",
         description="Desktop simulator: a private Mosquitto (TLS), the control centre with an "
-                    "automatic operator, and virtual tokens and pillars running the real firmware "
+                    "automatic operator and its web console (HTTPS; URL, user and password are "
+                    "printed), and virtual tokens and pillars running the real firmware "
                     "with virtual hardware (bouncy button, NMEA GPS on a pty).",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="COMMAND")
@@ -173,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--speed", type=float, default=1.0,
                      help="compress scenario time by this factor (button holds stay real)")
     run.add_argument("--json", action="store_true",
-                     help="print one JSON object with the per-alert results and 'ok'")
+                     help="print one JSON object with the per-alert results and 'ok' (and "
+                          "'console': its URL and, per alert, press/stored -> row visible in "
+                          "the browser, ms)")
     run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
     run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
     run.add_argument("--fleet", type=Path, metavar="DIR",
@@ -190,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--provisioned", action="append", default=[], metavar="ID=ROOT",
                      help="run device ID from a directory `sos-provision` wrote "
                           "(with --fleet and --port as given to it); repeatable")
+    run.add_argument("--console", action="store_true",
+                     help="after the result, keep the broker, the control centre with its web "
+                          "console and the devices running until Ctrl-C (SIGINT or SIGTERM), "
+                          "printing the console's URL, user and password again, so a person "
+                          "can log in and look around (the automatic operator stops)")
+    run.add_argument("--console-port", type=int, default=0, metavar="PORT",
+                     help="the web console's HTTPS port on 127.0.0.1 (default: a free one); "
+                          "its URL, user and one-run password are printed at the start")
+    run.add_argument("--no-browser", action="store_true",
+                     help="do not open the console in headless Chromium (by default it is, "
+                          "when chromium, chromedriver and selenium are installed, to measure "
+                          "press -> row visible for each alert: the 'console' figures)")
     sub.add_parser("list", help="list the scenarios with their descriptions")
     from simulator.selftest import add_selftest_parser
 

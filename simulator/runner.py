@@ -1,5 +1,6 @@
-"""Run a scenario end to end: private broker, control centre with an automatic operator, GPS
-receivers on ptys, and virtual devices as real processes running the real firmware.
+"""Run a scenario end to end: private broker, control centre with an automatic operator and its
+web console, GPS receivers on ptys, and virtual devices as real processes running the real
+firmware; optionally the console open in headless Chromium, timing each alert's row.
 
 Times in a scenario are scenario seconds; `speed` compresses them (speed 4: four times faster).
 Physical things are not compressed: a button hold lasts as long as a thumb holds it, so a step
@@ -9,6 +10,7 @@ never starts before the press before it has finished.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,13 +20,18 @@ from typing import Any
 
 from control_center import pki
 from control_center.audit import AuditLog
+from control_center.config import ConsoleConfig, console_config
 from control_center.console import alert_line, event_line
 from control_center.ingest import DirectoryStore, IngestServer
 from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import Store
+from control_center.web.accounts import Accounts
+from control_center.web.launch import RunningConsole, start_console
 from protocol import utc_iso
+from simulator import console_watch
 from simulator.broker import HOST, PrivateBroker
+from simulator.console_watch import ROW_DEADLINE_S, ConsoleWatcher
 from simulator.device_config import render_device_toml
 from simulator.gps_receiver import PtyGps, RouteReceiver
 from simulator.processes import DeviceProcess, Entry, Recorder
@@ -32,6 +39,7 @@ from simulator.recordings import recording_results
 from simulator.scenario import DeviceSpec, Scenario, Step
 
 OPERATOR = "auto-operator"
+CONSOLE_USER = "operator"  # the console account a person logs in with (password: per run)
 PRESS_SETTLE_S = 0.2  # after a press is played, before the next step may start
 
 
@@ -46,6 +54,7 @@ class RunResult:
     workdir: str
     entries: list[Entry] = field(repr=False, default_factory=list)
     recordings: dict[str, Any] | None = None  # recording, upload, live (scenarios with a camera)
+    console: dict[str, Any] | None = None  # url, user, browser, why_not, alerts (row shown)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,7 +65,11 @@ class RunResult:
             "alerts": self.alerts,
             "problems": self.problems,
             "workdir": self.workdir,
-        } | (self.recordings or {})
+        } | (self.recordings or {}) | ({"console": self.console} if self.console else {})
+
+
+class ConsoleStartError(RuntimeError):
+    """The run's web console could not start (`--console-port` taken, say)."""
 
 
 class AutoOperator:
@@ -108,9 +121,15 @@ class AutoOperator:
 class ScenarioRun:
     def __init__(self, scenario: Scenario, workdir: Path, *, speed: float = 1.0, seed: int = 1,
                  recorder: Recorder | None = None, fleet_dir: Path | None = None,
-                 port: int | None = None, provisioned: dict[str, Path] | None = None) -> None:
+                 port: int | None = None, provisioned: dict[str, Path] | None = None,
+                 browser: bool = False, console_port: int = 0) -> None:
         """`provisioned`: device id -> the root a `sos-provision` wrote; that device
-        runs from its own config and keys there (on `fleet_dir`'s broker at `port`)."""
+        runs from its own config and keys there (on `fleet_dir`'s broker at `port`).
+
+        The centre always has its web console beside it (on `console_port`, 0: a free one),
+        as `sos-center serve` with a `[console]` section has, so a person can watch a run.
+        `browser`: also open it in headless Chromium and time each alert's row (press -> row
+        visible); off by default, since starting a browser costs seconds."""
         self.scenario = scenario
         self.workdir = workdir
         self.speed = speed
@@ -135,22 +154,126 @@ class ScenarioRun:
                                      FleetTrust(fleet))
         self.center = self.broker.centre_service(self.store, on_event=self._center_event,
                                                  live=self.live)
+        self.console: RunningConsole | None = None
+        self.console_password = secrets.token_urlsafe(12)  # 16 characters, new every run
+        self.console_config = self._console_config(console_port)
+        self.browser = browser
+        self.watcher: ConsoleWatcher | None = None
+        self._watcher_password = secrets.token_urlsafe(12)
+        self._accounts(browser)
         self.operator = AutoOperator(self.center, self.recorder,
                                      scenario.operator_ack_delay_s / speed,
                                      scenario.operator_close_delay_s / speed)
         self.gps: dict[str, PtyGps] = {}
         self.devices: dict[str, DeviceProcess] = {}
         self._abort = threading.Event()
+        self._rows: dict[str, float | None] = {}
+        self._stopped = False
+
+    # -- the console -----------------------------------------------------------------------------
+    def _console_config(self, port: int) -> ConsoleConfig:
+        """The console as `sos-center serve` would run it, on loopback, with a certificate of
+        its own from the run's fleet CA (in the run's directory, like the ingest's: never a
+        deployment's). Its evidence browser reads the ingest's store when the run has one."""
+        tls = pki.issue_server_cert(self.broker.fleet.ca, self.workdir / "console-tls",
+                                    "console", [HOST, "localhost"])
+        section = {"listen": HOST, "port": port, "cert_file": str(tls.cert_file),
+                   "key_file": str(tls.key_file), "exports_dir": "console/exports",
+                   "audit_log": "console/audit.jsonl"}
+        if self.ingest is not None:
+            section["evidence_dir"] = "evidence"
+        return console_config(section, self.workdir)
+
+    def _accounts(self, browser: bool) -> None:
+        """The run's console accounts, in the centre's store file as `sos-center user add`
+        puts them: `operator` for a person, and `watcher` (auditor: it only looks) for the
+        browser. A work directory used before (--out) keeps them: new passwords then."""
+        wanted = {CONSOLE_USER: ("operator", self.console_password)}
+        if browser:
+            wanted[console_watch.USER] = (console_watch.ROLE, self._watcher_password)
+        with Accounts(self.workdir / "center.sqlite") as accounts:
+            for name, (role, password) in wanted.items():
+                user = accounts.user(name)
+                if user is None:
+                    accounts.add(name, role, password)
+                    continue
+                accounts.set_password(name, password)
+                if user.disabled:
+                    accounts.enable(name)
+
+    @property
+    def console_url(self) -> str:
+        """The console's address; https://localhost:PORT/ (its certificate names both
+        localhost and 127.0.0.1)."""
+        assert self.console is not None, "the console starts with run()"
+        return self.console.url
+
+    @property
+    def ca_file(self) -> Path:
+        """The run's fleet CA: the console's certificate chains to it."""
+        return Path(self.broker.fleet.ca.cert_file)
+
+    def _start_console(self) -> None:
+        config = self.console_config
+        try:
+            self.console = start_console(config, store=self.store,
+                                         accounts_db=self.workdir / "center.sqlite",
+                                         fleet=self.broker.fleet, commands=self.center,
+                                         live_dir=self.workdir / "live" if self.live else None)
+        except OSError as exc:  # the port is taken, say
+            raise ConsoleStartError(f"cannot serve the operator console on {config.listen}:"
+                                    f"{config.port}: {exc}") from exc
+        self.recorder.add(
+            "sim", "setup", f"operator console on {self.console_url} : log in as "
+            f"'{CONSOLE_USER}', password '{self.console_password}' (its certificate is from "
+            f"this run's fleet CA, {self.ca_file})", url=self.console_url, user=CONSOLE_USER,
+            ca_file=str(self.ca_file))
+
+    def _open_watcher(self) -> None:
+        """Open the console in headless Chromium (blocking: seconds), before the timeline."""
+        assert self.console is not None
+        watcher = ConsoleWatcher(self.console.url.replace("localhost", HOST),
+                                 self.console_config.cert_file, self.workdir / "browser",
+                                 console_watch.USER, self._watcher_password,
+                                 on_row=self._row_shown)
+        self.watcher = watcher  # inactive until open() succeeds: watch() does nothing
+        watcher.open()
+        if watcher.active:
+            self.recorder.add("sim", "setup", f"{watcher.browser} (headless) has the console "
+                              f"open as '{watcher.user}' ({console_watch.ROLE})")
+        else:
+            self.recorder.add("sim", "setup", f"no browser watches the console: "
+                              f"{watcher.why_not}")
+
+    def _row_shown(self, alert_id: str, shown_ms: float | None) -> None:
+        """The watcher saw (or gave up on) an alert's row: on the timeline at that moment."""
+        if shown_ms is None:
+            return  # a problem, reported with the result
+        record = self.store.alert(alert_id)
+        after = f", {shown_ms - record.stored_at * 1000:.0f} ms after it was stored" \
+            if record is not None else ""
+        self.recorder.add("console", "row", f"row of {alert_id[:8]} visible in the browser"
+                          + after, wall=shown_ms / 1000, alert_id=alert_id)
 
     # -- the run ---------------------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def run(self, *, keep_running: bool = False) -> RunResult:
+        """Play the scenario and return its result. `keep_running`: leave the broker, centre,
+        console and devices running afterwards (the automatic operator and the browser stop),
+        until `stop()`: `sos-sim run --console`, for a person to look around."""
         rec = self.recorder
+        held = False
+        opener: threading.Thread | None = None
         try:
             self.broker.start()
             if self.ingest is not None:
                 self.ingest.start()
                 rec.add("sim", "setup", f"evidence ingest on {self.ingest.url}/files/ "
                         "(tus, mutual TLS)")
+            self._start_console()  # before the centre subscribes: it sees every event
+            if self.browser:  # Chromium starts while the devices connect
+                opener = threading.Thread(target=self._open_watcher, name="console-opener",
+                                          daemon=True)
+                opener.start()
             self.center.start()
             rec.add("sim", "setup", f"broker on {self.broker.centre.host}:{self.broker.port} "
                     "(mutual TLS, each identity confined), control centre subscribed")
@@ -160,11 +283,42 @@ class ScenarioRun:
                 if not rec.wait_for(lambda es, d=device_id: any(
                         e.source == d and e.kind == "link" and e.data["up"] for e in es), 30):
                     rec.add("sim", "problem", f"{device_id} never connected")
+            if opener is not None:
+                opener.join()
             self._play_timeline()
             rec.wait_for(lambda es: self._finished(), self._remaining())
+            self._rows = self._console_rows()
+            held = keep_running
         finally:
-            self._shutdown()
-        return self._result()
+            if opener is not None:
+                opener.join()
+            if held:
+                self._hold()
+            else:
+                self._shutdown()
+        result = self._result()
+        if not held:
+            self.store.close()
+        return result
+
+    def stop(self) -> None:
+        """After `run(keep_running=True)`: stop everything it left running."""
+        self._shutdown()
+        self.store.close()
+
+    def _hold(self) -> None:
+        """What stops when a run is kept for a person: nothing acts on its own any more."""
+        self._abort.set()
+        self.operator.stop()
+        if self.watcher is not None:
+            self.watcher.close()
+
+    def _console_rows(self) -> dict[str, float | None]:
+        """Alert id -> when its row appeared in the watcher's page (epoch ms, None: never)."""
+        if self.watcher is None or not self.watcher.active:
+            return {}
+        stored = {a.alert_id: a.stored_at for a in self.store.alerts(open_only=False)}
+        return self.watcher.rows(stored)
 
     def _start_device(self, spec: DeviceSpec) -> None:
         port = None
@@ -283,9 +437,13 @@ class ScenarioRun:
                               device=entry.get("device_id"), seq=entry.get("seq"))
 
     def _center_event(self, event: CenterEvent) -> None:
+        if self.console is not None:  # first: the open pages learn at once
+            self.console.console.on_center_event(event)
         m = event.message
         if event.kind == "alert":
             if event.new:
+                if self.watcher is not None:
+                    self.watcher.watch(m["alert_id"], time.time())  # just stored
                 self.recorder.add("centre", "alert", alert_line(m), alert_id=m["alert_id"])
                 self.operator.on_new_alert(m["alert_id"])
             else:
@@ -313,12 +471,16 @@ class ScenarioRun:
                               alert_id=m.get("alert_id"))
 
     def _shutdown(self) -> None:
-        self._abort.set()
-        self.operator.stop()
+        if self._stopped:
+            return
+        self._stopped = True
+        self._hold()
         for device in self.devices.values():
             device.stop()
         for gps in self.gps.values():
             gps.stop()
+        if self.console is not None:
+            self.console.stop()
         self.center.stop()
         if self.ingest is not None:
             self.ingest.stop()
@@ -341,6 +503,7 @@ class ScenarioRun:
     def _result(self) -> RunResult:
         problems = [e.text for e in self.recorder.find(kind="problem")]
         alerts = []
+        walls: dict[str, tuple[float | None, float]] = {}  # alert id -> (pressed, stored)
         for record in self.store.alerts(open_only=False):
             trigger = next(iter(self.recorder.find(kind="trigger", alert_id=record.alert_id)), None)
             presses = [e for e in self.recorder.find(kind="press", device=record.device_id)
@@ -352,6 +515,7 @@ class ScenarioRun:
                                                                 kind="feedback")
                                   if e.wall >= ack.wall and e.data["state"] == "acknowledged"),
                                  None)
+            walls[record.alert_id] = (presses[-1].wall if presses else None, record.stored_at)
             stores = self.recorder.find(kind="alert", alert_id=record.alert_id)
             feedback = self._feedback_after(record.alert_id)
             alerts.append({
@@ -389,9 +553,35 @@ class ScenarioRun:
         if self.scenario.records:
             recordings = recording_results(self, alerts)
             problems += recordings.pop("problems")
-        self.store.close()
+        console = self._console_result(walls)
+        problems += console.pop("problems")
         return RunResult(self.scenario.name, self.speed, not problems, alerts, expected, problems,
-                         str(self.workdir), list(self.recorder.entries), recordings)
+                         str(self.workdir), list(self.recorder.entries), recordings, console)
+
+    def _console_result(self, walls: dict[str, tuple[float | None, float]]) -> dict[str, Any]:
+        """The `console` object: where it was, who may log in, and per alert (alert id ->
+        (pressed, stored) epoch s: the recorder's press entry, as for `pressed_at`, and the
+        store's stored_at) how long after each its row appeared in the watcher's page; plus
+        "problems": a row not seen within ROW_DEADLINE_S of the alert being stored."""
+        watcher = self.watcher
+        why_not = "not asked for (sos-sim run --no-browser)" if watcher is None \
+            else watcher.why_not
+        rows, problems = [], []
+        for alert_id, (pressed, stored) in walls.items() if why_not is None else ():
+            shown = self._rows.get(alert_id)
+            if shown is None or shown - stored * 1000 > ROW_DEADLINE_S * 1000:
+                problems.append(f"alert {alert_id[:8]}: its row did not appear in the "
+                                f"operator console's page within {ROW_DEADLINE_S:g} s of being "
+                                "stored")
+            rows.append({
+                "alert_id": alert_id,
+                "pressed_to_row_ms": _ms((shown / 1000) - pressed)
+                if shown is not None and pressed is not None else None,
+                "stored_to_row_ms": _ms(shown / 1000 - stored) if shown is not None else None,
+            })
+        return {"url": self.console.url if self.console else None, "user": CONSOLE_USER,
+                "browser": watcher.browser if watcher is not None else None,
+                "why_not": why_not, "alerts": rows, "problems": problems}
 
 
 def decision_outcomes(commands: list[dict[str, Any]]) -> dict[str, str]:

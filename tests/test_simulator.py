@@ -17,7 +17,8 @@ from protocol.signing import public_key_from_b64, verify
 @cache  # each scenario runs once per test session; tests read different parts of it
 def run_sim(scenario: str, speed: float) -> dict:
     done = subprocess.run([sys.executable, "-m", "simulator.cli", "run", scenario, "--json",
-                           "--speed", str(speed)], capture_output=True, text=True, timeout=240)
+                           "--speed", str(speed), "--no-browser"],  # tests/test_sim_console.py
+                          capture_output=True, text=True, timeout=240)
     assert done.stdout, done.stderr
     return json.loads(done.stdout)
 
@@ -50,8 +51,8 @@ def test_outage_with_a_killed_device_still_delivers_exactly_once() -> None:
 def shift(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("shift")
     done = subprocess.run([sys.executable, "-m", "simulator.cli", "run", "shift", "--json",
-                           "--speed", "2", "--out", str(out)], capture_output=True, text=True,
-                          timeout=240)
+                           "--speed", "2", "--out", str(out), "--no-browser"],
+                          capture_output=True, text=True, timeout=240)
     assert done.stdout, done.stderr
     return json.loads(done.stdout), out
 
