@@ -86,18 +86,27 @@ class Console:
 
     # -- what the centre tells us ----------------------------------------------------------------
     def on_center_event(self, event: Any) -> None:
-        """CenterService's observer (paho's thread): push what changed to the open pages."""
+        """CenterService's observer (paho's thread): push what changed about an alert to the
+        open pages at once. Devices' records are pushed by the StoreWatcher (control_center/
+        web/store_watch.py), which sees every instance's writes, within 0.2 s."""
         message = event.message
-        if event.kind == "status":
-            self.publish_device(event.device_id)
-            if message.get("active_alert_id"):
-                self.publish_alert(message["active_alert_id"])
+        if event.kind == "status" and message.get("active_alert_id"):
+            self.publish_alert(message["active_alert_id"])  # what the device shows changed
         elif event.kind in ("alert", "position", "event") and message.get("alert_id"):
             self.publish_alert(message["alert_id"])
         elif event.kind == "event":
             self.publish_device(event.device_id)  # a storage alert, say
         elif event.kind == "live" and event.new and message.get("seq") == 0:
             self.publish_alert(str(message["alert_id"]))
+
+    def device_changed(self, device_id: str) -> None:
+        """A device's status changed (seen in the store): its record, and the alert it is
+        raising (the record says what the device shows about it)."""
+        self.publish_device(device_id)
+        device = self.store.device(device_id)
+        active = device["status"].get("active_alert_id") if device else None
+        if active:
+            self.publish_alert(active)
 
     def publish_alert(self, alert_id: str) -> None:
         record = self.store.alert(alert_id)
@@ -384,8 +393,6 @@ def _json_sync(request: Request) -> dict[str, Any]:
 def _parse_json(raw: bytes) -> dict[str, Any]:
     from protocol.untrusted import UntrustedJsonError, loads_untrusted
 
-    if len(raw) > MAX_BODY:
-        raise HTTPException(413, "request too large")
     if not raw:
         return {}
     try:
@@ -429,6 +436,10 @@ class SecurityHeaders:
             return
         if scope["method"] == "POST":
             body, receive = await _buffer(receive)
+            if body is None:
+                too_large = JSONResponse({"error": "request too large"}, status_code=413)
+                await too_large(scope, receive, send)
+                return
             scope["sos.body"] = body
 
         async def with_headers(message: Message) -> None:
@@ -448,8 +459,9 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
-    """Read a request's whole body (at most MAX_BODY + 1 bytes kept) and replay it."""
+async def _buffer(receive: Receive) -> tuple[bytes | None, Receive]:
+    """Read a request's whole body and replay it to the app; None if it is over MAX_BODY
+    (read to its end and dropped, so the connection stays usable)."""
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -459,17 +471,17 @@ async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size <= MAX_BODY + 1:
+        if size <= MAX_BODY:
             chunks.append(chunk)
         more = message.get("more_body", False)
-    body = b"".join(chunks)
+    body = b"".join(chunks) if size <= MAX_BODY else None
     sent = False
 
     async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body or b"", "more_body": False}
         return await receive()
 
     return body, replay

@@ -16,18 +16,21 @@ from control_center.web.accounts import Accounts
 from control_center.web.app import CommandPath, Console, build_app
 from control_center.web.evidence_view import EvidenceBrowser
 from control_center.web.server import ConsoleServer
+from control_center.web.store_watch import StoreWatcher
 
 
 @dataclass
 class RunningConsole:
     console: Console
     server: ConsoleServer
+    watcher: StoreWatcher
 
     @property
     def url(self) -> str:
         return self.server.url
 
     def stop(self) -> None:
+        self.watcher.stop()
         self.server.stop()
         self.console.accounts.close()
         self.console.audit.close()
@@ -52,4 +55,6 @@ def start_console(config: ConsoleConfig, *, store: Store, accounts_db: Path, fle
                            port=config.port, cert_file=config.cert_file,
                            key_file=config.key_file)
     server.start()
-    return RunningConsole(console, server)
+    watcher = StoreWatcher(store.path, console.publish_alert, console.device_changed)
+    watcher.start()
+    return RunningConsole(console, server, watcher)

@@ -1,0 +1,277 @@
+"""The console's HTTP side as a client sees it over real TLS: sessions, cookies, headers,
+refusals, the event stream, and `sos-center serve` with a `[console]` section.
+
+What a person sees in the page is tested in Chromium (test_console_browser.py); these check
+what no page shows: the cookie's flags, the headers, the answers to requests no page makes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import queue
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from control_center import pki
+from control_center.store import Store
+from control_center.web.accounts import Accounts
+from protocol import MessageKind, Topics, encode
+from simulator.broker import HOST
+from simulator.console_rig import PASSWORD, ConsoleRig
+from tests.helpers import RawClient, alert_message, device_signer
+
+
+class Client:
+    """One browser-like client: keeps the session cookie and the CSRF token."""
+
+    def __init__(self, rig: ConsoleRig) -> None:
+        self.url = urlsplit(rig.url)
+        self.context = ssl.create_default_context(cafile=str(rig.broker.fleet.ca.cert_file))
+        self.cookie: str | None = None
+        self.csrf: str | None = None
+
+    def connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(self.url.hostname, self.url.port, timeout=20,
+                                           context=self.context)
+
+    def request(self, method: str, path: str, body: Any = None, *, csrf: bool = True,
+                headers: dict[str, str] | None = None,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        if self.cookie:
+            sent["Cookie"] = self.cookie
+        if csrf and self.csrf:
+            sent["X-CSRF-Token"] = self.csrf
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        connection = self.connection()
+        connection.request(method, path, body=data, headers=sent)
+        response = connection.getresponse()
+        text = response.read()
+        connection.close()
+        answer = json.loads(text) if response.getheader("content-type", "").startswith(
+            "application/json") else text
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+
+    def log_in(self, user: str, password: str = PASSWORD) -> tuple[int, dict[str, str], Any]:
+        status, headers, body = self.request("POST", "/api/login",
+                                             {"username": user, "password": password})
+        if status == 200:
+            self.cookie = headers["set-cookie"].split(";", 1)[0]
+            self.csrf = body["csrf"]
+        return status, headers, body
+
+
+@pytest.fixture
+def rig(broker, tmp_path: Path) -> Iterator[ConsoleRig]:
+    running = ConsoleRig(tmp_path / "centre", broker)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def alice(rig: ConsoleRig) -> Client:
+    client = Client(rig)
+    assert client.log_in("alice")[0] == 200
+    return client
+
+
+def raise_alert(rig: ConsoleRig, device_id: str = "tok-http-01") -> str:
+    """An alert as a device sends it (signed, over the broker); its id once stored."""
+    message = device_signer(rig.broker, device_id).sign(alert_message(device_id))
+    client = RawClient(rig.broker.identity(device_id), device_id)
+    try:
+        client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
+        rig.wait_for(lambda: rig.store.alert(message["alert_id"]) is not None)
+    finally:
+        client.close()
+    return message["alert_id"]
+
+
+# -- sessions ----------------------------------------------------------------------------------
+def test_the_session_cookie_is_secure_httponly_and_samesite_strict(rig: ConsoleRig) -> None:
+    status, headers, _ = Client(rig).log_in("alice")
+    flags = {part.strip().lower() for part in headers["set-cookie"].split(";")[1:]}
+    assert status == 200
+    assert {"secure", "httponly", "samesite=strict", "path=/"} <= flags
+
+
+def test_without_a_session_the_api_answers_401_and_the_page_sends_to_log_in(
+        rig: ConsoleRig) -> None:
+    client = Client(rig)
+    assert client.request("GET", "/api/alerts")[0] == 401
+    status, headers, _ = client.request("GET", "/")
+    assert (status, headers["location"]) == (303, "/login")
+
+
+def test_a_wrong_password_and_an_unknown_name_get_the_same_answer(rig: ConsoleRig) -> None:
+    wrong = Client(rig).log_in("alice", "not the right password")
+    unknown = Client(rig).log_in("mallory", "not the right password")
+    assert wrong[0] == unknown[0] == 401
+    assert wrong[2] == unknown[2]
+
+
+def test_a_failed_log_in_is_written_to_the_audit_log(rig: ConsoleRig) -> None:
+    Client(rig).log_in("alice", "not the right password")
+    lines = [json.loads(line) for line in rig.config.audit_log.read_text().splitlines()]
+    assert any(e["event"] == "console_login_failed" and e["actor"] == "alice" for e in lines)
+
+
+def test_disabling_a_user_ends_her_session_at_once(rig: ConsoleRig, alice: Client) -> None:
+    with Accounts(rig.workdir / "center.sqlite") as accounts:
+        accounts.disable("alice")
+    assert alice.request("GET", "/api/me")[0] == 401
+
+
+def test_log_out_ends_the_session_on_the_server(rig: ConsoleRig, alice: Client) -> None:
+    assert alice.request("POST", "/api/logout", {})[0] == 204
+    assert alice.request("GET", "/api/me")[0] == 401
+
+
+# -- refusals ----------------------------------------------------------------------------------
+def test_a_post_from_another_origin_is_refused(rig: ConsoleRig, alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/claim", {},
+                                    headers={"Origin": "https://evil.example"})
+    assert status == 403 and "origin" in body["error"]
+    assert rig.store.alert(alert_id).claimed_by is None
+
+
+def test_a_body_over_the_limit_is_refused(rig: ConsoleRig, alice: Client) -> None:
+    status, _, _ = alice.request("POST", "/api/dispatch", raw=b"{" + b" " * 20_000 + b"}")
+    assert status == 413
+
+
+def test_closing_without_a_reason_is_refused_and_nothing_is_sent(rig: ConsoleRig,
+                                                                 alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/close", {"reason": " "})
+    assert status == 400 and "reason" in body["error"]
+    assert rig.store.commands(alert_id) == []
+
+
+def test_an_auditor_may_not_dispatch(rig: ConsoleRig) -> None:
+    audrey = Client(rig)
+    audrey.log_in("audrey")
+    status, _, _ = audrey.request("POST", "/api/dispatch", {"device_id": "tok-http-01",
+                                                            "kind": "call_end"})
+    assert status == 403
+    assert rig.store.commands("") == []
+
+
+def test_live_files_are_served_only_by_name(rig: ConsoleRig, alice: Client) -> None:
+    assert alice.request("GET", "/live/" + "0" * 32 + "/..%2Fstream.json")[0] == 404
+    assert alice.request("GET", "/live/" + "0" * 32 + "/index.m3u8")[0] == 404
+
+
+# -- headers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/login", "/api/me", "/static/console.js"])
+def test_every_answer_carries_the_strict_headers(rig: ConsoleRig, alice: Client,
+                                                 path: str) -> None:
+    _, headers, _ = alice.request("GET", path)
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert "unsafe-inline" not in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+# -- the event stream --------------------------------------------------------------------------
+@pytest.fixture
+def stream(alice: Client) -> Iterator[queue.Queue[tuple[str, dict]]]:
+    """alice's open event stream: (event, data) as they arrive."""
+    connection = alice.connection()
+    connection.request("GET", "/events", headers={"Cookie": alice.cookie or ""})
+    response = connection.getresponse()
+    assert response.getheader("content-type").startswith("text/event-stream")
+    assert response.readline().startswith(b": connected")
+    events: queue.Queue[tuple[str, dict]] = queue.Queue()
+
+    def read() -> None:
+        kind = None
+        # The test closes the connection while this reads: http.client then raises.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            for line in response:
+                if line.startswith(b"event: "):
+                    kind = line[7:].strip().decode()
+                elif line.startswith(b"data: ") and kind:
+                    events.put((kind, json.loads(line[6:])))
+
+    threading.Thread(target=read, daemon=True).start()
+    yield events
+    connection.close()
+
+
+def next_alert_event(events: queue.Queue[tuple[str, dict]], alert_id: str) -> dict:
+    while True:
+        kind, data = events.get(timeout=10)
+        if kind == "alert" and data["alert_id"] == alert_id:
+            return data
+
+
+def test_a_stored_alert_is_pushed_to_an_open_event_stream(rig: ConsoleRig, stream) -> None:
+    alert_id = raise_alert(rig)
+    data = next_alert_event(stream, alert_id)
+    assert data["status"] == "open" and data["device_id"] == "tok-http-01"
+
+
+def test_an_alert_another_instance_stored_is_pushed_too(rig: ConsoleRig, stream) -> None:
+    """Instances sharing the store split the alerts: this console must show the others'."""
+    other_instance = Store(rig.workdir / "center.sqlite")
+    alert = alert_message("tok-http-02")
+    other_instance.add_alert(alert, stored_at=time.time())
+    assert next_alert_event(stream, alert["alert_id"])["device_id"] == "tok-http-02"
+    other_instance.close()
+
+
+# -- sos-center serve --------------------------------------------------------------------------
+def centre_config(broker, tmp_path: Path, console: str) -> Path:
+    b = broker.centre
+    path = tmp_path / "center.toml"
+    path.write_text(f'[center]\ndb = "{tmp_path / "center.sqlite"}"\n'
+                    f'fleet_dir = "{broker.fleet.directory}"\n'
+                    f'[broker]\nhost = "{b.host}"\nport = {b.port}\nca_file = "{b.ca_file}"\n'
+                    f'cert_file = "{b.cert_file}"\nkey_file = "{b.key_file}"\n{console}')
+    return path
+
+
+def test_serve_with_a_console_section_serves_the_console(broker, tmp_path: Path) -> None:
+    server = pki.issue_server_cert(broker.fleet.ca, tmp_path / "tls", "console", [HOST])
+    config = centre_config(broker, tmp_path, f'[console]\nlisten = "{HOST}"\nport = 0\n'
+                           f'cert_file = "{server.cert_file}"\nkey_file = "{server.key_file}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "control_center.cli", "--config", str(config),
+                             "serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        line = lines.get(timeout=30)
+        assert "operator console at https://" in line
+        url = urlsplit(line.split("operator console at ", 1)[1].split(";")[0].strip())
+        context = ssl.create_default_context(cafile=str(broker.fleet.ca.cert_file))
+        connection = http.client.HTTPSConnection(HOST, url.port, timeout=10, context=context)
+        connection.request("GET", "/login")
+        assert connection.getresponse().status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+
+
+def test_serve_refuses_a_missing_console_certificate_naming_the_key(broker,
+                                                                    tmp_path: Path) -> None:
+    config = centre_config(broker, tmp_path, '[console]\ncert_file = "nope.pem"\n'
+                                             'key_file = "nope.key"\n')
+    done = subprocess.run([sys.executable, "-m", "control_center.cli", "--config", str(config),
+                           "serve"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "key 'console.cert_file'" in done.stderr

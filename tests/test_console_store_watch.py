@@ -1,0 +1,96 @@
+"""The console sees what other centre instances write to the shared store (StoreWatcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from control_center.store import Store
+from control_center.web.store_watch import StoreWatcher
+from tests.helpers import alert_message
+
+NOW = 1_800_000_000.0
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.alerts: list[str] = []
+        self.devices: list[str] = []
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    Store(tmp_path / "c.sqlite").close()
+    return tmp_path / "c.sqlite"
+
+
+def watcher(path: Path, seen: Seen) -> StoreWatcher:
+    watch = StoreWatcher(path, seen.alerts.append, seen.devices.append, clock=lambda: NOW)
+    watch.check()  # the baseline
+    return watch
+
+
+def status(device_id: str = "tok-001") -> dict:
+    return {"v": 1, "device_id": device_id, "device_kind": "token", "state": "online",
+            "at": "2026-11-23T10:00:00.000Z", "heartbeat_s": 30.0}
+
+
+def test_the_first_look_reports_nothing(shared: Path) -> None:
+    other = Store(shared)
+    other.add_alert(alert_message(), stored_at=NOW)
+    seen = Seen()
+    watcher(shared, seen)
+    assert (seen.alerts, seen.devices) == ([], [])
+
+
+def test_an_alert_another_instance_stored_is_reported(shared: Path) -> None:
+    seen = Seen()
+    watch = watcher(shared, seen)
+    alert = alert_message()
+    Store(shared).add_alert(alert, stored_at=NOW)
+    watch.check()
+    assert seen.alerts == [alert["alert_id"]]
+
+
+def test_a_claim_another_instance_wrote_is_reported(shared: Path) -> None:
+    other = Store(shared)
+    alert = alert_message()
+    other.add_alert(alert, stored_at=NOW)
+    seen = Seen()
+    watch = watcher(shared, seen)
+    other.claim(alert["alert_id"], "bob", at=NOW + 1)
+    watch.check()
+    assert seen.alerts == [alert["alert_id"]]
+
+
+def test_a_position_update_is_reported_for_its_alert(shared: Path) -> None:
+    other = Store(shared)
+    alert = alert_message()
+    other.add_alert(alert, stored_at=NOW)
+    seen = Seen()
+    watch = watcher(shared, seen)
+    other.add_update("position", {"v": 1, "device_id": "tok-001", "seq": 2,
+                                  "alert_id": alert["alert_id"],
+                                  "created_at": "2026-11-23T10:00:05.000Z",
+                                  "position": alert["position"]}, stored_at=NOW + 5)
+    watch.check()
+    assert seen.alerts == [alert["alert_id"]]
+
+
+def test_a_device_status_is_reported_once(shared: Path) -> None:
+    seen = Seen()
+    watch = watcher(shared, seen)
+    Store(shared).set_device_status("tok-001", status(), seen_at=NOW)
+    watch.check()
+    watch.check()
+    assert seen.devices == ["tok-001"]
+
+
+def test_without_a_commit_nothing_is_read_or_reported(shared: Path) -> None:
+    other = Store(shared)
+    other.add_alert(alert_message(), stored_at=NOW)
+    seen = Seen()
+    watch = watcher(shared, seen)
+    assert watch.check() == ([], [])
+    assert (seen.alerts, seen.devices) == ([], [])
