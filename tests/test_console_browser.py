@@ -153,6 +153,21 @@ def click_action(driver: WebDriver, action: str) -> None:
     button.click()
 
 
+def ticks_pass(driver: WebDriver, n: int) -> None:
+    """Wait for the page's own 1 s tick (it beeps on it) to come round n times."""
+    start = driver.execute_script("return window.sosConsole.ticks")
+    wait_until(driver, lambda d: d.execute_script("return window.sosConsole.ticks") >= start + n,
+               what=f"{n} ticks of the page")
+
+
+def assert_silent(driver: WebDriver) -> None:
+    """No beep reaches the speaker over three ticks (one beep begun before may still count)."""
+    ticks_pass(driver, 1)
+    heard = driver.execute_script("return window.sosConsole.beepsHeard")
+    ticks_pass(driver, 3)
+    assert driver.execute_script("return window.sosConsole.beepsHeard") == heard
+
+
 def action_error(driver: WebDriver) -> str:
     return wait_until(driver, lambda d: d.find_element(By.ID, "action-error").text.strip(),
                       what="an error line")
@@ -192,6 +207,8 @@ def test_a_new_sos_sounds_the_alarm_until_someone_takes_it(alice, sos) -> None:
     wait_until(alice, lambda d: row(d, sos))
     assert alice.execute_script("return window.sosConsole.alarmActive()")
     assert alice.find_element(By.ID, "alarm").is_displayed()
+    wait_until(alice, lambda d: d.execute_script("return window.sosConsole.beepsHeard") >= 2,
+               what="the alarm's beeps to reach the speaker")
 
 
 def test_the_map_marker_stands_at_the_reported_position(alice, sos, rig) -> None:
@@ -244,6 +261,7 @@ def test_a_second_operator_cannot_take_an_alert_already_taken(alice, sos, browse
     wait_until(alice, lambda d: row(d, sos).get_attribute("data-claimed-by") == "alice",
                what="alice's claim to show")
     assert not alice.execute_script("return window.sosConsole.alarmActive()")
+    assert_silent(alice)
     bob = browsers.new("bob")
     select_alert(bob, sos)
     click_action(bob, "claim")

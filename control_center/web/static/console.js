@@ -36,6 +36,8 @@
     selected: () => state.selectedId,
     csrf: () => (state.me ? state.me.csrf : null),
     select: (alertId) => selectAlert(alertId, { focusRow: false }),
+    ticks: 0, // 1 s ticks so far (a test waits for some to pass)
+    beepsHeard: 0, // beeps whose samples reached the speaker's node (not merely scheduled)
   };
   window.sosConsole = sosConsole;
 
@@ -688,9 +690,30 @@
     gain.gain.linearRampToValueAtTime(0.25, t + 0.01);
     gain.gain.setValueAtTime(0.25, t + 0.19);
     gain.gain.linearRampToValueAtTime(0, t + 0.2);
-    osc.connect(gain).connect(ctx.destination);
+    osc.connect(gain).connect(alarmOutput(ctx));
     osc.start(t);
     osc.stop(t + 0.21);
+    // Mid-beep, look at what actually flows into the speaker: a beep counts as heard only if
+    // its samples arrived there (a context the browser suspended produces none).
+    setTimeout(() => {
+      const samples = new Float32Array(alarmTap.fftSize);
+      alarmTap.getFloatTimeDomainData(samples);
+      if (samples.some((v) => Math.abs(v) > 0.05)) sosConsole.beepsHeard += 1;
+    }, 100);
+  }
+
+  let alarmTap = null; // AnalyserNode beside the speaker: what the operator hears
+  let alarmMix = null;
+
+  function alarmOutput(ctx) {
+    if (!alarmMix) {
+      alarmMix = ctx.createGain();
+      alarmTap = ctx.createAnalyser();
+      alarmTap.fftSize = 2048;
+      alarmMix.connect(ctx.destination);
+      alarmMix.connect(alarmTap);
+    }
+    return alarmMix;
   }
 
   function renderSound() {
@@ -1362,6 +1385,7 @@
       if (d) setText(tr.children[1], stateText(d));
     }
     if (alarmActive()) beep();
+    sosConsole.ticks += 1;
   }
 
   // -- start ---------------------------------------------------------------------------------------
