@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -124,9 +125,17 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
             return 2
         live = LiveReceiver(fleet.live_identity_file, config.live_dir, FleetTrust(fleet))
     observers: list[Callable[[CenterEvent], None]] = [_printer(store)]
+
+    def tell_all(event: CenterEvent) -> None:
+        for observer in list(observers):  # one failing must not silence the others
+            try:
+                observer(event)
+            except Exception:
+                logging.getLogger("sos.center").exception("an observer of the %s failed",
+                                                          event.kind)
+
     service = _service(config, store, client_id=identity_name(config.broker),
-                       group=config.group, on_event=lambda e: [o(e) for o in observers],
-                       live=live)
+                       group=config.group, on_event=tell_all, live=live)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
@@ -168,6 +177,12 @@ def check_console_files(config: CenterConfig) -> None:
             check(path)
         except (ConfigError, OSError) as exc:
             raise ConfigError(f"key '{key}': {exc}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            config.console.cert_file, config.console.key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"key 'console.key_file': {config.console.key_file} is not the key of "
+                          f"console.cert_file {config.console.cert_file} ({exc.reason})") from None
 
 
 def cmd_alerts(config: CenterConfig, args: argparse.Namespace) -> int:

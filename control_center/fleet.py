@@ -79,6 +79,7 @@ class Fleet:
         if not self.ca.cert_file.exists():
             raise FleetError(f"{self.directory}: no fleet CA here (run: sos-center ca init)")
         self._registry_file = self.directory / "registry.json"
+        self._read_stamp = registry_stamp(self._registry_file)
         self.identities: list[Identity] = [
             Identity(**entry) for entry in json.loads(self._registry_file.read_text())["identities"]
         ]
@@ -185,8 +186,19 @@ class Fleet:
 
     def reload(self) -> None:
         """Re-read the registry (another process may have enrolled or revoked someone)."""
+        stamp = registry_stamp(self._registry_file)
         self.identities = [Identity(**entry) for entry in
                            json.loads(self._registry_file.read_text())["identities"]]
+        self._read_stamp = stamp
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the registry if its file changed since it was last read (one stat); whether
+        it did. `sos-center ca` enrols, re-keys and revokes from another process."""
+        stamp = registry_stamp(self._registry_file)
+        if stamp == getattr(self, "_read_stamp", None):
+            return False
+        self.reload()
+        return True
 
     def centre_signer(self) -> signing.Signer:
         """The key the control centre signs commands with, shared by its instances."""
@@ -278,6 +290,15 @@ class Fleet:
         revoked = [(int(i.serial, 16), dt.datetime.fromisoformat(i.revoked_at))
                    for i in self.identities if i.status == "revoked" and i.revoked_at]
         pki.write_crl(self.ca, revoked, self.crl_file)
+
+
+def registry_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the registry is rewritten (an atomic replace gives a new inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def render_broker_access(fleet: Fleet) -> dict[str, Any]:

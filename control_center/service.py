@@ -27,14 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.reasoncodes import ReasonCode
 
 from control_center.config import DEFAULT_GROUP
-from control_center.fleet import Fleet
+from control_center.fleet import Fleet, registry_stamp
 from control_center.live import LiveReceiver, header_from_properties
 from control_center.store import NotTheSame, NotYours, Store, Stored
 from protocol import (
@@ -441,7 +440,7 @@ class FleetTrust:
         self._check_s = check_s
         self._clock = clock
         self._checked_at: float | None = None
-        self._seen = _file_stamp(fleet.registry_file)
+        self._seen = registry_stamp(fleet.registry_file)
         self._lock = threading.Lock()
 
     def __call__(self, device_id: str) -> list[Ed25519PublicKey]:
@@ -449,7 +448,7 @@ class FleetTrust:
             now = self._clock()
             if self._checked_at is None or now - self._checked_at >= self._check_s:
                 self._checked_at = now
-                stamp = _file_stamp(self._fleet.registry_file)
+                stamp = registry_stamp(self._fleet.registry_file)
                 if stamp != self._seen:
                     self._reload(stamp)
             return self._fleet.signing_keys(device_id)
@@ -463,12 +462,3 @@ class FleetTrust:
             return
         self._seen = stamp
         log.info("fleet registry %s changed: device keys re-read", self._fleet.registry_file)
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten (an atomic replace gives a new inode)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size

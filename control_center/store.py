@@ -18,10 +18,11 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from control_center.sqlite_tx import immediate_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -181,10 +182,7 @@ class Store:
         """Stores made before delivery receipts lack the payload digests; rows stored then keep
         none (a re-send of one is receipted without comparing bytes)."""
         for table in ("alerts", "updates"):
-            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if "digest" not in columns:
-                with contextlib.suppress(sqlite3.OperationalError):  # another instance won
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+            self._add_columns(table, {"digest": "TEXT"})
 
     def _add_columns(self, table: str, wanted: dict[str, str]) -> None:
         """Columns a later release added (nullable: rows from before have none)."""
@@ -200,25 +198,15 @@ class Store:
         the alert undecided gets the decision again (the release before marked an alert decided
         on the broker's word)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
-        for name, kind in _COMMAND_COLUMNS.items():
-            if name not in columns:
-                with contextlib.suppress(sqlite3.OperationalError):  # another instance won
-                    self._db.execute(f"ALTER TABLE commands ADD COLUMN {name} {kind}")
+        self._add_columns("commands", _COMMAND_COLUMNS)
         if "sent_at" not in columns:
             self._db.execute(
                 "UPDATE commands SET sent_at = (julianday(rtrim(issued_at, 'Z')) - 2440587.5) "
                 "* 86400.0, routed = 0 WHERE sent_at IS NULL AND result IS NULL")
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
         """One atomic write of several statements (the caller holds the lock)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        return immediate_transaction(self._db)
 
     # -- writes from devices ---------------------------------------------------------------------
     def add_alert(self, alert: dict[str, Any], stored_at: float,
@@ -446,6 +434,27 @@ class Store:
         if len(rows) > 1:
             raise AmbiguousAlertId(f"alert id prefix '{prefix}' matches more than one alert")
         return rows[0][0] if rows else None
+
+    def take_over(self, alert_id: str, operator: str, at: float) -> str | None:
+        """Give an alert that is not closed to `operator` whoever holds it (a supervisor's
+        decision, when its holder left); returns who held it. LookupError if there is no such
+        open alert."""
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT claimed_by FROM alerts WHERE alert_id = ? "
+                                   "AND status != 'closed'", (alert_id,)).fetchone()
+            if row is None:
+                raise LookupError(f"no open alert {alert_id}")
+            self._db.execute("UPDATE alerts SET claimed_by = ?, claimed_at = ? "
+                             "WHERE alert_id = ?", (operator, at, alert_id))
+        return row[0]
+
+    def closed_alerts(self, limit: int) -> list[AlertRecord]:
+        """The `limit` most recently stored closed alerts."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE status = 'closed' "
+                "ORDER BY stored_at DESC LIMIT ?", (limit,)).fetchall()
+        return [AlertRecord.from_row(r) for r in rows]
 
     def alerts(self, *, open_only: bool = True) -> list[AlertRecord]:
         where = "WHERE status != 'closed'" if open_only else ""

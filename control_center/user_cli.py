@@ -51,11 +51,6 @@ def _read_password(username: str) -> str:
     return line.removesuffix("\n").removesuffix("\r")
 
 
-def _known(accounts: Accounts, username: str) -> None:
-    if accounts.user(username) is None:
-        raise AccountError(f"no user '{username}' (see: sos-center user list)")
-
-
 # -- commands ------------------------------------------------------------------------------------
 def cmd_add(accounts: Accounts, args: argparse.Namespace) -> None:
     check_username(args.username)
@@ -69,7 +64,7 @@ def cmd_add(accounts: Accounts, args: argparse.Namespace) -> None:
 
 
 def cmd_passwd(accounts: Accounts, args: argparse.Namespace) -> None:
-    _known(accounts, args.username)
+    accounts.known(args.username)
     ended = accounts.set_password(args.username, _read_password(args.username))
     print(f"password of {args.username} changed; {ended} console session(s) ended")
 

@@ -106,6 +106,20 @@ def test_the_session_cookie_is_secure_httponly_and_samesite_strict(rig: ConsoleR
     flags = {part.strip().lower() for part in headers["set-cookie"].split(";")[1:]}
     assert status == 200
     assert {"secure", "httponly", "samesite=strict", "path=/"} <= flags
+    assert not any(flag.startswith("max-age") for flag in flags)  # the server ends it
+
+
+def test_a_name_with_five_wrong_passwords_is_refused_for_a_minute(rig: ConsoleRig) -> None:
+    for _ in range(5):
+        assert Client(rig).log_in("alice", "not the right password")[0] == 401
+    status, _, body = Client(rig).log_in("alice")  # even the right password, for now
+    assert status == 429 and "try again" in body["error"]
+    assert Client(rig).log_in("bob")[0] == 200  # another name is not affected
+
+
+def test_a_password_typed_as_the_name_is_not_audited(rig: ConsoleRig) -> None:
+    Client(rig).log_in("Hunter2 Hunter2!", "x")
+    assert "Hunter2" not in rig.config.audit_log.read_text()
 
 
 def test_without_a_session_the_api_answers_401_and_the_page_sends_to_log_in(
@@ -135,6 +149,12 @@ def test_disabling_a_user_ends_her_session_at_once(rig: ConsoleRig, alice: Clien
     assert alice.request("GET", "/api/me")[0] == 401
 
 
+def test_a_non_ascii_csrf_token_is_refused_not_an_error(rig: ConsoleRig, alice: Client) -> None:
+    alice.csrf = "\xe9t\xe9"
+    alert_id = raise_alert(rig)
+    assert alice.request("POST", f"/api/alerts/{alert_id}/claim", {})[0] == 403
+
+
 def test_log_out_ends_the_session_on_the_server(rig: ConsoleRig, alice: Client) -> None:
     assert alice.request("POST", "/api/logout", {})[0] == 204
     assert alice.request("GET", "/api/me")[0] == 401
@@ -149,9 +169,57 @@ def test_a_post_from_another_origin_is_refused(rig: ConsoleRig, alice: Client) -
     assert rig.store.alert(alert_id).claimed_by is None
 
 
-def test_a_body_over_the_limit_is_refused(rig: ConsoleRig, alice: Client) -> None:
-    status, _, _ = alice.request("POST", "/api/dispatch", raw=b"{" + b" " * 20_000 + b"}")
+def test_a_body_over_the_limit_is_refused_with_the_strict_headers(rig: ConsoleRig,
+                                                                  alice: Client) -> None:
+    status, headers, _ = alice.request("POST", "/api/dispatch",
+                                       raw=b"{" + b" " * 20_000 + b"}")
     assert status == 413
+    assert "script-src 'self'" in headers["content-security-policy"]
+
+
+def test_a_second_operator_may_not_acknowledge_an_alert_taken_by_another(
+        rig: ConsoleRig, alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    assert alice.request("POST", f"/api/alerts/{alert_id}/claim", {})[0] == 200
+    bob = Client(rig)
+    bob.log_in("bob")
+    status, _, body = bob.request("POST", f"/api/alerts/{alert_id}/ack", {})
+    assert status == 409 and "taken by alice" in body["error"]
+    assert rig.store.commands(alert_id) == []
+
+
+def test_a_supervisor_takes_over_an_alert_and_it_is_audited(rig: ConsoleRig,
+                                                            alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    alice.request("POST", f"/api/alerts/{alert_id}/claim", {})
+    bob, sam = Client(rig), Client(rig)
+    bob.log_in("bob")
+    sam.log_in("sam")
+    assert bob.request("POST", f"/api/alerts/{alert_id}/takeover", {})[0] == 403
+    status, _, view = sam.request("POST", f"/api/alerts/{alert_id}/takeover", {})
+    assert (status, view["claimed_by"]) == (200, "sam")
+    lines = [json.loads(line) for line in rig.config.audit_log.read_text().splitlines()]
+    assert any(e["event"] == "console_takeover" and e["actor"] == "sam"
+               and e["taken_from"] == "alice" for e in lines)
+
+
+def test_a_closed_alert_cannot_be_acknowledged(rig: ConsoleRig, alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    rig.store.mark(alert_id, "close", "another centre", at=time.time())
+    status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/ack", {})
+    assert status == 409 and "closed" in body["error"]
+    assert rig.store.commands(alert_id) == []
+
+
+def test_with_the_broker_down_an_ack_is_answered_503_saying_it_may_still_go(
+        rig: ConsoleRig, alice: Client) -> None:
+    alert_id = raise_alert(rig)
+    rig.broker.stop()
+    status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/ack", {})
+    assert status == 503 and "may still reach the device" in body["error"]
+    lines = [json.loads(line) for line in rig.config.audit_log.read_text().splitlines()]
+    assert any(e["event"] == "console_ack_unconfirmed" and e["actor"] == "alice"
+               and e["alert_id"] == alert_id for e in lines)
 
 
 def test_closing_without_a_reason_is_refused_and_nothing_is_sent(rig: ConsoleRig,
@@ -207,6 +275,7 @@ def stream(alice: Client) -> Iterator[queue.Queue[tuple[str, dict]]]:
                     kind = line[7:].strip().decode()
                 elif line.startswith(b"data: ") and kind:
                     events.put((kind, json.loads(line[6:])))
+        events.put(("end", {}))  # the server ended the stream
 
     threading.Thread(target=read, daemon=True).start()
     yield events
@@ -224,6 +293,13 @@ def test_a_stored_alert_is_pushed_to_an_open_event_stream(rig: ConsoleRig, strea
     alert_id = raise_alert(rig)
     data = next_alert_event(stream, alert_id)
     assert data["status"] == "open" and data["device_id"] == "tok-http-01"
+
+
+def test_a_disabled_users_open_event_stream_ends(rig: ConsoleRig, alice: Client,
+                                                 stream) -> None:
+    with Accounts(rig.workdir / "center.sqlite") as accounts:
+        accounts.disable("alice")
+    assert stream.get(timeout=15) == ("end", {})
 
 
 def test_an_alert_another_instance_stored_is_pushed_too(rig: ConsoleRig, stream) -> None:
@@ -265,6 +341,17 @@ def test_serve_with_a_console_section_serves_the_console(broker, tmp_path: Path)
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_serve_refuses_a_key_that_is_not_the_certificates(broker, tmp_path: Path) -> None:
+    one = pki.issue_server_cert(broker.fleet.ca, tmp_path / "one", "console", [HOST])
+    other = pki.issue_server_cert(broker.fleet.ca, tmp_path / "other", "console", [HOST])
+    config = centre_config(broker, tmp_path, f'[console]\ncert_file = "{one.cert_file}"\n'
+                                             f'key_file = "{other.key_file}"\n')
+    done = subprocess.run([sys.executable, "-m", "control_center.cli", "--config", str(config),
+                           "serve"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "key 'console.key_file'" in done.stderr and "not the key" in done.stderr
 
 
 def test_serve_refuses_a_missing_console_certificate_naming_the_key(broker,

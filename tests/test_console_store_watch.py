@@ -94,3 +94,36 @@ def test_without_a_commit_nothing_is_read_or_reported(shared: Path) -> None:
     watch = watcher(shared, seen)
     assert watch.check() == ([], [])
     assert (seen.alerts, seen.devices) == ([], [])
+
+
+def test_an_online_device_that_went_quiet_is_pushed_once(shared: Path) -> None:
+    """Silence writes nothing, yet the fleet view now shows the device as unknown."""
+    Store(shared).set_device_status("tok-001", status(), seen_at=NOW)
+    seen, now = Seen(), [NOW]
+    watch = StoreWatcher(shared, seen.alerts.append, seen.devices.append, clock=lambda: now[0])
+    watch.check()
+    now[0] = NOW + 3 * 30.0 + 10  # three heartbeats (30 s) missed, and then some
+    watch.check()
+    now[0] += 60
+    watch.check()
+    assert seen.devices == ["tok-001"]
+
+
+def test_a_failing_push_is_logged_and_the_others_still_go(shared: Path, caplog) -> None:
+    pushed: list[str] = []
+
+    def on_alert(alert_id: str) -> None:
+        if not pushed:
+            pushed.append("failed once")
+            raise RuntimeError("a record that cannot be built")
+        pushed.append(alert_id)
+
+    watch = StoreWatcher(shared, on_alert, lambda device_id: None, clock=lambda: NOW)
+    watch.check()
+    other = Store(shared)
+    first, second = alert_message(), alert_message(seq=2)
+    other.add_alert(first, stored_at=NOW)
+    other.add_alert(second, stored_at=NOW)
+    watch.check()
+    assert pushed[1:] == [second["alert_id"]] or pushed[1:] == [first["alert_id"]]
+    assert "could not push" in caplog.text

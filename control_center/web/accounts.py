@@ -22,18 +22,20 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from control_center.sqlite_tx import immediate_transaction
+
 ROLES = ("operator", "supervisor", "auditor")
 # Exactly the table in docs/CONSOLE-API.md, "Accounts, roles and rights".
 RIGHTS: dict[str, frozenset[str]] = {
     "operator": frozenset({"view", "act", "evidence"}),
-    "supervisor": frozenset({"view", "act", "evidence", "export"}),
+    "supervisor": frozenset({"view", "act", "takeover", "evidence", "export"}),
     "auditor": frozenset({"view", "evidence", "export"}),
 }
 USERNAME = re.compile(r"[a-z][a-z0-9._-]{1,31}")  # matched whole (fullmatch): no trailing "\n"
@@ -157,16 +159,9 @@ class Accounts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
         """One atomic write of several statements (the caller holds the lock)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        return immediate_transaction(self._db)
 
     # -- users -----------------------------------------------------------------------------------
     def add(self, username: str, role: str, password: str) -> User:
@@ -206,7 +201,7 @@ class Accounts:
         """Replace the password and end the user's sessions (whoever knew the old one is out);
         returns how many sessions ended."""
         check_password(password)
-        self._known(username)
+        self.known(username)
         password_hash = self._hasher.hash(password)
         with self._lock, self._transaction():
             cur = self._db.execute(
@@ -227,7 +222,8 @@ class Accounts:
         with self._lock:
             self._set_disabled(username, False)
 
-    def _known(self, username: str) -> None:
+    def known(self, username: str) -> None:
+        """AccountError unless `username` is a user."""
         if self.user(username) is None:
             raise AccountError(f"no user '{username}' (see: sos-center user list)")
 

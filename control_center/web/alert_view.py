@@ -6,6 +6,7 @@ page builds from events is the queue a reload shows.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ LIVE_PLAYLIST = "index.m3u8"
 
 
 def alert_view(store: Store, record: AlertRecord, live_dir: Path | None) -> dict[str, Any]:
+    """`as_of`: when it was read (monotonic ns, taken before the reads). Views of one alert
+    are built on several threads and may reach a page out of order: the larger wins."""
+    as_of = time.monotonic_ns()
+    record = store.alert(record.alert_id) or record  # read after the stamp, not before it
     updates = store.updates(record.alert_id)
     positions = [u for u in updates if u["kind"] == "position"]
     track = [_point(record.position, record.stored_at)]
@@ -24,6 +29,7 @@ def alert_view(store: Store, record: AlertRecord, live_dir: Path | None) -> dict
     position_at = positions[-1]["stored_at"] if positions else record.stored_at
     commands = store.commands(record.alert_id)
     return {
+        "as_of": as_of,
         "alert_id": record.alert_id,
         "device_id": record.device_id,
         "device_kind": record.device_kind,

@@ -13,9 +13,11 @@ Starlette runs them on its worker threads, so the event loop only serves files a
 
 from __future__ import annotations
 
-import hmac
+import logging
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,19 +43,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control_center.audit import AuditLog
 from control_center.evidence import EvidenceError
 from control_center.fleet import Fleet
+from control_center.service import CommandError
 from control_center.store import AlreadyClaimed, Store
-from control_center.web.accounts import Accounts, Session
+from control_center.web.accounts import USERNAME, Accounts, Session
 from control_center.web.alert_view import alert_view
 from control_center.web.evidence_view import CallRefused, EvidenceBrowser, InvalidId
 from control_center.web.fleet_view import device_view, device_views
 from control_center.web.hub import EventHub
+from control_center.web.login_guard import LoginGuard
 
+log = logging.getLogger("sos.center.console")
 STATIC = Path(str(resources.files("control_center.web").joinpath("static")))
 COOKIE = "sos_session"
-ALERT_ID = re.compile(r"^[0-9a-f]{32}$")
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CALL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-LIVE_FILE = re.compile(r"^(index\.m3u8|chunk-[0-9]{6}\.ts|live\.ts)$")
+# Matched whole (fullmatch): `$` would let a trailing newline through.
+ALERT_ID = re.compile(r"[0-9a-f]{32}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CALL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+LIVE_FILE = re.compile(r"index\.m3u8|chunk-[0-9]{6}\.ts|live\.ts")
+LIVE_VIEWS_REMEMBERED = 10_000  # (user, alert) pairs whose live view is audited already
+CLOSED_SHOWN = 100  # closed alerts a page loads (the newest)
+LOGINS_AT_ONCE = 2  # argon2 hashes at once: 64 MiB and a core each
 MAX_BODY = 16 * 1024  # no console request needs more
 CLOSE_REASON_MAX = 200
 
@@ -82,7 +91,10 @@ class Console:
     evidence: EvidenceBrowser | None = None
     tiles: dict[str, str] | None = None
     clock: Callable[[], float] = time.time
-    _live_viewed: set[tuple[str, str]] = field(default_factory=set)
+    logins: LoginGuard = field(default_factory=lambda: LoginGuard(LOGINS_AT_ONCE))
+    _live_viewed: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+    _live_started: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- what the centre tells us ----------------------------------------------------------------
     def on_center_event(self, event: Any) -> None:
@@ -96,8 +108,17 @@ class Console:
             self.publish_alert(message["alert_id"])
         elif event.kind == "event":
             self.publish_device(event.device_id)  # a storage alert, say
-        elif event.kind == "live" and event.new and message.get("seq") == 0:
-            self.publish_alert(str(message["alert_id"]))
+        elif event.kind == "live" and event.new and self._first_chunk(str(message["alert_id"])):
+            self.publish_alert(str(message["alert_id"]))  # its video can be played now
+
+    def _first_chunk(self, alert_id: str) -> bool:
+        """Whether this is the first accepted live chunk of the alert this console saw (chunk 0
+        may be lost: live chunks go at QoS 0)."""
+        return _first_time(self._live_started, alert_id, self._lock)
+
+    def live_viewed(self, user: str, alert_id: str) -> bool:
+        """Whether `user` opens this alert's live view for the first time (it is audited)."""
+        return _first_time(self._live_viewed, (user, alert_id), self._lock)
 
     def device_changed(self, device_id: str) -> None:
         """A device's status changed (seen in the store): its record, and the alert it is
@@ -113,10 +134,33 @@ class Console:
         if record is not None:
             self.hub.publish("alert", alert_view(self.store, record, self.live_dir))
 
+    def fresh_fleet(self) -> Fleet | None:
+        """The fleet registry as it is now: enrolments, renewals and revocations happen in
+        another process (`sos-center ca`); a changed file is re-read (one stat otherwise)."""
+        if self.fleet is not None:
+            with self._lock:
+                try:
+                    self.fleet.reload_if_changed()
+                except (OSError, ValueError) as exc:  # caught mid-write by hand: keep the last
+                    log.warning("console: could not re-read the fleet registry: %s", exc)
+        return self.fleet
+
     def publish_device(self, device_id: str) -> None:
-        view = device_view(self.store, self.fleet, device_id, self.clock())
+        view = device_view(self.store, self.fresh_fleet(), device_id, self.clock())
         if view is not None:
             self.hub.publish("device", view)
+
+
+def _first_time(seen: OrderedDict[Any, None], key: Any, lock: threading.Lock) -> bool:
+    """True once per key (the newest LIVE_VIEWS_REMEMBERED keys are remembered)."""
+    with lock:
+        if key in seen:
+            seen.move_to_end(key)
+            return False
+        seen[key] = None
+        if len(seen) > LIVE_VIEWS_REMEMBERED:
+            seen.popitem(last=False)
+        return True
 
 
 def build_app(console: Console) -> Starlette:
@@ -141,7 +185,8 @@ def build_app(console: Console) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _error},
-                    middleware=[Middleware(SecurityHeaders, tiles=console.tiles)])
+                    middleware=[Middleware(SecurityHeaders, tiles=console.tiles),
+                                Middleware(BodyLimit)])
     return app
 
 
@@ -162,16 +207,27 @@ def _login(console: Console, request: Request) -> Response:
     if not isinstance(username, str) or not isinstance(password, str):
         raise HTTPException(400, "give a user name and a password")
     _same_origin(request)
-    session = console.accounts.login(username, password, console.clock())
+    # A password typed into the name field must not end up in the audit log.
+    named = username if USERNAME.fullmatch(username) else "-"
+    refusal = console.logins.refusal(named, console.clock())
+    if refusal is not None:
+        raise HTTPException(429, refusal)
+    with console.logins.slot() as admitted:
+        if not admitted:
+            raise HTTPException(429, "too many log-ins at once: try again in a few seconds")
+        session = console.accounts.login(username, password, console.clock())
     if session is None:
-        console.audit.append("console_login_failed", username[:64] or "-",
-                             client=_client(request))
+        console.logins.failed(named, console.clock())
+        console.audit.append("console_login_failed", named, client=_client(request))
         raise HTTPException(401, "wrong user name or password")
+    console.logins.succeeded(named)
     console.audit.append("console_login", session.username, role=session.role,
                          client=_client(request))
     response = JSONResponse(_me_json(console, session))
+    # No Max-Age: the server ends the session (idle, 24 h, log-out, disable); a cookie that
+    # expired on its own at the idle deadline counted from log-in would end a busy shift.
     response.set_cookie(COOKIE, session.token, secure=True, httponly=True, samesite="strict",
-                        path="/", max_age=int(session.expires_at - console.clock()))
+                        path="/")
     return response
 
 
@@ -197,7 +253,9 @@ def _me_json(console: Console, session: Session) -> dict[str, Any]:
 # -- alerts ------------------------------------------------------------------------------------
 def _alerts(console: Console, request: Request) -> Response:
     _viewing(console, request, "view")
-    records = console.store.alerts(open_only=request.query_params.get("all") != "1")
+    records = console.store.alerts(open_only=True)
+    if request.query_params.get("all") == "1":
+        records += console.store.closed_alerts(CLOSED_SHOWN)
     records.sort(key=lambda r: r.stored_at, reverse=True)
     return JSONResponse({"alerts": [alert_view(console.store, r, console.live_dir)
                                     for r in records]})
@@ -210,7 +268,7 @@ def _alert(console: Console, request: Request) -> Response:
 
 def _record(console: Console, request: Request) -> Any:
     alert_id = request.path_params["alert_id"]
-    record = console.store.alert(alert_id) if ALERT_ID.match(alert_id) else None
+    record = console.store.alert(alert_id) if ALERT_ID.fullmatch(alert_id) else None
     if record is None:
         raise HTTPException(404, f"no alert {alert_id[:40]}")
     return record
@@ -218,11 +276,13 @@ def _record(console: Console, request: Request) -> Any:
 
 def _act(console: Console, request: Request) -> Response:
     action = request.path_params["action"]
-    if action not in ("claim", "ack", "close"):
+    if action not in ("claim", "ack", "close", "takeover"):
         raise HTTPException(404, f"no action {action[:20]}")
+    session = _acting(console, request, "takeover" if action == "takeover" else "act")
     body = _json_sync(request) if action == "close" else {}
-    session = _acting(console, request, "act")
     record = _record(console, request)
+    if action == "takeover":
+        return _take_over(console, session, record)
     reason = None
     if action == "close":
         reason = body.get("reason")
@@ -241,20 +301,39 @@ def _act(console: Console, request: Request) -> Response:
         console.audit.append("console_claim", session.username, alert_id=record.alert_id)
         console.publish_alert(record.alert_id)
         return JSONResponse(alert_view(console.store, record, console.live_dir))
-    command = _send(console, lambda: console.commands.send_command(
-        record.alert_id, action, session.username, note=reason))
-    console.audit.append(f"console_{action}", session.username, alert_id=record.alert_id,
-                         command_id=command["command_id"], delivered=command["delivered"],
-                         **({"reason": reason} if reason else {}))
+    details = {"alert_id": record.alert_id, **({"reason": reason} if reason else {})}
+    command = _send(console, session.username, action, details, lambda: (
+        console.commands.send_command(record.alert_id, action, session.username, note=reason)))
+    console.audit.append(f"console_{action}", session.username, **details,
+                         command_id=command["command_id"], delivered=command["delivered"])
     console.publish_alert(record.alert_id)
     return JSONResponse({"command": _command_json(command, record.device_id)}, status_code=202)
 
 
-def _send(console: Console, send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _take_over(console: Console, session: Session, record: Any) -> Response:
+    """A supervisor takes an alert someone else holds (who left, or cannot act)."""
+    if record.status == "closed":
+        raise HTTPException(409, f"alert {record.alert_id[:8]} is closed")
+    before = console.store.take_over(record.alert_id, session.username, console.clock())
+    console.audit.append("console_takeover", session.username, alert_id=record.alert_id,
+                         taken_from=before)
+    console.publish_alert(record.alert_id)
+    return JSONResponse(alert_view(console.store, console.store.alert(record.alert_id),
+                                   console.live_dir))
+
+
+def _send(console: Console, user: str, action: str, details: dict[str, Any],
+          send: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Send a command; when the broker does not confirm it, answer 503 and audit that. The
+    command is recorded before it is published, so it may still reach the device (paho sends
+    it on reconnecting; the centre re-sends a decision a device missed): the answer says so."""
     try:
         return send()
-    except Exception as exc:  # CommandError: the broker did not take it; say so, change nothing
-        raise HTTPException(503, f"not sent: {exc}") from None
+    except CommandError as exc:
+        console.audit.append(f"console_{action}_unconfirmed", user, **details, error=str(exc))
+        raise HTTPException(503, f"the broker did not confirm the {action} ({exc}); it is "
+                                 "recorded and may still reach the device: check the alert "
+                                 "before you try again") from None
 
 
 def _command_json(command: dict[str, Any], device_id: str) -> dict[str, Any]:
@@ -265,25 +344,27 @@ def _command_json(command: dict[str, Any], device_id: str) -> dict[str, Any]:
 # -- fleet and dispatch ------------------------------------------------------------------------
 def _devices(console: Console, request: Request) -> Response:
     _viewing(console, request, "view")
-    return JSONResponse({"devices": device_views(console.store, console.fleet, console.clock())})
+    return JSONResponse({"devices": device_views(console.store, console.fresh_fleet(),
+                                                 console.clock())})
 
 
 def _dispatch(console: Console, request: Request) -> Response:
     body = _json_sync(request)
     session = _acting(console, request, "act")
     device_id, kind, call_id = body.get("device_id"), body.get("kind"), body.get("call_id")
-    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
         raise HTTPException(400, "choose a device")
     if kind not in ("call_start", "call_end"):
         raise HTTPException(400, "kind must be call_start or call_end")
-    if kind == "call_start" and (not isinstance(call_id, str) or not CALL_ID.match(call_id)):
+    if kind == "call_start" and (not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id)):
         raise HTTPException(400, "a call start needs a call id (letters, digits, . _ : -)")
     if console.store.device(device_id) is None:
         raise HTTPException(404, f"device {device_id} has never reported to this centre")
-    command = _send(console, lambda: console.commands.send_call(
-        device_id, kind, session.username, call_id if kind == "call_start" else None))
-    console.audit.append("console_dispatch", session.username, device_id=device_id, kind=kind,
-                         call_id=call_id if kind == "call_start" else None,
+    details = {"device_id": device_id, "kind": kind,
+               "call_id": call_id if kind == "call_start" else None}
+    command = _send(console, session.username, "dispatch", details, lambda: (
+        console.commands.send_call(device_id, kind, session.username, details["call_id"])))
+    console.audit.append("console_dispatch", session.username, **details,
                          command_id=command["command_id"], delivered=command["delivered"])
     return JSONResponse({"command": _command_json(command, device_id)}, status_code=202)
 
@@ -313,7 +394,7 @@ def _export(console: Console, request: Request) -> Response:
 
 
 def _export_file(console: Console, request: Request) -> Response:
-    _viewing(console, request, "export")
+    session = _viewing(console, request, "export")
     if console.evidence is None:
         raise HTTPException(404, "no evidence directory is configured")
     try:
@@ -321,6 +402,8 @@ def _export_file(console: Console, request: Request) -> Response:
                                             request.path_params["name"])
     except (LookupError, ValueError) as exc:
         raise HTTPException(404, str(exc)) from None
+    console.audit.append("console_evidence_download", session.username,
+                         export_id=request.path_params["export_id"], file=path.name)
     return FileResponse(path, filename=path.name)
 
 
@@ -328,13 +411,13 @@ def _export_file(console: Console, request: Request) -> Response:
 def _live_file(console: Console, request: Request) -> Response:
     session = _viewing(console, request, "view")
     alert_id, name = request.path_params["alert_id"], request.path_params["name"]
-    if console.live_dir is None or not ALERT_ID.match(alert_id) or not LIVE_FILE.match(name):
+    if (console.live_dir is None or not ALERT_ID.fullmatch(alert_id)
+            or not LIVE_FILE.fullmatch(name)):
         raise HTTPException(404, "no such live file")
     path = console.live_dir / alert_id / name
     if not path.is_file():
         raise HTTPException(404, "no such live file")
-    if (session.username, alert_id) not in console._live_viewed:
-        console._live_viewed.add((session.username, alert_id))
+    if console.live_viewed(session.username, alert_id):
         console.audit.append("console_live_view", session.username, alert_id=alert_id,
                              durable=False)
     media = "application/vnd.apple.mpegurl" if name.endswith(".m3u8") else "video/mp2t"
@@ -343,7 +426,11 @@ def _live_file(console: Console, request: Request) -> Response:
 
 async def _events(console: Console, request: Request) -> Response:
     await _in_thread(_viewing, console, request, "view")
-    return StreamingResponse(console.hub.stream(request.is_disconnected),
+
+    async def still_allowed() -> bool:  # log-out, disable or expiry ends the stream too
+        return await _in_thread(_current, console, request) is not None
+
+    return StreamingResponse(console.hub.stream(request.is_disconnected, still_allowed),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
@@ -368,8 +455,7 @@ def _acting(console: Console, request: Request, right: str | None) -> Session:
     X-CSRF-Token header (SameSite=Strict already keeps other sites' requests cookie-less; the
     token also refuses a request made by anything that cannot read our pages)."""
     session = _viewing(console, request, right or "view")
-    presented = request.headers.get("x-csrf-token")
-    if presented is None or not hmac.compare_digest(presented, session.csrf):
+    if not Accounts.check_csrf(session, request.headers.get("x-csrf-token")):
         raise HTTPException(403, "missing or wrong CSRF token: reload the page")
     _same_origin(request)
     return session
@@ -386,7 +472,7 @@ def _client(request: Request) -> str:
 
 
 def _json_sync(request: Request) -> dict[str, Any]:
-    """The body of a request handled on a worker thread (read before it, by BodyCache)."""
+    """The body of a request handled on a worker thread (read before it by BodyLimit)."""
     return _parse_json(request.scope.get("sos.body", b""))
 
 
@@ -416,17 +502,13 @@ def _error(request: Request, exc: Exception) -> Response:
 
 
 class SecurityHeaders:
-    """Strict headers on every answer, and the body of a POST read before its handler runs
-    (sync handlers run on a worker thread, where the body cannot be awaited)."""
+    """Strict headers on every answer (the outer middleware: a refusal by BodyLimit gets them
+    too)."""
 
     def __init__(self, app: ASGIApp, tiles: dict[str, str] | None) -> None:
         self.app = app
-        tile_host = ""
-        if tiles:
-            match = re.match(r"^(https?://[^/]+)", tiles["url"])
-            tile_host = f" {match.group(1)}" if match else ""
         self.csp = ("default-src 'self'; script-src 'self'; style-src 'self'; "
-                    f"img-src 'self' data: blob:{tile_host}; media-src 'self' blob:; "
+                    f"img-src 'self' data: blob:{tile_source(tiles)}; media-src 'self' blob:; "
                     "connect-src 'self'; worker-src 'self'; frame-ancestors 'none'; "
                     "base-uri 'none'; form-action 'self'")
 
@@ -434,13 +516,6 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "POST":
-            body, receive = await _buffer(receive)
-            if body is None:
-                too_large = JSONResponse({"error": "request too large"}, status_code=413)
-                await too_large(scope, receive, send)
-                return
-            scope["sos.body"] = body
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -459,9 +534,39 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def tile_source(tiles: dict[str, str] | None) -> str:
+    """The tile server as a CSP source (` https://*.tiles.example`); Leaflet's `{s}` subdomain
+    placeholder becomes CSP's `*`."""
+    if not tiles:
+        return ""
+    match = re.match(r"https://[^/]+", tiles["url"])
+    return " " + match.group(0).replace("{s}", "*") if match else ""
+
+
+class BodyLimit:
+    """Reads a POST's whole body before its handler runs (sync handlers run on a worker
+    thread, where it cannot be awaited) and refuses one over MAX_BODY with 413."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _buffer(receive)
+        if body is None:
+            too_large = JSONResponse({"error": "request too large"}, status_code=413,
+                                     headers={"Connection": "close"})
+            await too_large(scope, receive, send)
+            return
+        scope["sos.body"] = body
+        await self.app(scope, receive, send)
+
+
 async def _buffer(receive: Receive) -> tuple[bytes | None, Receive]:
-    """Read a request's whole body and replay it to the app; None if it is over MAX_BODY
-    (read to its end and dropped, so the connection stays usable)."""
+    """Read a request's body and replay it to the app; None as soon as it is over MAX_BODY
+    (the rest is not read: the answer closes the connection)."""
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -471,17 +576,18 @@ async def _buffer(receive: Receive) -> tuple[bytes | None, Receive]:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size <= MAX_BODY:
-            chunks.append(chunk)
+        if size > MAX_BODY:
+            return None, receive
+        chunks.append(chunk)
         more = message.get("more_body", False)
-    body = b"".join(chunks) if size <= MAX_BODY else None
+    body = b"".join(chunks)
     sent = False
 
     async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body or b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
     return body, replay

@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 QUEUE_LIMIT = 1000  # events a listener may fall behind before it is dropped
-PING_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
+PING_S = 5.0  # a comment line this often keeps proxies from closing an idle stream
+RECHECK_S = 1.0  # a stream's session is looked up again at most this often while it flows
 
 
 class EventHub:
@@ -67,26 +69,31 @@ class EventHub:
                 queue.get_nowait()
             queue.put_nowait(None)
 
-    @property
-    def listeners(self) -> int:
-        return len(self._listeners)
-
-    async def stream(self, disconnected: Any) -> AsyncIterator[str]:
-        """A listener's frames until it disconnects (`await disconnected()` is true)."""
+    async def stream(self, disconnected: Callable[[], Awaitable[bool]],
+                     still_allowed: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """A listener's frames until it disconnects, or `still_allowed()` says its session is
+        over (log-out, `user disable`, expiry): asked at every ping and before a frame at most
+        every RECHECK_S, so an ended session stops receiving within PING_S."""
         queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_LIMIT)
         self._listeners.add(queue)
+        checked = time.monotonic()
         try:
             yield ": connected\n\n"
             while True:
                 try:
                     frame = await asyncio.wait_for(queue.get(), PING_S)
                 except TimeoutError:
-                    if await disconnected():
+                    if await disconnected() or not await still_allowed():
                         return
+                    checked = time.monotonic()
                     yield ": ping\n\n"
                     continue
-                if frame is None:  # dropped for falling behind
+                if frame is None:  # dropped for falling behind, or the server stops
                     return
+                if time.monotonic() - checked >= RECHECK_S:
+                    if not await still_allowed():
+                        return
+                    checked = time.monotonic()
                 yield frame
         finally:
             self._listeners.discard(queue)

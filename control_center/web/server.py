@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from pathlib import Path
 
@@ -28,6 +29,9 @@ class ConsoleServer:
     def __init__(self, app: Starlette, hub: EventHub, *, host: str, port: int,
                  cert_file: Path, key_file: Path) -> None:
         self._hub = hub
+        # uvicorn loads these on its own thread, where a bad pair would only be logged while
+        # clients hang: load them here first, so start-up fails with the reason.
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
         self._socket = socket.create_server((host, port), family=_family(host), backlog=128)
         self.host, self.port = host, self._socket.getsockname()[1]
         self._config = uvicorn.Config(
