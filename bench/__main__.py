@@ -29,9 +29,9 @@ max, microseconds) while the recorder writes real segments, beside the old synch
 
 Operator console: in headless Chromium with the console page open, alert stored -> its row
 visible in the page (p50/p95/p99, and from the device's publish; beside the SOS section's
-trigger -> stored), and alert stored -> the live video playing, the click on the row included
-(target: row within 250 ms p99, video within 2 s; bench/console_bench.py). Without chromium
-the section prints why instead.
+trigger -> stored), and alert stored -> the live video playing (the page selects a new SOS by
+itself; target: row within 250 ms p99, video within 2 s; bench/console_bench.py). Without
+chromium the section prints why instead.
 
 --skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps, --skip-callback and
 --skip-console leave a section out.

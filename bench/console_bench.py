@@ -12,9 +12,9 @@ logged in to the console as an operator, the page loaded before anything is sent
                             the document); also from the moment just before the publish
   stored -> video playing   VIDEO_RUNS SOS presses on a virtual pillar process with its
                             synthetic camera (the real firmware: live chunks, age, signatures).
-                            The page plays the live view of the selected alert only, so the row
-                            is clicked (Selenium) as soon as it shows: the figure includes that
-                            click. To the page's `videoPlayingAt` (the first 'playing' event)
+                            The page is loaded afresh before each press with nothing selected;
+                            it selects a new SOS by itself and plays its live view (no click).
+                            To the page's `videoPlayingAt` (the first 'playing' event)
 
 Browser, centre and devices share one machine and one clock (the page's times are epoch ms from
 performance.timeOrigin + performance.now()). Targets: a row within 250 ms of the alert being
@@ -155,23 +155,22 @@ def pillar_process(broker: PrivateBroker, workdir: Path) -> Iterator[tuple[Devic
 
 def measure_video(rig: Any, driver: Any, broker: PrivateBroker, workdir: Path,
                   runs: int) -> list[float]:
-    """stored -> live video playing in the page, in s, the click on the row included."""
-    from selenium.webdriver.common.by import By
-
+    """stored -> live video playing in the page, in s: the page selects the new SOS itself."""
     from simulator.browser import wait_until
 
     samples: list[float] = []
     with pillar_process(broker, workdir) as (process, recorder):
         for run in range(runs):
+            driver.refresh()  # nothing selected: the page takes the new SOS by itself
+            wait_until(driver, lambda d: d.execute_script(
+                "return !!(window.sosConsole && window.sosConsole.ready) && "
+                "window.sosConsole.selected() == null"), what="a fresh page")
             before = len(recorder.find(kind="trigger"))
             process.send({"op": "press", "hold_s": 0.3, "seed": run + 1})
             if not recorder.wait_for(lambda es, n=before: sum(e.kind == "trigger"
                                                               for e in es) > n, TIMEOUT_S):
                 raise ConsoleBenchError(f"press {run}: the pillar raised no alert")
             alert_id = recorder.find(kind="trigger")[-1].data["alert_id"]
-            rows = wait_until(driver, lambda d, a=alert_id: d.find_elements(
-                By.CSS_SELECTOR, f'tr[data-alert-id="{a}"]'), what=f"the row of {alert_id}")
-            rows[0].click()  # as an operator would: the page plays the selected alert's video
             playing_ms = page_time(driver, "videoPlayingAt", alert_id, TIMEOUT_S)
             stored = rig.store.alert(alert_id).stored_at
             samples.append(playing_ms / 1000 - stored)
@@ -211,13 +210,13 @@ def console_rows(tmpdir: Path, alerts: int = 30, video_runs: int = 3, *,
             except Exception as exc:  # timeouts, a broken page: reported, then the video
                 found["errors"].append(f"rows: {type(exc).__name__}: {exc}")
             if video_runs:
-                progress(f"console: {video_runs} presses on a pillar with a camera, the row "
-                         "clicked, until its live video plays")
+                progress(f"console: {video_runs} presses on a pillar with a camera, until its "
+                         "live video plays in the page")
                 try:
                     video = measure_video(rig, driver, broker, tmpdir / "devices", video_runs)
                     found["video"] = summarise(
-                        "console_video", "console: alert stored -> live video playing "
-                        "(INCLUDES the click on the row)", video)
+                        "console_video", "console: alert stored -> live video playing",
+                        video)
                 except Exception as exc:
                     found["errors"].append(f"video: {type(exc).__name__}: {exc}")
         finally:

@@ -63,6 +63,14 @@ CREATE TABLE IF NOT EXISTS devices (
     status      TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS exports (
+    export_id   TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL,
+    call_id     TEXT NOT NULL,
+    operator    TEXT NOT NULL,
+    exported_at REAL NOT NULL,
+    verified    INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS commands (
     command_id  TEXT PRIMARY KEY,
     alert_id    TEXT NOT NULL,
@@ -434,6 +442,23 @@ class Store:
         if len(rows) > 1:
             raise AmbiguousAlertId(f"alert id prefix '{prefix}' matches more than one alert")
         return rows[0][0] if rows else None
+
+    def add_export(self, export: dict[str, Any], operator: str, at: float) -> None:
+        """Who exported which call, and whether it verified (the console's evidence export;
+        the audit log has the file hashes)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO exports(export_id, device_id, call_id, operator, exported_at, "
+                "verified) VALUES (?,?,?,?,?,?)", (export["export_id"], export["device_id"],
+                                                  export["call_id"], operator, at,
+                                                  int(bool(export["verified"]))))
+
+    def exports(self) -> list[dict[str, Any]]:
+        keys = ("export_id", "device_id", "call_id", "operator", "exported_at", "verified")
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(keys)} FROM exports "
+                                    "ORDER BY exported_at").fetchall()
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def take_over(self, alert_id: str, operator: str, at: float) -> str | None:
         """Give an alert that is not closed to `operator` whoever holds it (a supervisor's

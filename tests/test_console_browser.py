@@ -403,6 +403,8 @@ def test_an_auditor_exports_a_verified_call_and_the_audit_log_names_her(
               if '"audrey"' in line]
     assert any("console_evidence_view" in line for line in events)
     assert any("console_evidence_export" in line and evidence in line for line in events)
+    (stored,) = rig.store.exports()
+    assert (stored["operator"], stored["call_id"], stored["verified"]) == ("audrey", evidence, 1)
 
 
 def test_no_page_broke_a_content_security_policy_rule(browsers) -> None:

@@ -108,9 +108,9 @@ def test_good_evidence_verifies_with_its_calls(console: Console) -> None:
         ("VERIFIED", True, [], 4)
     assert found["calls"] == [
         {"call_id": CALL, "segments": 2, "first_at": "2026-03-01T08:02:00.000Z",
-         "last_at": "2026-03-01T08:03:10.000Z"},
+         "last_at": "2026-03-01T08:03:10.000Z", "ok": True, "errors": []},
         {"call_id": "call-18", "segments": 1, "first_at": "2026-03-01T08:04:00.000Z",
-         "last_at": "2026-03-01T08:04:10.000Z"}]
+         "last_at": "2026-03-01T08:04:10.000Z", "ok": True, "errors": []}]
 
 
 def test_a_flipped_byte_in_a_segment_is_an_error(console: Console) -> None:
@@ -120,6 +120,44 @@ def test_a_flipped_byte_in_a_segment_is_an_error(console: Console) -> None:
     assert [e.split(":")[0] for e in found["errors"]] == ["altered"]
     assert "000003.ts.age" in found["errors"][0]
     assert device(console.browser.overview(USER), ODD)["ok"]  # other devices unaffected
+
+
+def calls_of(overview: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["call_id"]: c for c in device(overview)["calls"]}
+
+
+def test_a_tampered_segment_fails_its_own_call_and_not_the_other(console: Console) -> None:
+    flip_byte(console.evidence / DEVICE / "000004.ts.age")  # call-18's only segment
+    calls = calls_of(console.browser.overview(USER))
+    assert (calls["call-18"]["ok"], [e.split(":")[0] for e in calls["call-18"]["errors"]]) == \
+        (False, ["altered"])
+    assert "000004.ts.age" in calls["call-18"]["errors"][0]
+    assert (calls[CALL]["ok"], calls[CALL]["errors"]) == (True, [])
+    assert device(console.browser.overview(USER))["errors"] == calls["call-18"]["errors"]
+
+
+def test_a_tampered_manifest_fails_its_call_and_the_chain_link_to_the_next(
+        console: Console) -> None:
+    """000003.json edited: its signature fails (call-17), and 000004.json, which names the
+    original's hash, no longer follows it: the link concerns both calls."""
+    manifest = console.evidence / DEVICE / "000003.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"seq"', b'"seq" '))
+    calls = calls_of(console.browser.overview(USER))
+    kinds = {c: sorted(e.split(":")[0] for e in calls[c]["errors"]) for c in calls}
+    assert kinds == {CALL: ["bad-signature", "chain"], "call-18": ["chain"]}
+    assert not calls[CALL]["ok"] and not calls["call-18"]["ok"]
+
+
+def test_an_error_about_no_file_concerns_every_call(console: Console, recorded: Recorded,
+                                                    tmp_path: Path) -> None:
+    """Without the device's key no signature can be checked: no call verifies."""
+    fleet = Fleet.create(tmp_path / "fleet-without-the-device")  # an empty registry
+    audit = AuditLog(tmp_path / "other-audit.log")
+    browser = EvidenceBrowser(console.evidence, fleet, console.exports, audit)
+    calls = calls_of(browser.overview(USER))
+    assert {c: (calls[c]["ok"], [e.split(":")[0] for e in calls[c]["errors"]])
+            for c in calls} == {CALL: (False, ["no-key"]), "call-18": (False, ["no-key"])}
+    audit.close()
 
 
 def test_every_view_is_audited_with_its_user(console: Console) -> None:

@@ -16,9 +16,10 @@ LIVE_PLAYLIST = "index.m3u8"
 
 
 def alert_view(store: Store, record: AlertRecord, live_dir: Path | None) -> dict[str, Any]:
-    """`as_of`: when it was read (monotonic ns, taken before the reads). Views of one alert
-    are built on several threads and may reach a page out of order: the larger wins."""
-    as_of = time.monotonic_ns()
+    """`as_of`: when it was read (monotonic microseconds, taken before the reads: exact in a
+    browser's numbers for centuries of uptime). Views of one alert are built on several
+    threads and may reach a page out of order: the larger wins."""
+    as_of = time.monotonic_ns() // 1000
     record = store.alert(record.alert_id) or record  # read after the stamp, not before it
     updates = store.updates(record.alert_id)
     positions = [u for u in updates if u["kind"] == "position"]

@@ -390,6 +390,7 @@ def _export(console: Console, request: Request) -> Response:
         raise HTTPException(503, str(exc)) from None
     except (LookupError, InvalidId) as exc:
         raise HTTPException(404 if isinstance(exc, LookupError) else 400, str(exc)) from None
+    console.store.add_export(export, session.username, console.clock())
     return JSONResponse({"export": export})
 
 
@@ -420,8 +421,16 @@ def _live_file(console: Console, request: Request) -> Response:
     if console.live_viewed(session.username, alert_id):
         console.audit.append("console_live_view", session.username, alert_id=alert_id,
                              durable=False)
+    if name.startswith("chunk-"):  # written once, never changed: served from the file
+        return FileResponse(path, media_type="video/mp2t", headers={"Cache-Control": "no-cache"})
+    # The playlist and live.ts are replaced while the stream runs (a rename): one read of one
+    # open file, so the length sent is the length of the bytes sent.
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise HTTPException(404, "no such live file") from None
     media = "application/vnd.apple.mpegurl" if name.endswith(".m3u8") else "video/mp2t"
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
+    return Response(data, media_type=media, headers={"Cache-Control": "no-cache"})
 
 
 async def _events(console: Console, request: Request) -> Response:

@@ -115,16 +115,17 @@ class EvidenceBrowser:
         self._audit = audit
         self._cache: dict[str, _Checked] = {}
         self._lock = threading.Lock()
-        self._registry_stamp = _stamp(fleet.registry_file)
 
     # -- viewing ---------------------------------------------------------------------------------
     def overview(self, user: str) -> dict[str, Any]:
         """Every device's evidence: `{"devices": [{device_id, verdict, ok, errors, notes,
-        segments, calls: [{call_id, segments, first_at, last_at}]}]}`, by device id. `verdict`
-        is evidence.Report's (VERIFIED, INCOMPLETE or NOT VERIFIED); the audit log's
-        cross-check (`sos-evidence verify --audit`) is not made here. Audited (the view is
-        refused if the line cannot be written). The records are the caller's to change: the
-        cache keeps its own."""
+        segments, calls: [{call_id, segments, first_at, last_at, ok, errors}]}]}`, by device
+        id. `verdict` is evidence.Report's (VERIFIED, INCOMPLETE or NOT VERIFIED); the audit
+        log's cross-check (`sos-evidence verify --audit`) is not made here. A call's `ok` and
+        `errors` are the device's errors that concern that call (`_call_errors`); an export
+        is still refused while the device's evidence as a whole does not verify
+        (`export_call`). Audited (the view is refused if the line cannot be written). The
+        records are the caller's to change: the cache keeps its own."""
         self._follow_registry()
         devices = [copy.deepcopy(self._checked(name)) for name in self._device_names()]
         self._audit.append(VIEW_EVENT, user, count=len(devices))
@@ -162,16 +163,11 @@ class EvidenceBrowser:
     def _follow_registry(self) -> None:
         """Re-read the fleet registry if its file changed (an enrolment or revocation by `sos-
         center ca` in another process): verification must use the keys as they are now."""
-        stamp = _stamp(self._fleet.registry_file)
-        if stamp == self._registry_stamp:
-            return
         try:
-            self._fleet.reload()
+            self._fleet.reload_if_changed()
         except (OSError, ValueError, TypeError) as exc:  # keep the last good registry
             log.error("could not re-read the fleet registry %s: %s", self._fleet.registry_file,
                       exc)
-            return
-        self._registry_stamp = stamp
 
     # -- exporting -------------------------------------------------------------------------------
     def export(self, user: str, device_id: str, call_id: str) -> dict[str, Any]:
@@ -285,32 +281,66 @@ class EvidenceBrowser:
 
 
 def _summarise(device_id: str, directory: Path, fleet: Fleet) -> dict[str, Any]:
-    """Verify one device directory and say what the browser shows of it."""
+    """Verify one device directory and say what the browser shows of it: the device's verdict,
+    and each call's own (`ok`, `errors`: see `_call_errors`)."""
     try:
         report = verify_directory(directory, keys_from_loaded_fleet(fleet))
     except (EvidenceError, OSError) as exc:  # the directory vanished, or cannot be listed
         return {"device_id": device_id, "verdict": "NOT VERIFIED", "ok": False,
                 "errors": [str(exc)], "notes": [], "segments": 0, "calls": []}
     errors = [_finding_line(f) for f in report.errors]
+    device_wide: list[str] = []  # errors about no file: they concern every call
     if report.device_id not in (None, device_id):
-        errors.append(f"other-device: the segments in {device_id}'s directory are signed as "
-                      f"{report.device_id}'s")
+        device_wide.append(f"other-device: the segments in {device_id}'s directory are signed "
+                           f"as {report.device_id}'s")
+        errors.extend(device_wide)
     calls: dict[str, dict[str, Any]] = {}
+    call_of: dict[str, str] = {}  # segment stem -> its call id
     for segment in report.segments:
         call_id = segment.data["call_id"]
         if call_id is None:  # recorded outside a call (pre-roll, an SOS without a call)
             continue
+        call_of[segment.stem] = call_id
         call = calls.setdefault(call_id, {"call_id": call_id, "segments": 0,
                                           "first_at": segment.data["start_utc"],
                                           "last_at": segment.data["end_utc"]})
         call["segments"] += 1
         call["first_at"] = min(call["first_at"], segment.data["start_utc"])
         call["last_at"] = max(call["last_at"], segment.data["end_utc"])
+    per_call = _call_errors(report, call_of, device_wide)
+    for call_id, call in calls.items():
+        call["ok"] = not per_call[call_id]
+        call["errors"] = per_call[call_id]
     return {"device_id": device_id, "verdict": "NOT VERIFIED" if errors else report.verdict,
             "ok": not errors, "errors": errors,
             "notes": [_finding_line(f) for f in report.notes],
             "segments": len(report.segments),
             "calls": sorted(calls.values(), key=lambda c: (c["first_at"], c["call_id"]))}
+
+
+def _call_errors(report: Report, call_of: dict[str, str],
+                 device_wide: list[str]) -> dict[str, list[str]]:
+    """Each call's errors, in the report's order: those of its findings whose files
+    (`000123.ts.age`, `000123.json`, `000123.json.minisig`, `000123.*`) belong to one of the
+    call's segments (a finding about two segments, such as a gap or a broken chain link,
+    concerns the calls of both), and every error about no file at all (no key for the
+    device, segments signed as another device's), which concerns every call. An error about
+    files of no call's segment (an unreadable manifest, whose call is unknown; a segment
+    recorded outside a call; another device's segment) concerns no call by itself; a segment
+    lost that way usually also breaks the chain, which the neighbouring calls show."""
+    found: dict[str, list[str]] = {call_id: [] for call_id in set(call_of.values())}
+    for finding in report.errors:
+        line = _finding_line(finding)
+        if not finding.files:
+            concerned = set(found)
+        else:
+            stems = {name.split(".", 1)[0] for name in finding.files}
+            concerned = {call_of[stem] for stem in stems if stem in call_of}
+        for call_id in concerned:
+            found[call_id].append(line)
+    for call_id in found:
+        found[call_id].extend(device_wide)
+    return found
 
 
 def _fingerprint(directory: Path) -> Fingerprint:
@@ -328,14 +358,6 @@ def _fingerprint(directory: Path) -> Fingerprint:
         found.append((entry.name, stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns,
                       st.st_ctime_ns, st.st_ino))
     return tuple(sorted(found))
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _check_call_id(call_id: Any) -> None:

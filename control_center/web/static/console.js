@@ -5,7 +5,8 @@
 // timer re-renders ages ("2 min 05 s") and sounds the alarm: nothing is polled.
 //
 // Everything user-visible is set with textContent (never innerHTML): device ids, reasons and
-// error texts come from devices and servers and must not become markup.
+// error texts come from devices and servers and must not become markup. That includes Leaflet:
+// its tooltips, popups and divIcons take a string as HTML, so they are given DOM elements.
 "use strict";
 
 (function () {
@@ -20,7 +21,7 @@
     loaded: false,
   };
 
-  const CLOSED_SHOWN = 100; // the closed list shows the newest ones only
+  const CLOSED_SHOWN = 100; // the server sends the newest closed alerts only, this many
   const STATUS_RANK = { open: 0, acknowledged: 1, closed: 2 };
 
   // For the browser tests and the benchmark (tests/test_console_browser.py,
@@ -225,21 +226,50 @@
   }
 
   // -- applying data -------------------------------------------------------------------------
-  /** A POST's answer may arrive after a newer event: never let it move an alert backwards. */
-  function isNotOlder(next, current) {
+  /** Whether `next` is a view of the alert at least as new as `current`. Views are built on
+   *  several server threads, so an event, a POST's answer and the snapshot may arrive in
+   *  another order than they were read: each carries `as_of` (the server's monotonic clock,
+   *  ns, when it was read), and the larger wins. Without it (an older server), a POST's
+   *  answer must not move the alert backwards in status or track; the rest is taken as it
+   *  comes. */
+  function isNotOlder(next, current, { fromResponse = false } = {}) {
     if (!current) return true;
+    if (typeof next.as_of === "number" && typeof current.as_of === "number") {
+      return next.as_of >= current.as_of;
+    }
+    if (!fromResponse) return true;
     const rank = (a) => STATUS_RANK[a.status] ?? 0;
     if (rank(next) !== rank(current)) return rank(next) > rank(current);
     return (next.track || []).length >= (current.track || []).length;
   }
 
-  function applyAlert(alert, { fromResponse = false } = {}) {
+  /** The newer of two views of one alert (either may be missing). */
+  function newerAlert(a, b) {
+    if (!a) return b;
+    if (!b) return a;
+    return isNotOlder(a, b) ? a : b;
+  }
+
+  /** `fromEvent`: it came on the stream, so an alert not seen before is a new SOS (see
+   *  autoSelect). */
+  function applyAlert(alert, { fromResponse = false, fromEvent = false } = {}) {
     if (!alert || !alert.alert_id) return;
     const current = state.alerts[alert.alert_id];
-    if (fromResponse && !isNotOlder(alert, current)) return;
+    if (!isNotOlder(alert, current, { fromResponse })) return;
     state.alerts[alert.alert_id] = alert;
+    if (fromEvent && !current) autoSelect(alert);
     settleAwaiting(alert);
     scheduleRender();
+  }
+
+  /** A new open alert while the operator has nothing selected is selected at once, so its
+   *  live video starts without a click. An alert already selected (by the operator or by this)
+   *  is never switched away from. */
+  function autoSelect(alert) {
+    if (!state.loaded || state.selectedId || alert.status !== "open") return;
+    state.selectedId = alert.alert_id;
+    setText($("action-error"), "");
+    mapFitPending = true;
   }
 
   function applyDevice(device) {
@@ -275,13 +305,16 @@
       return;
     }
     if (eventBuffer) eventBuffer.push([kind, data]);
-    else if (kind === "alert") applyAlert(data);
+    else if (kind === "alert") applyAlert(data, { fromEvent: true });
     else applyDevice(data);
   }
 
-  // Any event sent after the stream opened is newer than or as new as the snapshot fetched
-  // after it opened, so applying the snapshot and then the buffered events, in order, ends on
-  // the newest state of everything.
+  // The snapshot is loaded after the stream opened, and the events received meanwhile are
+  // applied after it. An event is not necessarily newer than the snapshot (the server builds
+  // views on several threads, so one read before the snapshot may be sent after it): every
+  // view of an alert is kept only if its `as_of` is not older than the one held (applyAlert,
+  // newerAlert), so the order of arrival does not matter. Devices' records have no such stamp:
+  // a device's record changes seldom and is pushed whole again on every change.
   async function resync() {
     if (resyncRunning) {
       resyncAgain = true;
@@ -297,8 +330,11 @@
             api("GET", "/api/alerts?all=1"),
             api("GET", "/api/devices"),
           ]);
-          state.alerts = {};
-          for (const a of alerts.alerts || []) state.alerts[a.alert_id] = a;
+          // Alerts not in the snapshot are dropped (closed ones beyond the newest the server
+          // sends); those in both keep the newer view.
+          const fresh = {};
+          for (const a of alerts.alerts || []) fresh[a.alert_id] = newerAlert(a, state.alerts[a.alert_id]);
+          state.alerts = fresh;
           state.devices = {};
           for (const d of devices.devices || []) state.devices[d.device_id] = d;
           state.loaded = true;
@@ -312,7 +348,7 @@
       eventBuffer = null;
       resyncRunning = false;
       for (const [kind, data] of buffered) {
-        if (kind === "alert") applyAlert(data);
+        if (kind === "alert") applyAlert(data, { fromEvent: true });
         else applyDevice(data);
       }
       for (const a of Object.values(state.alerts)) settleAwaiting(a);
@@ -485,10 +521,12 @@
     }
 
     $("queue-empty").hidden = active.length > 0 || !state.loaded;
-    setText($("closed-count"), `(${closed.length})`);
+    // The total is not known here: the page loads the newest CLOSED_SHOWN closed alerts.
+    const full = closed.length >= CLOSED_SHOWN;
+    setText($("closed-count"), full ? `(the newest ${CLOSED_SHOWN})` : `(${closed.length})`);
     const more = $("closed-more");
-    more.hidden = closed.length <= CLOSED_SHOWN;
-    setText(more, `Showing the newest ${CLOSED_SHOWN} of ${closed.length} closed alerts.`);
+    more.hidden = !full;
+    setText(more, `Showing the newest ${CLOSED_SHOWN} closed alerts; older ones are not loaded here.`);
     const unclaimed = active.filter((a) => a.status === "open" && !a.claimed_by).length;
     setText($("alerts-count"), active.length ? `(${active.length} active${unclaimed ? `, ${unclaimed} NEW` : ""})` : "");
   }
@@ -564,21 +602,39 @@
     });
   }
 
+  /** The decision of this type the device has not applied yet: this page's own (`awaiting`,
+   *  with whether the broker delivered it) or the alert's `pending` (anyone's, also after a
+   *  reload). null if none; a rejected one is none. */
+  function pendingDecision(alert, type) {
+    const waiting = state.awaiting[alert.alert_id];
+    if (waiting && waiting.type === type) return { operator: null, queued: waiting.delivered === false };
+    const p = (alert.pending || []).find((c) => c.type === type && (c.status === "pending" || c.status === "sent"));
+    return p ? { operator: p.operator || null, queued: p.status === "pending" } : null;
+  }
+
   function renderActions(alert) {
     const mayAct = can("act");
     const closed = alert.status === "closed";
-    const waiting = state.awaiting[alert.alert_id];
     const mine = state.me && alert.claimed_by === state.me.user;
+    const ackPending = pendingDecision(alert, "ack");
+    const closePending = pendingDecision(alert, "close");
+    const holder = alert.claimed_by && !mine && !closed ? alert.claimed_by : null;
     const buttons = {
       claim: mayAct && !closed && !mine,
-      ack: mayAct && alert.status === "open" && !(waiting && waiting.type === "ack"),
-      close: mayAct && !closed && !(waiting && waiting.type === "close"),
+      // A close on its way decides more than an acknowledgement: no ack beside it.
+      ack: mayAct && alert.status === "open" && !ackPending && !closePending,
+      close: mayAct && !closed && !closePending,
+      takeover: !!holder && can("takeover"),
     };
     for (const [action, enabled] of Object.entries(buttons)) {
       const button = document.querySelector(`#details [data-action="${action}"]`);
       button.disabled = !enabled || busyAction !== null;
     }
     setText(document.querySelector('#details [data-action="claim"]'), mine ? "Taken by you" : "Take");
+    // Only for a supervisor, and only while someone else holds the alert.
+    const takeover = document.querySelector('#details [data-action="takeover"]');
+    takeover.hidden = !buttons.takeover;
+    setText(takeover, holder ? `Take over from ${holder}` : "Take over");
     $("close-reason").disabled = !mayAct || closed;
     $("close-note").disabled = !mayAct || closed;
 
@@ -589,13 +645,15 @@
     }
 
     const status = $("action-status");
-    if (waiting) {
-      const what = waiting.type === "ack" ? "Acknowledge" : "Close";
-      const offline = waiting.delivered === false ? " (device offline: sent when it reconnects)" : "";
-      setText(status, `${what} sent, waiting for the device${offline}`);
-    } else {
-      setText(status, "");
+    const lines = [];
+    for (const [what, p] of [["Close", closePending], ["Acknowledge", ackPending]]) {
+      if (!p) continue;
+      const by = !p.operator ? "" : state.me && p.operator === state.me.user ? " by you" : ` by ${p.operator}`;
+      const offline = p.queued ? " (device offline: sent when it reconnects)" : "";
+      lines.push(`${what}${by} sent, waiting for the device${offline}`);
     }
+    if (closePending && alert.status === "open") lines.push("Acknowledge is off until the device has the close.");
+    setText(status, lines.join("\n"));
   }
 
   function renderPending(alert) {
@@ -605,7 +663,7 @@
     list.replaceChildren(
       ...pending.map((p) => {
         const reason = p.reason_code ? `, ${p.reason_code}` : "";
-        const by = p.operator ? ` by ${p.operator}` : "";
+        const by = !p.operator ? "" : state.me && p.operator === state.me.user ? " by you" : ` by ${p.operator}`;
         return el("li", { "data-status": p.status || "" },
           `${p.type}${reason}${by}: ${(p.status || "").toUpperCase()}`);
       }),
@@ -630,7 +688,7 @@
     try {
       const path = `/api/alerts/${encodeURIComponent(alert.alert_id)}/${action}`;
       const answer = await api("POST", path, body);
-      if (action === "claim") {
+      if (action === "claim" || action === "takeover") {
         applyAlert(answer, { fromResponse: true });
       } else {
         const command = (answer && answer.command) || {};
@@ -766,6 +824,8 @@
     });
     sosConsole.map = map;
     if (tiles && tiles.url) {
+      // The attribution is the centre administrator's config (console.tiles_attribution), not
+      // device or user text: Leaflet shows it as HTML, so that it may carry a link.
       L.tileLayer(tiles.url, { attribution: tiles.attribution || "", maxZoom: 19 }).addTo(map);
       setText($("map-note"), "");
     } else {
@@ -891,7 +951,8 @@
         .addTo(map);
       selectedMarkerId = alert.alert_id;
     }
-    selectedMarker.bindTooltip(`SOS ${alert.device_id}`, { direction: "top", offset: [0, -36] });
+    // An element, not a string (Leaflet sets a string as innerHTML): the id is the device's.
+    selectedMarker.bindTooltip(el("span", {}, `SOS ${alert.device_id}`), { direction: "top", offset: [0, -36] });
 
     if (mapFitPending) {
       mapFitPending = false;
@@ -911,10 +972,17 @@
     for (const d of devices) {
       const alarm = !!d.active_alert_id;
       const colour = alarm ? "#ff5c5c" : d.state === "online" ? "#4cc38a" : "#a9b4c0";
+      const accuracy = d.position.accuracy_m;
+      if (accuracy != null && isFinite(accuracy) && accuracy > 0) {
+        fleetLayer.addLayer(L.circle([d.position.lat, d.position.lon], {
+          radius: accuracy, color: colour, weight: 1, opacity: 0.5, fillOpacity: 0.06, interactive: false,
+        }));
+      }
       const marker = L.circleMarker([d.position.lat, d.position.lon], {
         radius: 6, color: "#0b0f14", weight: 2, fillColor: colour, fillOpacity: 1,
       });
-      marker.bindTooltip(`${d.device_id} (${d.device_kind || "device"}, ${d.state || "unknown"})`);
+      const acc = accuracy != null && isFinite(accuracy) ? `, ±${Math.round(accuracy)} m` : "";
+      marker.bindTooltip(el("span", {}, `${d.device_id} (${d.device_kind || "device"}, ${d.state || "unknown"}${acc})`));
       marker.on("click", () => {
         if (d.active_alert_id && state.alerts[d.active_alert_id]) selectAlert(d.active_alert_id, { focusRow: false });
       });
@@ -1264,28 +1332,54 @@
     const table = el("table", { className: "grid-table evidence-calls" });
     const thead = el("thead");
     const hr = el("tr");
-    for (const h of ["Call", "Segments", "Recorded", "Export"]) hr.append(el("th", { scope: "col" }, h));
+    for (const h of ["Call", "Segments", "Recorded", "Verification", "Export"]) hr.append(el("th", { scope: "col" }, h));
     thead.append(hr);
     const tbody = el("tbody");
-    for (const call of calls) tbody.append(evidenceCall(d.device_id, call));
+    for (const call of calls) tbody.append(evidenceCall(d.device_id, call, { ok, verdict }));
     table.append(thead, tbody);
     box.append(table);
     return box;
   }
 
-  function evidenceCall(deviceId, call) {
-    const tr = el("tr", { "data-call-id": call.call_id });
+  /** One call: its own verification (the device's errors that concern its segments, and
+   *  those about no file: `calls[].ok/errors`) and its export. The centre exports only
+   *  evidence that verifies, as a whole device directory: a call that does not verify, or
+   *  one whose device's evidence does not, is said to be refused before anyone tries. */
+  function evidenceCall(deviceId, call, device) {
     const segments = typeof call.segments === "number" ? call.segments
       : Array.isArray(call.segments) ? call.segments.length : call.segment_count;
     const start = isoMs(call.first_at || call.start_utc);
     const end = isoMs(call.last_at || call.end_utc);
     const span = start == null ? DASH : `${formatTime(start)}${end == null ? "" : ` to ${formatTime(end)}`}`;
+    const ok = call.ok != null ? !!call.ok : device.ok; // a server without per-call results
+    const errors = Array.isArray(call.errors) ? call.errors : [];
+    // A call that verifies in a device that verifies has the device's verdict (INCOMPLETE too).
+    const verdict = ok ? (device.ok ? device.verdict : "VERIFIED") : "NOT VERIFIED";
+    const tr = el("tr", { "data-call-id": call.call_id, "data-verified": String(ok) });
     tr.append(el("td", {}, call.call_id), el("td", {}, orDash(segments)), el("td", {}, span));
+
+    const check = el("td", { className: "cell-verification" });
+    check.append(el("span", { className: `badge ${ok ? "badge-ok" : "badge-bad"}`, "data-verdict": verdict }, verdict));
+    if (errors.length) {
+      const ul = el("ul", { className: "findings errors" });
+      for (const f of errors) ul.append(el("li", {}, findingText(f)));
+      check.append(ul);
+    } else if (!ok) {
+      check.append(el("p", { className: "error-text" }, "The device's evidence does not verify (see above)."));
+    }
+    tr.append(check);
+
     const cell = el("td", { className: "cell-export" });
     const button = el("button", { type: "button", className: "btn btn-small", "data-action": "export" }, "Export");
-    button.disabled = !can("export");
-    if (!can("export")) button.title = "Your role may not export evidence";
+    const mayExport = can("export");
+    const refused = !ok ? "This call's evidence does not verify: it is not exported."
+      : !device.ok ? "Not exported while the rest of this device's evidence does not verify (see above)."
+        : null;
+    button.disabled = !mayExport || refused !== null;
+    if (!mayExport) button.title = "Your role may not export evidence";
+    else if (refused) button.title = refused;
     const result = el("div", { className: "export-result", role: "status" });
+    if (refused) result.append(el("p", { className: "error-text" }, refused));
     button.addEventListener("click", () => exportCall(deviceId, call.call_id, button, result));
     cell.append(button, result);
     tr.append(cell);
@@ -1405,7 +1499,7 @@
       tab.addEventListener("keydown", onTabKey);
     }
     $("logout").addEventListener("click", logOut);
-    for (const action of ["claim", "ack"]) {
+    for (const action of ["claim", "ack", "takeover"]) {
       document.querySelector(`#details [data-action="${action}"]`)
         .addEventListener("click", () => runAction(action));
     }
