@@ -407,6 +407,31 @@ def test_an_auditor_exports_a_verified_call_and_the_audit_log_names_her(
     assert (stored["operator"], stored["call_id"], stored["verified"]) == ("audrey", evidence, 1)
 
 
+def test_a_supervisor_takes_over_an_alert_from_its_holder(alice, token, rig, browsers) -> None:
+    """A second SOS: a supervisor's open page selects it by itself, and takes it from alice."""
+    sam = browsers.new("sam")
+    known = {a.alert_id for a in rig.store.alerts(open_only=False)}
+    token.press(2.0)
+    rig.wait_for(lambda: {a.alert_id for a in rig.store.alerts()} - known)
+    (second,) = {a.alert_id for a in rig.store.alerts()} - known
+    wait_until(sam, lambda d: d.execute_script(
+        "return window.sosConsole.selected() === arguments[0]", second),
+        what="the supervisor's page to select the new SOS by itself")
+    select_alert(alice, second)
+    click_action(alice, "claim")
+    takeover = wait_until(sam, lambda d: next(
+        (b for b in d.find_elements(By.CSS_SELECTOR, '#details button[data-action="takeover"]')
+         if b.is_displayed()), None), what="the Take over button")
+    assert "alice" in takeover.text
+    takeover.click()
+    wait_until(sam, lambda d: row(d, second).get_attribute("data-claimed-by") == "sam",
+               what="sam to hold the alert")
+    assert rig.store.alert(second).claimed_by == "sam"
+    Select(sam.find_element(By.CSS_SELECTOR, '#details select[name="reason"]')
+           ).select_by_visible_text("Help arrived")
+    click_action(sam, "close")
+    rig.wait_for(lambda: rig.store.alert(second).status == "closed")
+
 def test_no_page_broke_a_content_security_policy_rule(browsers) -> None:
     """Every page the tests opened ran under the console's strict CSP without a violation."""
     violations = [entry["message"] for driver in browsers.open
