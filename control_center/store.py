@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control_center.sqlite_tx import immediate_transaction
+from control_center.shared_sqlite import connect_shared, immediate_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -171,12 +171,8 @@ class Stored:
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect_shared(self.path)
         self._db.executescript(_SCHEMA)
         self._add_digest_columns()
         self._add_command_columns()

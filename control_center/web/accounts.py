@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from control_center.sqlite_tx import immediate_transaction
+from control_center.shared_sqlite import connect_shared, immediate_transaction
 
 ROLES = ("operator", "supervisor", "auditor")
 # Exactly the table in docs/CONSOLE-API.md, "Accounts, roles and rights".
@@ -141,12 +140,8 @@ class Accounts:
         self._clock = clock
         self._hasher = hasher or PasswordHasher()
         self._dummy_hash: str | None = None  # made at the first log-in (see _dummy)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect_shared(self.path)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
