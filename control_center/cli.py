@@ -19,13 +19,16 @@ from pathlib import Path
 from cryptography import x509
 
 from control_center import audit_cli, ca_cli, pki, user_cli
+from control_center.alert_routing import AlertRouting
 from control_center.broker_admin import sync_broker
 from control_center.config import CenterConfig, load_center_config
 from control_center.console import alert_line, event_line, record_line, rejection_line
+from control_center.escalation import Step
 from control_center.fleet import Fleet, FleetError
 from control_center.live import LiveReceiver
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import AmbiguousAlertId, Store
+from control_center.webhook import WebhookTarget
 from protocol.configfile import ConfigError, pem_certificates, pem_private_key
 from protocol.mqtt import BrokerConfig
 from protocol.signing import Signer, load_key
@@ -135,12 +138,19 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
                                                           event.kind)
 
     service = _service(config, store, client_id=identity_name(config.broker),
-                       group=config.group, on_event=tell_all, live=live)
+                       group=config.group, on_event=tell_all, live=live,
+                       router=config.routes.route_at)
+    steps: list[Callable[[Step], None]] = [_print_step]
+    routing = AlertRouting(store, config.routes,
+                           [WebhookTarget.from_config(hook) for hook in config.webhooks],
+                           on_step=lambda step: [announce(step) for announce in steps])
+    observers.append(routing.on_center_event)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.
     stopping = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     service.start(wait_s=None)
+    routing.start()
     console = None
     if config.console is not None:
         from control_center.web.launch import start_console  # only a centre with a console
@@ -148,13 +158,15 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
         try:
             console = start_console(config.console, store=store, accounts_db=config.db,
                                     fleet=Fleet(config.fleet_dir), commands=service,
-                                    live_dir=config.live_dir)
+                                    live_dir=config.live_dir, routing=routing)
         except (OSError, RuntimeError) as exc:
             print(f"config error: key 'console.port': cannot serve the console on "
                   f"{config.console.listen}:{config.console.port}: {exc}", file=sys.stderr)
+            routing.stop()
             service.stop()
             return 2
         observers.append(console.console.on_center_event)
+        steps.append(lambda step: console.console.publish_alert(step.alert_id))
     print(f"sos-center serving: broker {config.broker.host}:{config.broker.port}, "
           f"store {config.db}" + (f", live view in {config.live_dir}" if live else "")
           + (f", operator console at {console.url}" if console else "")
@@ -162,9 +174,17 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     signal.sigwait(stopping)
     if console is not None:
         console.stop()
+    routing.stop()
     service.stop()
     store.close()
     return 0
+
+
+def _print_step(step: Step) -> None:
+    to = f"desk {step.to_desk}" if step.to_desk else "the supervisors only (end of its chain)"
+    offline = "; its device is OFFLINE" if step.device_offline else ""
+    print(f"ESCALATED {step.alert_id[:8]} (step {step.step}): nobody took it; now to {to} and "
+          f"the supervisors{offline}", flush=True)
 
 
 def check_console_files(config: CenterConfig) -> None:

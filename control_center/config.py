@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from protocol.configfile import check, load_schema, load_toml, subschema, with_defaults
+from control_center.routing import IMPLICIT_DESK, Desk, RouteTable, unknown_desk
+from protocol.configfile import (
+    ConfigError,
+    check,
+    load_schema,
+    load_toml,
+    problem,
+    read_regular_file,
+    subschema,
+    with_defaults,
+)
 from protocol.mqtt import BrokerConfig
 
 log = logging.getLogger("sos.center")
@@ -21,6 +34,44 @@ SCHEMA = load_schema("control_center", "config.schema.json")  # every key, check
 # separate group gets its own copy of every message). MQTT does not tell a subscriber who else
 # is in its group, so this cannot be detected from inside; it is documented (docs/FLASHING.md).
 DEFAULT_GROUP: str = subschema(SCHEMA, "center", "group")["default"]
+DEFAULT_TIMEZONE: str = subschema(SCHEMA, "center", "timezone")["default"]
+MIN_WEBHOOK_SECRET = 32  # bytes: an HMAC-SHA256 key shorter than its output weakens it
+
+
+def _items(name: str) -> dict[str, Any]:
+    """The schema of one entry of the array of tables `name` ([[desks]], [[routes]], ...):
+    `with_defaults` does not go into arrays, so each entry is completed with this."""
+    items: dict[str, Any] = subschema(SCHEMA, name)["items"]
+    return items
+
+
+def implicit_routes(timezone: str = DEFAULT_TIMEZONE) -> RouteTable:
+    """The route table of a config without [[routes]]: every alert to the one desk 'all', as
+    before routing existed; its escalation delay is the schema's default for a desk."""
+    desk = with_defaults({"id": IMPLICIT_DESK, "name": "All operators"}, _items("desks"))
+    return RouteTable.implicit_table(
+        Desk(id=desk["id"], name=desk["name"], operators=tuple(desk["operators"]),
+             escalate_after_s=float(desk["escalate_after_s"])), timezone)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One `[[webhooks]]` target (the sender is control_center/webhook.py). The key is read at
+    load, so a missing or short key stops the centre at start, not at its first alert; it is
+    kept out of repr so it never reaches a log or a traceback."""
+
+    name: str
+    url: str
+    secret_file: Path
+    secret: bytes = field(repr=False)
+    events: tuple[str, ...]
+    desks: tuple[str, ...] | None = None  # None: alerts routed to any desk
+
+    def wants(self, event: str, desks: Sequence[str]) -> bool:
+        """Whether `event` ("alert", "escalated", "closed") of an alert routed to `desks` is
+        sent to this target: one of its events, and one of its desks (or any desk)."""
+        return event in self.events and (self.desks is None
+                                         or any(d in self.desks for d in desks))
 
 
 @dataclass(frozen=True)
@@ -49,18 +100,30 @@ class CenterConfig:
     live_dir: Path | None = None  # None: this instance does not receive live video
     signing_key: Path | None = None  # None: the fleet's shared command key (centre-signing.key)
     console: ConsoleConfig | None = None  # None: `serve` serves no web console
+    timezone: str = DEFAULT_TIMEZONE  # IANA name; the `hours` of routes are local to it
+    routes: RouteTable = field(default_factory=implicit_routes)  # always a table
+    webhooks: tuple[WebhookConfig, ...] = ()
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
     """Load and validate; ConfigError naming the file and the key when anything is wrong."""
     path = Path(path)
-    data = with_defaults(load_toml(path, SCHEMA), SCHEMA)
+    data = load_toml(path, {})  # parsed only: checked below, naming entries of arrays as [i]
+    text = problem(data, SCHEMA)
+    if text is not None:
+        raise ConfigError(f"{path}: {_indexed(text)}")
+    data = with_defaults(data, SCHEMA)
     base = path.parent
 
     def rel(p: str | None) -> str | None:
         return None if p is None else str(base / p)  # an absolute p wins in the join
 
     center, broker = data["center"], data["broker"]
+    try:
+        routes = _routes(data, center["timezone"])
+        webhooks = _webhooks(data.get("webhooks", []), base, routes)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return CenterConfig(
         db=Path(rel(center["db"]) or ""),
         fleet_dir=Path(rel(center["fleet_dir"]) or ""),
@@ -72,7 +135,85 @@ def load_center_config(path: str | Path) -> CenterConfig:
         live_dir=Path(rel(center["live_dir"]) or "") if "live_dir" in center else None,
         signing_key=Path(rel(center["signing_key"]) or "") if "signing_key" in center else None,
         console=_console(data["console"], base) if "console" in data else None,
+        timezone=center["timezone"], routes=routes, webhooks=webhooks,
     )
+
+
+def _indexed(text: str) -> str:
+    """A schema problem with the array indexes in its key written `routes[2].desks` (the
+    checker joins them with dots, `routes.2.desks`), as the route table's own checks and a
+    reader counting [[routes]] entries expect."""
+    return re.sub(r"key '([^']*)'",
+                  lambda m: "key '" + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", m.group(1)) + "'",
+                  text)
+
+
+def _routes(data: dict[str, Any], timezone: str) -> RouteTable:
+    """The configured route table, or the implicit one. Desks without routes are refused:
+    every alert would go to the implicit desk 'all', and the desks would never see one."""
+    if "routes" not in data:
+        if "desks" in data:
+            raise ConfigError("key 'desks': desks are defined but there are no [[routes]] to "
+                              "send alerts to them (without [[routes]] every alert goes to one "
+                              "desk, 'all'): add [[routes]], ending with a rule without "
+                              "conditions")
+        return implicit_routes(timezone)
+    desks = [with_defaults(d, _items("desks")) for d in data.get("desks", [])]
+    return RouteTable.from_config(desks, data["routes"], timezone)
+
+
+def _webhooks(sections: list[dict[str, Any]], base: Path,
+              routes: RouteTable) -> tuple[WebhookConfig, ...]:
+    hooks: list[WebhookConfig] = []
+    for index, section in enumerate(sections):
+        if any(h.name == section["name"] for h in hooks):
+            raise ConfigError(f"key 'webhooks[{index}].name': webhook '{section['name']}' is "
+                              "defined twice (the name keys its deliveries in the store)")
+        hooks.append(_webhook(index, section, base, routes))
+    return tuple(hooks)
+
+
+def _webhook(index: int, section: dict[str, Any], base: Path,
+             routes: RouteTable) -> WebhookConfig:
+    key = f"webhooks[{index}]"
+    section = with_defaults(section, _items("webhooks"))
+    _check_url(f"{key}.url", section["url"])
+    for desk_id in section.get("desks", []):
+        if desk_id not in routes.desk_ids:
+            raise unknown_desk(f"{key}.desks", desk_id, routes.desk_ids)
+    secret_file = base / section["secret_file"]
+    return WebhookConfig(name=section["name"], url=section["url"], secret_file=secret_file,
+                         secret=_secret(f"{key}.secret_file", secret_file),
+                         events=tuple(section["events"]),
+                         desks=tuple(section["desks"]) if "desks" in section else None)
+
+
+def _check_url(key: str, url: str) -> None:
+    """What the schema's pattern cannot say about an https URL, naming the key."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ConfigError(f"key '{key}': {exc}") from None
+    if not parts.hostname:
+        raise ConfigError(f"key '{key}': has no host ({url!r})")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"key '{key}': must not carry a user or password (it would be "
+                          "written in logs): the POSTs are signed with secret_file instead")
+
+
+def _secret(key: str, path: Path) -> bytes:
+    """The HMAC key in `path`, without one trailing newline (so `openssl rand -hex 32 > FILE`
+    and the hex text the receiver is given are the same key)."""
+    try:
+        secret = read_regular_file(path)
+    except ConfigError as exc:
+        raise ConfigError(f"key '{key}': {exc}") from None
+    secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+    if len(secret) < MIN_WEBHOOK_SECRET:
+        raise ConfigError(f"key '{key}': {path}: the key is {len(secret)} bytes; it must be at "
+                          f"least {MIN_WEBHOOK_SECRET} (e.g. openssl rand -hex 32 > FILE)")
+    return secret
 
 
 def console_config(section: dict[str, Any], base: Path) -> ConsoleConfig:

@@ -89,6 +89,7 @@ class CenterService:
         consume: bool = True,
         live: LiveReceiver | None = None,
         live_idle_s: float = LIVE_IDLE_S,
+        router: Callable[[dict[str, Any], float], tuple[str, tuple[str, ...]]] | None = None,
     ) -> None:
         """`consume=False` gives a command-only client (the `ack`/`close` CLI): it subscribes to
         nothing, so it never takes alerts away from the serving instances.
@@ -96,7 +97,11 @@ class CenterService:
         `signer` signs commands and delivery receipts; `trust(device_id)` gives the keys a
         device's messages must be signed with (see FleetTrust).
 
-        `live`: where live video chunks go (None: the centre does not subscribe to them)."""
+        `live`: where live video chunks go (None: the centre does not subscribe to them).
+
+        `router(alert, stored_at)`: (rule, desks) written with each new alert (docs/ROUTING.md);
+        None: no routing (every operator sees every alert)."""
+        self._router = router
         self.store = store
         self.live = live if consume else None
         self._live_idle_s = live_idle_s
@@ -359,7 +364,7 @@ class CenterService:
         try:
             match kind:
                 case MessageKind.ALERT:
-                    stored = self.store.add_alert(body, now, digest)
+                    stored = self.store.add_alert(body, now, digest, self._route(body, now))
                     if not stored.new:
                         log.info("alert %s (seq %d) from %s received again: a re-send; it is "
                                  "stored once and receipted again", body["alert_id"][:8],
@@ -384,6 +389,18 @@ class CenterService:
             self._on_event(CenterEvent("status", device_id, body, True))
             if body["state"] == "online" and self._consume:
                 self._resend_missed_decision(device_id, body)
+
+    def _route(self, alert: dict[str, Any], now: float) -> tuple[str, tuple[str, ...]] | None:
+        """The routing decision; a router that fails must not cost the alert: it is stored
+        without desks, which every operator sees, and the failure is logged."""
+        if self._router is None:
+            return None
+        try:
+            return self._router(alert, now)
+        except Exception:
+            log.exception("could not route alert %s from %s; stored for every desk",
+                          alert.get("alert_id", "?")[:8], alert.get("device_id"))
+            return ("routing failed", ())
 
     def _send_receipt(self, device_id: str, kind: MessageKind, body: dict[str, Any],
                       digest: str, stored: Stored) -> None:

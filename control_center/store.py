@@ -87,7 +87,10 @@ CREATE TABLE IF NOT EXISTS commands (
 # `note`: what the operator gave with it (a close's reason, from the web console).
 _COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT", "note": "TEXT"}
 # Added to `alerts` with the web console: who took (claimed) the alert, and when.
-_ALERT_COLUMNS_ADDED = {"claimed_by": "TEXT", "claimed_at": "REAL"}
+# Added with routing (docs/ROUTING.md): the desks an alert was routed to (JSON list) and the rule
+# that matched, written with the alert.
+_ALERT_COLUMNS_ADDED = {"claimed_by": "TEXT", "claimed_at": "REAL", "desks": "TEXT",
+                        "route_rule": "TEXT"}
 # Refusals a fresh command (new id, number and time) can overcome: it waited too long in the
 # broker's queue, or a centre's numbering went back.
 RETRYABLE_REFUSALS = ("expired", "replayed")
@@ -98,7 +101,7 @@ MAX_COPIES = 6
 ALERT_COLUMNS = (
     "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
     "stored_at", "status", "device_offline", "cancel_requested_at", "acked_at", "acked_by",
-    "closed_at", "closed_by", "duplicates", "claimed_by", "claimed_at",
+    "closed_at", "closed_by", "duplicates", "claimed_by", "claimed_at", "desks", "route_rule",
 )
 
 
@@ -123,6 +126,8 @@ class AlertRecord:
     duplicates: int
     claimed_by: str | None = None
     claimed_at: float | None = None
+    desks: tuple[str, ...] = ()  # where routing sent it (empty: stored before routing)
+    route_rule: str | None = None
 
     @classmethod
     def from_row(cls, row: tuple) -> AlertRecord:
@@ -130,6 +135,7 @@ class AlertRecord:
         values["position"] = json.loads(values["position"])
         values["battery"] = json.loads(values["battery"]) if values["battery"] else None
         values["device_offline"] = bool(values["device_offline"])
+        values["desks"] = tuple(json.loads(values["desks"])) if values["desks"] else ()
         return cls(**values)
 
 
@@ -214,20 +220,25 @@ class Store:
 
     # -- writes from devices ---------------------------------------------------------------------
     def add_alert(self, alert: dict[str, Any], stored_at: float,
-                  digest: str | None = None) -> Stored:
+                  digest: str | None = None,
+                  route: tuple[str, tuple[str, ...]] | None = None) -> Stored:
         """Store a new alert, or count a duplicate if this alert id is known (a re-send).
 
         `digest`: the SHA-256 of the payload as received (what its receipt will name). Raises
         NotYours if the id is another device's alert, and NotTheSame if a re-send brings other
-        bytes than were stored: neither is a re-send, and the sender gets no receipt."""
+        bytes than were stored: neither is a re-send, and the sender gets no receipt.
+        `route`: (the rule that matched, its desks), written in the same row (a re-send keeps
+        the first decision)."""
+        rule, desks = route if route is not None else (None, None)
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO alerts(alert_id, device_id, device_kind, seq, trigger, "
-                "created_at, position, battery, stored_at, digest) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "created_at, position, battery, stored_at, digest, route_rule, desks) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (alert["alert_id"], alert["device_id"], alert["device_kind"], alert["seq"],
                  alert["trigger"], alert["created_at"], json.dumps(alert["position"]),
                  json.dumps(alert["battery"]) if alert["battery"] is not None else None,
-                 stored_at, digest),
+                 stored_at, digest, rule, json.dumps(list(desks)) if desks is not None else None),
             )
             if cur.rowcount == 1:
                 # Messages can overtake each other (a re-offered alert after a broker restart):

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from control_center import pki
-from control_center.config import console_config
+from control_center.alert_routing import AlertRouting
+from control_center.config import console_config, implicit_routes
+from control_center.escalation import Step
 from control_center.live import LiveReceiver
+from control_center.routing import RouteTable
 from control_center.service import CenterEvent, FleetTrust
 from control_center.store import Store
 from control_center.web.accounts import Accounts
@@ -23,7 +26,10 @@ USERS = {"alice": "operator", "bob": "operator", "sam": "supervisor", "audrey": 
 
 class ConsoleRig:
     def __init__(self, workdir: Path, broker: PrivateBroker, *,
-                 evidence_dir: Path | None = None) -> None:
+                 evidence_dir: Path | None = None, routes: RouteTable | None = None,
+                 escalation_interval_s: float = 0.2) -> None:
+        """`routes`: route alerts to desks and escalate untaken ones, as `serve` does with
+        [[desks]] and [[routes]] (None: the implicit table, every alert to everyone)."""
         self.workdir = workdir
         self.broker = broker
         self.store = Store(workdir / "center.sqlite")
@@ -36,7 +42,12 @@ class ConsoleRig:
         live = LiveReceiver(fleet.live_identity_file, self.live_dir, FleetTrust(fleet))
         self._changed = threading.Condition()
         self._observers: list[Callable[[CenterEvent], None]] = []
-        self.service = broker.centre_service(self.store, on_event=self._on_event, live=live)
+        self.routes = routes or implicit_routes()
+        self.service = broker.centre_service(self.store, on_event=self._on_event, live=live,
+                                             router=self.routes.route_at)
+        self.routing = AlertRouting(self.store, self.routes, [],
+                                    on_step=self._on_step, interval_s=escalation_interval_s)
+        self._observers.append(self.routing.on_center_event)
         server = pki.issue_server_cert(fleet.ca, workdir / "console-tls", "console",
                                        [HOST, "localhost"])
         self.cert_file = server.cert_file
@@ -49,11 +60,18 @@ class ConsoleRig:
 
     def start(self) -> None:
         self.service.start()
+        self.routing.start()
         self.console = start_console(self.config, store=self.store,
                                      accounts_db=self.workdir / "center.sqlite",
                                      fleet=self.broker.fleet, commands=self.service,
-                                     live_dir=self.live_dir)
+                                     live_dir=self.live_dir, routing=self.routing)
         self._observers.append(self.console.console.on_center_event)
+
+    def _on_step(self, step: Step) -> None:
+        if self.console is not None:
+            self.console.console.publish_alert(step.alert_id)
+        with self._changed:
+            self._changed.notify_all()
 
     @property
     def url(self) -> str:
@@ -76,5 +94,6 @@ class ConsoleRig:
     def stop(self) -> None:
         if self.console is not None:
             self.console.stop()
+        self.routing.stop()
         self.service.stop()
         self.store.close()

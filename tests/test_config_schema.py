@@ -162,6 +162,8 @@ PROFILE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
 CENTRE_DEFAULTS: dict[str, Callable[[CenterConfig], Any]] = {
     "center.group": lambda c: c.group,
     "center.operator": lambda c: c.operator,
+    "center.timezone": lambda c: c.timezone,  # the defaults inside [[desks]] and [[webhooks]]:
+                                              # tests/test_config_routes.py
     "console.listen": lambda c: c.console.listen,
     "console.port": lambda c: c.console.port,
     "console.exports_dir": lambda c: c.console.exports_dir.name,  # beside the config file

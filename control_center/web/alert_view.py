@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from control_center.alert_routing import AlertRouting
 from control_center.store import AlertRecord, Store
 
 LIVE_PLAYLIST = "index.m3u8"
 
 
-def alert_view(store: Store, record: AlertRecord, live_dir: Path | None) -> dict[str, Any]:
+def alert_view(store: Store, record: AlertRecord, live_dir: Path | None,
+               routing: AlertRouting | None = None) -> dict[str, Any]:
     """`as_of`: when it was read (monotonic microseconds, taken before the reads: exact in a
     browser's numbers for centuries of uptime). Views of one alert are built on several
     threads and may reach a page out of order: the larger wins."""
@@ -35,6 +37,9 @@ def alert_view(store: Store, record: AlertRecord, live_dir: Path | None) -> dict
         "device_id": record.device_id,
         "device_kind": record.device_kind,
         "trigger": record.trigger,
+        "desks": list(routing.desks_of(record) if routing else record.desks),
+        "route_rule": record.route_rule,
+        "escalations": routing.steps(record.alert_id) if routing else [],
         "created_at": record.created_at,
         "stored_at": record.stored_at,
         "status": record.status,

@@ -40,6 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from control_center.alert_routing import AlertRouting
 from control_center.audit import AuditLog
 from control_center.evidence import EvidenceError
 from control_center.fleet import Fleet
@@ -90,6 +91,7 @@ class Console:
     live_dir: Path | None = None
     evidence: EvidenceBrowser | None = None
     tiles: dict[str, str] | None = None
+    routing: AlertRouting | None = None  # desks, escalation steps; None: every alert to all
     clock: Callable[[], float] = time.time
     logins: LoginGuard = field(default_factory=lambda: LoginGuard(LOGINS_AT_ONCE))
     _live_viewed: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
@@ -132,7 +134,22 @@ class Console:
     def publish_alert(self, alert_id: str) -> None:
         record = self.store.alert(alert_id)
         if record is not None:
-            self.hub.publish("alert", alert_view(self.store, record, self.live_dir))
+            self.hub.publish("alert", self.view(record))
+
+    def view(self, record: Any) -> dict[str, Any]:
+        return alert_view(self.store, record, self.live_dir, self.routing)
+
+    def shows(self, session: Session, alert: dict[str, Any]) -> bool:
+        """Whether `session`'s queue shows this alert: an operator sees the alerts routed or
+        escalated to a desk they work (all, if they work none, or the alert has no desk);
+        supervisors and auditors see every alert."""
+        if session.role != "operator" or self.routing is None:
+            return True
+        mine = set(self.routing.routes.desks_of(session.username))
+        if not mine or not alert.get("desks"):
+            return True
+        reached = set(alert["desks"]) | {s["to_desk"] for s in alert.get("escalations", [])}
+        return bool(mine & reached)
 
     def fresh_fleet(self) -> Fleet | None:
         """The fleet registry as it is now: enrolments, renewals and revocations happen in
@@ -252,18 +269,18 @@ def _me_json(console: Console, session: Session) -> dict[str, Any]:
 
 # -- alerts ------------------------------------------------------------------------------------
 def _alerts(console: Console, request: Request) -> Response:
-    _viewing(console, request, "view")
+    session = _viewing(console, request, "view")
     records = console.store.alerts(open_only=True)
     if request.query_params.get("all") == "1":
         records += console.store.closed_alerts(CLOSED_SHOWN)
     records.sort(key=lambda r: r.stored_at, reverse=True)
-    return JSONResponse({"alerts": [alert_view(console.store, r, console.live_dir)
-                                    for r in records]})
+    views = [console.view(r) for r in records]
+    return JSONResponse({"alerts": [v for v in views if console.shows(session, v)]})
 
 
 def _alert(console: Console, request: Request) -> Response:
     _viewing(console, request, "view")
-    return JSONResponse(alert_view(console.store, _record(console, request), console.live_dir))
+    return JSONResponse(console.view(_record(console, request)))
 
 
 def _record(console: Console, request: Request) -> Any:
@@ -300,7 +317,7 @@ def _act(console: Console, request: Request) -> Response:
     if action == "claim":
         console.audit.append("console_claim", session.username, alert_id=record.alert_id)
         console.publish_alert(record.alert_id)
-        return JSONResponse(alert_view(console.store, record, console.live_dir))
+        return JSONResponse(console.view(record))
     details = {"alert_id": record.alert_id, **({"reason": reason} if reason else {})}
     command = _send(console, session.username, action, details, lambda: (
         console.commands.send_command(record.alert_id, action, session.username, note=reason)))
@@ -318,8 +335,7 @@ def _take_over(console: Console, session: Session, record: Any) -> Response:
     console.audit.append("console_takeover", session.username, alert_id=record.alert_id,
                          taken_from=before)
     console.publish_alert(record.alert_id)
-    return JSONResponse(alert_view(console.store, console.store.alert(record.alert_id),
-                                   console.live_dir))
+    return JSONResponse(console.view(console.store.alert(record.alert_id)))
 
 
 def _send(console: Console, user: str, action: str, details: dict[str, Any],
@@ -434,12 +450,15 @@ def _live_file(console: Console, request: Request) -> Response:
 
 
 async def _events(console: Console, request: Request) -> Response:
-    await _in_thread(_viewing, console, request, "view")
+    session = await _in_thread(_viewing, console, request, "view")
+
+    def wants(kind: str, data: dict[str, Any]) -> bool:
+        return kind != "alert" or console.shows(session, data)
 
     async def still_allowed() -> bool:  # log-out, disable or expiry ends the stream too
         return await _in_thread(_current, console, request) is not None
 
-    return StreamingResponse(console.hub.stream(request.is_disconnected, still_allowed),
+    return StreamingResponse(console.hub.stream(request.is_disconnected, still_allowed, wants),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

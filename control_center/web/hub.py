@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+_Item = tuple[str, str, dict[str, Any]]  # (the frame, its event kind, its data)
 QUEUE_LIMIT = 1000  # events a listener may fall behind before it is dropped
 PING_S = 5.0  # a comment line this often keeps proxies from closing an idle stream
 RECHECK_S = 1.0  # a stream's session is looked up again at most this often while it flows
@@ -26,7 +27,7 @@ RECHECK_S = 1.0  # a stream's session is looked up again at most this often whil
 class EventHub:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listeners: set[asyncio.Queue[str | None]] = set()
+        self._listeners: set[asyncio.Queue[_Item | None]] = set()
         self._lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -42,12 +43,12 @@ class EventHub:
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed between check and call
-            loop.call_soon_threadsafe(self._deliver, frame)
+            loop.call_soon_threadsafe(self._deliver, (frame, kind, data))
 
-    def _deliver(self, frame: str) -> None:
+    def _deliver(self, item: _Item) -> None:
         for queue in list(self._listeners):
             try:
-                queue.put_nowait(frame)
+                queue.put_nowait(item)
             except asyncio.QueueFull:  # it ends; its page reconnects and reloads
                 self._listeners.discard(queue)
                 queue.get_nowait()
@@ -70,11 +71,14 @@ class EventHub:
             queue.put_nowait(None)
 
     async def stream(self, disconnected: Callable[[], Awaitable[bool]],
-                     still_allowed: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+                     still_allowed: Callable[[], Awaitable[bool]],
+                     wants: Callable[[str, dict[str, Any]], bool] = lambda kind, data: True,
+                     ) -> AsyncIterator[str]:
         """A listener's frames until it disconnects, or `still_allowed()` says its session is
         over (log-out, `user disable`, expiry): asked at every ping and before a frame at most
-        every RECHECK_S, so an ended session stops receiving within PING_S."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_LIMIT)
+        every RECHECK_S, so an ended session stops receiving within PING_S. `wants(kind,
+        data)`: whether this listener gets an event (an operator, their desks' alerts)."""
+        queue: asyncio.Queue[_Item | None] = asyncio.Queue(QUEUE_LIMIT)
         self._listeners.add(queue)
         checked = time.monotonic()
         try:
@@ -90,10 +94,12 @@ class EventHub:
                     continue
                 if frame is None:  # dropped for falling behind, or the server stops
                     return
+                if not wants(frame[1], frame[2]):
+                    continue
                 if time.monotonic() - checked >= RECHECK_S:
                     if not await still_allowed():
                         return
                     checked = time.monotonic()
-                yield frame
+                yield frame[0]
         finally:
             self._listeners.discard(queue)

@@ -39,6 +39,7 @@
     select: (alertId) => selectAlert(alertId, { focusRow: false }),
     ticks: 0, // 1 s ticks so far (a test waits for some to pass)
     beepsHeard: 0, // beeps whose samples reached the speaker's node (not merely scheduled)
+    loudBeepsHeard: 0, // of those, the louder ones of an escalated alert
   };
   window.sosConsole = sosConsole;
 
@@ -584,6 +585,14 @@
       ...who("acknowledged", alert.acked_by, alert.acked_at),
     ];
     facts.push(["Operator", people.length ? people.join("; ") : "NOT TAKEN"]);
+    if (alert.desks && alert.desks.length) {
+      facts.push(["Desks", `${alert.desks.join(", ")}${alert.route_rule ? ` (rule: ${alert.route_rule})` : ""}`]);
+    }
+    for (const step of alert.escalations || []) {
+      const to = step.to_desk ? `to ${step.to_desk} and the supervisors` : "to the supervisors only";
+      const offline = step.device_offline ? "; device OFFLINE" : "";
+      facts.push([`Escalated (${step.step})`, `${formatTime(epochToMs(step.due_at))}: nobody took it; ${to}${offline}`]);
+    }
     if (alert.status === "closed" || alert.closed_by) {
       facts.push(["Closed", `${who("closed", alert.closed_by, alert.closed_at)[0] || DASH}: ${alert.close_reason || DASH}`]);
     }
@@ -598,7 +607,8 @@
     facts.forEach(([term, value], i) => {
       setText(dl.children[i * 2], term);
       setText(dl.children[i * 2 + 1], value);
-      dl.children[i * 2 + 1].classList.toggle("warn", term === "Wearer" || value.startsWith("UNKNOWN"));
+      dl.children[i * 2 + 1].classList.toggle(
+        "warn", term === "Wearer" || term.startsWith("Escalated") || value.startsWith("UNKNOWN"));
     });
   }
 
@@ -713,6 +723,11 @@
     return unclaimedAlerts().length > 0;
   }
 
+  /** An untaken alert that has already climbed past its desk: the alarm gets louder. */
+  function alarmEscalated() {
+    return unclaimedAlerts().some((a) => (a.escalations || []).length > 0);
+  }
+
   let audio = null; // AudioContext, made once
 
   function audioContext() {
@@ -735,18 +750,20 @@
     return !!audio && audio.state === "running";
   }
 
-  function beep() {
+  /** One beep; `loud` (an escalated alert): higher, at full level, and longer. */
+  function beep(loud = false) {
     const ctx = audioContext();
     if (!ctx || ctx.state !== "running") return;
     const t = ctx.currentTime;
     const osc = ctx.createOscillator();
     const gain = ctx.createGain();
+    const level = loud ? 0.6 : 0.25;
     osc.type = "square";
-    osc.frequency.value = 880;
+    osc.frequency.value = loud ? 1320 : 880;
     // A short ramp at each end avoids clicks.
     gain.gain.setValueAtTime(0, t);
-    gain.gain.linearRampToValueAtTime(0.25, t + 0.01);
-    gain.gain.setValueAtTime(0.25, t + 0.19);
+    gain.gain.linearRampToValueAtTime(level, t + 0.01);
+    gain.gain.setValueAtTime(level, t + 0.19);
     gain.gain.linearRampToValueAtTime(0, t + 0.2);
     osc.connect(gain).connect(alarmOutput(ctx));
     osc.start(t);
@@ -757,6 +774,7 @@
       const samples = new Float32Array(alarmTap.fftSize);
       alarmTap.getFloatTimeDomainData(samples);
       if (samples.some((v) => Math.abs(v) > 0.05)) sosConsole.beepsHeard += 1;
+      if (samples.some((v) => Math.abs(v) > 0.4)) sosConsole.loudBeepsHeard += 1;
     }, 100);
   }
 
@@ -789,7 +807,10 @@
     document.body.classList.toggle("alarm-on", waiting.length > 0);
     if (waiting.length) {
       const devices = [...new Set(waiting.map((a) => a.device_id))].join(", ");
-      setText($("alarm-text"), `NEW SOS — ${devices} — take it`);
+      const escalated = alarmEscalated();
+      setText($("alarm-text"), escalated ? `ESCALATED SOS — nobody took it — ${devices} — take it`
+        : `NEW SOS — ${devices} — take it`);
+      banner.classList.toggle("escalated", escalated);
       document.title = `(${waiting.length}) NEW SOS — SOS control centre`;
     } else {
       document.title = "SOS control centre";
@@ -1478,7 +1499,7 @@
       const d = state.devices[id];
       if (d) setText(tr.children[1], stateText(d));
     }
-    if (alarmActive()) beep();
+    if (alarmActive()) beep(alarmEscalated());
     sosConsole.ticks += 1;
   }
 
