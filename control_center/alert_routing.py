@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from control_center import incidents
 from control_center.escalation import (
     AlertState,
     EscalationLog,
@@ -45,9 +46,13 @@ log = logging.getLogger("sos.center.routing")
 class AlertRouting:
     def __init__(self, store: Store, routes: RouteTable, webhooks: list[WebhookTarget], *,
                  on_step: Callable[[Step], None] = lambda step: None,
-                 clock: Callable[[], float] = time.time, interval_s: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, interval_s: float = 1.0,
+                 incident_radius_m: float = incidents.RADIUS_M,
+                 incident_window_s: float = incidents.WINDOW_S) -> None:
         self.store = store
         self.routes = routes
+        self._radius_m = incident_radius_m
+        self._window_s = incident_window_s
         self._clock = clock
         self._announce = on_step
         self.log = EscalationLog(Path(store.path), clock=clock)
@@ -69,6 +74,7 @@ class AlertRouting:
         """CenterService's observer: a new alert, and an applied close, go to the webhooks."""
         message = event.message
         if event.kind == "alert" and event.new:
+            self._join_incident(message["alert_id"])
             self._notify("alert", message["alert_id"])
         elif (event.kind == "event" and event.new and message.get("type") == "command_applied"
               and message.get("command_type") == "close" and message.get("alert_id")):
@@ -93,6 +99,20 @@ class AlertRouting:
                  if c["type"] == "close" and c.get("note")]
         return notes[-1] if notes else None
 
+    # -- incidents -------------------------------------------------------------------------------
+    def _join_incident(self, alert_id: str) -> None:
+        """Give a new alert its incident (incidents.py): its token's dispatch call, or alerts
+        near it in space and time. Done by the instance that stored it, right after."""
+        record = self.store.alert(alert_id)
+        if record is None:
+            return
+        call_id = self.store.current_call(record.device_id)
+        recent = self.store.recent_alerts(record.stored_at - self._window_s)
+        incident = incidents.incident_for(
+            _placed(record, call_id), [_placed(r, r.call_id) for r in recent],
+            radius_m=self._radius_m, window_s=self._window_s)
+        self.store.set_incident(alert_id, incident, call_id)
+
     # -- escalation ------------------------------------------------------------------------------
     def desks_of(self, record: AlertRecord) -> tuple[str, ...]:
         """The alert's desks; one stored before routing (or whose routing failed) belongs to
@@ -112,3 +132,8 @@ class AlertRouting:
 
     def steps(self, alert_id: str) -> list[dict[str, Any]]:
         return self.log.steps(alert_id)
+
+
+def _placed(record: AlertRecord, call_id: str | None) -> incidents.Placed:
+    return incidents.Placed(record.alert_id, record.stored_at, record.position.get("lat"),
+                            record.position.get("lon"), call_id, record.incident_id)

@@ -143,7 +143,9 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     steps: list[Callable[[Step], None]] = [_print_step]
     routing = AlertRouting(store, config.routes,
                            [WebhookTarget.from_config(hook) for hook in config.webhooks],
-                           on_step=lambda step: [announce(step) for announce in steps])
+                           on_step=lambda step: [announce(step) for announce in steps],
+                           incident_radius_m=config.incident_radius_m,
+                           incident_window_s=config.incident_window_s)
     observers.append(routing.on_center_event)
     # Block the signals before any thread starts (threads inherit the mask) and wait for one
     # with sigwait: a handler that sets an Event the main thread is waiting on can deadlock.

@@ -35,6 +35,8 @@ SCHEMA = load_schema("control_center", "config.schema.json")  # every key, check
 # is in its group, so this cannot be detected from inside; it is documented (docs/FLASHING.md).
 DEFAULT_GROUP: str = subschema(SCHEMA, "center", "group")["default"]
 DEFAULT_TIMEZONE: str = subschema(SCHEMA, "center", "timezone")["default"]
+DEFAULT_INCIDENT_RADIUS_M: float = subschema(SCHEMA, "center", "incident_radius_m")["default"]
+DEFAULT_INCIDENT_WINDOW_S: float = subschema(SCHEMA, "center", "incident_window_s")["default"]
 MIN_WEBHOOK_SECRET = 32  # bytes: an HMAC-SHA256 key shorter than its output weakens it
 
 
@@ -103,6 +105,8 @@ class CenterConfig:
     timezone: str = DEFAULT_TIMEZONE  # IANA name; the `hours` of routes are local to it
     routes: RouteTable = field(default_factory=implicit_routes)  # always a table
     webhooks: tuple[WebhookConfig, ...] = ()
+    incident_radius_m: float = DEFAULT_INCIDENT_RADIUS_M
+    incident_window_s: float = DEFAULT_INCIDENT_WINDOW_S
 
 
 def load_center_config(path: str | Path) -> CenterConfig:
@@ -136,6 +140,8 @@ def load_center_config(path: str | Path) -> CenterConfig:
         signing_key=Path(rel(center["signing_key"]) or "") if "signing_key" in center else None,
         console=_console(data["console"], base) if "console" in data else None,
         timezone=center["timezone"], routes=routes, webhooks=webhooks,
+        incident_radius_m=center["incident_radius_m"],
+        incident_window_s=center["incident_window_s"],
     )
 
 

@@ -90,7 +90,7 @@ _COMMAND_COLUMNS = {"sent_at": "REAL", "routed": "INTEGER", "reason_code": "TEXT
 # Added with routing (docs/ROUTING.md): the desks an alert was routed to (JSON list) and the rule
 # that matched, written with the alert.
 _ALERT_COLUMNS_ADDED = {"claimed_by": "TEXT", "claimed_at": "REAL", "desks": "TEXT",
-                        "route_rule": "TEXT"}
+                        "route_rule": "TEXT", "incident_id": "TEXT", "call_id": "TEXT"}
 # Refusals a fresh command (new id, number and time) can overcome: it waited too long in the
 # broker's queue, or a centre's numbering went back.
 RETRYABLE_REFUSALS = ("expired", "replayed")
@@ -102,6 +102,7 @@ ALERT_COLUMNS = (
     "alert_id", "device_id", "device_kind", "seq", "trigger", "created_at", "position", "battery",
     "stored_at", "status", "device_offline", "cancel_requested_at", "acked_at", "acked_by",
     "closed_at", "closed_by", "duplicates", "claimed_by", "claimed_at", "desks", "route_rule",
+    "incident_id", "call_id",
 )
 
 
@@ -128,6 +129,8 @@ class AlertRecord:
     claimed_at: float | None = None
     desks: tuple[str, ...] = ()  # where routing sent it (empty: stored before routing)
     route_rule: str | None = None
+    incident_id: str | None = None  # incidents.py: the alerts that are one event
+    call_id: str | None = None  # the dispatch call its token was on when it was raised
 
     @classmethod
     def from_row(cls, row: tuple) -> AlertRecord:
@@ -449,6 +452,36 @@ class Store:
         if len(rows) > 1:
             raise AmbiguousAlertId(f"alert id prefix '{prefix}' matches more than one alert")
         return rows[0][0] if rows else None
+
+    def set_incident(self, alert_id: str, incident_id: str, call_id: str | None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE alerts SET incident_id = ?, call_id = ? WHERE alert_id = ?",
+                             (incident_id, call_id, alert_id))
+
+    def recent_alerts(self, since: float) -> list[AlertRecord]:
+        """Alerts stored at or after `since` (epoch s), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE stored_at >= ? "
+                "ORDER BY stored_at", (since,)).fetchall()
+        return [AlertRecord.from_row(r) for r in rows]
+
+    def incident(self, incident_id: str) -> list[AlertRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE incident_id = ? "
+                "ORDER BY stored_at", (incident_id,)).fetchall()
+        return [AlertRecord.from_row(r) for r in rows]
+
+    def current_call(self, device_id: str) -> str | None:
+        """The dispatch call a token is on: its last call_started not ended since."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT json_extract(body, '$.type'), json_extract(body, '$.call_id') "
+                "FROM updates WHERE device_id = ? AND kind = 'event' AND json_extract(body, "
+                "'$.type') IN ('call_started', 'call_ended') ORDER BY stored_at DESC, seq DESC "
+                "LIMIT 1", (device_id,)).fetchone()
+        return row[1] if row is not None and row[0] == "call_started" else None
 
     def add_export(self, export: dict[str, Any], operator: str, at: float) -> None:
         """Who exported which call, and whether it verified (the console's evidence export;

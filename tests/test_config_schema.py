@@ -164,6 +164,8 @@ CENTRE_DEFAULTS: dict[str, Callable[[CenterConfig], Any]] = {
     "center.operator": lambda c: c.operator,
     "center.timezone": lambda c: c.timezone,  # the defaults inside [[desks]] and [[webhooks]]:
                                               # tests/test_config_routes.py
+    "center.incident_radius_m": lambda c: c.incident_radius_m,
+    "center.incident_window_s": lambda c: c.incident_window_s,
     "console.listen": lambda c: c.console.listen,
     "console.port": lambda c: c.console.port,
     "console.exports_dir": lambda c: c.console.exports_dir.name,  # beside the config file

@@ -20,7 +20,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from control_center.routing import RouteTable
 from protocol import MessageKind, Topics, encode
 from simulator.broker import PrivateBroker
-from simulator.browser import chromium, log_in, wait_until
+from simulator.browser import chromium, is_blank, log_in, wait_until
 from simulator.console_rig import PASSWORD, ConsoleRig
 from tests.helpers import RawClient, alert_message, device_signer
 
@@ -151,3 +151,37 @@ def test_the_api_lists_an_operator_only_their_desks_alerts(rig: ConsoleRig, page
     if rig.routing.steps(message["alert_id"]):
         pytest.skip("escalated before the pages asked (a slow machine)")
     assert listed == {"alice": True, "bob": False, "sam": True}
+
+
+def test_alerts_of_one_incident_are_shown_together_on_one_map(rig: ConsoleRig, pages,
+                                                            tmp_path: Path) -> None:
+    """Two SOS 200 m apart within a minute: one incident; the second's map shows the first."""
+    ids = []
+    for device_id, (lat, lon) in (("tok-inc-01", (43.2389, 76.8897)),
+                                  ("pil-inc-01", (43.2407, 76.8897))):
+        where = {"source": "live", "lat": lat, "lon": lon, "alt_m": None, "accuracy_m": 8.0,
+                 "fix_time": "2027-01-15T08:00:00.000Z", "age_s": 1.0}
+        message = device_signer(rig.broker, device_id).sign(
+            alert_message(device_id, position=where))
+        client = RawClient(rig.broker.identity(device_id), device_id)
+        try:
+            client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
+            rig.wait_for(lambda m=message: rig.store.alert(m["alert_id"]) is not None)
+        finally:
+            client.close()
+        ids.append(message["alert_id"])
+    rig.wait_for(lambda: rig.store.alert(ids[1]).incident_id is not None)
+    assert rig.store.alert(ids[1]).incident_id == rig.store.alert(ids[0]).incident_id
+    sam = pages["sam"]
+    line = wait_until(sam, lambda d: next(iter(d.find_elements(
+        By.CSS_SELECTOR, f'tr[data-alert-id="{ids[1]}"]')), None), what="the second alert")
+    line.click()
+    facts = wait_until(sam, lambda d: "Incident" in d.find_element(By.ID, "detail-facts").text
+                       and d.find_element(By.ID, "detail-facts").text, what="the incident")
+    assert "tok-inc-01" in facts
+    wait_until(sam, lambda d: d.execute_script(
+        "return document.querySelectorAll('#map path[stroke=\"#ffb020\"]').length") >= 1,
+        what="the incident's other alert on the map")
+    png = sam.get_screenshot_as_png()
+    (tmp_path / "incident.png").write_bytes(png)  # kept as the test's artefact
+    assert not is_blank(png)

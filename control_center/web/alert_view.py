@@ -40,6 +40,9 @@ def alert_view(store: Store, record: AlertRecord, live_dir: Path | None,
         "desks": list(routing.desks_of(record) if routing else record.desks),
         "route_rule": record.route_rule,
         "escalations": routing.steps(record.alert_id) if routing else [],
+        "incident_id": record.incident_id,
+        "call_id": record.call_id,
+        "incident": _incident(store, record),
         "created_at": record.created_at,
         "stored_at": record.stored_at,
         "status": record.status,
@@ -101,3 +104,15 @@ def _live(alert_id: str, live_dir: Path | None) -> dict[str, str] | None:
     if live_dir is None or not (live_dir / alert_id / LIVE_PLAYLIST).is_file():
         return None
     return {"url": f"/live/{alert_id}/{LIVE_PLAYLIST}"}
+
+
+def _incident(store: Store, record: AlertRecord) -> list[dict[str, Any]]:
+    """The other alerts of its incident, with where they were: the map draws them together."""
+    if record.incident_id is None:
+        return []
+    return [{"alert_id": other.alert_id, "device_id": other.device_id,
+             "device_kind": other.device_kind, "status": other.status,
+             "lat": other.position.get("lat"), "lon": other.position.get("lon"),
+             "accuracy_m": other.position.get("accuracy_m")}
+            for other in store.incident(record.incident_id)
+            if other.alert_id != record.alert_id]

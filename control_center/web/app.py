@@ -106,6 +106,10 @@ class Console:
         message = event.message
         if event.kind == "status" and message.get("active_alert_id"):
             self.publish_alert(message["active_alert_id"])  # what the device shows changed
+        elif event.kind == "alert" and event.new:
+            view = self.publish_alert(message["alert_id"])
+            for sibling in view["incident"] if view else []:  # they gained a member
+                self.publish_alert(sibling["alert_id"])
         elif event.kind in ("alert", "position", "event") and message.get("alert_id"):
             self.publish_alert(message["alert_id"])
         elif event.kind == "event":
@@ -131,10 +135,14 @@ class Console:
         if active:
             self.publish_alert(active)
 
-    def publish_alert(self, alert_id: str) -> None:
+    def publish_alert(self, alert_id: str) -> dict[str, Any] | None:
+        """Push the alert's view to the open pages; the view, or None if there is no alert."""
         record = self.store.alert(alert_id)
-        if record is not None:
-            self.hub.publish("alert", self.view(record))
+        if record is None:
+            return None
+        view = self.view(record)
+        self.hub.publish("alert", view)
+        return view
 
     def view(self, record: Any) -> dict[str, Any]:
         return alert_view(self.store, record, self.live_dir, self.routing)

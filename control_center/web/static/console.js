@@ -585,6 +585,13 @@
       ...who("acknowledged", alert.acked_by, alert.acked_at),
     ];
     facts.push(["Operator", people.length ? people.join("; ") : "NOT TAKEN"]);
+    if ((alert.incident || []).length) {
+      const others = alert.incident.map((o) => `${o.device_id} (${o.device_kind}, ${o.status})`);
+      const call = alert.call_id ? ` on dispatch call ${alert.call_id}` : "";
+      facts.push(["Incident", `with ${others.length} other alert(s)${call}: ${others.join(", ")}`]);
+    } else if (alert.call_id) {
+      facts.push(["Dispatch call", alert.call_id]);
+    }
     if (alert.desks && alert.desks.length) {
       facts.push(["Desks", `${alert.desks.join(", ")}${alert.route_rule ? ` (rule: ${alert.route_rule})` : ""}`]);
     }
@@ -932,7 +939,8 @@
     const alert = state.selectedId ? state.alerts[state.selectedId] : null;
     const points = alert ? trackPoints(alert) : [];
     const current = alert && hasFix(alert.position) ? alert.position : points[points.length - 1];
-    const signature = JSON.stringify([alert && alert.alert_id, points, current, alert && alert.status]);
+    const incident = alert ? (alert.incident || []).filter((o) => o.lat != null && o.lon != null) : [];
+    const signature = JSON.stringify([alert && alert.alert_id, points, current, alert && alert.status, incident]);
     if (signature === selectedSignature && !mapFitPending) return;
     selectedSignature = signature;
 
@@ -962,6 +970,20 @@
         radius: current.accuracy_m, color: colour, weight: 2, fillOpacity: 0.1, interactive: false,
       }));
     }
+    // The other alerts of its incident (incidents.py): one event, on one map.
+    for (const other of incident) {
+      const mark = L.circleMarker([other.lat, other.lon], {
+        radius: 9, color: "#ffb020", weight: 3, fillColor: "#ffb020", fillOpacity: 0.5,
+      });
+      mark.bindTooltip(el("span", {}, `same incident: SOS ${other.device_id} (${other.device_kind}, ${other.status})`),
+        { direction: "top" });
+      selectedLayer.addLayer(mark);
+      if (other.accuracy_m) {
+        selectedLayer.addLayer(L.circle([other.lat, other.lon], {
+          radius: other.accuracy_m, color: "#ffb020", weight: 1, fillOpacity: 0.06, interactive: false,
+        }));
+      }
+    }
     const latlng = [current.lat, current.lon];
     // One marker per selected alert, moved as it moves, so markerFor() keeps returning it.
     if (selectedMarker && selectedMarkerId === alert.alert_id) {
@@ -978,6 +1000,7 @@
     if (mapFitPending) {
       mapFitPending = false;
       const bounds = L.latLngBounds(points.map((p) => [p.lat, p.lon])).extend(latlng);
+      for (const other of incident) bounds.extend([other.lat, other.lon]);
       map.fitBounds(bounds.pad(0.3), { maxZoom: 17, animate: false }); // at once: no waiting
     } else if (!map.getBounds().contains(latlng)) {
       map.panTo(latlng, { animate: false }); // keep a moving wearer in view, zoom unchanged
