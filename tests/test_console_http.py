@@ -362,3 +362,43 @@ def test_serve_refuses_a_missing_console_certificate_naming_the_key(broker,
                            "serve"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "key 'console.cert_file'" in done.stderr
+
+
+def test_serve_routes_an_alert_and_prints_its_escalation(broker, tmp_path: Path) -> None:
+    config = centre_config(broker, tmp_path, '''
+[[desks]]
+id = "north"
+name = "North"
+escalate_after_s = 1
+next = "south"
+
+[[desks]]
+id = "south"
+name = "South"
+
+[[routes]]
+name = "all to north"
+desks = ["north"]
+''')
+    proc = subprocess.Popen([sys.executable, "-m", "control_center.cli", "--config", str(config),
+                             "serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+        assert "sos-center serving" in lines.get(timeout=30)
+        device_id = "tok-serve-01"
+        message = device_signer(broker, device_id).sign(alert_message(device_id))
+        client = RawClient(broker.identity(device_id), device_id)
+        try:
+            client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
+        finally:
+            client.close()
+        while not (line := lines.get(timeout=30)).startswith("ESCALATED"):
+            pass
+        assert message["alert_id"][:8] in line and "desk south" in line
+        store = Store(tmp_path / "center.sqlite")
+        assert store.alert(message["alert_id"]).desks == ("north",)
+        store.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
