@@ -67,6 +67,7 @@ class AlertRouting:
     def stop(self) -> None:
         self.watch.stop()
         self.webhooks.stop()
+        self.webhooks.outbox.close()
         self.log.close()
 
     # -- the centre's events ---------------------------------------------------------------------

@@ -124,7 +124,7 @@ def load_center_config(path: str | Path) -> CenterConfig:
 
     center, broker = data["center"], data["broker"]
     try:
-        routes = _routes(data, center["timezone"])
+        routes = route_table(data, center["timezone"])
         webhooks = _webhooks(data.get("webhooks", []), base, routes)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -154,7 +154,7 @@ def _indexed(text: str) -> str:
                   text)
 
 
-def _routes(data: dict[str, Any], timezone: str) -> RouteTable:
+def route_table(data: dict[str, Any], timezone: str) -> RouteTable:
     """The configured route table, or the implicit one. Desks without routes are refused:
     every alert would go to the implicit desk 'all', and the desks would never see one."""
     if "routes" not in data:

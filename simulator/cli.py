@@ -25,7 +25,8 @@ from simulator.scenario import available, load_scenario
 SHOWN = {"setup", "button", "kill", "start", "broker", "problem", "error", "ack", "close",
          "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback",
          "call_start", "call_end", "dock", "undock", "upload_started", "upload_progress",
-         "upload", "segment_stored", "segment_refused", "live", "row"}
+         "upload", "segment_stored", "segment_refused", "live", "row", "ignore", "escalated",
+         "webhook"}
 
 
 class TimelinePrinter:
@@ -81,6 +82,8 @@ def print_summary(result: RunResult) -> None:
         ack = f"{a['ack_latency_ms']:.1f} ms" if a["ack_latency_ms"] is not None else "-"
         print(f"{a['alert_id'][:8]:<9} {a['device_id']:<14} {latency:>9} {ack:>12} "
               f"{a['deliveries']:>5}x  {' > '.join(a['feedback'])}")
+    if any(a.get("desks") for a in result.alerts):
+        print_routing(result)
     if result.recordings:
         rec, up, live = (result.recordings[k] for k in ("recording", "upload", "live"))
         print(f"\nrecording: {rec['segments']} segment(s), {rec['total_s']} s, "
@@ -104,6 +107,22 @@ def print_summary(result: RunResult) -> None:
               "and every operator decision applied on the device.")
     else:
         print("\nFAILED:\n  " + "\n  ".join(result.problems))
+
+
+def print_routing(result: RunResult) -> None:
+    """Where each alert was routed, the steps it climbed, and what the webhook receiver got."""
+    print()
+    for a in result.alerts:
+        print(f"{a['alert_id'][:8]:<9} -> {', '.join(a['desks']) or '(no desk)'} "
+              f"(rule '{a['route_rule']}')")
+        for step in a["escalations"]:
+            where = step["to_desk"] or "the supervisors only"
+            print(f"{'':<9}    escalated, step {step['step']}: to {where} at {step['at']}")
+    if result.webhook is not None:
+        got = ", ".join(f"{count} {event}" for event, count in
+                        sorted(result.webhook["received"].items())) or "nothing"
+        print(f"\nwebhook:   received {got}; {result.webhook['duplicates']} duplicate(s), "
+              f"{result.webhook['bad_signatures']} bad signature(s)")
 
 
 def print_console(console: dict[str, Any]) -> None:

@@ -5,10 +5,17 @@ firmware; optionally the console open in headless Chromium, timing each alert's 
 Times in a scenario are scenario seconds; `speed` compresses them (speed 4: four times faster).
 Physical things are not compressed: a button hold lasts as long as a thumb holds it, so a step
 never starts before the press before it has finished.
+
+A scenario with `[[routes]]` (or a `[webhook]`) routes and escalates its alerts as `sos-center
+serve` does: the centre writes each alert's desks and rule, an AlertRouting beside it escalates
+untaken alerts and sends the signed webhooks, to a receiver the run starts
+(simulator/webhook_receiver.py). Its desks' `escalate_after_s` are scenario seconds like every
+other time in a scenario, so the run divides them by `speed`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import threading
@@ -19,15 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from control_center import pki
+from control_center.alert_routing import AlertRouting
 from control_center.audit import AuditLog
-from control_center.config import ConsoleConfig, console_config
+from control_center.config import ConsoleConfig, console_config, implicit_routes
 from control_center.console import alert_line, event_line
+from control_center.escalation import Step as EscalationStep
 from control_center.ingest import DirectoryStore, IngestServer
 from control_center.live import LiveReceiver
+from control_center.routing import RouteTable
 from control_center.service import CenterEvent, CenterService, CommandError, FleetTrust
 from control_center.store import Store
 from control_center.web.accounts import Accounts
 from control_center.web.launch import RunningConsole, start_console
+from control_center.webhook import Delivery, WebhookTarget
 from protocol import utc_iso
 from simulator import console_watch
 from simulator.broker import HOST, PrivateBroker
@@ -37,10 +48,18 @@ from simulator.gps_receiver import PtyGps, RouteReceiver
 from simulator.processes import DeviceProcess, Entry, Recorder
 from simulator.recordings import recording_results
 from simulator.scenario import DeviceSpec, Scenario, Step
+from simulator.webhook_receiver import Notification, WebhookReceiver
 
 OPERATOR = "auto-operator"
 CONSOLE_USER = "operator"  # the console account a person logs in with (password: per run)
 PRESS_SETTLE_S = 0.2  # after a press is played, before the next step may start
+# How often the escalation watch looks (wall seconds, not scaled): a step is announced at most
+# this late, small against any scenario's escalate_after_s.
+ESCALATION_INTERVAL_S = 0.2
+WEBHOOK_NAME = "sim-receiver"
+# After the last alert is closed: how long the webhooks still queued (its `closed`) may take to
+# arrive before the run calls them undelivered (a delivery retried once waits 1 s).
+WEBHOOK_DRAIN_S = 10.0
 
 
 @dataclass
@@ -55,6 +74,7 @@ class RunResult:
     entries: list[Entry] = field(repr=False, default_factory=list)
     recordings: dict[str, Any] | None = None  # recording, upload, live (scenarios with a camera)
     console: dict[str, Any] | None = None  # url, user, browser, why_not, alerts (row shown)
+    webhook: dict[str, Any] | None = None  # received (by event), duplicates, bad_signatures
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,7 +85,8 @@ class RunResult:
             "alerts": self.alerts,
             "problems": self.problems,
             "workdir": self.workdir,
-        } | (self.recordings or {}) | ({"console": self.console} if self.console else {})
+        } | (self.recordings or {}) | ({"console": self.console} if self.console else {}) \
+            | ({"webhook": self.webhook} if self.webhook is not None else {})
 
 
 class ConsoleStartError(RuntimeError):
@@ -73,7 +94,9 @@ class ConsoleStartError(RuntimeError):
 
 
 class AutoOperator:
-    """Acknowledges every new alert after a delay, then closes it after another."""
+    """Acknowledges every new alert after a delay, then closes it after another. An alert the
+    scenario says to ignore is acknowledged only after `ignore`'s longer wait: untaken until
+    then, it escalates, and acknowledged at last, it ends like any other so the run can end."""
 
     def __init__(self, service: CenterService, recorder: Recorder, ack_delay_s: float,
                  close_delay_s: float) -> None:
@@ -86,6 +109,10 @@ class AutoOperator:
 
     def on_new_alert(self, alert_id: str) -> None:
         self._later(self.ack_delay_s, self._decide, alert_id, "ack")
+
+    def ignore(self, alert_id: str, for_s: float) -> None:
+        """Leave the alert untaken for `for_s` (wall seconds), then acknowledge it."""
+        self._later(for_s, self._decide, alert_id, "ack")
 
     def _later(self, delay: float, fn, *args: Any) -> None:
         if self._stopped.is_set():
@@ -152,8 +179,22 @@ class ScenarioRun:
                 key_file=server.key_file, host=HOST, on_event=self._ingest_event)
             self.live = LiveReceiver(fleet.live_identity_file, workdir / "live",
                                      FleetTrust(fleet))
+        self.routing: AlertRouting | None = None
+        self.receiver: WebhookReceiver | None = None
+        self._pressed_with: dict[str, str | None] = {}  # device -> its last press's `operator`
+        self._ignored: set[str] = set()  # alerts the operator left untaken: they must escalate
+        # What AlertRouting knew when it stopped (its connections close with it), for the result.
+        self._steps: dict[str, list[dict[str, Any]]] = {}
+        self._deliveries: list[Delivery] | None = None
+        router: dict[str, Any] = {}
+        if scenario.routed:
+            routes = scaled_routes(scenario.routes or implicit_routes(), speed)
+            self.routing = AlertRouting(self.store, routes, self._webhook_targets(),
+                                        on_step=self._escalated,
+                                        interval_s=ESCALATION_INTERVAL_S)
+            router["router"] = routes.route_at
         self.center = self.broker.centre_service(self.store, on_event=self._center_event,
-                                                 live=self.live)
+                                                 live=self.live, **router)
         self.console: RunningConsole | None = None
         self.console_password = secrets.token_urlsafe(12)  # 16 characters, new every run
         self.console_config = self._console_config(console_port)
@@ -169,6 +210,72 @@ class ScenarioRun:
         self._abort = threading.Event()
         self._rows: dict[str, float | None] = {}
         self._stopped = False
+
+    # -- routing, escalation, the webhook receiver ---------------------------------------------
+    def _webhook_targets(self) -> list[WebhookTarget]:
+        """With `[webhook]`: a receiver on loopback (its certificate from the run's fleet CA,
+        which the target trusts through `ca_file`) and the target that sends to it, signed
+        with a secret new every run."""
+        spec = self.scenario.webhook
+        if spec is None:
+            return []
+        secret = secrets.token_hex(32).encode()  # as `openssl rand -hex 32` makes one
+        self.receiver = WebhookReceiver(self.broker.fleet.ca, self.workdir / "webhook-tls",
+                                        secret, host=HOST, on_notification=self._notified)
+        return [WebhookTarget(name=WEBHOOK_NAME, url=self.receiver.url, secret=secret,
+                              events=frozenset(spec.events),
+                              desks=frozenset(spec.desks) if spec.desks is not None else None,
+                              ca_file=self.ca_file)]
+
+    def _escalated(self, step: EscalationStep) -> None:
+        """AlertRouting's on_step: on the timeline, and the console's row of the alert."""
+        record = self.store.alert(step.alert_id)
+        waited = step.at - record.stored_at if record is not None else None
+        untaken = ""
+        if waited is not None:  # in scenario seconds, as the desks' escalate_after_s are
+            untaken = f", untaken {waited * self.speed:.0f} s" + (
+                f", {waited:.1f} s at speed {self.speed:g}" if self.speed != 1 else "")
+        where = step.to_desk if step.to_desk is not None else "the supervisors only (end of " \
+            "its chain)"
+        offline = "; its device is OFFLINE" if step.device_offline else ""
+        self.recorder.add("centre", "escalated", f"escalated {step.alert_id[:8]} to {where} "
+                          f"(step {step.step}{untaken}){offline}", wall=time.time(),
+                          alert_id=step.alert_id, step=step.step, to_desk=step.to_desk)
+        if self.console is not None:
+            self.console.console.publish_alert(step.alert_id)
+
+    def _notified(self, notification: Notification, duplicate: bool) -> None:
+        """The receiver kept (or saw again) a notification: on the timeline."""
+        what = notification.event + (f" (step {notification.step})" if notification.step else "")
+        self.recorder.add("webhook", "webhook", f"received {what} of "
+                          f"{notification.alert_id[:8]}" + (" AGAIN (duplicate)" if duplicate
+                                                            else ""),
+                          alert_id=notification.alert_id, event=notification.event,
+                          duplicate=duplicate)
+
+    def _webhooks_settled(self) -> bool:
+        """Every notification queued for the receiver has reached it (or was refused, which
+        the result reports)."""
+        if self.routing is None or self.receiver is None:
+            return True
+        queued = {d.event_id for d in self._webhook_deliveries() if d.state != "refused"}
+        return queued <= self.receiver.event_ids()
+
+    def _webhook_deliveries(self) -> list[Delivery]:
+        """The outbox's deliveries to the receiver: live, or as kept when routing stopped."""
+        if self._deliveries is not None or self.routing is None:
+            return self._deliveries or []
+        return [d for d in self.routing.webhooks.outbox.deliveries() if d.target == WEBHOOK_NAME]
+
+    def _escalations(self, alert_id: str) -> list[dict[str, Any]]:
+        """The alert's escalation steps: from the running AlertRouting, or as kept when it
+        stopped."""
+        if alert_id in self._steps or self.routing is None:
+            steps = self._steps.get(alert_id, [])
+        else:
+            steps = self.routing.steps(alert_id)
+        return [{"step": s["step"], "to_desk": s["to_desk"], "at": _iso(float(s["due_at"])),
+                 "device_offline": s["device_offline"]} for s in steps]
 
     # -- the console -----------------------------------------------------------------------------
     def _console_config(self, port: int) -> ConsoleConfig:
@@ -219,7 +326,8 @@ class ScenarioRun:
             self.console = start_console(config, store=self.store,
                                          accounts_db=self.workdir / "center.sqlite",
                                          fleet=self.broker.fleet, commands=self.center,
-                                         live_dir=self.workdir / "live" if self.live else None)
+                                         live_dir=self.workdir / "live" if self.live else None,
+                                         routing=self.routing)
         except OSError as exc:  # the port is taken, say
             raise ConsoleStartError(f"cannot serve the operator console on {config.listen}:"
                                     f"{config.port}: {exc}") from exc
@@ -274,6 +382,7 @@ class ScenarioRun:
                 opener = threading.Thread(target=self._open_watcher, name="console-opener",
                                           daemon=True)
                 opener.start()
+            self._start_routing()  # before the centre: it notifies of the first alert
             self.center.start()
             rec.add("sim", "setup", f"broker on {self.broker.centre.host}:{self.broker.port} "
                     "(mutual TLS, each identity confined), control centre subscribed")
@@ -287,6 +396,7 @@ class ScenarioRun:
                 opener.join()
             self._play_timeline()
             rec.wait_for(lambda es: self._finished(), self._remaining())
+            rec.wait_for(lambda es: self._webhooks_settled(), WEBHOOK_DRAIN_S)
             self._rows = self._console_rows()
             held = keep_running
         finally:
@@ -300,6 +410,20 @@ class ScenarioRun:
         if not held:
             self.store.close()
         return result
+
+    def _start_routing(self) -> None:
+        if self.routing is None:
+            return
+        if self.receiver is not None:
+            self.receiver.start()
+            self.recorder.add("sim", "setup", f"webhook receiver on {self.receiver.url} "
+                              "(checks each signature; counts each event id once)",
+                              url=self.receiver.url)
+        self.routing.start()
+        routes = self.routing.routes
+        self.recorder.add("sim", "setup", f"routing: {len(routes.desks)} desk(s), "
+                          f"{len(routes.rules)} rule(s); untaken alerts escalate (desks' "
+                          f"escalate_after_s / speed {self.speed:g})")
 
     def stop(self) -> None:
         """After `run(keep_running=True)`: stop everything it left running."""
@@ -371,10 +495,13 @@ class ScenarioRun:
         rec, now = self.recorder, time.monotonic()
         match step.action:
             case "press":
+                self._pressed_with[step.device] = step.operator  # before its alert can arrive
                 self.devices[step.device].send({"op": "press", "hold_s": step.hold_s,
                                                 "seed": self.seed * 1000 + number})
-                rec.add("sim", "press", f"{step.device}: press for {step.hold_s} s",
-                        device=step.device, hold_s=step.hold_s, expect_alert=step.expect_alert)
+                rec.add("sim", "press", f"{step.device}: press for {step.hold_s} s"
+                        + (" (the operator will ignore it)" if step.operator == "ignore" else ""),
+                        device=step.device, hold_s=step.hold_s, expect_alert=step.expect_alert,
+                        operator=step.operator)
                 return now + (step.hold_s or 0) + PRESS_SETTLE_S
             case "cancel":
                 self.devices[step.device].send({"op": "cancel", "seed": number})
@@ -439,13 +566,16 @@ class ScenarioRun:
     def _center_event(self, event: CenterEvent) -> None:
         if self.console is not None:  # first: the open pages learn at once
             self.console.console.on_center_event(event)
+        if self.routing is not None:  # the webhooks' `alert` and `closed`
+            self.routing.on_center_event(event)
         m = event.message
         if event.kind == "alert":
             if event.new:
                 if self.watcher is not None:
                     self.watcher.watch(m["alert_id"], time.time())  # just stored
-                self.recorder.add("centre", "alert", alert_line(m), alert_id=m["alert_id"])
-                self.operator.on_new_alert(m["alert_id"])
+                self.recorder.add("centre", "alert", alert_line(m) + self._routed_to(m),
+                                  alert_id=m["alert_id"])
+                self._operator_takes(m["alert_id"], event.device_id)
             else:
                 self.recorder.add("centre", "duplicate", f"duplicate of {m['alert_id'][:8]} "
                                   "dropped", alert_id=m["alert_id"])
@@ -470,6 +600,26 @@ class ScenarioRun:
             self.recorder.add("centre", "event", event_line(m).strip(),
                               alert_id=m.get("alert_id"))
 
+    def _routed_to(self, alert: dict[str, Any]) -> str:
+        """ ` -> desks (rule)` for the timeline, when the centre routes."""
+        record = self.store.alert(alert["alert_id"]) if self.routing is not None else None
+        if record is None:
+            return ""
+        return f" -> {', '.join(record.desks) or '(no desk)'} (rule '{record.route_rule}')"
+
+    def _operator_takes(self, alert_id: str, device_id: str) -> None:
+        """The automatic operator's answer to a new alert: at once (after its delay), or, for
+        a press the scenario marks `operator = "ignore"`, only after operator_ignore_s."""
+        if self._pressed_with.get(device_id) != "ignore":
+            self.operator.on_new_alert(alert_id)
+            return
+        self._pressed_with[device_id] = None  # one press, one ignored alert
+        self._ignored.add(alert_id)
+        ignore_s = self.scenario.operator_ignore_s
+        self.recorder.add("operator", "ignore", f"nobody takes {alert_id[:8]} for {ignore_s:g} s "
+                          "(scenario time): it should escalate", alert_id=alert_id)
+        self.operator.ignore(alert_id, ignore_s / self.speed)
+
     def _shutdown(self) -> None:
         if self._stopped:
             return
@@ -482,6 +632,13 @@ class ScenarioRun:
         if self.console is not None:
             self.console.stop()
         self.center.stop()
+        if self.routing is not None:
+            self._steps = {a.alert_id: self.routing.steps(a.alert_id)
+                           for a in self.store.alerts(open_only=False)}
+            self._deliveries = self._webhook_deliveries()
+            self.routing.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         if self.ingest is not None:
             self.ingest.stop()
         self.broker.stop()
@@ -538,6 +695,10 @@ class ScenarioRun:
                 "device_restarts": max(0, self.devices[record.device_id].starts - 1),
                 "feedback": feedback,
                 "decisions": decision_outcomes(self.store.commands(record.alert_id)),
+                # The routing decision written with the alert, and the steps it climbed.
+                "desks": list(record.desks),
+                "route_rule": record.route_rule,
+                "escalations": self._escalations(record.alert_id),
             })
         expected = self.scenario.expected_alerts
         if len(alerts) != expected:
@@ -549,6 +710,12 @@ class ScenarioRun:
                 problems.append(f"alert {a['alert_id'][:8]}: the device never showed "
                                 "acknowledged")
             problems += decision_problems(a["alert_id"], a["decisions"])
+            if a["alert_id"] in self._ignored and not a["escalations"]:
+                problems.append(f"alert {a['alert_id'][:8]}: nobody took it for "
+                                f"{self.scenario.operator_ignore_s:g} s, yet it never escalated")
+        webhook = self._webhook_result()
+        if webhook is not None:
+            problems += webhook.pop("problems")
         recordings = None
         if self.scenario.records:
             recordings = recording_results(self, alerts)
@@ -556,7 +723,37 @@ class ScenarioRun:
         console = self._console_result(walls)
         problems += console.pop("problems")
         return RunResult(self.scenario.name, self.speed, not problems, alerts, expected, problems,
-                         str(self.workdir), list(self.recorder.entries), recordings, console)
+                         str(self.workdir), list(self.recorder.entries), recordings, console,
+                         webhook)
+
+    def _webhook_result(self) -> dict[str, Any] | None:
+        """The `webhook` object (what the receiver got) and its "problems": an alert the target
+        wanted without exactly one `alert` notification, a notification queued and never
+        received, a duplicate or a bad signature (nothing in a run should cause either)."""
+        if self.receiver is None or self.routing is None:
+            return None
+        receiver, routing = self.receiver, self.routing
+        summary = receiver.summary()
+        problems = []
+        target = routing.webhooks.targets[WEBHOOK_NAME]
+        for record in self.store.alerts(open_only=False):
+            got = len(receiver.of_alert(record.alert_id, "alert"))
+            wanted = int(target.wants("alert", routing.desks_of(record)))
+            if got != wanted:
+                problems.append(f"webhook: alert {record.alert_id[:8]}: received {got} `alert` "
+                                f"notification(s), expected {wanted}")
+        received = receiver.event_ids()
+        for delivery in self._webhook_deliveries():
+            if delivery.event_id in received:
+                continue
+            problems.append(f"webhook: {delivery.event_id} was {delivery.state}, never received"
+                            + (f" ({delivery.last_error})" if delivery.last_error else ""))
+        if summary["duplicates"]:
+            problems.append(f"webhook: {summary['duplicates']} notification(s) received twice")
+        if summary["bad_signatures"] or summary["bad_requests"]:
+            problems.append(f"webhook: {summary['bad_signatures']} POST(s) with a bad "
+                            f"signature, {summary['bad_requests']} unreadable")
+        return summary | {"problems": problems}
 
     def _console_result(self, walls: dict[str, tuple[float | None, float]]) -> dict[str, Any]:
         """The `console` object: where it was, who may log in, and per alert (alert id ->
@@ -582,6 +779,16 @@ class ScenarioRun:
         return {"url": self.console.url if self.console else None, "user": CONSOLE_USER,
                 "browser": watcher.browser if watcher is not None else None,
                 "why_not": why_not, "alerts": rows, "problems": problems}
+
+
+def scaled_routes(routes: RouteTable, speed: float) -> RouteTable:
+    """`routes` with each desk's escalate_after_s in wall seconds: a scenario's are scenario
+    seconds, like all its times, so a run at speed 4 escalates four times sooner."""
+    if speed == 1:
+        return routes
+    return dataclasses.replace(routes, desks=tuple(
+        dataclasses.replace(d, escalate_after_s=d.escalate_after_s / speed)
+        for d in routes.desks))
 
 
 def decision_outcomes(commands: list[dict[str, Any]]) -> dict[str, str]:
