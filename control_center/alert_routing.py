@@ -17,6 +17,7 @@ longer open (acknowledged through the CLI, say).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,7 @@ class AlertRouting:
         self.webhooks = WebhookSender(WebhookOutbox(Path(store.path)), webhooks, clock=clock)
 
     def start(self) -> None:
+        self.catch_up()
         self.webhooks.start()
         self.watch.start()
 
@@ -85,13 +87,24 @@ class AlertRouting:
         record = self.store.alert(alert_id)
         if record is None or not self.webhooks.targets:
             return
+        reached = [s["to_desk"] for s in self.log.steps(alert_id) if s["to_desk"]]
         try:
             self.webhooks.notify(kind, alert_fields(record, desks=self.desks_of(record),
                                                     close_reason=self._close_reason(record)),
-                                 escalation=escalation)
-        except (ValueError, OSError) as exc:  # a body our schema refuses; the store locked
-            log.error("could not queue the %s notification of alert %s: %s", kind,
+                                 escalation=escalation, reached=reached)
+        except (ValueError, OSError, sqlite3.Error) as exc:  # a body our schema refuses; the
+            log.error("could not queue the %s notification of alert %s: %s", kind,  # store
                       alert_id[:8], exc)
+
+    def catch_up(self) -> None:
+        """At start: queue again what a crash between storing and queuing could have lost
+        (`alert` of each open alert, `escalated` of each recorded step). Queuing is keyed by
+        event id, so what was queued before is not queued twice."""
+        for record in self.store.alerts(open_only=True):
+            self._notify("alert", record.alert_id)
+            for step in self.log.steps(record.alert_id):
+                self._notify("escalated", record.alert_id,
+                             Escalation(step["step"], step["to_desk"], step["due_at"]))
 
     def _close_reason(self, record: AlertRecord) -> str | None:
         if record.status != "closed":
@@ -116,9 +129,11 @@ class AlertRouting:
 
     # -- escalation ------------------------------------------------------------------------------
     def desks_of(self, record: AlertRecord) -> tuple[str, ...]:
-        """The alert's desks; one stored before routing (or whose routing failed) belongs to
-        the catch-all rule's desks."""
-        return record.desks or self.routes.rules[-1].desks
+        """The alert's desks that the table still has; an alert stored before routing, whose
+        routing failed, or whose desks a later config removed belongs to the catch-all rule's
+        desks (so it is still shown and still escalates)."""
+        known = tuple(d for d in record.desks if d in self.routes.desk_ids)
+        return known or self.routes.rules[-1].desks
 
     def _open_alerts(self) -> list[AlertState]:
         return [AlertState(r.alert_id, r.stored_at, self.desks_of(r),
@@ -138,3 +153,16 @@ class AlertRouting:
 def _placed(record: AlertRecord, call_id: str | None) -> incidents.Placed:
     return incidents.Placed(record.alert_id, record.stored_at, record.position.get("lat"),
                             record.position.get("lon"), call_id, record.incident_id)
+
+
+def operator_sees(works: set[str], staffed: set[str], desks: list[str],
+                  escalated_to: list[str | None]) -> bool:
+    """Whether an operator who works the desks `works` has this alert in their queue: routed or
+    escalated to one of them. Everyone has it when they work no desk, when it has no desk, or
+    when no desk it reached is `staffed` (lists an operator): an alert must reach someone."""
+    if not works or not desks:
+        return True
+    reached = set(desks) | {d for d in escalated_to if d is not None}
+    if not reached & staffed:
+        return True
+    return bool(works & reached)

@@ -164,8 +164,8 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
         except (OSError, RuntimeError) as exc:
             print(f"config error: key 'console.port': cannot serve the console on "
                   f"{config.console.listen}:{config.console.port}: {exc}", file=sys.stderr)
-            routing.stop()
             service.stop()
+            routing.stop()
             return 2
         observers.append(console.console.on_center_event)
         steps.append(lambda step: console.console.publish_alert(step.alert_id))
@@ -176,8 +176,8 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
     signal.sigwait(stopping)
     if console is not None:
         console.stop()
+    service.stop()  # first: nothing it still receives may find the routing stopped
     routing.stop()
-    service.stop()
     store.close()
     return 0
 

@@ -16,6 +16,7 @@ from protocol.configfile import (
     check,
     load_schema,
     load_toml,
+    pem_certificates,
     problem,
     read_regular_file,
     subschema,
@@ -68,6 +69,7 @@ class WebhookConfig:
     secret: bytes = field(repr=False)
     events: tuple[str, ...]
     desks: tuple[str, ...] | None = None  # None: alerts routed to any desk
+    ca_file: Path | None = None  # None: the system's CA store
 
     def wants(self, event: str, desks: Sequence[str]) -> bool:
         """Whether `event` ("alert", "escalated", "closed") of an alert routed to `desks` is
@@ -188,10 +190,17 @@ def _webhook(index: int, section: dict[str, Any], base: Path,
         if desk_id not in routes.desk_ids:
             raise unknown_desk(f"{key}.desks", desk_id, routes.desk_ids)
     secret_file = base / section["secret_file"]
+    ca_file = base / section["ca_file"] if "ca_file" in section else None
+    if ca_file is not None:
+        try:
+            pem_certificates(ca_file)
+        except (ConfigError, OSError) as exc:
+            raise ConfigError(f"key '{key}.ca_file': {exc}") from None
     return WebhookConfig(name=section["name"], url=section["url"], secret_file=secret_file,
                          secret=_secret(f"{key}.secret_file", secret_file),
                          events=tuple(section["events"]),
-                         desks=tuple(section["desks"]) if "desks" in section else None)
+                         desks=tuple(section["desks"]) if "desks" in section else None,
+                         ca_file=ca_file)
 
 
 def _check_url(key: str, url: str) -> None:

@@ -385,13 +385,15 @@ class WebhookOutbox:
 
     def enqueue_for(self, targets: Iterable[WebhookTarget], event: str,
                     alert: Mapping[str, Any], *, now: float,
-                    escalation: Escalation | None = None) -> list[str]:
+                    escalation: Escalation | None = None,
+                    reached: Iterable[str] = ()) -> list[str]:
         """Queue `event` of `alert` (an `alert_fields` object) for every target that wants it:
-        by its events, and by its desks against the alert's desks and the desk it escalated
-        to. Returns the names of the targets it was newly queued for. ValueError for a body
-        the schema refuses (nothing is queued then)."""
+        by its events, and by its desks against the alert's desks, the desks it escalated to
+        before (`reached`: a desk that got the alert by escalation also gets its close) and
+        the desk it escalates to now. Returns the names of the targets it was newly queued
+        for. ValueError for a body the schema refuses (nothing is queued then)."""
         body = make_body(event, alert, sent_at=now, escalation=escalation)
-        desks = set(alert.get("desks") or ())
+        desks = set(alert.get("desks") or ()) | set(reached)
         if escalation is not None and escalation.desk is not None:
             desks.add(escalation.desk)
         text = body_bytes(body)
@@ -593,12 +595,13 @@ class WebhookSender:
 
     # -- what the centre calls ------------------------------------------------------------------
     def notify(self, event: str, alert: Mapping[str, Any], *,
-               escalation: Escalation | None = None, now: float | None = None) -> list[str]:
+               escalation: Escalation | None = None, now: float | None = None,
+               reached: Iterable[str] = ()) -> list[str]:
         """Queue `event` of `alert` for the targets that want it and wake their threads;
-        returns the names it was newly queued for."""
+        returns the names it was newly queued for (`reached`: see enqueue_for)."""
         queued = self.outbox.enqueue_for(self.targets.values(), event, alert,
                                          now=self._clock() if now is None else now,
-                                         escalation=escalation)
+                                         escalation=escalation, reached=reached)
         for name in queued:
             self._wakes[name].set()
         return queued

@@ -564,10 +564,10 @@ class ScenarioRun:
                               device=entry.get("device_id"), seq=entry.get("seq"))
 
     def _center_event(self, event: CenterEvent) -> None:
-        if self.console is not None:  # first: the open pages learn at once
+        if self.routing is not None:  # first, as in `serve`: a new alert's incident is
+            self.routing.on_center_event(event)  # joined before the pages are told of it
+        if self.console is not None:
             self.console.console.on_center_event(event)
-        if self.routing is not None:  # the webhooks' `alert` and `closed`
-            self.routing.on_center_event(event)
         m = event.message
         if event.kind == "alert":
             if event.new:

@@ -102,3 +102,50 @@ def test_an_acknowledged_alert_does_not_escalate(store: Store, routing: AlertRou
     alert_id = raise_alert(store, routing, "tok-1", AT)
     store.mark(alert_id, "ack", "cli-operator", AT + 5)
     assert routing.watch.check(AT + 3600) == []
+
+
+@pytest.mark.parametrize(("works", "desks", "escalated_to", "sees"), [
+    ({"north"}, ["north"], [], True),  # routed to their desk
+    ({"south"}, ["north"], [], False),  # another staffed desk's alert
+    ({"south"}, ["north"], ["south"], True),  # escalated to them
+    ({"south"}, ["north"], [None], False),  # the supervisors-only step is not theirs
+    (set(), ["north"], [], True),  # works no desk: sees everything
+    ({"south"}, [], [], True),  # an alert with no desk: everyone
+    ({"south"}, ["empty"], [], True),  # its desk lists nobody: everyone, or it reaches no one
+    ({"south"}, ["empty"], ["north"], False),  # it reached north, which has someone
+])
+def test_which_operator_sees_an_alert(works, desks, escalated_to, sees) -> None:
+    from control_center.alert_routing import operator_sees
+
+    assert operator_sees(works, {"north", "south"}, desks, escalated_to) is sees
+
+
+def test_an_alert_whose_desk_was_removed_belongs_to_the_catch_all(store: Store,
+                                                                  routing: AlertRouting) -> None:
+    message = alert_message("tok-1")
+    store.add_alert(message, stored_at=AT, route=("an old rule", ("gone",)))
+    assert routing.desks_of(store.alert(message["alert_id"])) == ("north",)
+
+
+def test_start_queues_what_a_crash_lost(store: Store, routing: AlertRouting) -> None:
+    message = alert_message("tok-1")
+    store.add_alert(message, stored_at=AT, route=("all north", ("north",)))  # no event: lost
+    routing.catch_up()
+    routing.catch_up()
+    events = [d.event_id for d in routing.webhooks.outbox.deliveries(message["alert_id"])]
+    assert events == [f"{message['alert_id']}:alert"]
+
+
+def test_a_webhook_of_the_desk_it_climbed_to_also_gets_the_close(store: Store,
+                                                                 tmp_path: Path) -> None:
+    hook = WebhookTarget("south-cad", "https://cad.example/sos", b"k" * 32,
+                         frozenset({"alert", "escalated", "closed"}), frozenset({"south"}))
+    running = AlertRouting(store, table(), [hook], clock=lambda: AT)
+    alert_id = raise_alert(store, running, "tok-1", AT)
+    running.watch.check(AT + 30)
+    store.mark(alert_id, "close", "op", AT + 40)
+    running.on_center_event(CenterEvent("event", "tok-1", {
+        "type": "command_applied", "command_type": "close", "alert_id": alert_id}, True))
+    events = [d.event_id.split(":")[1] for d in running.webhooks.outbox.deliveries(alert_id)]
+    assert sorted(events) == ["closed", "escalated"]  # not the routed desk's "alert"
+    running.log.close()

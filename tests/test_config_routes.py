@@ -276,6 +276,9 @@ REFUSALS = [
      WEBHOOK + 'events = ["opened"]\n', "key 'webhooks[0].events[0]': 'opened' is not one of"),
     ("two webhooks of one name",
      WEBHOOK + WEBHOOK, "key 'webhooks[1].name': webhook 'police-cad' is defined twice"),
+    ("a webhook CA file that is not a certificate",
+     WEBHOOK + 'ca_file = "short.key"\n',
+     "key 'webhooks[0].ca_file': {tmp}/short.key: not a PEM certificate"),
 ]
 
 

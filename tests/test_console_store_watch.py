@@ -127,3 +127,19 @@ def test_a_failing_push_is_logged_and_the_others_still_go(shared: Path, caplog) 
     watch.check()
     assert pushed[1:] == [second["alert_id"]] or pushed[1:] == [first["alert_id"]]
     assert "could not push" in caplog.text
+
+
+def test_an_escalation_another_instance_recorded_is_reported(shared: Path) -> None:
+    """The next desk's operators on this instance must see the alert climb to them."""
+    from control_center.escalation import EscalationLog, Step
+
+    other = Store(shared)
+    alert = alert_message()
+    other.add_alert(alert, stored_at=NOW)
+    log = EscalationLog(shared)
+    seen = Seen()
+    watch = watcher(shared, seen)
+    log.record([Step(alert["alert_id"], 1, "south", NOW + 30, False)], now=NOW + 30)
+    watch.check()
+    assert seen.alerts == [alert["alert_id"]]
+    log.close()

@@ -40,7 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_center.alert_routing import AlertRouting
+from control_center.alert_routing import AlertRouting, operator_sees
 from control_center.audit import AuditLog
 from control_center.evidence import EvidenceError
 from control_center.fleet import Fleet
@@ -149,15 +149,15 @@ class Console:
 
     def shows(self, session: Session, alert: dict[str, Any]) -> bool:
         """Whether `session`'s queue shows this alert: an operator sees the alerts routed or
-        escalated to a desk they work (all, if they work none, or the alert has no desk);
-        supervisors and auditors see every alert."""
+        escalated to a desk they work (all, if they work none, if the alert has no desk, or if
+        no desk it reached lists any operator: an alert must reach someone); supervisors and
+        auditors see every alert."""
         if session.role != "operator" or self.routing is None:
             return True
-        mine = set(self.routing.routes.desks_of(session.username))
-        if not mine or not alert.get("desks"):
-            return True
-        reached = set(alert["desks"]) | {s["to_desk"] for s in alert.get("escalations", [])}
-        return bool(mine & reached)
+        routes = self.routing.routes
+        return operator_sees(set(routes.desks_of(session.username)),
+                             {d.id for d in routes.desks if d.operators}, alert.get("desks", []),
+                             [s["to_desk"] for s in alert.get("escalations", [])])
 
     def fresh_fleet(self) -> Fleet | None:
         """The fleet registry as it is now: enrolments, renewals and revocations happen in

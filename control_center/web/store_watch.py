@@ -33,14 +33,19 @@ INTERVAL_S = 0.2
 STALE_SWEEP_S = 5.0
 RECENTLY_CLOSED_S = 3600.0  # closed alerts still compared (a late close reason, a replay)
 # Open alerts (and recently closed ones) with what a change to any of them alters.
+# The incident and desks too (another instance writes them right after the alert), and the
+# escalation steps (recorded by whichever instance got there first): an operator of the next
+# desk, on this instance, must see the alert climb to them.
 _ALERT_FINGERPRINTS = """
 SELECT a.alert_id, a.status, a.claimed_by, a.acked_at, a.closed_at, a.device_offline,
-       a.cancel_requested_at,
+       a.cancel_requested_at, a.incident_id, a.desks,
        (SELECT count(*) FROM updates u WHERE u.alert_id = a.alert_id),
        (SELECT count(*) FROM commands c WHERE c.alert_id = a.alert_id),
        (SELECT count(*) FROM commands c WHERE c.alert_id = a.alert_id AND c.result IS NOT NULL)
+       {escalations}
 FROM alerts a WHERE a.status != 'closed' OR a.closed_at > ?
 """
+_ESCALATIONS = ", (SELECT count(*) FROM alert_escalations e WHERE e.alert_id = a.alert_id)"
 
 
 class StoreWatcher:
@@ -91,8 +96,10 @@ class StoreWatcher:
             self._push([], quiet)
             return [], quiet
         self._version = version
+        escalations = _ESCALATIONS if db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'alert_escalations'").fetchone() else ""
         alerts = {row[0]: row[1:] for row in db.execute(
-            _ALERT_FINGERPRINTS, (now - RECENTLY_CLOSED_S,))}
+            _ALERT_FINGERPRINTS.format(escalations=escalations), (now - RECENTLY_CLOSED_S,))}
         changed_alerts = [a for a, print_ in alerts.items() if self._alerts.get(a) != print_]
         self._alerts = alerts
         since = 0.0 if first else max(self._devices.values(), default=0.0) - 5.0
