@@ -945,10 +945,28 @@
     selectedSignature = signature;
 
     selectedLayer.clearLayers();
+    // The other alerts of its incident (incidents.py): one event, on one map.
+    for (const other of incident) {
+      const mark = L.circleMarker([other.lat, other.lon], {
+        radius: 9, color: "#ffb020", weight: 3, fillColor: "#ffb020", fillOpacity: 0.5,
+      });
+      mark.bindTooltip(el("span", {}, `same incident: SOS ${other.device_id} (${other.device_kind}, ${other.status})`),
+        { direction: "top" });
+      selectedLayer.addLayer(mark);
+      if (other.accuracy_m) {
+        selectedLayer.addLayer(L.circle([other.lat, other.lon], {
+          radius: other.accuracy_m, color: "#ffb020", weight: 1, fillOpacity: 0.06, interactive: false,
+        }));
+      }
+    }
     if (!alert || !current) {
       if (selectedMarker) selectedMarker.remove();
       selectedMarker = null;
       selectedMarkerId = null;
+      if (mapFitPending && incident.length) { // no fix of its own: show its incident's
+        map.fitBounds(L.latLngBounds(incident.map((o) => [o.lat, o.lon])).pad(0.3),
+          { maxZoom: 17, animate: false });
+      }
       mapFitPending = false;
       return;
     }
@@ -969,20 +987,6 @@
       selectedLayer.addLayer(L.circle([current.lat, current.lon], {
         radius: current.accuracy_m, color: colour, weight: 2, fillOpacity: 0.1, interactive: false,
       }));
-    }
-    // The other alerts of its incident (incidents.py): one event, on one map.
-    for (const other of incident) {
-      const mark = L.circleMarker([other.lat, other.lon], {
-        radius: 9, color: "#ffb020", weight: 3, fillColor: "#ffb020", fillOpacity: 0.5,
-      });
-      mark.bindTooltip(el("span", {}, `same incident: SOS ${other.device_id} (${other.device_kind}, ${other.status})`),
-        { direction: "top" });
-      selectedLayer.addLayer(mark);
-      if (other.accuracy_m) {
-        selectedLayer.addLayer(L.circle([other.lat, other.lon], {
-          radius: other.accuracy_m, color: "#ffb020", weight: 1, fillOpacity: 0.06, interactive: false,
-        }));
-      }
     }
     const latlng = [current.lat, current.lon];
     // One marker per selected alert, moved as it moves, so markerFor() keeps returning it.
