@@ -19,10 +19,10 @@ sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) 
 	$(VENV)/bin/sos-sim run shift
 	$(VENV)/bin/sos-sim run pillar-sos
 
-test: venv sysdeps interop ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins, a Node.js partner centre)
+test: venv sysdeps interop ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins, a Node.js partner centre, headless Chromium)
 	$(PY) -m pytest -q
 
-bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency
+bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency, console (row visible, video playing)
 	$(PY) -m bench
 
 soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
