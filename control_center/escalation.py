@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from control_center.shared_sqlite import connect_shared, immediate_transaction
+from control_center.shared_sqlite import SharedTables
 
 log = logging.getLogger("sos.center.escalation")
 
@@ -198,31 +198,15 @@ def due_steps(alert: AlertState, desks: Mapping[str, DeskPolicy], done: Sequence
         desk, since = to_desk, due
 
 
-class EscalationLog:
+class EscalationLog(SharedTables):
     """The escalation steps taken, in the centre's SQLite file (table `alert_escalations`), shared
     by every centre instance on that file. `clock` gives `recorded_at` when `record` is not
     told the time."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+        super().__init__(path, _SCHEMA)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db = connect_shared(self.path)
-        self._db.executescript(_SCHEMA)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> EscalationLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        """One atomic write of several statements (the caller holds the lock)."""
-        return immediate_transaction(self._db)
 
     def record(self, steps: Iterable[Step], now: float | None = None) -> list[Step]:
         """Insert the steps not yet recorded; returns those this call inserted (in the order

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 
 def connect_shared(path: Path) -> sqlite3.Connection:
@@ -32,3 +34,29 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class SharedTables:
+    """A component with tables of its own in the centre's shared file (the console's accounts,
+    the escalation log, the webhook outbox): its connection, opened as `connect_shared` does,
+    with `schema` (CREATE ... IF NOT EXISTS) run on it, a lock around its use, and close."""
+
+    def __init__(self, path: str | Path, schema: str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = connect_shared(self.path)
+        self._db.executescript(schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One atomic write of several statements (the caller holds the lock)."""
+        return immediate_transaction(self._db)

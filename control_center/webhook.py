@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 from jsonschema import Draft202012Validator, FormatChecker
 
-from control_center.shared_sqlite import connect_shared, immediate_transaction
+from control_center.shared_sqlite import SharedTables
 from control_center.store import AlertRecord
 from protocol.messages import utc_iso
 
@@ -353,25 +353,13 @@ class Delivery:
         return "refused" if self.refused_at is not None else "pending"
 
 
-class WebhookOutbox:
+class WebhookOutbox(SharedTables):
     """The durable queue of notifications, in the centre's SQLite file at `path` (shared by
     every instance and component, control_center/shared_sqlite.py)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = connect_shared(self.path)
-        self._db.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> WebhookOutbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def enqueue(self, target: str, event_id: str, body: bytes | str, now: float) -> bool:
         """Queue one notification, due at once; False if (target, event_id) was queued before
@@ -412,7 +400,7 @@ class WebhookOutbox:
         with self._lock:
             if self._db.execute(query, (target, now)).fetchone() is None:
                 return None
-            with immediate_transaction(self._db):
+            with self._transaction():
                 row = self._db.execute(query, (target, now)).fetchone()  # again, under the lock
                 if row is None:  # another instance took it meanwhile
                     return None

@@ -14,12 +14,10 @@ wall clock inside the logic, so expiry can be tested to the second.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from control_center.shared_sqlite import connect_shared, immediate_transaction
+from control_center.shared_sqlite import SharedTables
 
 ROLES = ("operator", "supervisor", "auditor")
 # Exactly the table in docs/CONSOLE-API.md, "Accounts, roles and rights".
@@ -124,7 +122,7 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class Accounts:
+class Accounts(SharedTables):
     """Console users and sessions in the SQLite file at `path` (the centre's store file).
 
     `hasher`: argon2-cffi's PasswordHasher, argon2id with the library's defaults unless one is
@@ -134,29 +132,13 @@ class Accounts:
     def __init__(self, path: str | Path, *, idle_s: float = IDLE_S, max_age_s: float = MAX_AGE_S,
                  clock: Callable[[], float] = time.time,
                  hasher: PasswordHasher | None = None) -> None:
-        self.path = Path(path)
+        super().__init__(path, _SCHEMA)
         self.idle_s = idle_s
         self.max_age_s = max_age_s
         self._clock = clock
         self._hasher = hasher or PasswordHasher()
         self._dummy_hash: str | None = None  # made at the first log-in (see _dummy)
-        self._lock = threading.Lock()
-        self._db = connect_shared(self.path)
-        self._db.executescript(_SCHEMA)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Accounts:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        """One atomic write of several statements (the caller holds the lock)."""
-        return immediate_transaction(self._db)
 
     # -- users -----------------------------------------------------------------------------------
     def add(self, username: str, role: str, password: str) -> User:
