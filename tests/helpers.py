@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol import new_id
+from protocol import MessageKind, Topics, encode, new_id
 from protocol.mqtt import BrokerConfig, make_client, session_properties
 from protocol.signing import Signer, load_or_make_key
 from simulator.device_config import render_device_toml
@@ -32,6 +32,25 @@ def alert_message(device_id: str = "tok-001", seq: int = 1, **overrides: Any) ->
             "seq": seq, "trigger": "button_hold", "created_at": "2026-11-23T10:00:00.000Z",
             "position": NO_POSITION, "battery": {"percent": 80.0, "charging": False},
             **overrides}
+
+
+def send_alert(broker, device_id: str, **overrides: Any) -> dict[str, Any]:
+    """An alert as its device sends it: signed with its enrolled key, published with its own
+    certificate through `broker`. Returns the message (the centre stores it soon after)."""
+    message = device_signer(broker, device_id).sign(alert_message(device_id, **overrides))
+    client = RawClient(broker.identity(device_id), device_id)
+    try:
+        client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
+    finally:
+        client.close()
+    return message
+
+
+def raise_alert(rig, device_id: str = "tok-001", **overrides: Any) -> str:
+    """`send_alert` to a centre rig (simulator.console_rig.ConsoleRig); its id once stored."""
+    alert_id = send_alert(rig.broker, device_id, **overrides)["alert_id"]
+    rig.wait_for(lambda: rig.store.alert(alert_id) is not None)
+    return alert_id
 
 
 class RawClient:

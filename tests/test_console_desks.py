@@ -18,11 +18,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from control_center.routing import RouteTable
-from protocol import MessageKind, Topics, encode
 from simulator.broker import PrivateBroker
 from simulator.browser import chromium, is_blank, log_in, wait_until
 from simulator.console_rig import PASSWORD, ConsoleRig
-from tests.helpers import RawClient, alert_message, device_signer
+from tests.helpers import raise_alert
 
 pytestmark = pytest.mark.skipif(not shutil.which("chromedriver"),
                                 reason="needs Debian's chromium-driver (make sysdeps)")
@@ -66,15 +65,7 @@ def pages(rig: ConsoleRig, tmp_path_factory) -> Iterator[dict[str, WebDriver]]:
 @pytest.fixture(scope="module")
 def untaken(rig: ConsoleRig, pages) -> str:
     """An alert routed to the north desk, which nobody takes."""
-    device_id = "tok-desk-01"
-    message = device_signer(rig.broker, device_id).sign(alert_message(device_id))
-    client = RawClient(rig.broker.identity(device_id), device_id)
-    try:
-        client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
-        rig.wait_for(lambda: rig.store.alert(message["alert_id"]) is not None)
-    finally:
-        client.close()
-    return message["alert_id"]
+    return raise_alert(rig, "tok-desk-01")
 
 
 def has_row(driver: WebDriver, alert_id: str) -> bool:
@@ -132,14 +123,7 @@ def test_the_api_lists_an_operator_only_their_desks_alerts(rig: ConsoleRig, page
                                                            tmp_path: Path) -> None:
     """Before escalation only alice (north) and sam see it; this checks the filter itself on a
     second, fresh alert through each page's own request."""
-    device_id = "tok-desk-02"
-    message = device_signer(rig.broker, device_id).sign(alert_message(device_id))
-    client = RawClient(rig.broker.identity(device_id), device_id)
-    try:
-        client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
-        rig.wait_for(lambda: rig.store.alert(message["alert_id"]) is not None)
-    finally:
-        client.close()
+    second = raise_alert(rig, "tok-desk-02")
     listed = {}
     for user, page in pages.items():
         ids = page.execute_async_script("""
@@ -147,8 +131,8 @@ def test_the_api_lists_an_operator_only_their_desks_alerts(rig: ConsoleRig, page
             fetch("/api/alerts", {credentials: "same-origin"}).then(r => r.json())
               .then(b => done(b.alerts.map(a => a.alert_id)));
         """)
-        listed[user] = message["alert_id"] in ids
-    if rig.routing.steps(message["alert_id"]):
+        listed[user] = second in ids
+    if rig.routing.steps(second):
         pytest.skip("escalated before the pages asked (a slow machine)")
     assert listed == {"alice": True, "bob": False, "sam": True}
 
@@ -161,15 +145,7 @@ def test_alerts_of_one_incident_are_shown_together_on_one_map(rig: ConsoleRig, p
                                   ("pil-inc-01", (43.2407, 76.8897))):
         where = {"source": "live", "lat": lat, "lon": lon, "alt_m": None, "accuracy_m": 8.0,
                  "fix_time": "2027-01-15T08:00:00.000Z", "age_s": 1.0}
-        message = device_signer(rig.broker, device_id).sign(
-            alert_message(device_id, position=where))
-        client = RawClient(rig.broker.identity(device_id), device_id)
-        try:
-            client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
-            rig.wait_for(lambda m=message: rig.store.alert(m["alert_id"]) is not None)
-        finally:
-            client.close()
-        ids.append(message["alert_id"])
+        ids.append(raise_alert(rig, device_id, position=where))
     rig.wait_for(lambda: rig.store.alert(ids[1]).incident_id is not None)
     assert rig.store.alert(ids[1]).incident_id == rig.store.alert(ids[0]).incident_id
     sam = pages["sam"]

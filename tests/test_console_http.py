@@ -26,10 +26,9 @@ import pytest
 from control_center import pki
 from control_center.store import Store
 from control_center.web.accounts import Accounts
-from protocol import MessageKind, Topics, encode
 from simulator.broker import HOST
 from simulator.console_rig import PASSWORD, ConsoleRig
-from tests.helpers import RawClient, alert_message, device_signer
+from tests.helpers import alert_message, raise_alert, send_alert
 
 
 class Client:
@@ -88,18 +87,6 @@ def alice(rig: ConsoleRig) -> Client:
     return client
 
 
-def raise_alert(rig: ConsoleRig, device_id: str = "tok-http-01") -> str:
-    """An alert as a device sends it (signed, over the broker); its id once stored."""
-    message = device_signer(rig.broker, device_id).sign(alert_message(device_id))
-    client = RawClient(rig.broker.identity(device_id), device_id)
-    try:
-        client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
-        rig.wait_for(lambda: rig.store.alert(message["alert_id"]) is not None)
-    finally:
-        client.close()
-    return message["alert_id"]
-
-
 # -- sessions ----------------------------------------------------------------------------------
 def test_the_session_cookie_is_secure_httponly_and_samesite_strict(rig: ConsoleRig) -> None:
     status, headers, _ = Client(rig).log_in("alice")
@@ -151,7 +138,7 @@ def test_disabling_a_user_ends_her_session_at_once(rig: ConsoleRig, alice: Clien
 
 def test_a_non_ascii_csrf_token_is_refused_not_an_error(rig: ConsoleRig, alice: Client) -> None:
     alice.csrf = "\xe9t\xe9"
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     assert alice.request("POST", f"/api/alerts/{alert_id}/claim", {})[0] == 403
 
 
@@ -162,7 +149,7 @@ def test_log_out_ends_the_session_on_the_server(rig: ConsoleRig, alice: Client) 
 
 # -- refusals ----------------------------------------------------------------------------------
 def test_a_post_from_another_origin_is_refused(rig: ConsoleRig, alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/claim", {},
                                     headers={"Origin": "https://evil.example"})
     assert status == 403 and "origin" in body["error"]
@@ -179,7 +166,7 @@ def test_a_body_over_the_limit_is_refused_with_the_strict_headers(rig: ConsoleRi
 
 def test_a_second_operator_may_not_acknowledge_an_alert_taken_by_another(
         rig: ConsoleRig, alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     assert alice.request("POST", f"/api/alerts/{alert_id}/claim", {})[0] == 200
     bob = Client(rig)
     bob.log_in("bob")
@@ -190,7 +177,7 @@ def test_a_second_operator_may_not_acknowledge_an_alert_taken_by_another(
 
 def test_a_supervisor_takes_over_an_alert_and_it_is_audited(rig: ConsoleRig,
                                                             alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     alice.request("POST", f"/api/alerts/{alert_id}/claim", {})
     bob, sam = Client(rig), Client(rig)
     bob.log_in("bob")
@@ -204,7 +191,7 @@ def test_a_supervisor_takes_over_an_alert_and_it_is_audited(rig: ConsoleRig,
 
 
 def test_a_closed_alert_cannot_be_acknowledged(rig: ConsoleRig, alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     rig.store.mark(alert_id, "close", "another centre", at=time.time())
     status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/ack", {})
     assert status == 409 and "closed" in body["error"]
@@ -213,7 +200,7 @@ def test_a_closed_alert_cannot_be_acknowledged(rig: ConsoleRig, alice: Client) -
 
 def test_with_the_broker_down_an_ack_is_answered_503_saying_it_may_still_go(
         rig: ConsoleRig, alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     rig.broker.stop()
     status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/ack", {})
     assert status == 503 and "may still reach the device" in body["error"]
@@ -224,7 +211,7 @@ def test_with_the_broker_down_an_ack_is_answered_503_saying_it_may_still_go(
 
 def test_closing_without_a_reason_is_refused_and_nothing_is_sent(rig: ConsoleRig,
                                                                  alice: Client) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/close", {"reason": " "})
     assert status == 400 and "reason" in body["error"]
     assert rig.store.commands(alert_id) == []
@@ -290,7 +277,7 @@ def next_alert_event(events: queue.Queue[tuple[str, dict]], alert_id: str) -> di
 
 
 def test_a_stored_alert_is_pushed_to_an_open_event_stream(rig: ConsoleRig, stream) -> None:
-    alert_id = raise_alert(rig)
+    alert_id = raise_alert(rig, "tok-http-01")
     data = next_alert_event(stream, alert_id)
     assert data["status"] == "open" and data["device_id"] == "tok-http-01"
 
@@ -387,12 +374,7 @@ desks = ["north"]
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
         assert "sos-center serving" in lines.get(timeout=30)
         device_id = "tok-serve-01"
-        message = device_signer(broker, device_id).sign(alert_message(device_id))
-        client = RawClient(broker.identity(device_id), device_id)
-        try:
-            client.publish(Topics(device_id).alert, encode(MessageKind.ALERT, message))
-        finally:
-            client.close()
+        message = send_alert(broker, device_id)
         while not (line := lines.get(timeout=30)).startswith("ESCALATED"):
             pass
         assert message["alert_id"][:8] in line and "desk south" in line
