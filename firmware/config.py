@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from protocol.configfile import (
     no_file_in_the_way,
     pem_certificates,
     pem_private_key,
+    subschema,
     with_defaults,
 )
 from protocol.mqtt import BrokerConfig
@@ -65,6 +67,24 @@ class CameraConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    source: str  # "alsa" (a microphone on the Pi) or "wav" (a file played in a loop)
+    capture_device: str  # ALSA PCM of the microphone
+    playback_device: str  # ALSA PCM of the speaker
+    wav_file: str | None  # source = wav: what the microphone plays
+    record: bool  # sound in the evidence segments and the live view
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    mode: str  # "two_way", "listen_in" or "off" ("auto" resolved by the device's kind)
+    answer_within_s: float  # two_way: the spoken message plays if nobody connected by then
+    message_every_s: float  # ... and again this often until somebody does
+    message_file: str | None  # None: the built-in message (firmware/voice/sounds/)
+    reconnect_s: float  # a dropped call is waited for this long before it is reported failed
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     device_id: str
     kind: str
@@ -84,6 +104,8 @@ class DeviceConfig:
     evidence_recipients: tuple[str, ...] = ()
     upload: UploadSettings | None = None  # None: this device does not upload recordings
     live_recipients: tuple[str, ...] = ()  # who can watch the live view during an SOS
+    audio: AudioConfig | None = None  # None: no microphone or speaker
+    voice: VoiceConfig | None = None  # None: no voice call (no [audio], or mode = "off")
 
 
 def _resolve_profile(name: str, base: Path) -> Path:
@@ -100,6 +122,17 @@ def _resolve_profile(name: str, base: Path) -> Path:
 
 
 Check = Callable[[Path], object]  # raises ConfigError `PATH: what is wrong`
+
+
+def readable_wav(path: Path) -> None:
+    """A WAV the device plays (the simulated microphone, the spoken message) must open."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            if wav.getnframes() == 0:
+                raise ConfigError(f"{path}: the WAV file holds no sound")
+    except (OSError, EOFError, wave.Error) as exc:
+        raise ConfigError(f"{path}: not a readable WAV file ({exc})") from None
+
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,7 @@ FILE_RULES: dict[str, FileRule] = {
     "data-dir": FileRule(no_file_in_the_way, thorough=directory_or_creatable),
     # Hardware the running device retries: an SOS button without GPS still raises alerts.
     "device-node": FileRule(None, thorough=existing),
+    "wav": FileRule(readable_wav),
 }
 
 
@@ -233,6 +267,8 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, config_file: 
         evidence_recipients=tuple(data.get("evidence", {}).get("recipients", ())),
         upload=_upload(data, config_file),
         live_recipients=tuple(data.get("live", {}).get("recipients", ())),
+        audio=_audio(data, config_file, rel),
+        voice=_voice(data, profile["kind"], config_file, rel),
     )
 
 
@@ -253,6 +289,39 @@ def _centre_keys(keys: list[str], config_file: str) -> list[str]:
         except ValueError as exc:
             raise ConfigError(f"{config_file}: key 'trust.centre_keys[{index}]': {exc}") from None
     return keys
+
+
+def _audio(data: dict[str, Any], config_file: str,
+           rel: Callable[[str | None], str | None]) -> AudioConfig | None:
+    audio = data.get("audio")
+    if audio is None:
+        return None
+    if audio["source"] == "wav" and "wav_file" not in audio:
+        raise ConfigError(f"{config_file}: missing key 'audio.wav_file' (audio.source = \"wav\" "
+                          "plays a WAV file as the microphone)")
+    return AudioConfig(source=audio["source"], capture_device=audio["capture_device"],
+                       playback_device=audio["playback_device"],
+                       wav_file=rel(audio.get("wav_file")), record=bool(audio["record"]))
+
+
+def _voice(data: dict[str, Any], kind: str, config_file: str,
+           rel: Callable[[str | None], str | None]) -> VoiceConfig | None:
+    voice = with_defaults(data.get("voice", {}),
+                          subschema(load_schema("firmware", "config.schema.json"), "voice"))
+    mode = voice["mode"]
+    if mode == "auto":
+        mode = "two_way" if kind == "pillar" else "listen_in"
+    if mode == "off":
+        return None
+    if "audio" not in data:
+        if "voice" in data:
+            raise ConfigError(f"{config_file}: key 'voice.mode': a voice call needs the device's "
+                              "microphone: add an [audio] section, or set voice.mode = \"off\"")
+        return None  # a device without sound has no voice call, and says so in no key
+    return VoiceConfig(mode=mode, answer_within_s=float(voice["answer_within_s"]),
+                       message_every_s=float(voice["message_every_s"]),
+                       message_file=rel(voice.get("message_file")),
+                       reconnect_s=float(voice["reconnect_s"]))
 
 
 def _camera(data: dict[str, Any], config_file: str) -> CameraConfig | None:

@@ -129,6 +129,8 @@ centre_keys = ["11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="]
 [camera]
 [evidence]
 recipients = ["{RECIPIENT}"]
+[audio]
+[voice]
 [upload]
 url = "https://ingest.example:8443"
 """
@@ -154,6 +156,14 @@ DEVICE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
     "upload.dock_active_high": lambda c: c.upload.dock_active_high,
     "upload.check_interval_s": lambda c: c.upload.check_interval_s,
     "upload.max_backoff_s": lambda c: c.upload.max_backoff_s,
+    "audio.source": lambda c: c.audio.source,
+    "audio.capture_device": lambda c: c.audio.capture_device,
+    "audio.playback_device": lambda c: c.audio.playback_device,
+    "audio.record": lambda c: c.audio.record,
+    "voice.mode": lambda c: "auto" if c.voice.mode == "listen_in" else c.voice.mode,  # a token
+    "voice.answer_within_s": lambda c: c.voice.answer_within_s,
+    "voice.message_every_s": lambda c: c.voice.message_every_s,
+    "voice.reconnect_s": lambda c: c.voice.reconnect_s,
 }
 PROFILE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
     "button.pull_up": lambda c: c.button.pull_up,
