@@ -4,7 +4,8 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 SYSDEPS := mosquitto=mosquitto age=age ffprobe=ffmpeg minisign=minisign node=nodejs npm=npm \
-           chromium=chromium chromedriver=chromium-driver
+           chromium=chromium chromedriver=chromium-driver turnserver=coturn espeak-ng=espeak-ng \
+           sox=sox
 INTEROP := tests/interop
 
 .DEFAULT_GOAL := help
@@ -40,7 +41,7 @@ flash: venv ## Provision a device (firmware wheel + the Pi's wheelhouse: install
 lint: venv ## ruff check
 	$(VENV)/bin/ruff check .
 
-sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign, nodejs, npm, chromium)
+sysdeps: ## Install the Debian tools the tests use when missing (mosquitto, age, ffmpeg, minisign, nodejs, npm, chromium, coturn, espeak-ng, sox)
 	@scripts/ensure-system-deps $(SYSDEPS)
 
 venv: $(STAMP) ## Create .venv and install the project with its dev tools

@@ -160,7 +160,8 @@ def cmd_serve(config: CenterConfig, args: argparse.Namespace) -> int:
         try:
             console = start_console(config.console, store=store, accounts_db=config.db,
                                     fleet=Fleet(config.fleet_dir), commands=service,
-                                    live_dir=config.live_dir, routing=routing)
+                                    live_dir=config.live_dir, routing=routing,
+                                    voice=config.voice)
         except (OSError, RuntimeError) as exc:
             print(f"config error: key 'console.port': cannot serve the console on "
                   f"{config.console.listen}:{config.console.port}: {exc}", file=sys.stderr)

@@ -95,6 +95,20 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class VoiceSettings:
+    """Voice calls between a pillar and the console (`[voice]`). The TURN secret is read at
+    load, so a missing file stops the centre at start, not at the first call; it is kept out of
+    repr. Minting credentials from it: control_center/turn_credentials.py."""
+
+    ice_urls: tuple[str, ...]
+    credential_ttl_s: int
+    answer_timeout_s: float
+    relay_only: bool  # the browser uses the TURN relay only (iceTransportPolicy relay)
+    turn_secret_file: Path | None = None  # None: no TURN URL, nothing to mint
+    turn_secret: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class CenterConfig:
     db: Path
     fleet_dir: Path
@@ -104,6 +118,7 @@ class CenterConfig:
     live_dir: Path | None = None  # None: this instance does not receive live video
     signing_key: Path | None = None  # None: the fleet's shared command key (centre-signing.key)
     console: ConsoleConfig | None = None  # None: `serve` serves no web console
+    voice: VoiceSettings | None = None  # None: the console offers no voice calls
     timezone: str = DEFAULT_TIMEZONE  # IANA name; the `hours` of routes are local to it
     routes: RouteTable = field(default_factory=implicit_routes)  # always a table
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -128,6 +143,7 @@ def load_center_config(path: str | Path) -> CenterConfig:
     try:
         routes = route_table(data, center["timezone"])
         webhooks = _webhooks(data.get("webhooks", []), base, routes)
+        voice = voice_settings(data["voice"], base) if "voice" in data else None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return CenterConfig(
@@ -141,6 +157,7 @@ def load_center_config(path: str | Path) -> CenterConfig:
         live_dir=Path(rel(center["live_dir"]) or "") if "live_dir" in center else None,
         signing_key=Path(rel(center["signing_key"]) or "") if "signing_key" in center else None,
         console=_console(data["console"], base) if "console" in data else None,
+        voice=voice,
         timezone=center["timezone"], routes=routes, webhooks=webhooks,
         incident_radius_m=center["incident_radius_m"],
         incident_window_s=center["incident_window_s"],
@@ -247,6 +264,47 @@ def _console(section: dict[str, Any], base: Path) -> ConsoleConfig:
         tiles_attribution=section["tiles_attribution"],
         evidence_dir=base / section["evidence_dir"] if "evidence_dir" in section else None,
     )
+
+
+def voice_settings(section: dict[str, Any], base: Path) -> VoiceSettings:
+    """A `[voice]` section (from the file, or given in code by the simulator or a test):
+    checked against the schema and completed with its defaults; a relative turn_secret_file
+    is beside `base`. A turn: URL without a secret, or a secret file that is missing, empty or
+    not one line, is refused naming the key."""
+    check(section, subschema(SCHEMA, "voice"), "voice")
+    section = with_defaults(section, subschema(SCHEMA, "voice"))
+    urls = tuple(section["ice_urls"])
+    secret_file = base / section["turn_secret_file"] if "turn_secret_file" in section else None
+    if section["relay_only"] and not any(u.startswith(("turn:", "turns:")) for u in urls):
+        raise ConfigError("key 'voice.relay_only': needs a turn: or turns: URL in "
+                          "voice.ice_urls (a relay to send the call through)")
+    if secret_file is None and any(u.startswith(("turn:", "turns:")) for u in urls):
+        raise ConfigError("key 'voice.turn_secret_file': missing: voice.ice_urls has a TURN "
+                          "server, whose credentials are minted from its shared secret (coturn's "
+                          "static-auth-secret)")
+    return VoiceSettings(
+        ice_urls=urls, credential_ttl_s=section["credential_ttl_s"],
+        answer_timeout_s=float(section["answer_timeout_s"]), turn_secret_file=secret_file,
+        turn_secret=None if secret_file is None else _turn_secret(secret_file),
+        relay_only=bool(section["relay_only"]))
+
+
+def _turn_secret(path: Path) -> bytes:
+    """The shared secret in `path` without one trailing newline: the same bytes as coturn's
+    `static-auth-secret=` line, which is one line of text without spaces."""
+    key = "voice.turn_secret_file"
+    try:
+        secret = read_regular_file(path)
+    except ConfigError as exc:
+        raise ConfigError(f"key '{key}': {exc}") from None
+    secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+    if not secret:
+        raise ConfigError(f"key '{key}': {path}: is empty; put the TURN server's "
+                          "static-auth-secret in it (e.g. openssl rand -hex 32 > FILE)")
+    if not secret.isascii() or any(c <= 0x20 or c == 0x7F for c in secret):
+        raise ConfigError(f"key '{key}': {path}: must be one line of printable ASCII without "
+                          "spaces, as coturn's static-auth-secret= line takes it")
+    return secret
 
 
 def _group(center: dict[str, Any], path: Path) -> str:

@@ -180,6 +180,17 @@ class CenterService:
         command, delivered = self._send(device_id, fields, operator, timeout_s)
         return {**command, "delivered": delivered}
 
+    def send_voice(self, alert_id: str, fields: dict[str, Any], operator: str,
+                   timeout_s: float = 10.0) -> dict[str, Any]:
+        """`voice_offer` (with `voice_session`, `sdp`, `ice_servers`) or `voice_hangup` for the
+        alert's device (docs/VOICE.md). The device answers with a `voice_answer` event."""
+        alert = self.store.alert(alert_id)
+        if alert is None:
+            raise CommandError(f"no alert {alert_id}")
+        command, delivered = self._send(alert.device_id, {**fields, "alert_id": alert_id},
+                                        operator, timeout_s)
+        return {**command, "delivered": delivered}
+
     def _send(self, device_id: str, fields: dict[str, Any], operator: str,
               timeout_s: float, note: str | None = None) -> tuple[dict[str, Any], bool]:
         """Sign, number, record and publish a command; wait for its PUBACK and read it."""

@@ -539,6 +539,17 @@ class Store:
             ).fetchall()
         return [{"kind": k, "stored_at": t, **json.loads(b)} for k, b, t in rows]
 
+    def voice_events(self, alert_id: str) -> list[dict[str, Any]]:
+        """The alert's voice events (`voice_answer`, `voice_state`), oldest first, with
+        `stored_at`: its device's only (docs/VOICE.md)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT u.body, u.stored_at FROM updates u JOIN alerts a "
+                "ON a.alert_id = u.alert_id AND a.device_id = u.device_id WHERE u.alert_id = ? "
+                "AND u.kind = 'event' AND json_extract(u.body, '$.type') IN "
+                "('voice_answer', 'voice_state') ORDER BY u.seq", (alert_id,)).fetchall()
+        return [{**json.loads(b), "stored_at": t} for b, t in rows]
+
     def commands(self, alert_id: str) -> list[dict[str, Any]]:
         """The commands sent about an alert, oldest first, with what became of each."""
         return self._commands_where("alert_id = ?", (alert_id,))
@@ -586,13 +597,14 @@ class Store:
         return [{"device_id": d, "state": s, "last_seen": t, "status": json.loads(b)}
                 for d, s, t, b in rows]
 
-    def latest_device_events(self, event_type: str) -> dict[str, dict[str, Any]]:
-        """Per device, its newest event of `event_type` (e.g. `storage_alert`), with
-        `stored_at`."""
+    def latest_device_events(self, *event_types: str) -> dict[str, dict[str, Any]]:
+        """Per device, its newest event of any of `event_types` (e.g. `storage_alert`; or
+        `tamper_opened` and `tamper_closed`: the door's latest state), with `stored_at`."""
+        marks = ",".join("?" * len(event_types))
         with self._lock:
             rows = self._db.execute(
                 "SELECT device_id, body, max(stored_at) FROM updates WHERE kind = 'event' "
-                "AND json_extract(body, '$.type') = ? GROUP BY device_id", (event_type,)
+                f"AND json_extract(body, '$.type') IN ({marks}) GROUP BY device_id", event_types
             ).fetchall()
         return {d: {**json.loads(b), "stored_at": t} for d, b, t in rows}
 

@@ -39,7 +39,9 @@ from protocol.untrusted import UntrustedJsonError, loads_untrusted
 CLOSED_DISPLAY_S = 5.0  # how long "closed" shows before the device returns to idle
 CALL_DISPLAY_S = 4.0  # how long "call_started"/"call_ended" show: the longest is 2 x (1.5 + 0.5) s
 REMEMBERED_COMMANDS = 32  # command ids kept to recognise a redelivered command
-COMMAND_TYPES = ("ack", "close", "call_start", "call_end")  # what this firmware can apply
+COMMAND_TYPES = ("ack", "close", "call_start", "call_end", "voice_offer",
+                 "voice_hangup")  # what this firmware can apply
+VOICE_COMMANDS = ("voice_offer", "voice_hangup")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -54,6 +56,7 @@ class Refusal(StrEnum):
     FUTURE = "future"  # issued more than 20 s ahead of the device's clock
     REPLAYED = "replayed"  # its centre key's sequence number was seen before
     NOT_ACTIVE_ALERT = "not_active_alert"  # ack/close for an alert that is not the active one
+    UNSUPPORTED = "unsupported"  # a voice command to a device without voice ([audio], [voice])
 
 
 class Stage(StrEnum):
@@ -164,7 +167,30 @@ class Log:
     text: str
 
 
-Action = AppendToOutbox | Persist | Show | Log | CallChange | RecordSos
+@dataclass(frozen=True)
+class VoiceOffer:
+    """The operator's browser offers a voice call for the active alert: answer it."""
+
+    alert_id: str
+    session: str
+    sdp: str
+    ice_servers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VoiceHangup:
+    session: str
+
+
+@dataclass(frozen=True)
+class VoiceEnd:
+    """The alert ended: every voice call ends with it."""
+
+    alert_id: str
+
+
+Action = (AppendToOutbox | Persist | Show | Log | CallChange | RecordSos | VoiceOffer
+          | VoiceHangup | VoiceEnd)
 
 
 @dataclass
@@ -179,6 +205,7 @@ class DeviceIdentity:
     device_id: str
     device_kind: str  # "token" | "pillar"
     position_interval_s: float = 5.0
+    voice: bool = False  # takes voice calls (config [audio] and [voice])
 
 
 @dataclass
@@ -372,10 +399,32 @@ class AlertCore:
                                 "already seen (replayed)", now)
         if command["type"] in ("call_start", "call_end"):
             return self._apply_call(command, now)
+        if command["type"] in VOICE_COMMANDS and not self.identity.voice:
+            return self._reject(command, Refusal.UNSUPPORTED, "this device has no voice call "
+                                "(no [audio] section, or voice.mode = \"off\")", now)
         if self.active is None or self.active.alert_id != command["alert_id"]:
             return self._reject(command, Refusal.NOT_ACTIVE_ALERT,
                                 f"alert {command['alert_id']} is not the active alert", now)
+        if command["type"] in VOICE_COMMANDS:
+            return self._apply_voice(command, now)
         return self._apply_decision(command, now)
+
+    def _apply_voice(self, command: dict[str, Any], now: Now) -> list[Action]:
+        """An offer (or a hang-up) for the active alert's voice call: the voice engine answers
+        it, and the answer follows as its own event; nothing in the alert changes."""
+        assert self.active is not None
+        self._seen_commands.append(command["command_id"])
+        session = command["voice_session"]
+        action: Action
+        if command["type"] == "voice_offer":
+            action = VoiceOffer(self.active.alert_id, session, command["sdp"],
+                                command.get("ice_servers", []))
+            text = f"voice call {session[:8]} offered by {command['operator']}"
+        else:
+            action = VoiceHangup(session)
+            text = f"voice call {session[:8]}: {command['operator']} hung up"
+        applied = self._command_event(command, "command_applied", now)
+        return [AppendToOutbox([applied], self.state()), action, Log("info", text)]
 
     def _apply_call(self, command: dict[str, Any], now: Now) -> list[Action]:
         self._seen_commands.append(command["command_id"])
@@ -400,7 +449,7 @@ class AlertCore:
             self.closed_alert_id = alert_id
             self._transient, self._idle_at = FeedbackState.CLOSED, now.mono + CLOSED_DISPLAY_S
             actions = [Log("info", f"SOS {alert_id} closed by {command['operator']}"),
-                       RecordSos(alert_id, False)]
+                       RecordSos(alert_id, False), VoiceEnd(alert_id)]
         applied = self._command_event(command, "command_applied", now)
         return [AppendToOutbox([applied], self.state()), *actions, *self._refresh_feedback()]
 

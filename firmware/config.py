@@ -48,6 +48,20 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True)
+class LightsConfig:
+    yellow_pin: int | str  # alarm registered (EN 81-28)
+    green_pin: int | str  # voice connected
+
+
+@dataclass(frozen=True)
+class TamperConfig:
+    pin: int | str
+    pull_up: bool
+    open_when_high: bool  # the pin level that means the door is open
+    debounce_s: float
+
+
+@dataclass(frozen=True)
 class GpsConfig:
     port: str | None  # None: no receiver fitted, the surveyed position is used
     baudrate: int
@@ -106,6 +120,8 @@ class DeviceConfig:
     live_recipients: tuple[str, ...] = ()  # who can watch the live view during an SOS
     audio: AudioConfig | None = None  # None: no microphone or speaker
     voice: VoiceConfig | None = None  # None: no voice call (no [audio], or mode = "off")
+    lights: LightsConfig | None = None  # None: no status lamps (the board profile's [lights])
+    tamper: TamperConfig | None = None  # None: no door switch (the board profile's [tamper])
 
 
 def _resolve_profile(name: str, base: Path) -> Path:
@@ -269,7 +285,25 @@ def build_config(data: dict[str, Any], profile: dict[str, Any], *, config_file: 
         live_recipients=tuple(data.get("live", {}).get("recipients", ())),
         audio=_audio(data, config_file, rel),
         voice=_voice(data, profile["kind"], config_file, rel),
+        lights=_lights(profile),
+        tamper=_tamper(profile),
     )
+
+
+def _lights(profile: dict[str, Any]) -> LightsConfig | None:
+    lights = profile.get("lights")
+    if lights is None:
+        return None
+    return LightsConfig(yellow_pin=lights["yellow_pin"], green_pin=lights["green_pin"])
+
+
+def _tamper(profile: dict[str, Any]) -> TamperConfig | None:
+    tamper = profile.get("tamper")
+    if tamper is None:
+        return None
+    return TamperConfig(pin=tamper["pin"], pull_up=bool(tamper["pull_up"]),
+                        open_when_high=tamper["open_when"] == "high",
+                        debounce_s=float(tamper["debounce_s"]))
 
 
 def _upload(data: dict[str, Any], config_file: str) -> UploadSettings | None:

@@ -40,8 +40,13 @@ from firmware.alert_state import (
     Show,
     Tick,
     Trigger,
+    VoiceEnd,
+    VoiceHangup,
+    VoiceOffer,
 )
+from firmware.audio.source import AudioSource, open_audio_source
 from firmware.battery import BatterySource, NoBattery, SysfsBattery
+from firmware.camera.avfeed import AudioFeed
 from firmware.camera.frames import EncodedFrame, FrameSource
 from firmware.camera.health import (
     CameraHealth,
@@ -79,6 +84,8 @@ from firmware.sos_button.logic import (
     Triggered,
 )
 from firmware.systemd_notify import notify, watchdog_interval_s
+from firmware.tamper.gpio import TamperSwitch
+from firmware.tamper.logic import DoorChanged, DoorState
 from firmware.uplink.docking import DockDetector, run_when_docked
 from firmware.uplink.mqtt import (
     Accepted,
@@ -93,6 +100,7 @@ from firmware.uplink.outbox import Outbox, OutboxFull
 from firmware.uplink.outgoing import OutboxRow, Outgoing
 from firmware.uplink.upload_plan import Progress
 from firmware.uplink.uploader import Uploader, UploadSummary, uploader_from_config
+from firmware.voice.setup import VoiceNews, make_voice
 from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso
 from protocol.signing import Signer, load_key, public_key_from_b64
 
@@ -226,6 +234,8 @@ class DeviceRuntime:
         camera_source: FrameSource | None = None,
         space_limits: SpaceLimits | None = None,
         camera_limits: CameraLimits | None = None,
+        audio_source: AudioSource | None = None,
+        open_audio: bool = True,
     ) -> None:
         """`camera_source` delivers encoded frames (the simulator passes its own; on the Pi it is
         picamera2). `camera_probe` counts frames for the self-test; by default the frames the
@@ -253,7 +263,8 @@ class DeviceRuntime:
         self.outbox = Outbox(config.data_dir / "outbox.sqlite", signer=signer)
         centre_keys = [public_key_from_b64(k) for k in config.centre_keys]
         self.core = AlertCore(
-            DeviceIdentity(config.device_id, config.kind, config.position_interval_s),
+            DeviceIdentity(config.device_id, config.kind, config.position_interval_s,
+                           voice=config.voice is not None),
             command_keys=centre_keys,
         )
         self._track: deque[tuple[float, dict[str, Any]]] = deque(maxlen=TRACK_POINTS)
@@ -280,6 +291,18 @@ class DeviceRuntime:
             pin_factory=pin_factory,
             clock=clock,
         )
+        # The kiosk door's switch (docs/VOICE.md, "Tamper switch"): an event, never an SOS.
+        tamper = config.tamper
+        self.tamper = None if tamper is None else TamperSwitch(
+            tamper.pin, self._events.put, debounce_s=tamper.debounce_s, pull_up=tamper.pull_up,
+            open_when_high=tamper.open_when_high, pin_factory=pin_factory, clock=clock)
+        # The microphone (docs/EVIDENCE.md "Sound"): opened once, shared by the recorder, the
+        # live view and the voice call. `open_audio=False` (simulated hardware) never opens ALSA.
+        self.audio_source: AudioSource | None = audio_source
+        if audio_source is None and open_audio and config.audio is not None:
+            self.audio_source = open_audio_source(config.audio, clock=clock, utc_clock=utc_clock)
+        record_sound = (self.audio_source is not None and config.audio is not None
+                        and config.audio.record)
         self.recorder: SegmentRecorder | None = None
         self._camera = camera_source
         self._camera_limits = camera_limits or CameraLimits()
@@ -300,6 +323,7 @@ class DeviceRuntime:
                 policy=RecordingPolicy(preroll_s=config.camera.preroll_s),
                 segment_s=config.camera.segment_s, gps_track=self._gps_track,
                 sync_interval_s=config.camera.sync_interval_s,
+                audio=AudioFeed() if record_sound else None,
                 on_commit=lambda seq: self._events.put(SegmentCommitted(seq)))
             if self._camera is None:
                 self._camera = PicameraSource(size=config.camera.size, fps=config.camera.fps,
@@ -311,7 +335,12 @@ class DeviceRuntime:
             self.live = LiveStreamer(
                 config.device_id, list(config.live_recipients), signer,
                 lambda payload, header: self.uplink.publish_live(live_topic, payload, header),
-                fps=config.camera.fps, size=self._camera.lores_size)
+                fps=config.camera.fps, size=self._camera.lores_size,
+                audio=AudioFeed() if record_sound else None)
+        if record_sound and self.audio_source is not None:
+            for consumer in (self.recorder, self.live):
+                if consumer is not None:
+                    self.audio_source.subscribe(consumer.on_audio)
         # Shift-end upload: when docked (GPIO or station network) or asked to.
         self.uploader: Uploader | None = None
         self.dock: DockDetector | None = None
@@ -328,6 +357,9 @@ class DeviceRuntime:
             will_payload=encode(MessageKind.STATUS, offline),
             status_payload=self._status_payload, receipt_keys=centre_keys,
         )
+        # The voice call with the operator during an SOS (docs/VOICE.md): None without one.
+        self.voice = make_voice(config, self.audio_source, self._events.put,
+                                pin_factory=pin_factory, utc=utc_clock)
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -350,7 +382,11 @@ class DeviceRuntime:
             self._upload_thread.start()
         if self.gps:
             self.gps.start()
+        if self.tamper is not None:
+            self.tamper.start()
         self.uplink.start()
+        if self.audio_source is not None:
+            self.audio_source.start()  # its own thread; a failing microphone is only reported
         next_heartbeat = self._clock() + self.config.heartbeat_s
         watchdog_s = watchdog_interval_s()
         next_watchdog = self._clock() + watchdog_s if watchdog_s else None
@@ -368,7 +404,8 @@ class DeviceRuntime:
             while not stop.is_set():
                 deadline = min(d for d in (self.core.next_deadline(), next_heartbeat,
                                            self._selftest_deadline(), next_watchdog,
-                                           self._camera_deadline(), next_fault_check)
+                                           self._camera_deadline(), next_fault_check,
+                                           self.voice and self.voice.next_deadline())
                                if d is not None)
                 try:
                     item = self._events.get(timeout=max(0.0, deadline - self._clock()))
@@ -387,6 +424,8 @@ class DeviceRuntime:
                     self._check_space()
                 self._maybe_selftest(now)
                 self._watch_camera(now)
+                if self.voice is not None:
+                    self.voice.tick(now)
                 if now >= next_fault_check:
                     next_fault_check = now + FAULT_CHECK_S
                     self._publish_faults_if_changed()
@@ -405,16 +444,22 @@ class DeviceRuntime:
             self.uploader.close()
         if self._camera_control is not None:
             self._camera_control.close()
+        if self.audio_source is not None:
+            self.audio_source.stop()
         if self._camera is not None and self.recorder is not None:
             self.recorder.close()  # the open segment is committed, not left for recovery
             self.recorder.store.close()
         if self.live is not None:
             self.live.close()
         self.button.close()
+        if self.tamper is not None:
+            self.tamper.close()
         self.uplink.stop()
         if self.gps:
             self.gps.stop()
         self.feedback.close()
+        if self.voice is not None:
+            self.voice.close()
         self.outbox.close()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -459,6 +504,10 @@ class DeviceRuntime:
                 log.info("self-test %s", "passed" if self.selftest_summary["ok"] else "FAILED")
                 if self.uplink.connected:
                     self.uplink.publish_status()
+            case VoiceNews():
+                self._voice_news(item)
+            case DoorChanged():
+                self._door_changed(item)
             case CommandReceived(payload):
                 try:
                     self._handle(CommandPayload(payload))
@@ -474,6 +523,9 @@ class DeviceRuntime:
         # right after the centre saw the close must count as a new SOS, not as a cancel gesture.
         self._sync_button()
         self._execute(actions)
+        if self.voice is not None:
+            active = self.core.active
+            self.voice.stage_changed(active.stage.value if active else None, self._clock())
 
     # -- outputs ---------------------------------------------------------------------------------
     def _execute(self, actions: list[Action]) -> None:
@@ -496,6 +548,12 @@ class DeviceRuntime:
                     self._record_call(call_id)
                 case RecordSos(alert_id, active):
                     self._record_sos(alert_id, active)
+                case VoiceOffer(alert_id, session, sdp, ice_servers) if self.voice:
+                    self.voice.offer(alert_id, session, sdp, ice_servers)
+                case VoiceHangup(session) if self.voice:
+                    self.voice.hangup(session)
+                case VoiceEnd() if self.voice:
+                    self.voice.alert_ended()
 
     def _store(self, items: list[Outgoing], state: dict[str, Any]) -> None:
         try:
@@ -634,6 +692,37 @@ class DeviceRuntime:
         if self.uplink.connected:
             self.uplink.publish_status()
 
+    def _voice_news(self, item: VoiceNews) -> None:
+        """The voice engine's answer, a call's state, a TURN fault: to the centre as events;
+        a fault also goes into the status at once."""
+        assert self.voice is not None
+        events = self.voice.news(item, self._clock())
+        if events:
+            self._store([Outgoing(*self.voice.event(kind, fields)) for kind, fields in events],
+                        self.core.state())
+        if any(kind in ("voice_fault", "voice_restored") for kind, _ in events) \
+                and self.uplink.connected:
+            self.uplink.publish_status()
+
+    def _door_changed(self, change: DoorChanged) -> None:
+        """The kiosk door opened or closed: an event to the centre and the status at once. Not
+        an SOS: no alert, no feedback, the recording unchanged. A door found closed at start-up
+        is no news (the status says it); one found open is reported, since the device cannot
+        know what happened while it was off."""
+        opened = change.state is DoorState.OPEN
+        if change.initial and not opened:
+            log.info("tamper: door closed")
+        else:
+            reason = ("door open at start-up" if change.initial
+                      else "door opened" if opened else "door closed")
+            log.log(logging.WARNING if opened else logging.INFO, "tamper: %s", reason)
+            kind = "tamper_opened" if opened else "tamper_closed"
+            self._store([self._fault_event(kind, reason)], self.core.state())
+        self._observe("tamper", {"state": change.state.value, "initial": change.initial,
+                                 "wall": time.time()})
+        if self.uplink.connected:
+            self.uplink.publish_status()
+
     def _fault_event(self, kind: str, reason: str) -> Outgoing:
         message = {"v": 1, "device_id": self.config.device_id,
                    "created_at": utc_iso(self._utc()), "type": kind, "reason": reason[:200]}
@@ -651,7 +740,8 @@ class DeviceRuntime:
         health = self._camera_health
         found = {"camera": health.fault if health is not None else None,
                  "gps": self.gps.problem() if self.gps else None,
-                 "upload": self._upload_problem}
+                 "upload": self._upload_problem,
+                 "voice": self.voice.fault if self.voice is not None else None}
         return {part: reason[:200] for part, reason in found.items() if reason}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
@@ -849,6 +939,9 @@ class DeviceRuntime:
             status["recordings_waiting"] = self.recorder.store.waiting_for_upload()
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
+        door = self.tamper.state if self.tamper is not None else None
+        if door is not None:
+            status["tamper"] = door.value
         faults = self.faults()
         if faults:
             status["faults"] = faults

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from gpiozero.pins.mock import MockFactory
 
+from firmware.audio.source import WavAudioSource
 from firmware.battery import BatterySource, NoBattery
 from firmware.camera.synthetic import SyntheticCamera
 from firmware.config import DeviceConfig
@@ -65,6 +66,15 @@ class SimulatedDevice:
         finally:
             released()
 
+    def set_door(self, is_open: bool) -> None:
+        """Open or shut the kiosk's door: drive its tamper switch's pin to the level that means
+        it (no contact chatter; test_tamper.py has that). ValueError on a device without one."""
+        tamper = self.runtime.config.tamper
+        if tamper is None:
+            raise ValueError("this device has no door switch (the board profile's [tamper])")
+        pin = self.pins.pin(tamper.pin)
+        pin.drive_high() if is_open == tamper.open_when_high else pin.drive_low()
+
 
 def synthetic_camera(config: DeviceConfig) -> SyntheticCamera | None:
     """The synthetic camera for `config.camera` (None without one). A Pi's camera mode larger
@@ -87,8 +97,22 @@ def simulated_runtime(config: DeviceConfig, *, battery: BatterySource | None = N
     camera = synthetic_camera(config)
     probe = None if camera else (lambda: VIRTUAL_CAMERA_FRAMES)  # a camera counts its frames
     runtime = DeviceRuntime(config, pin_factory=pins, battery=battery or NoBattery(),
-                            observer=observer, camera_probe=probe, camera_source=camera)
-    return SimulatedDevice(runtime, pins)
+                            observer=observer, camera_probe=probe, camera_source=camera,
+                            audio_source=simulated_microphone(config), open_audio=False)
+    device = SimulatedDevice(runtime, pins)
+    if config.tamper is not None:
+        device.set_door(False)  # a kiosk starts shut (its switch is read from run() on)
+    return device
+
+
+def simulated_microphone(config: DeviceConfig) -> WavAudioSource | None:
+    """The microphone off a Pi: `audio.wav_file` played in a loop, whatever `audio.source`
+    says (never ALSA); None without `[audio]` or without a file to play."""
+    if config.audio is None or not config.audio.wav_file:
+        if config.audio is not None:
+            log.warning("simulated hardware: no audio.wav_file, so the device has no microphone")
+        return None
+    return WavAudioSource(config.audio.wav_file)
 
 
 def missing_hardware(config: DeviceConfig) -> list[str]:

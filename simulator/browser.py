@@ -41,7 +41,9 @@ def spki_hash(cert_file: Path) -> str:
 
 
 def chromium(cert_file: Path, profile_dir: Path, *, width: int = 1400,
-             height: int = 900) -> WebDriver:
+             height: int = 900, microphone_wav: Path | None = None) -> WebDriver:
+    """`microphone_wav`: the browser's microphone plays this WAV in a loop (Chromium's fake
+    capture device; the permission prompt is answered yes), for the voice call's tests."""
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -50,6 +52,10 @@ def chromium(cert_file: Path, profile_dir: Path, *, width: int = 1400,
                 "--disable-background-networking",
                 f"--ignore-certificate-errors-spki-list={spki_hash(cert_file)}"):
         options.add_argument(arg)
+    if microphone_wav is not None:
+        for arg in ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={microphone_wav}"):
+            options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     return webdriver.Chrome(service=service, options=options)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from control_center import pki
 from control_center.alert_routing import AlertRouting
-from control_center.config import console_config, implicit_routes
+from control_center.config import VoiceSettings, console_config, implicit_routes
 from control_center.escalation import Step
 from control_center.live import LiveReceiver
 from control_center.routing import RouteTable
@@ -27,10 +27,14 @@ USERS = {"alice": "operator", "bob": "operator", "sam": "supervisor", "audrey": 
 class ConsoleRig:
     def __init__(self, workdir: Path, broker: PrivateBroker, *,
                  evidence_dir: Path | None = None, routes: RouteTable | None = None,
-                 escalation_interval_s: float = 0.2) -> None:
+                 escalation_interval_s: float = 0.2,
+                 voice: VoiceSettings | None = None) -> None:
         """`routes`: route alerts to desks and escalate untaken ones, as `serve` does with
-        [[desks]] and [[routes]] (None: the implicit table, every alert to everyone)."""
+        [[desks]] and [[routes]] (None: the implicit table, every alert to everyone).
+        `voice`: the centre's [voice] settings (control_center.config.voice_settings), as
+        `serve` passes them (None: the console's defaults)."""
         self.workdir = workdir
+        self.voice = voice
         self.broker = broker
         self.store = Store(workdir / "center.sqlite")
         with Accounts(workdir / "center.sqlite") as accounts:
@@ -64,7 +68,8 @@ class ConsoleRig:
         self.console = start_console(self.config, store=self.store,
                                      accounts_db=self.workdir / "center.sqlite",
                                      fleet=self.broker.fleet, commands=self.service,
-                                     live_dir=self.live_dir, routing=self.routing)
+                                     live_dir=self.live_dir, routing=self.routing,
+                                     voice=self.voice)
         self._observers.append(self.console.console.on_center_event)
 
     def _on_step(self, step: Step) -> None:

@@ -17,9 +17,12 @@ def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: 
                        position_interval_s: float = 5.0, heartbeat_s: float = 30.0,
                        camera: bool = False, segment_s: float = 10.0,
                        preroll_s: float = 30.0, upload_url: str | None = None,
-                       dock_pin: int = DOCK_PIN) -> str:
+                       dock_pin: int = DOCK_PIN, microphone_wav: Path | None = None,
+                       voice: dict[str, Any] | None = None) -> str:
     """Enrols `device_id` in the broker's fleet (keys made in its identity directory) and
-    returns its config."""
+    returns its config. `microphone_wav`: the device has sound, its microphone playing this
+    WAV in a loop (and, on a pillar, its speaker writing data_dir/speaker.wav); `voice`: keys
+    of its [voice] section (the profile's defaults without)."""
     b = broker.identity(device_id, profile)
     keys = ", ".join(f'"{k}"' for k in broker.fleet.centre_public_keys())
     lines = [
@@ -46,6 +49,15 @@ def render_device_toml(*, device_id: str, profile: str, data_dir: Path, broker: 
             section += ["[upload]", f'url = "{upload_url}"', f"dock_pin = {dock_pin}",
                         "check_interval_s = 1.0", "max_backoff_s = 5.0", ""]
         lines[lines.index("[gps]"):lines.index("[gps]")] = section
+    if microphone_wav is not None:
+        lines[lines.index("[gps]"):lines.index("[gps]")] = [
+            "[audio]", 'source = "wav"', f'wav_file = "{microphone_wav}"', "",
+            "[voice]", *(f"{k} = {_toml(v)}" for k, v in (voice or {}).items()), ""]
     if surveyed:
         lines += ["", "[gps.surveyed]"] + [f"{k} = {v}" for k, v in surveyed.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value).lower() \
+        if isinstance(value, bool) else str(value)

@@ -7,9 +7,12 @@ stdout. It is a real process so the simulator can SIGKILL it and start it again.
 
 stdin:  {"op": "press", "hold_s": 2.0, "seed": 7, "gap_s": 0.5}   {"op": "cancel", "seed": 3}
         {"op": "dock"} {"op": "undock"} (the dock's GPIO input, when [upload] has a dock_pin)
+        {"op": "door", "open": true} (the kiosk door's tamper switch, when the profile has one)
 stdout: {"ev": "ready"} {"ev": "link", "up": true} {"ev": "trigger", "alert_id": ...}
         {"ev": "button", ...} {"ev": "button_released", ...} (a press has been played)
         {"ev": "feedback", "state": "sending"} ... each with "wall" (Unix time)
+        {"ev": "microphone", "start_unix": ...} once, when a device with sound starts its
+        microphone: the wall time of its sample 0 (the WAV plays in a loop from then on)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from firmware.config import load_device_config
@@ -57,11 +61,18 @@ def _cancel_gesture(rng: random.Random) -> list[tuple[float, bool]]:
     return sequence_pattern(rng, [(quiet_s, 0.2), (0.5, 0.2), (0.5, 0.2), (0.5, 3.3)])
 
 
-def serve_stdin(pin, pull_up: bool, stop: threading.Event, dock_pin=None) -> None:
+def serve_stdin(pin, pull_up: bool, stop: threading.Event, dock_pin=None,
+                door: Callable[[bool], None] | None = None) -> None:
     for line in sys.stdin:
         try:
             order = json.loads(line)
             rng = random.Random(order.get("seed", 0))
+            if order["op"] == "door":
+                if door is None:
+                    raise ValueError("this device has no door switch ([tamper] in its profile)")
+                door(bool(order["open"]))
+                emit("door", {"open": bool(order["open"])})
+                continue
             if order["op"] in ("dock", "undock"):
                 if dock_pin is None:
                     raise ValueError("this device has no dock input ([upload] dock_pin)")
@@ -86,6 +97,23 @@ def serve_stdin(pin, pull_up: bool, stop: threading.Event, dock_pin=None) -> Non
     stop.set()  # stdin closed: the simulator is gone
 
 
+def report_microphone_start(source: Any) -> None:
+    """Emit "microphone" once, with the wall time of the microphone's sample 0 (chunk 0's
+    `utc`): with it, a marker at t s into the looped WAV was "spoken" at start_unix + t
+    (modulo the loop), which the voice benchmark needs for mouth-to-ear latency."""
+    if source is None:
+        return
+    unsubscribe: list[Callable[[], None]] = []
+
+    def first_chunk(chunk: Any) -> None:
+        if unsubscribe:
+            unsubscribe.pop()()
+            emit("microphone", {"start_unix": chunk.utc.timestamp() - chunk.index / 48_000,
+                                "index": chunk.index})
+
+    unsubscribe.append(source.subscribe(first_chunk))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulator.virtual_device",
                                      description=__doc__.splitlines()[0])
@@ -106,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     runtime, factory = device.runtime, device.pins
+    report_microphone_start(runtime.audio_source)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pin = factory.pin(config.button.pin)
     dock_pin = None
     if config.upload is not None and config.upload.dock_pin is not None:
         dock_pin = factory.pin(config.upload.dock_pin)
-    threading.Thread(target=serve_stdin, args=(pin, config.button.pull_up, stop, dock_pin),
+    door = device.set_door if config.tamper is not None else None
+    threading.Thread(target=serve_stdin, args=(pin, config.button.pull_up, stop, dock_pin, door),
                      daemon=True).start()
     emit("ready", {"device_id": config.device_id, "pending": runtime.outbox.count()})
     runtime.run(stop)

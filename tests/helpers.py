@@ -147,7 +147,10 @@ class Device:
     """One virtual token process with a GPS on a real pty, plus its recorded output."""
 
     def __init__(self, broker, tmp_path: Path, device_id: str = "tok-test-01",
-                 profile: str = "token", camera: bool = False) -> None:
+                 profile: str = "token", camera: bool = False,
+                 microphone_wav: Path | None = None,
+                 voice: dict[str, Any] | None = None) -> None:
+        """`microphone_wav`: the device has sound (docs/VOICE.md); `voice`: its [voice] keys."""
         self.id = device_id
         self.recorder = Recorder()
         self.gps = PtyGps(RouteReceiver(ROUTE, start_utc=datetime.now(UTC), seed=3), speed=2.0)
@@ -159,7 +162,8 @@ class Device:
         config.write_text(render_device_toml(
             device_id=device_id, profile=profile, data_dir=directory / "data", broker=broker,
             gps_port=None if surveyed else self.gps.port, surveyed=surveyed, camera=camera,
-            segment_s=1.0, preroll_s=2.0))
+            segment_s=1.0, preroll_s=2.0, microphone_wav=microphone_wav, voice=voice))
+        self.speaker = directory / "data" / "speaker.wav"  # a pillar's, with sound
         self.recordings = directory / "data" / "recordings"
         self.process = DeviceProcess(device_id, config, directory / "device.log", self.recorder,
                                      battery=90.0)

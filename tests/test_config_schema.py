@@ -108,6 +108,8 @@ trigger_hold_s = 1.5
 cancellable = true
 [feedback]
 led_pin = 27
+[tamper]
+pin = 26
 """
 
 BARE_DEVICE = f"""\
@@ -168,6 +170,9 @@ DEVICE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
 PROFILE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
     "button.pull_up": lambda c: c.button.pull_up,
     "button.debounce_s": lambda c: c.button.debounce_s,
+    "tamper.pull_up": lambda c: c.tamper.pull_up,
+    "tamper.open_when": lambda c: "high" if c.tamper.open_when_high else "low",
+    "tamper.debounce_s": lambda c: c.tamper.debounce_s,
 }
 CENTRE_DEFAULTS: dict[str, Callable[[CenterConfig], Any]] = {
     "center.group": lambda c: c.group,
@@ -182,6 +187,10 @@ CENTRE_DEFAULTS: dict[str, Callable[[CenterConfig], Any]] = {
     "console.audit_log": lambda c: c.console.audit_log.name,
     "console.session_idle_h": lambda c: c.console.session_idle_h,
     "console.tiles_attribution": lambda c: c.console.tiles_attribution,
+    "voice.ice_urls": lambda c: list(c.voice.ice_urls),
+    "voice.credential_ttl_s": lambda c: c.voice.credential_ttl_s,
+    "voice.answer_timeout_s": lambda c: c.voice.answer_timeout_s,
+    "voice.relay_only": lambda c: c.voice.relay_only,
 }
 
 
@@ -211,7 +220,8 @@ def test_a_centre_config_that_leaves_a_key_out_gets_the_schemas_default(tmp_path
     path = tmp_path / "center.toml"
     path.write_text('[center]\ndb = "c.sqlite"\nfleet_dir = "fleet"\n'
                     '[broker]\nhost = "h"\nport = 8883\nca_file = "ca.pem"\n'
-                    '[console]\ncert_file = "console.pem"\nkey_file = "console.key"\n')
+                    '[console]\ncert_file = "console.pem"\nkey_file = "console.key"\n'
+                    '[voice]\n')
     expected = defaults("centre")
     assert sorted(CENTRE_DEFAULTS) == sorted(expected)
     config = load_center_config(path)
@@ -296,7 +306,7 @@ def test_an_unknown_section_of_a_device_config_is_refused_naming_it(tmp_path: Pa
         parse_device_config(tmp_path / "device.toml")
 
 
-@pytest.mark.parametrize("section", ["button", "feedback", "upload"])
+@pytest.mark.parametrize("section", ["button", "feedback", "upload", "tamper"])
 def test_an_unknown_key_in_any_profile_section_is_refused_naming_it(tmp_path: Path,
                                                                     section: str) -> None:
     profile = BARE_PROFILE + "[upload]\n"

@@ -93,7 +93,8 @@ def test_a_heartbeat_status_becomes_the_devices_record(store: Store) -> None:
         "device_id": DEVICE, "device_kind": "token", "state": "online", "last_seen": NOW - 5,
         "battery": {"percent": 81.0, "charging": False}, "firmware": "0.1.0", "storage": None,
         "selftest": {"at": "2026-11-23T03:00:00.000Z", "ok": True, "failed": []},
-        "faults": {}, "cert_not_after": None, "uploads_waiting": None, "outbox_pending": 2,
+        "faults": {}, "tamper": None, "cert_not_after": None, "uploads_waiting": None,
+        "outbox_pending": 2,
         "position": {"lat": None, "lon": None, "accuracy_m": None, "source": "live"},
         "active_alert_id": None}
 

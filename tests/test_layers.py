@@ -42,6 +42,10 @@ PURE_CORES = {
     "firmware.uplink.delivery",
     "firmware.uplink.upload_plan",
     "firmware.uplink.upload_machine",
+    "firmware.voice.message",
+    "firmware.tamper.logic",
+    "firmware.audio.pacing",
+    "firmware.camera.avsync",
 }
 
 # I/O, threads or the wall clock: what a pure core must not reach. (`logging` is allowed: where
@@ -49,7 +53,8 @@ PURE_CORES = {
 ADAPTER_LIBRARIES = {
     "os", "io", "time", "socket", "ssl", "select", "selectors", "sqlite3", "threading", "queue",
     "subprocess", "shutil", "pathlib", "tempfile", "asyncio", "concurrent", "http", "urllib",
-    "signal", "fcntl", "serial", "paho", "gpiozero", "picamera2", "av", "boto3",
+    "signal", "fcntl", "serial", "paho", "gpiozero", "picamera2", "av", "boto3", "aiortc",
+    "aioice",
 }
 
 

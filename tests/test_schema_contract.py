@@ -37,7 +37,8 @@ RECEIVERS = {
     "firmware/uplink/mqtt.py": ("receipt",),
 }
 # Read only where the schema makes them required too (`allOf` if/then on `type`).
-CONDITIONAL = {"command_id", "call_id", "alert_id", "reason_code", "storage", "reason"}
+CONDITIONAL = {"command_id", "call_id", "alert_id", "reason_code", "storage", "reason",
+               "voice_session", "sdp"}  # voice_offer, voice_hangup (command.schema.json)
 
 
 def schema(kind: MessageKind) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 from control_center.alert_routing import AlertRouting
 from control_center.store import AlertRecord, Store
+from control_center.web.voice_api import voice_state
 
 LIVE_PLAYLIST = "index.m3u8"
 
@@ -58,6 +59,8 @@ def alert_view(store: Store, record: AlertRecord, live_dir: Path | None,
         "position_at": position_at,
         "track": track,
         "feedback": _feedback(store, record),
+        "voice": voice_state([u for u in updates if u["kind"] == "event"
+                              and u.get("type") in ("voice_answer", "voice_state")]),
         "device_offline": record.device_offline,
         "cancel_requested_at": record.cancel_requested_at,
         "live": _live(record.alert_id, live_dir),

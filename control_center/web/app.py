@@ -52,6 +52,14 @@ from control_center.web.evidence_view import CallRefused, EvidenceBrowser, Inval
 from control_center.web.fleet_view import device_view, device_views
 from control_center.web.hub import EventHub
 from control_center.web.login_guard import LoginGuard
+from control_center.web.voice_api import (
+    SDP_MAX,
+    SESSION,
+    VoiceRelay,
+    VoiceUnanswered,
+    ice_servers,
+    new_session,
+)
 
 log = logging.getLogger("sos.center.console")
 STATIC = Path(str(resources.files("control_center.web").joinpath("static")))
@@ -66,6 +74,7 @@ CLOSED_SHOWN = 100  # closed alerts a page loads (the newest)
 LOGINS_AT_ONCE = 2  # argon2 hashes at once: 64 MiB and a core each
 MAX_BODY = 16 * 1024  # no console request needs more
 CLOSE_REASON_MAX = 200
+VOICE_ANSWER_S = 10.0  # how long an offer waits for the device's answer without [voice]
 
 
 class CommandPath(Protocol):
@@ -76,6 +85,9 @@ class CommandPath(Protocol):
 
     def send_call(self, device_id: str, kind: str, operator: str, call_id: str | None = ...,
                   timeout_s: float = ...) -> dict[str, Any]: ...
+
+    def send_voice(self, alert_id: str, fields: dict[str, Any], operator: str,
+                   timeout_s: float = ...) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -92,11 +104,17 @@ class Console:
     evidence: EvidenceBrowser | None = None
     tiles: dict[str, str] | None = None
     routing: AlertRouting | None = None  # desks, escalation steps; None: every alert to all
+    voice: Any = None  # the centre's [voice] settings (VoiceSettings); None: no STUN/TURN
+    voice_relay: VoiceRelay | None = None  # made from `store` when None
     clock: Callable[[], float] = time.time
     logins: LoginGuard = field(default_factory=lambda: LoginGuard(LOGINS_AT_ONCE))
     _live_viewed: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
     _live_started: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.voice_relay is None:
+            self.voice_relay = VoiceRelay(self.store)
 
     # -- what the centre tells us ----------------------------------------------------------------
     def on_center_event(self, event: Any) -> None:
@@ -104,6 +122,8 @@ class Console:
         open pages at once. Devices' records are pushed by the StoreWatcher (control_center/
         web/store_watch.py), which sees every instance's writes, within 0.2 s."""
         message = event.message
+        if event.kind == "event" and self.voice_relay is not None:
+            self.voice_relay.event_stored(message)
         if event.kind == "status" and message.get("active_alert_id"):
             self.publish_alert(message["active_alert_id"])  # what the device shows changed
         elif event.kind == "alert" and event.new:
@@ -197,6 +217,10 @@ def build_app(console: Console) -> Starlette:
         Route("/api/me", partial(_me, console), methods=["GET"]),
         Route("/api/alerts", partial(_alerts, console), methods=["GET"]),
         Route("/api/alerts/{alert_id}", partial(_alert, console), methods=["GET"]),
+        Route("/api/alerts/{alert_id}/voice", partial(_voice_offer, console), methods=["POST"]),
+        Route("/api/alerts/{alert_id}/voice/hangup", partial(_voice_hangup, console),
+              methods=["POST"]),
+        Route("/api/voice", partial(_voice_config, console), methods=["GET"]),
         Route("/api/alerts/{alert_id}/{action}", partial(_act, console), methods=["POST"]),
         Route("/api/devices", partial(_devices, console), methods=["GET"]),
         Route("/api/dispatch", partial(_dispatch, console), methods=["POST"]),
@@ -363,6 +387,75 @@ def _send(console: Console, user: str, action: str, details: dict[str, Any],
 def _command_json(command: dict[str, Any], device_id: str) -> dict[str, Any]:
     keys = ("command_id", "type", "alert_id", "call_id", "operator", "delivered")
     return {"device_id": device_id, **{k: command[k] for k in keys if k in command}}
+
+
+# -- voice (docs/VOICE.md) ---------------------------------------------------------------------
+def _voice_config(console: Console, request: Request) -> Response:
+    """The browser's STUN/TURN servers, with TURN credentials of the user's own."""
+    session = _viewing(console, request, "act")
+    timeout = console.voice.answer_timeout_s if console.voice else VOICE_ANSWER_S
+    relay = bool(console.voice and console.voice.relay_only)
+    return JSONResponse({"ice_servers": ice_servers(console.voice, session.username,
+                                                    console.clock()),
+                         "ice_transport_policy": "relay" if relay else "all",
+                         "answer_timeout_s": timeout})
+
+
+def _voice_offer(console: Console, request: Request) -> Response:
+    """Offer a call to the alert's device and answer with its SDP: the operator talks (pillar)
+    or listens in (token). Taking the alert first, as acknowledging does."""
+    session = _acting(console, request, "act")
+    body = _json_sync(request)
+    sdp = body.get("sdp")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp) > SDP_MAX:
+        raise HTTPException(400, f"give the browser's SDP offer (at most {SDP_MAX} bytes)")
+    record = _record(console, request)
+    if record.status == "closed":
+        raise HTTPException(409, f"alert {record.alert_id[:8]} is closed")
+    try:
+        record = console.store.claim(record.alert_id, session.username, console.clock())
+    except AlreadyClaimed as exc:
+        raise HTTPException(409, str(exc)) from None
+    voice_session = new_session()
+    timeout = console.voice.answer_timeout_s if console.voice else VOICE_ANSWER_S
+    fields = {"type": "voice_offer", "voice_session": voice_session, "sdp": sdp,
+              "ice_servers": ice_servers(console.voice, record.device_id, console.clock())}
+    details = {"alert_id": record.alert_id, "voice_session": voice_session}
+    command = _send(console, session.username, "voice_offer", details, lambda: (
+        console.commands.send_voice(record.alert_id, fields, session.username)))
+    console.audit.append("console_voice_offer", session.username, **details,
+                         command_id=command["command_id"], delivered=command["delivered"])
+    console.publish_alert(record.alert_id)
+    assert console.voice_relay is not None
+    try:
+        answer = console.voice_relay.wait_answer(record.alert_id, voice_session,
+                                                 command["command_id"], timeout)
+    except VoiceUnanswered as exc:
+        console.audit.append("console_voice_unanswered", session.username, **details,
+                             error=str(exc))
+        raise HTTPException(504, str(exc)) from None
+    return JSONResponse({"voice_session": voice_session, "sdp": answer["sdp"],
+                         "device_id": record.device_id})
+
+
+def _voice_hangup(console: Console, request: Request) -> Response:
+    """The operator leaves the call; the alert stays open (closing it ends the call too)."""
+    session = _acting(console, request, "act")
+    body = _json_sync(request)
+    voice_session = body.get("voice_session")
+    if not isinstance(voice_session, str) or not SESSION.fullmatch(voice_session):
+        raise HTTPException(400, "give the call's voice_session")
+    record = _record(console, request)
+    if record.status == "closed":  # the close ended the call on the device already
+        return JSONResponse({"ended": "with the alert"})
+    details = {"alert_id": record.alert_id, "voice_session": voice_session}
+    command = _send(console, session.username, "voice_hangup", details, lambda: (
+        console.commands.send_voice(record.alert_id, {"type": "voice_hangup",
+                                                      "voice_session": voice_session},
+                                    session.username)))
+    console.audit.append("console_voice_hangup", session.username, **details,
+                         command_id=command["command_id"])
+    return JSONResponse({"command": _command_json(command, record.device_id)}, status_code=202)
 
 
 # -- fleet and dispatch ------------------------------------------------------------------------

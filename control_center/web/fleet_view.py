@@ -5,7 +5,8 @@ A device's record joins three sources, each the only one that knows its part:
 - the store's `devices` table: the device's own last status message (battery, firmware,
   faults, self-test, outbox, GPS state, active alert) and when it was received;
 - the store's events: the newest `storage_alert`, because a device reports its card filling up
-  as an event, not in its status;
+  as an event, not in its status; and the newest `tamper_opened`/`tamper_closed`, for when a
+  kiosk's door was opened (its status says only whether it is open now);
 - the fleet registry: when the device's certificate runs out, and the devices enrolled but never
   heard from (listed as "unknown": a token still in its box is something a supervisor wants to
   see, not to miss).
@@ -29,6 +30,7 @@ DEVICE_KINDS = ("token", "pillar")  # what the fleet list shows (not centres, no
 # broker's last will may not have reached us (the centre itself lost the broker, say). Saying
 # "online" then would vouch for a device nobody has heard from.
 STALE_HEARTBEATS = 3
+TAMPER_EVENTS = ("tamper_opened", "tamper_closed")  # a kiosk's door switch (docs/VOICE.md)
 
 
 def device_views(store: Store, fleet: Fleet | None, now: float) -> list[dict[str, Any]]:
@@ -36,9 +38,11 @@ def device_views(store: Store, fleet: Fleet | None, now: float) -> list[dict[str
     active certificate), by device id."""
     seen = {d["device_id"]: d for d in store.devices()}
     storage = store.latest_device_events("storage_alert")
+    doors = store.latest_device_events(*TAMPER_EVENTS)
     enrolled = {i.name for i in _identities(fleet) if i.status == "active"
                 and i.kind in DEVICE_KINDS}
-    return [_view(store, fleet, device_id, seen.get(device_id), storage.get(device_id), now)
+    return [_view(store, fleet, device_id, seen.get(device_id), storage.get(device_id),
+                  doors.get(device_id), now)
             for device_id in sorted(set(seen) | enrolled)]
 
 
@@ -53,11 +57,13 @@ def device_view(store: Store, fleet: Fleet | None, device_id: str,
     if seen is None and (identity is None or identity.kind not in DEVICE_KINDS):
         return None
     storage = store.latest_device_events("storage_alert").get(device_id)
-    return _view(store, fleet, device_id, seen, storage, now)
+    door = store.latest_device_events(*TAMPER_EVENTS).get(device_id)
+    return _view(store, fleet, device_id, seen, storage, door, now)
 
 
 def _view(store: Store, fleet: Fleet | None, device_id: str, seen: dict[str, Any] | None,
-          storage: dict[str, Any] | None, now: float) -> dict[str, Any]:
+          storage: dict[str, Any] | None, door: dict[str, Any] | None,
+          now: float) -> dict[str, Any]:
     status: dict[str, Any] = seen["status"] if seen is not None else {}
     identity = _active(fleet, device_id)
     active_alert_id = _active_alert_id(status)
@@ -72,6 +78,7 @@ def _view(store: Store, fleet: Fleet | None, device_id: str, seen: dict[str, Any
         "storage": _storage(storage),
         "selftest": status.get("selftest"),
         "faults": _faults(status),
+        "tamper": _tamper(status, door),
         "cert_not_after": identity.not_after if identity is not None else None,
         "uploads_waiting": status.get("recordings_waiting"),  # devices with a camera
         "outbox_pending": status.get("outbox_pending"),
@@ -128,6 +135,26 @@ def _faults(status: dict[str, Any]) -> dict[str, Any] | None:
     if "faults" in status:
         return dict(status["faults"])
     return {} if "heartbeat_s" in status else None
+
+
+def _tamper(status: dict[str, Any], event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The kiosk's door: `{state: "open"|"closed", since: epoch|None}`; None for a device
+    without a door switch (a token), or one that never said.
+
+    The state is the status's: the device's word on the door now, published at every change and
+    on each connect (under a last will, the last known). Without one, the newest tamper event's.
+    `since` is when the centre stored the `tamper_opened` event of the open door (the centre's
+    clock, as for storage: the device's may be off); None while it is closed, or while that
+    event is still on its way (it leaves through the device's outbox, and a status can overtake
+    it)."""
+    state = status.get("tamper")
+    if state is None and event is not None:
+        state = "open" if event["type"] == "tamper_opened" else "closed"
+    if state is None:
+        return None
+    opened = event is not None and event["type"] == "tamper_opened"
+    return {"state": state,
+            "since": event["stored_at"] if state == "open" and opened else None}
 
 
 def _active_alert_id(status: dict[str, Any]) -> str | None:

@@ -39,7 +39,7 @@ class RunningConsole:
 
 def start_console(config: ConsoleConfig, *, store: Store, accounts_db: Path, fleet: Fleet,
                   commands: CommandPath, live_dir: Path | None,
-                  routing: AlertRouting | None = None,
+                  routing: AlertRouting | None = None, voice: Any = None,
                   clock: Callable[[], float] = time.time) -> RunningConsole:
     """Start serving; the caller routes the centre's events to `console.on_center_event`."""
     audit = AuditLog(config.audit_log)
@@ -52,7 +52,8 @@ def start_console(config: ConsoleConfig, *, store: Store, accounts_db: Path, fle
     idle_s = config.session_idle_h * 3600
     console = Console(store=store, accounts=Accounts(accounts_db, idle_s=idle_s),
                       commands=commands, audit=audit, fleet=fleet, live_dir=live_dir,
-                      evidence=evidence, tiles=tiles, routing=routing, clock=clock)
+                      evidence=evidence, tiles=tiles, routing=routing, voice=voice,
+                      clock=clock)
     server = ConsoleServer(build_app(console), console.hub, host=config.listen,
                            port=config.port, cert_file=config.cert_file,
                            key_file=config.key_file)

@@ -38,6 +38,19 @@ class EncodedFrame:
 FrameCallback = Callable[[EncodedFrame], None]
 
 
+@dataclass(frozen=True, slots=True)
+class AudioPacket:
+    """One encoded AAC frame (ADTS header included, 1024 samples), for the segments' sound.
+
+    `pts_s` is the device monotonic time of its first sample, the clock of `EncodedFrame.pts_s`;
+    `duration_s` how long it plays (firmware/audio/aac.py).
+    """
+
+    data: bytes
+    pts_s: float
+    duration_s: float
+
+
 @runtime_checkable
 class FrameSource(Protocol):
     """A camera that encodes H.264 and hands every access unit to `on_frame`.

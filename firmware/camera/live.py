@@ -16,6 +16,14 @@ the timestamps and continuity counters run on across chunks: concatenating the c
 back the stream byte for byte. A chunk is closed when the keyframe after it arrives, so the
 newest frame of a chunk waits one frame interval for it.
 
+Sound (`audio=AudioFeed(...)`): the microphone's chunks are queued by `on_audio`, encoded to AAC
+and put in time order with the lores frames on the camera thread (firmware/camera/avfeed.py);
+the alert's muxer gets a sound track when sound is flowing as the stream begins. With two
+streams the muxer holds its newest packet until the next one, so a chunk is cut by writing
+the keyframe first and then taking the output: still PAT, PMT and IDR first in every chunk.
+The picture then waits for the sound it goes with (about 40-60 ms; at most `max_wait_s`,
+0.3 s, when the microphone is silent).
+
 Memory is bounded: the open chunk is at most `max_chunk_s` long (without a keyframe by then it
 is sent as it is and the next one waits for a keyframe), and at most `max_pending` finished
 chunks wait for `publish`; when more are made, the oldest are dropped whole and counted.
@@ -36,10 +44,12 @@ from io import BytesIO
 from typing import Any
 
 from evidence_format.age_stream import AgeStreamWriter, parse_recipient
+from firmware.audio.source import AudioChunk
 from protocol.messages import utc_iso
 from protocol.signing import Signer
 
-from .frames import EncodedFrame, starts_stream
+from .avfeed import AudioFeed
+from .frames import AudioPacket, EncodedFrame, starts_stream
 from .tsmux import TsSegmentWriter
 
 log = logging.getLogger("sos.live")
@@ -103,7 +113,8 @@ class LiveStreamer:
                  publish: LivePublish, chunk_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic, *, fps: float = 25.0,
                  size: tuple[int, int] = (160, 120), max_pending: int = 4,
-                 max_chunk_s: float | None = None, threaded: bool = True) -> None:
+                 max_chunk_s: float | None = None, threaded: bool = True,
+                 audio: AudioFeed | None = None) -> None:
         if isinstance(recipients, str):
             raise TypeError("recipients must be a list of age1... strings, not one string")
         if not recipients:
@@ -115,6 +126,7 @@ class LiveStreamer:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self.device_id = device_id
+        self.audio = audio
         self.recipients = list(recipients)
         self.chunk_s = float(chunk_s)
         self.max_chunk_s = float(max_chunk_s if max_chunk_s is not None
@@ -177,7 +189,8 @@ class LiveStreamer:
             self._writer = None
             self._first = self._last = None
             self._frames = 0
-        log.info("live stream for alert %s started", alert_id[:8])
+        log.info("live stream for alert %s started%s", alert_id[:8],
+                 "" if self.audio is None else " (with sound)")
 
     def stop(self) -> None:
         """End the stream: the open chunk is sent with `final: true` (an empty final marker if
@@ -186,6 +199,7 @@ class LiveStreamer:
             if self._alert_id is None:
                 return
             alert_id = self._alert_id
+            self._flush_audio()
             self._finish()
             self._alert_id = None
         log.info("live stream for alert %s stopped", alert_id[:8])
@@ -198,7 +212,14 @@ class LiveStreamer:
             if self._alert_id is None:
                 return
             try:
-                self._push(frame)
+                if self.audio is None:
+                    self._push(frame)
+                else:
+                    for item in self.audio.on_video(frame):
+                        if isinstance(item, AudioPacket):
+                            self._push_audio(item)
+                        else:
+                            self._push(item)
             except Exception:
                 log.exception("live: could not mux a frame; the open chunk is dropped and the "
                               "stream resumes at the next keyframe")
@@ -207,19 +228,49 @@ class LiveStreamer:
                 self._writer = None
                 self._sink = _CutSink()
 
+    def on_audio(self, chunk: AudioChunk) -> None:
+        """The microphone's callback (its own thread): queued while a stream runs."""
+        if self.audio is not None and self._alert_id is not None:
+            self.audio.on_audio(chunk)
+
+    def _push_audio(self, packet: AudioPacket) -> None:
+        if self._writer is not None and self._first is not None:
+            self._writer.write_audio(packet)
+
+    def _flush_audio(self) -> None:
+        """The frames and sound still held for A/V order go into the last chunk (lock held)."""
+        if self.audio is None:
+            return
+        try:
+            for item in self.audio.flush():
+                if isinstance(item, AudioPacket):
+                    self._push_audio(item)
+                else:
+                    self._push(item)
+        except Exception:
+            log.exception("live: could not mux the last sound and frames")
+
     def _push(self, frame: EncodedFrame) -> None:
         if self._first is None:  # no open chunk: only a keyframe with SPS/PPS can begin one
             if not (frame.keyframe and starts_stream(frame.data)):
                 self.frames_skipped += 1
                 return
             if self._writer is None:
-                self._writer = TsSegmentWriter(self._sink, self.fps, self.size)
+                sound = self.audio is not None and self.audio.flowing(frame.pts_s)
+                self._writer = TsSegmentWriter(self._sink, self.fps, self.size, audio=sound)
             self._open(frame)
             return
         span = frame.pts_s - self._first.pts_s
         if frame.keyframe and span >= self._cut_s and starts_stream(frame.data):
-            self._emit(end_pts=frame.pts_s, final=False)
-            self._open(frame)
+            assert self._writer is not None
+            if self._writer.holds_newest:  # writing it pushes out all before it
+                self._writer.write(frame)
+                self._emit(end_pts=frame.pts_s, final=False)
+                self._first = self._last = frame
+                self._frames = 1
+            else:
+                self._emit(end_pts=frame.pts_s, final=False)
+                self._open(frame)
             return
         if span >= self.max_chunk_s - EPSILON_S:  # no keyframe in sight: bound the open chunk
             self._emit(end_pts=frame.pts_s, final=False)

@@ -12,6 +12,13 @@ needs without stalling the camera. A keyframe after dropped frames cuts the open
 (`cut.reason` "frames-dropped"). After a
 crash, `recover()` closes each interrupted segment with a manifest that says it was cut, so the
 chain shows exactly where, and the next segment continues the chain.
+
+Sound (`audio=AudioFeed(...)`, when `audio.record` is on): `on_audio` only queues the
+microphone's chunks; `on_frame` encodes them to AAC and interleaves them with the frames
+(firmware/camera/avfeed.py) before the segmenter, so the pre-event buffer keeps sound as it
+keeps picture and each segment holds the sound of its own span. A segment gets a sound track
+when sound was flowing as it began; without sound (no `[audio]`, `record = false`, or a dead
+microphone) a segment is video only, exactly as without this feature.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from evidence_format.age_stream import AgeStreamWriter
 from evidence_format.manifest import FIRST_SEQ, build_manifest, manifest_sha256, sign_manifest
-from firmware.camera.frames import EncodedFrame
+from firmware.audio.source import AudioChunk
+from firmware.camera.avfeed import AudioFeed
+from firmware.camera.frames import AudioPacket, EncodedFrame
 from firmware.camera.recording import RecordingPolicy
-from firmware.camera.segmenter import FrameOut, SegmentEnd, Segmenter, SegmentStart
+from firmware.camera.segmenter import AudioOut, FrameOut, SegmentEnd, Segmenter, SegmentStart
 from firmware.camera.space import RecordMode
 from firmware.camera.store import Interrupted, SegmentStore
 from firmware.camera.tsmux import TsSegmentWriter
@@ -106,10 +115,13 @@ class SegmentRecorder:
                  gps_track: Callable[[float, float], list[dict[str, Any]]] = lambda a, b: [],
                  utc_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_commit: Callable[[int], None] | None = None,
-                 sync_interval_s: float = 1.0) -> None:
+                 sync_interval_s: float = 1.0, audio: AudioFeed | None = None) -> None:
         """`sync_interval_s`: the open segment is fsynced at least this often, so a power cut
-        loses at most that much video plus one 64 KiB chunk (docs/EVIDENCE.md)."""
+        loses at most that much video plus one 64 KiB chunk (docs/EVIDENCE.md). `audio`: the
+        sound to record beside the picture (None: video only)."""
         self.store = store
+        self.audio = audio
+        self._sound_missing = False
         self._sync_interval_s = sync_interval_s
         self._on_commit = on_commit or (lambda seq: None)
         self.device_id = device_id
@@ -164,12 +176,27 @@ class SegmentRecorder:
         """From the frame thread (the camera's handoff thread on the Pi). An OSError (a full or
         failing card) is raised after the recorder has recovered from it: see `_failed`."""
         with self._lock, self._recovering():
-            if frame.dropped_before:
-                self._gap(frame)
-            if self._restart_pending:  # after a failure: record again as soon as it can
-                self._restart_pending = False
-                self._apply()
-            self._handle(self._segmenter.push(frame))
+            if self.audio is None:
+                self._push(frame)
+                return
+            for item in self.audio.on_video(frame):
+                if isinstance(item, AudioPacket):
+                    self._handle(self._segmenter.push_audio(item))
+                else:
+                    self._push(item)
+
+    def on_audio(self, chunk: AudioChunk) -> None:
+        """The microphone's callback (its own thread): queued, never waits for the card."""
+        if self.audio is not None:
+            self.audio.on_audio(chunk)
+
+    def _push(self, frame: EncodedFrame) -> None:
+        if frame.dropped_before:
+            self._gap(frame)
+        if self._restart_pending:  # after a failure: record again as soon as it can
+            self._restart_pending = False
+            self._apply()
+        self._handle(self._segmenter.push(frame))
 
     def _gap(self, frame: EncodedFrame) -> None:
         """Frames were dropped before `frame` (a keyframe: firmware/camera/handoff.py): commit
@@ -238,6 +265,12 @@ class SegmentRecorder:
     def close(self) -> None:
         """Stop recording and commit the open segment (a clean shutdown)."""
         with self._lock:
+            if self._segmenter.recording and self.audio is not None:
+                for item in self.audio.flush():  # the frames and sound still held for sync
+                    if isinstance(item, AudioPacket):
+                        self._handle(self._segmenter.push_audio(item))
+                    else:
+                        self._handle(self._segmenter.push(item))
             if self._segmenter.recording:
                 self._handle(self._segmenter.stop_recording())
 
@@ -264,20 +297,31 @@ class SegmentRecorder:
     def _handle(self, events: list[Any]) -> None:
         for event in events:
             match event:
-                case SegmentStart(seq, _):
-                    self._start(seq)
+                case SegmentStart(seq, first):
+                    self._start(seq, first)
                 case FrameOut(_, frame):
                     assert self._open is not None
                     self._open.ts.write(frame)
+                case AudioOut(_, packet):
+                    if self._open is not None:
+                        self._open.ts.write_audio(packet)
                 case SegmentEnd():
                     self._finish(event)
 
-    def _start(self, seq: int) -> None:
+    def _start(self, seq: int, first: EncodedFrame) -> None:
+        sound = self.audio is not None and self.audio.flowing(first.pts_s)
+        if self.audio is not None and sound == self._sound_missing:
+            self._sound_missing = not sound
+            if sound:
+                log.warning("recording: sound again from segment %06d on", seq)
+            else:
+                log.error("recording: no sound from the microphone; segment %06d and the "
+                          "following are video only until it delivers again", seq)
         file = self.store.open_segment(seq)
         hashed = HashingSink(file)
         age = AgeStreamWriter(hashed, self.recipients, sync=lambda: os.fsync(file.fileno()),
                               sync_interval_s=self._sync_interval_s)
-        ts = TsSegmentWriter(age, self._fps, self._size)
+        ts = TsSegmentWriter(age, self._fps, self._size, audio=sound)
         self._open = _Open(seq, file, hashed, age, ts, self._utc(), self.policy.call_id)
 
     def _finish(self, end: SegmentEnd) -> None:

@@ -13,6 +13,12 @@ Memory bound: only the pre-event buffer holds frames, and it never spans more th
 i.e. about `preroll_s * bitrate / 8` bytes (30 s of 8 Mbit/s: ~30 MB). It holds between
 `preroll_s - gop` and `preroll_s` seconds, never more than was configured (privacy: preroll 0 keeps
 nothing older than the newest frame). While recording, frames are not kept at all.
+
+Sound: `push_audio(packet)` takes AAC frames in time order with the frames (the caller
+interleaves them, firmware/camera/avsync.py). While buffering, a packet joins the newest GOP and
+leaves with it, so the pre-event buffer keeps the sound of the picture it keeps; while
+recording it goes to the open segment (`AudioOut`); with no segment open (waiting for a
+keyframe) it is dropped, as the frames are.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from .frames import EncodedFrame
+from .frames import AudioPacket, EncodedFrame
 
 MAX_PREROLL_S = 120.0  # Axon's limit for a pre-event buffer; also bounds memory
 # Tolerance on pts comparisons, so 10 frames of 0.1 s make a 1.0 s segment despite float rounding.
@@ -41,6 +47,12 @@ class FrameOut:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioOut:
+    seq: int
+    packet: AudioPacket
+
+
+@dataclass(frozen=True, slots=True)
 class SegmentEnd:
     """`end_pts` is the pts of the segment's last frame (inclusive)."""
 
@@ -50,7 +62,7 @@ class SegmentEnd:
     end_pts: float
 
 
-SegmentEvent = SegmentStart | FrameOut | SegmentEnd
+SegmentEvent = SegmentStart | FrameOut | AudioOut | SegmentEnd
 
 
 class Segmenter:
@@ -66,8 +78,8 @@ class Segmenter:
         self.preroll_s = float(preroll_s)
         self._next_seq = first_seq
         self._recording = False
-        # Pre-event buffer: GOPs, each a list that begins with a keyframe.
-        self._gops: deque[list[EncodedFrame]] = deque()
+        # Pre-event buffer: GOPs, each a list that begins with a keyframe (and the sound of it).
+        self._gops: deque[list[EncodedFrame | AudioPacket]] = deque()
         self._buffered_frames = 0
         self._buffered_bytes = 0
         # The open segment while recording: (seq, start_pts, frames so far, last pts).
@@ -76,6 +88,7 @@ class Segmenter:
         self._frames = 0
         self._last_pts = 0.0
         self.dropped_frames = 0  # frames that could not start a segment (no keyframe yet)
+        self.dropped_audio = 0  # audio packets with no segment or GOP to go with
 
     # -- state --------------------------------------------------------------------------------
 
@@ -96,7 +109,9 @@ class Segmenter:
         """Span of the pre-event buffer: its first keyframe to its newest frame."""
         if not self._gops:
             return 0.0
-        return self._gops[-1][-1].pts_s - self._gops[0][0].pts_s
+        newest = next(item for item in reversed(self._gops[-1])
+                      if isinstance(item, EncodedFrame))
+        return newest.pts_s - self._gops[0][0].pts_s
 
     @property
     def current_seq(self) -> int | None:
@@ -125,6 +140,19 @@ class Segmenter:
         self._last_pts = frame.pts_s
         return [FrameOut(self._seq, frame)]
 
+    def push_audio(self, packet: AudioPacket) -> list[SegmentEvent]:
+        if not self._recording:
+            if self._gops:
+                self._gops[-1].append(packet)
+                self._buffered_bytes += len(packet.data)
+            else:
+                self.dropped_audio += 1
+            return []
+        if self._seq is None:
+            self.dropped_audio += 1
+            return []
+        return [AudioOut(self._seq, packet)]
+
     def start_recording(self) -> list[SegmentEvent]:
         """Begin recording; the pre-event buffer becomes the start of the first segment.
 
@@ -134,11 +162,12 @@ class Segmenter:
         if self._recording:
             return []
         self._recording = True
-        buffered = [frame for gop in self._gops for frame in gop]
+        buffered = [item for gop in self._gops for item in gop]
         self._clear_buffer()
         events: list[SegmentEvent] = []
-        for frame in buffered:
-            events.extend(self.push(frame))
+        for item in buffered:
+            events.extend(self.push(item) if isinstance(item, EncodedFrame)
+                          else self.push_audio(item))
         return events
 
     def stop_recording(self) -> list[SegmentEvent]:
@@ -162,7 +191,7 @@ class Segmenter:
         self._buffered_bytes += len(frame.data)
         while self._gops and frame.pts_s - self._gops[0][0].pts_s > self.preroll_s + EPSILON_S:
             gop = self._gops.popleft()
-            self._buffered_frames -= len(gop)
+            self._buffered_frames -= sum(isinstance(f, EncodedFrame) for f in gop)
             self._buffered_bytes -= sum(len(f.data) for f in gop)
 
     def _clear_buffer(self) -> None:

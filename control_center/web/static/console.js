@@ -260,6 +260,7 @@
     state.alerts[alert.alert_id] = alert;
     if (fromEvent && !current) autoSelect(alert);
     settleAwaiting(alert);
+    followVoice(alert);
     scheduleRender();
   }
 
@@ -563,6 +564,7 @@
     renderFacts(alert);
     renderActions(alert);
     renderPending(alert);
+    renderVoice();
   }
 
   function renderFacts(alert) {
@@ -719,6 +721,194 @@
       busyAction = null;
       render();
     }
+  }
+
+  // -- voice (docs/VOICE.md) -------------------------------------------------------------------
+  // The operator's browser offers (WebRTC), the device answers through the centre: a pillar
+  // talks both ways; a token only lets the operator listen in. One call at a time per page; a
+  // dropped call is offered again (a reload too: sessionStorage remembers the call's alert).
+  const VOICE_REJOINS = 5;
+  const VOICE_KEY = "sos-voice-alert";
+  const voice = {
+    pc: null, alertId: null, session: null, local: null, remote: null,
+    state: "idle", // idle | connecting | connected | reconnecting | rejoining | failed
+    error: "", rejoins: 0, offeredAt: null, connectedAt: null, timer: null,
+  };
+  sosConsole.voice = voice;
+
+  function voiceMode(alert) {
+    return alert.device_kind === "pillar" ? "two_way" : "listen_in";
+  }
+
+  function gatheringComplete(pc, timeoutMs) {
+    // No trickle ICE: the offer goes as one signed command with every candidate in it.
+    return new Promise((resolve) => {
+      if (pc.iceGatheringState === "complete") return resolve();
+      const timer = setTimeout(resolve, timeoutMs); // what was gathered by then is enough
+      pc.addEventListener("icegatheringstatechange", () => {
+        if (pc.iceGatheringState === "complete") {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+  }
+
+  async function startVoice(alertId, { rejoin = false } = {}) {
+    const alert = state.alerts[alertId];
+    if (!alert || alert.status === "closed" || !can("act")) return;
+    stopVoicePeer();
+    clearTimeout(voice.timer);
+    Object.assign(voice, { alertId, state: rejoin ? "rejoining" : "connecting", error: "",
+                           offeredAt: epochNow(), connectedAt: null });
+    if (!rejoin) voice.rejoins = 0;
+    sessionStorage.setItem(VOICE_KEY, alertId);
+    renderVoice();
+    let pc = null;
+    try {
+      const config = await api("GET", "/api/voice");
+      pc = new RTCPeerConnection({
+        iceServers: config.ice_servers || [],
+        iceTransportPolicy: config.ice_transport_policy || "all",
+      });
+      voice.pc = pc;
+      if (voiceMode(alert) === "two_way") {
+        voice.local = await navigator.mediaDevices.getUserMedia({
+          audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+        });
+        for (const track of voice.local.getAudioTracks()) pc.addTrack(track, voice.local);
+      } else {
+        pc.addTransceiver("audio", { direction: "recvonly" }); // listen in: nothing is sent
+      }
+      pc.addEventListener("track", (event) => {
+        voice.remote = new MediaStream([event.track]);
+        const audio = $("voice-audio");
+        audio.srcObject = voice.remote;
+        audio.play().catch(() => {});
+      });
+      pc.addEventListener("connectionstatechange", () => onVoiceConnection(pc));
+      await pc.setLocalDescription(await pc.createOffer());
+      await gatheringComplete(pc, 3000);
+      if (voice.pc !== pc) return;
+      const path = `/api/alerts/${encodeURIComponent(alertId)}/voice`;
+      const answer = await api("POST", path, { sdp: pc.localDescription.sdp });
+      if (voice.pc !== pc) return;
+      voice.session = answer.voice_session;
+      await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    } catch (err) {
+      if (err.status === 401 || (pc && voice.pc !== pc)) return;
+      stopVoicePeer();
+      voice.error = `Voice not connected: ${errorMessage(err)}`;
+      voice.state = "failed";
+      if (err.status === 504 || err.status === 0) rejoinLater(); // the device or network may come back
+    }
+    renderVoice();
+  }
+
+  function onVoiceConnection(pc) {
+    if (voice.pc !== pc) return;
+    const s = pc.connectionState;
+    if (s === "connected") {
+      voice.state = "connected";
+      voice.error = "";
+      voice.rejoins = 0;
+      if (voice.connectedAt == null) voice.connectedAt = epochNow();
+    } else if (s === "disconnected") {
+      voice.state = "reconnecting"; // ICE often recovers by itself (a short network drop)
+    } else if (s === "failed") {
+      stopVoicePeer();
+      voice.state = "rejoining";
+      rejoinLater();
+    }
+    renderVoice();
+  }
+
+  function rejoinLater() {
+    const alertId = voice.alertId;
+    if (!alertId || voice.rejoins >= VOICE_REJOINS) {
+      voice.state = "failed";
+      return;
+    }
+    voice.rejoins += 1;
+    clearTimeout(voice.timer);
+    voice.timer = setTimeout(() => {
+      if (voice.alertId === alertId) startVoice(alertId, { rejoin: true });
+    }, 1000 * voice.rejoins);
+  }
+
+  function stopVoicePeer() {
+    if (voice.pc) voice.pc.close();
+    if (voice.local) for (const track of voice.local.getTracks()) track.stop();
+    Object.assign(voice, { pc: null, local: null, remote: null, session: null });
+    $("voice-audio").srcObject = null;
+  }
+
+  async function hangUp() {
+    const { alertId, session } = voice;
+    clearTimeout(voice.timer);
+    stopVoicePeer();
+    Object.assign(voice, { alertId: null, state: "idle", error: "" });
+    sessionStorage.removeItem(VOICE_KEY);
+    renderVoice();
+    if (!alertId || !session) return;
+    try {
+      await api("POST", `/api/alerts/${encodeURIComponent(alertId)}/voice/hangup`, { voice_session: session });
+    } catch (err) {
+      if (err.status !== 401) setText($("action-error"), `Hang-up not sent: ${errorMessage(err)}`);
+    }
+  }
+
+  /** The call ends with its alert (the device ends it too); a reload rejoins an open one. */
+  function followVoice(alert) {
+    if (voice.alertId === alert.alert_id && alert.status === "closed") {
+      clearTimeout(voice.timer);
+      stopVoicePeer();
+      Object.assign(voice, { alertId: null, state: "idle", error: "" });
+      sessionStorage.removeItem(VOICE_KEY);
+    }
+  }
+
+  function rejoinAfterReload() {
+    const alertId = sessionStorage.getItem(VOICE_KEY);
+    const alert = alertId ? state.alerts[alertId] : null;
+    if (alert && alert.status !== "closed" && alert.claimed_by === state.me.user) {
+      startVoice(alertId, { rejoin: true });
+    } else if (alertId) {
+      sessionStorage.removeItem(VOICE_KEY);
+    }
+  }
+
+  const VOICE_TEXT = {
+    connecting: "Connecting…",
+    connected: "", // by mode, below
+    reconnecting: "Connection lost — reconnecting…",
+    rejoining: "Call dropped — calling again…",
+  };
+
+  function renderVoice() {
+    const alert = state.selectedId ? state.alerts[state.selectedId] : null;
+    const box = $("voice-box");
+    if (!alert) return;
+    const here = voice.alertId === alert.alert_id;
+    const twoWay = voiceMode(alert) === "two_way";
+    const open = alert.status !== "closed";
+    box.hidden = !can("act") || (!open && !here);
+    box.dataset.state = here ? voice.state : "idle";
+    const start = $("voice-start");
+    setText(start, twoWay ? "Talk to the caller" : "Listen in");
+    start.hidden = here && voice.state !== "failed";
+    start.disabled = !open;
+    $("voice-hangup").hidden = !here || voice.state === "failed";
+    let text = "";
+    if (here) {
+      text = voice.state === "connected"
+        ? (twoWay ? "Talking with the caller" : "Listening to the device's microphone")
+        : VOICE_TEXT[voice.state] || voice.error;
+    } else if (alert.voice && alert.voice.state && open) {
+      const s = alert.voice;
+      text = `Device voice: ${s.state}${s.reason ? ` (${s.reason})` : ""}`;
+    }
+    setText($("voice-status"), text);
   }
 
   // -- the alarm -------------------------------------------------------------------------------
@@ -1170,10 +1360,23 @@
   }
 
   function faultsText(d) {
-    if (d.faults == null) return DASH;
+    const door = doorText(d);
+    if (d.faults == null) return door || DASH;
     const entries = Object.entries(d.faults);
-    if (!entries.length) return "none";
-    return entries.map(([part, why]) => `${part}: ${why}`).join("\n");
+    if (!entries.length) return door || "none";
+    return [door, ...entries.map(([part, why]) => `${part}: ${why}`)].filter(Boolean).join("\n");
+  }
+
+  // A kiosk's door (its tamper switch): not a fault of the device, but someone opened it.
+  function doorText(d) {
+    const t = d.tamper;
+    if (!t || t.state !== "open") return "";
+    const since = epochToMs(t.since);
+    if (since == null) return "door open";
+    const at = new Date(since);
+    const day = at.toDateString() === new Date().toDateString() ? ""
+      : `${at.getFullYear()}-${pad2(at.getMonth() + 1)}-${pad2(at.getDate())} `;
+    return `door open since ${day}${pad2(at.getHours())}:${pad2(at.getMinutes())}`;
   }
 
   function certText(d) {
@@ -1234,6 +1437,7 @@
     c[4].classList.toggle("warn", !!(d.storage && d.storage.mode && d.storage.mode !== "normal"));
     c[5].classList.toggle("bad", selftest.bad);
     c[6].classList.toggle("bad", !!d.faults && Object.keys(d.faults).length > 0);
+    c[6].classList.toggle("warn", !c[6].classList.contains("bad") && doorText(d) !== "");
     c[7].classList.toggle("bad", cert.warn);
   }
 
@@ -1567,6 +1771,10 @@
       showTab("alerts");
       if (first) selectAlert(first.alert_id, { focusRow: true });
     });
+    $("voice-start").addEventListener("click", () => {
+      if (state.selectedId) startVoice(state.selectedId);
+    });
+    $("voice-hangup").addEventListener("click", hangUp);
     $("sound-enable").addEventListener("click", enableSound);
     $("sound-state").addEventListener("click", () => (soundOn() ? beep() : enableSound()));
     // Any gesture counts for the browser's autoplay rule: resume the alarm's audio on the first.
@@ -1602,6 +1810,7 @@
     // Shows the state at once; the stream's "open" loads it again, then applies events.
     resync().then(() => {
       sosConsole.ready = true;
+      rejoinAfterReload();
     });
     tick();
     setInterval(tick, 1000);

@@ -1,0 +1,1 @@
+"""firmware/tamper: the kiosk's door switch (docs/VOICE.md, "Tamper switch")."""

@@ -1,0 +1,1 @@
+"""firmware/voice: the voice call of an SOS (docs/VOICE.md)."""
