@@ -33,13 +33,22 @@ trigger -> stored), and alert stored -> the live video playing (the page selects
 itself; target: row within 250 ms p99, video within 2 s; bench/console_bench.py). Without
 chromium the section prints why instead.
 
---skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps, --skip-callback and
---skip-console leave a section out.
+Voice: press -> voice connected with the console page open and answering at once (p50/p95),
+and mouth-to-ear latency both ways from tone markers found in what each side recorded, beside
+an aiortc -> aiortc loopback floor (target: connected within 2 s p95, mouth-to-ear within
+400 ms; bench/voice_bench.py). Without chromium or espeak-ng it prints why instead.
+
+Audio: the recorder's CPU cost per second of sound (AAC + ADTS + MPEG-TS mux) beside PyAV's
+bare aac encoder (bench/audio_bench.py).
+
+--skip-sos, --skip-evidence, --skip-upload, --skip-live, --skip-gps, --skip-callback,
+--skip-console, --skip-voice and --skip-audio leave a section out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -51,6 +60,7 @@ from typing import Any
 
 from simulator.broker import BrokerError, PrivateBroker
 
+from . import audio_bench
 from .camera_bench import run_callback
 from .console_bench import run_console
 from .evidence import run_evidence
@@ -62,6 +72,8 @@ from .sos import DEVICE_ID, run_sos
 from .stats import summarise
 from .storage import run_micro, sample_alert
 from .upload_bench import run_upload
+from .voice_bench import PRESSES as VOICE_PRESSES
+from .voice_bench import run_voice
 
 TARGET_MS = 20.0
 
@@ -114,6 +126,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--console-video-runs", type=int, default=3, metavar="K",
                         help="SOS presses timed until the console plays their live video "
                              "(default 3; 0 leaves that line out)")
+    parser.add_argument("--voice-presses", type=int, default=VOICE_PRESSES, metavar="N",
+                        help="SOS presses on a pillar with sound, each answered at once in "
+                             f"the console and listened to for a few seconds (default "
+                             f"{VOICE_PRESSES}: about 75 s)")
     parser.add_argument("--skip-sos", action="store_true", help="skip the SOS latency section")
     parser.add_argument("--skip-evidence", action="store_true",
                         help="skip the evidence video section")
@@ -124,10 +140,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the camera callback hold-time section")
     parser.add_argument("--skip-console", action="store_true",
                         help="skip the operator console section (headless Chromium)")
+    parser.add_argument("--skip-voice", action="store_true",
+                        help="skip the voice call section (headless Chromium, espeak-ng)")
+    parser.add_argument("--skip-audio", action="store_true",
+                        help="skip the audio recording CPU section")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead (the SOS keys as before, plus "
                              "\"evidence_video\", \"upload\", \"live_view\", "
-                             "\"gps_decoder\", \"camera_callback\" and \"console\")")
+                             "\"gps_decoder\", \"camera_callback\", \"console\", \"voice\" and "
+                             "\"audio\")")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the device's and the centre's log (INFO) on stderr")
     args = parser.parse_args(argv)
@@ -139,10 +160,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("need --upload-mb >= 8 (one 8 MB segment)")
     if args.live_seconds <= 0 or args.upload_link_mbit < 0:
         parser.error("need --live-seconds > 0 and --upload-link-mbit >= 0")
+    if args.voice_presses < 1:
+        parser.error("need --voice-presses >= 1")
     if args.console_alerts < 1 or args.console_video_runs < 0:
         parser.error("need --console-alerts >= 1 and --console-video-runs >= 0")
     if (args.skip_sos and args.skip_evidence and args.skip_upload and args.skip_live
-            and args.skip_gps and args.skip_callback and args.skip_console):
+            and args.skip_gps and args.skip_callback and args.skip_console
+            and args.skip_voice and args.skip_audio):
         parser.error("skipping every section leaves nothing to run")
     if args.hold <= 0.1:
         parser.error("--hold must be longer than the pillar's 0.1 s trigger hold")
@@ -259,15 +283,55 @@ def main(argv: list[str] | None = None) -> int:
             tmp, args.console_alerts, args.console_video_runs, progress=progress,
             context={"cpus": context["cpus"]},
             sos_stored=report.ours if report is not None else None))
+    voice = None if args.skip_voice else _timed_section(
+        "voice-bench-", args.tmpdir, lambda tmp, context: run_voice(
+            tmp, args.voice_presses, progress=progress, context={"cpus": context["cpus"]}))
+    audio = None if args.skip_audio else _timed_section(
+        "audio-bench-", args.tmpdir, lambda tmp, context: AudioSection.run(progress))
     parts = (report, evidence, upload, live, gps, callback, console)
     if args.json:
-        print(combined_json(*parts))
+        data = json.loads(combined_json(*parts))
+        data.update({key: part.as_dict() for key, part in (("voice", voice), ("audio", audio))
+                     if part is not None})
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
-        print("\n\n".join(part.as_table() for part in parts if part is not None))
+        print("\n\n".join(part.as_table() for part in (*parts, voice, audio)
+                           if part is not None))
     progress(f"done in {round(time.monotonic() - started, 1)} s")
     failed = any(part is not None and part.errors
-                 for part in (evidence, upload, live, gps, callback, console))
+                 for part in (evidence, upload, live, gps, callback, console, voice, audio))
     return 1 if broke or errors or failed else 0
+
+
+class AudioSection:
+    """bench/audio_bench.py's rows as a section: a table, a dict, errors and a context."""
+
+    def __init__(self, rows: list[tuple[str, float]], errors: list[str]) -> None:
+        self.rows, self.errors, self.context = rows, errors, {"cpus": os.cpu_count()}
+
+    @classmethod
+    def run(cls, progress: Callable[[str], None]) -> AudioSection:
+        progress(f"audio: {audio_bench.SECONDS} s of sound through the recorder's path, "
+                 "twice, beside the bare encoder")
+        try:
+            return cls(audio_bench.run(), [])
+        except Exception as exc:  # PyAV without aac, say: reported, not raised
+            return cls([], [f"audio: {type(exc).__name__}: {exc}"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"context": self.context, "ms_cpu_per_s": dict(self.rows),
+                "errors": self.errors}
+
+    def as_table(self) -> str:
+        out = ["audio in the evidence: CPU ms per second of sound, 64 kbit/s mono 48 kHz AAC, "
+               "best of 2, one core of this machine (not the Pi's)", ""]
+        out += [f"{name:70s} {value:8.2f}" for name, value in self.rows]
+        if len(self.rows) == 2 and self.rows[0][1] > 0:
+            floor, ours = self.rows[0][1], self.rows[1][1]
+            out.append(f"sound costs {ours / 10:.2f}% of one core ({ours / floor:.2f}x the "
+                       "bare encoder)")
+        out += [f"ERROR: {e}" for e in self.errors]
+        return "\n".join(out)
 
 
 def _timed_section(prefix: str, tmpdir: Path | None,

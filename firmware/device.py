@@ -100,6 +100,7 @@ from firmware.uplink.outbox import Outbox, OutboxFull
 from firmware.uplink.outgoing import OutboxRow, Outgoing
 from firmware.uplink.upload_plan import Progress
 from firmware.uplink.uploader import Uploader, UploadSummary, uploader_from_config
+from firmware.voice.device_voice import DeviceVoice
 from firmware.voice.setup import VoiceNews, make_voice
 from protocol import MessageKind, ProtocolError, Topics, encode, utc_iso
 from protocol.signing import Signer, load_key, public_key_from_b64
@@ -254,6 +255,7 @@ class DeviceRuntime:
         self._clock = clock
         self._utc = utc_clock
         self._observe = observer or (lambda name, fields: None)
+        self.voice: DeviceVoice | None = None  # made last in __init__ (docs/VOICE.md)
         self._events: queue.Queue[object] = queue.Queue()
         self._battery = battery or (
             SysfsBattery(config.battery_sysfs) if config.battery_sysfs else NoBattery()
@@ -357,7 +359,7 @@ class DeviceRuntime:
             will_payload=encode(MessageKind.STATUS, offline),
             status_payload=self._status_payload, receipt_keys=centre_keys,
         )
-        # The voice call with the operator during an SOS (docs/VOICE.md): None without one.
+        # The voice call with the operator during an SOS: None without one.
         self.voice = make_voice(config, self.audio_source, self._events.put,
                                 pin_factory=pin_factory, utc=utc_clock)
 
@@ -571,6 +573,8 @@ class DeviceRuntime:
 
     def _feedback_changed(self, state: FeedbackState) -> None:
         self._observe("feedback", {"state": state.value, "wall": time.time()})
+        if self.voice is not None:
+            self.voice.shown(state.value)
 
     def _publish_stage(self, shown: FeedbackState) -> None:
         """The retained status at once when what the device shows changes (the centre's receipt,
@@ -741,7 +745,8 @@ class DeviceRuntime:
         found = {"camera": health.fault if health is not None else None,
                  "gps": self.gps.problem() if self.gps else None,
                  "upload": self._upload_problem,
-                 "voice": self.voice.fault if self.voice is not None else None}
+                 "voice": self.voice.fault if self.voice is not None else None,
+                 "microphone": self.audio_source.error if self.audio_source else None}
         return {part: reason[:200] for part, reason in found.items() if reason}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
@@ -937,6 +942,10 @@ class DeviceRuntime:
         }
         if self.recorder is not None:
             status["recordings_waiting"] = self.recorder.store.waiting_for_upload()
+        if self.config.voice is not None:
+            status["voice"] = self.config.voice.mode
+        if self.config.voice is not None:
+            status["voice"] = self.config.voice.mode
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
         door = self.tamper.state if self.tamper is not None else None

@@ -13,6 +13,7 @@ ends the call. A token's SOS is then listened in on, without a sound from the to
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -26,7 +27,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from firmware.voice.device_voice import BUILT_IN_MESSAGE
 from simulator.audio_compare import aligned_correlation, read_wav
 from simulator.broker import PrivateBroker
-from simulator.browser import chromium, log_in, wait_until
+from simulator.browser import chromium, is_blank, log_in, wait_until
 from simulator.console_rig import PASSWORD, ConsoleRig
 from simulator.voice_media import VoiceClip, citizen_wav, operator_wav
 from simulator.voice_probe import RATE, read_tap, start_tap
@@ -119,11 +120,24 @@ def _voice_events(rig: ConsoleRig, alert_id: str, state: str | None = None) -> l
             if state is None or e.get("voice_state") == state]
 
 
-def _click_talk(driver: WebDriver, alert_id: str) -> None:
+def _click_talk(driver: WebDriver, alert_id: str) -> str:
+    """Select the alert and click its voice button, as the operator does; the button's label."""
     driver.execute_script("window.sosConsole.select(arguments[0])", alert_id)
     button = driver.find_element(By.ID, "voice-start")
     wait_until(driver, lambda d: button.is_displayed() and button.is_enabled())
+    label = button.text
     button.click()
+    return label
+
+
+def screenshot(driver: WebDriver, workdir: Path, name: str) -> None:
+    """Keep the page as the test saw it (refused if blank); also in $SOS_CONSOLE_SCREENSHOTS."""
+    png = driver.get_screenshot_as_png()
+    assert not is_blank(png), f"the {name} page rendered blank"
+    (workdir / f"{name}.png").write_bytes(png)
+    target = os.environ.get("SOS_CONSOLE_SCREENSHOTS")
+    if target:
+        (Path(target) / f"console-{name}.png").write_bytes(png)
 
 
 def _connected(driver: WebDriver) -> bool:
@@ -140,13 +154,14 @@ def test_with_no_operator_on_the_line_the_caller_hears_the_spoken_message(
 
 
 def test_the_operator_answers_in_one_click_and_the_call_connects(
-        rig: ConsoleRig, pillar: Device, alice: WebDriver, sos: str) -> None:
-    _click_talk(alice, sos)
+        rig: ConsoleRig, pillar: Device, alice: WebDriver, sos: str, workdir: Path) -> None:
+    assert _click_talk(alice, sos) == "Talk to the caller"
     wait_until(alice, _connected, what="the voice call to connect")
     rig.wait_for(lambda: _voice_events(rig, sos, "connected"))
     status = alice.find_element(By.ID, "voice-status").text
     assert status == "Talking with the caller"
     assert rig.store.alert(sos).claimed_by == "alice"  # answering took the alert
+    screenshot(alice, workdir, "voice-connected")
 
 
 def test_the_operator_hears_the_caller(alice: WebDriver, citizen: VoiceClip, sos: str,
@@ -191,3 +206,37 @@ def test_closing_the_alert_ends_the_call(rig: ConsoleRig, pillar: Device, alice:
     rig.wait_for(lambda: _voice_events(rig, sos, "ended"))
     wait_until(alice, lambda d: d.execute_script("return window.sosConsole.voice.state")
                == "idle")
+
+
+@pytest.fixture(scope="module")
+def token(rig: ConsoleRig, workdir: Path, citizen: VoiceClip) -> Iterator[Device]:
+    device = _device(rig, workdir, TOKEN, "token", citizen)
+    yield device
+    device.close()
+
+
+@pytest.fixture(scope="module")
+def token_sos(rig: ConsoleRig, token: Device) -> str:
+    token.press(1.8)
+    alert = rig.wait_for(lambda: next((a for a in rig.store.alerts()
+                                        if a.device_id == TOKEN), None))
+    token.wait_kind("feedback", state="delivered")
+    return alert.alert_id
+
+
+def test_the_operator_listens_in_on_a_token_and_hears_its_microphone(
+        rig: ConsoleRig, alice: WebDriver, token_sos: str, citizen: VoiceClip) -> None:
+    assert _click_talk(alice, token_sos) == "Listen in"
+    wait_until(alice, _connected, what="the listen-in to connect")
+    assert alice.find_element(By.ID, "voice-status").text == \
+        "Listening to the device's microphone"
+    start_tap(alice, "remote")
+    _until(lambda: len(read_tap(alice, "remote").samples) > LISTEN_S * RATE, LISTEN_S + 10,
+           "the page to record the token")
+    heard = read_tap(alice, "remote").samples
+    assert aligned_correlation(read_wav(citizen.path), heard, RATE,
+                               looped=True).correlation >= HEARD
+
+
+def test_the_token_plays_nothing_to_the_paramedic(token: Device, token_sos: str) -> None:
+    assert not token.speaker.exists()  # listen-in: no speaker is even opened

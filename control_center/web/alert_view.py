@@ -61,6 +61,7 @@ def alert_view(store: Store, record: AlertRecord, live_dir: Path | None,
         "feedback": _feedback(store, record),
         "voice": voice_state([u for u in updates if u["kind"] == "event"
                               and u.get("type") in ("voice_answer", "voice_state")]),
+        "voice_mode": _voice_mode(store, record),
         "device_offline": record.device_offline,
         "cancel_requested_at": record.cancel_requested_at,
         "live": _live(record.alert_id, live_dir),
@@ -119,3 +120,10 @@ def _incident(store: Store, record: AlertRecord) -> list[dict[str, Any]]:
              "accuracy_m": other.position.get("accuracy_m")}
             for other in store.incident(record.incident_id)
             if other.alert_id != record.alert_id]
+
+
+def _voice_mode(store: Store, record: AlertRecord) -> str | None:
+    """The device's voice call as its status reports it ("two_way", "listen_in"), or None
+    (no voice call, or a device that has not said: firmware before voice)."""
+    device = store.device(record.device_id)
+    return device["status"].get("voice") if device else None

@@ -55,6 +55,7 @@ from control_center.web.login_guard import LoginGuard
 from control_center.web.voice_api import (
     SDP_MAX,
     SESSION,
+    VoiceRefused,
     VoiceRelay,
     VoiceUnanswered,
     ice_servers,
@@ -407,7 +408,7 @@ def _voice_offer(console: Console, request: Request) -> Response:
     session = _acting(console, request, "act")
     body = _json_sync(request)
     sdp = body.get("sdp")
-    if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp) > SDP_MAX:
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp.encode()) > SDP_MAX:
         raise HTTPException(400, f"give the browser's SDP offer (at most {SDP_MAX} bytes)")
     record = _record(console, request)
     if record.status == "closed":
@@ -433,7 +434,7 @@ def _voice_offer(console: Console, request: Request) -> Response:
     except VoiceUnanswered as exc:
         console.audit.append("console_voice_unanswered", session.username, **details,
                              error=str(exc))
-        raise HTTPException(504, str(exc)) from None
+        raise HTTPException(409 if isinstance(exc, VoiceRefused) else 504, str(exc)) from None
     return JSONResponse({"voice_session": voice_session, "sdp": answer["sdp"],
                          "device_id": record.device_id})
 

@@ -37,7 +37,11 @@ REFUSALS = {  # what the operator can do about a device's refusal of an offer
 
 
 class VoiceUnanswered(RuntimeError):
-    """The device did not answer in time, or refused the offer: the text says which."""
+    """The device did not answer in time, or could not: the text says why."""
+
+
+class VoiceRefused(VoiceUnanswered):
+    """The device refused the offer (its `command_rejected`): offering again will not help."""
 
 
 @dataclass
@@ -66,7 +70,7 @@ class VoiceRelay:
                 return answer
             refused = self.store.command(command_id)
             if refused is not None and refused["status"] == "rejected":
-                raise VoiceUnanswered(f"the device refused the call ({refused['reason_code']}"
+                raise VoiceRefused(f"the device refused the call ({refused['reason_code']}"
                                       f"{REFUSALS.get(refused['reason_code'] or '', '')})")
             failed = self._failed(alert_id, session)
             if failed is not None:

@@ -51,7 +51,18 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE, channels: int = 1) -> b
 
 
 class WavFileSink:
-    """Writes everything played to `path` (48 kHz mono s16 WAV) and the play times beside it."""
+    """A speaker that writes what it plays to `path` (48 kHz mono s16 WAV), and beside it when.
+
+    It keeps time as a real speaker does: sound handed over while earlier sound still plays
+    waits its turn, and when nothing was handed over in time the speaker played silence (an
+    underrun), which is written too (up to `MAX_SILENCE_S` at once: a speaker idle for minutes
+    between two alerts does not fill the file). So the file's timeline is the ear's, and the
+    sidecar's `unix_s` is when each piece came out of the speaker.
+    """
+
+    UNDERRUN_S = 0.1  # later than this after the sound before ended: silence was played (the
+    # speaker's buffer; a real one of that depth hides a late piece the same way)
+    MAX_SILENCE_S = 5.0
 
     def __init__(self, path: str | Path, *, wall: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -64,6 +75,7 @@ class WavFileSink:
         self._file.write(wav_header(0))
         self._file.flush()
         self.samples = 0
+        self._ends_at: float | None = None  # wall time the sound written so far ends playing
 
     def play(self, pcm: bytes) -> None:
         if len(pcm) % 2:
@@ -71,12 +83,20 @@ class WavFileSink:
         with self._lock:
             if self._file is None:
                 raise ValueError("play on a closed WavFileSink")
-            self._times.write(json.dumps({"sample": self.samples,
-                                          "unix_s": round(self._wall(), 6)}) + "\n")
-            self._times.flush()
+            now = self._wall()
             self._file.seek(0, 2)
+            if self._ends_at is not None and now - self._ends_at > self.UNDERRUN_S:
+                silent = int(min(now - self._ends_at, self.MAX_SILENCE_S) * SAMPLE_RATE)
+                self._file.write(bytes(2 * silent))
+                self.samples += silent
+                self._ends_at = now
+            starts = now if self._ends_at is None else max(now, self._ends_at)
+            self._times.write(json.dumps({"sample": self.samples,
+                                          "unix_s": round(starts, 6)}) + "\n")
+            self._times.flush()
             self._file.write(pcm)
             self.samples += len(pcm) // 2
+            self._ends_at = starts + len(pcm) / 2 / SAMPLE_RATE
             self._file.seek(0)
             self._file.write(wav_header(2 * self.samples))
             self._file.flush()

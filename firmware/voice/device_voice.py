@@ -45,6 +45,7 @@ class DeviceVoice:
         self._message_file = message_file or BUILT_IN_MESSAGE
         self._lamps = lamps
         self._stage: str | None = None
+        self._shown = "idle"  # what the device shows (a FeedbackState value): the yellow lamp
         self._call_state = "idle"
         self._session: str | None = None
         self.fault: str | None = None  # the status's faults["voice"]
@@ -76,6 +77,11 @@ class DeviceVoice:
             self._message.delivered(now)
         if stage is None and before is not None:
             self.alert_ended()
+
+    def shown(self, feedback: str) -> None:
+        """What the device shows now (a FeedbackState value: sending, retrying, delivered,
+        ...): the yellow lamp follows it, as the status LED does."""
+        self._shown = feedback
         self._show()
 
     def news(self, item: VoiceNews, now: float) -> list[tuple[str, dict[str, Any]]]:
@@ -131,7 +137,7 @@ class DeviceVoice:
 
     def _show(self) -> None:
         if self._lamps is not None:
-            self._lamps.show(lamps_for(self._stage, self._call_state))
+            self._lamps.show(lamps_for(self._shown, self._call_state))
 
     def event(self, kind: str, fields: dict[str, Any]) -> tuple[MessageKind, str,
                                                                 dict[str, Any]]:

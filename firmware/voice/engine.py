@@ -17,7 +17,8 @@ the device loop turns into events. Media:
 
 Limits: one call at a time (a new offer for the same alert, the operator's rejoin, replaces the
 old call); at most `MIC_QUEUE_CHUNKS` x 20 ms of microphone sound waits for the encoder (older
-sound is dropped: late speech is worth less than a short gap). The microphone is listened to only
+sound is dropped: late speech is worth less than a short gap; a loop stalled by a busy CPU
+for less than that loses nothing). The microphone is listened to only
 from the sender's first frame on: sound queued while ICE and DTLS connect would reach the
 browser as a burst, and its jitter buffer would then speed the speech up for seconds to catch
 up (measured: 160 ms cut from the first 4 s).
@@ -53,10 +54,11 @@ from firmware.voice.turn_probe import probe_turn
 
 log = logging.getLogger("sos.voice")
 
-MIC_QUEUE_CHUNKS = 3  # 60 ms of microphone sound at most waits for the encoder
+MIC_QUEUE_CHUNKS = 10  # 200 ms of microphone sound at most waits for the encoder
 SILENT_AFTER_S = 2.0  # two_way: no sound from the operator's side this long = interrupted
 TURN_PROBE_TIMEOUT_S = 3.0
 CLIP_CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE
+CLIP_LEAD_S = 0.1  # the spoken message is handed to the speaker this far ahead of playing
 
 
 class VoiceNews:
@@ -240,6 +242,10 @@ class VoiceEngine:
         self._tell(VoiceAnswer(alert_id, session, pc.localDescription.sdp))
         self._tell(VoiceStateChanged(alert_id, session, "connecting"))
         call.tasks.append(asyncio.ensure_future(self._watch(call)))
+        if _names_turn(ice_servers) and " typ relay" not in pc.localDescription.sdp:
+            # TURN named but no relay gathered: behind NAT the call cannot connect. Say why in
+            # the fleet view now, not only once the call has failed.
+            call.tasks.append(asyncio.ensure_future(self._check_turn(ice_servers)))
 
     def _remote_track(self, call: _Call, track: MediaStreamTrack) -> None:
         if track.kind != "audio":
@@ -279,20 +285,29 @@ class VoiceEngine:
             assert call.tasks is not None
             call.tasks.append(asyncio.ensure_future(self._failed(call)))
 
-    async def _failed(self, call: _Call) -> None:
-        """ICE or DTLS failed: find out whether TURN is to blame, so the fleet view says what
-        to fix; the call ends (the operator's console can offer again)."""
-        reason = "no connection could be made with the operator's browser"
-        turn_problem = await probe_turn(call.ice_servers, TURN_PROBE_TIMEOUT_S) \
-            if any(url.startswith(("turn:", "turns:")) for server in call.ice_servers
-                   for url in server.get("urls", [])) else None
-        if turn_problem is not None:
-            reason = turn_problem
-            if self._fault != turn_problem:
-                self._fault = turn_problem
-                self._tell(VoiceFaultChanged(turn_problem))
+    async def _failed(self, call: _Call,
+                      reason: str = "no connection could be made with the operator's browser"
+                      ) -> None:
+        """ICE or DTLS failed, or the call did not (re)connect within `reconnect_s`: find out
+        whether TURN is to blame, so the fleet view says what to fix; the call ends (the
+        operator's console can offer again)."""
+        if self._calls.get(call.session) is not call:  # ended meanwhile (replaced, closed)
+            return
+        turn_problem = await self._check_turn(call.ice_servers)
+        reason = turn_problem or reason
         log.error("voice: call %s failed: %s", call.session[:8], reason)
         await self._end(call.session, reason, state="failed")
+
+    async def _check_turn(self, ice_servers: list[dict[str, Any]]) -> str | None:
+        """Probe the offer's TURN servers; report a fault that began (once), and None if one
+        works or none is named."""
+        if not _names_turn(ice_servers):
+            return None
+        problem = await probe_turn(ice_servers, TURN_PROBE_TIMEOUT_S)
+        if problem is not None and self._fault != problem:
+            self._fault = problem
+            self._tell(VoiceFaultChanged(problem))
+        return problem
 
     async def _watch(self, call: _Call) -> None:
         """Interrupted: connected, but the operator's side went silent (two_way: the browser
@@ -307,8 +322,10 @@ class VoiceEngine:
                 since = now
             if call.state in ("connecting", "interrupted") and now - since > self._reconnect_s:
                 what = "never connected" if call.state == "connecting" else "dropped"
-                await self._end(call.session, f"the call {what} and did not come back within "
-                                f"{self._reconnect_s:g} s", state="failed")
+                # aiortc may never report "failed" (an offer without candidates, as a browser
+                # whose TURN server is unreachable sends, leaves ICE waiting): probe TURN here too
+                await self._failed(call, f"the call {what} and did not come back within "
+                                   f"{self._reconnect_s:g} s")
                 return
             if call.state == "connected":
                 since = now
@@ -355,15 +372,17 @@ class VoiceEngine:
             self._clip = None
 
     async def _play_clip(self, path: Path) -> None:
-        """Paced in 20 ms chunks, so the speaker's buffer never holds more than a little of it
-        and an operator who connects cuts it off at once."""
+        """Paced in 20 ms chunks, so the speaker's buffer never holds more than CLIP_LEAD_S of
+        it and an operator who connects cuts it off at once."""
         assert self._sink is not None
         pcm = await asyncio.to_thread(read_wav_pcm, path)
         step = CHUNK_SAMPLES * 2
         start = time.monotonic()
         for n, at in enumerate(range(0, len(pcm), step)):
             self._sink.play(pcm[at:at + step])
-            await asyncio.sleep(max(0.0, start + (n + 1) * CLIP_CHUNK_S - time.monotonic()))
+            # CLIP_LEAD_S ahead of the speaker: a busy loop late by less does not gap the words
+            due = start + (n + 1) * CLIP_CHUNK_S - CLIP_LEAD_S
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
 
 
 def read_wav_pcm(path: Path) -> bytes:
@@ -379,6 +398,11 @@ def read_wav_pcm(path: Path) -> bytes:
         for piece in resampler.resample(None):
             out += bytes(piece.planes[0])[: piece.samples * 2]
     return bytes(out)
+
+
+def _names_turn(ice_servers: list[dict[str, Any]]) -> bool:
+    return any(str(url).startswith(("turn:", "turns:")) for server in ice_servers
+               for url in server.get("urls", []))
 
 
 def _log_failure(future: Any) -> None:

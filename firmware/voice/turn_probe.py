@@ -163,12 +163,14 @@ _FIXES = {
 
 
 def _line(failures: list[_Failure]) -> str:
-    """One line: every URL and what happened to it, then what to fix for each kind."""
+    """One line: every URL and what happened to it, and what to fix for each kind."""
     what = "; ".join(f"{f.url} {f.what}" for f in failures)
     fixes = []
     for kind in dict.fromkeys(f.kind for f in failures):
         ports = ", ".join(dict.fromkeys(f"{f.transport.upper()} {f.port}" for f in failures
                                         if f.kind == kind and f.port is not None))
         fixes.append(_FIXES[kind].format(ports=ports or "the TURN port"))
-    noun = "TURN server" if len(failures) == 1 else "no TURN server usable:"
-    return f"voice: {noun} {what}: {'; '.join(fixes)}"
+    if len(failures) == 1:
+        return f"voice: TURN server {what}: {'; '.join(fixes)}"
+    # Several: what to fix first, so a line cut to the event's 200 characters keeps it.
+    return f"voice: no TURN server usable: {'; '.join(fixes)}; tried {what}"

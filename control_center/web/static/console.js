@@ -728,6 +728,7 @@
   // talks both ways; a token only lets the operator listen in. One call at a time per page; a
   // dropped call is offered again (a reload too: sessionStorage remembers the call's alert).
   const VOICE_REJOINS = 5;
+  const VOICE_CONNECT_MS = 20000; // answered but not connected by then: the call failed
   const VOICE_KEY = "sos-voice-alert";
   const voice = {
     pc: null, alertId: null, session: null, local: null, remote: null,
@@ -737,7 +738,8 @@
   sosConsole.voice = voice;
 
   function voiceMode(alert) {
-    return alert.device_kind === "pillar" ? "two_way" : "listen_in";
+    // As the device's status says; by its kind for a device that has not said yet.
+    return alert.voice_mode || (alert.device_kind === "pillar" ? "two_way" : "listen_in");
   }
 
   function gatheringComplete(pc, timeoutMs) {
@@ -790,25 +792,59 @@
       await pc.setLocalDescription(await pc.createOffer());
       await gatheringComplete(pc, 3000);
       if (voice.pc !== pc) return;
+      const relayOnly = config.ice_transport_policy === "relay";
+      const noRelay = relayOnly && !/ typ relay/.test(pc.localDescription.sdp);
       const path = `/api/alerts/${encodeURIComponent(alertId)}/voice`;
       const answer = await api("POST", path, { sdp: pc.localDescription.sdp });
       if (voice.pc !== pc) return;
       voice.session = answer.voice_session;
       await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+      if (noRelay) {
+        // The offer still went: the device probes TURN from its side and reports a fault.
+        // Not tried again by itself: offering through the same unreachable relay cannot help.
+        throw new Error("this browser reached no TURN relay (the centre's voice.ice_urls); " +
+                        "the caller hears the recorded message meanwhile");
+      }
+      voice.timer = setTimeout(() => connectTimedOut(pc), VOICE_CONNECT_MS);
     } catch (err) {
       if (err.status === 401 || (pc && voice.pc !== pc)) return;
       stopVoicePeer();
       voice.error = `Voice not connected: ${errorMessage(err)}`;
       voice.state = "failed";
-      if (err.status === 504 || err.status === 0) rejoinLater(); // the device or network may come back
+      // Unanswered (the device or the network may come back) is tried again; refused is not.
+      if (err.status === 504 || err.status === 0) rejoinLater();
     }
     renderVoice();
+  }
+
+  function connectTimedOut(pc) {
+    if (voice.pc !== pc || voice.state === "connected" || voice.state === "reconnecting") return;
+    stopVoicePeer();
+    voice.error = `Voice not connected: no connection within ${VOICE_CONNECT_MS / 1000} s`;
+    voice.state = "failed";
+    rejoinLater();
+    renderVoice();
+  }
+
+  /** The device's word on this page's own call: a failure it reports (e.g. its TURN server
+   *  unreachable) is shown with its reason, and the page stops waiting. */
+  function followDeviceVoice(alert) {
+    const s = alert.voice;
+    if (!s || voice.alertId !== alert.alert_id || !voice.session) return;
+    if (s.voice_session === voice.session && s.state === "failed" && voice.state !== "failed") {
+      clearTimeout(voice.timer);
+      stopVoicePeer();
+      voice.error = `Voice not connected: the device says: ${s.reason || "failed"}`;
+      voice.state = "failed";
+      rejoinLater();
+    }
   }
 
   function onVoiceConnection(pc) {
     if (voice.pc !== pc) return;
     const s = pc.connectionState;
     if (s === "connected") {
+      clearTimeout(voice.timer);
       voice.state = "connected";
       voice.error = "";
       voice.rejoins = 0;
@@ -860,6 +896,7 @@
 
   /** The call ends with its alert (the device ends it too); a reload rejoins an open one. */
   function followVoice(alert) {
+    followDeviceVoice(alert);
     if (voice.alertId === alert.alert_id && alert.status === "closed") {
       clearTimeout(voice.timer);
       stopVoicePeer();
