@@ -118,9 +118,16 @@ def _pearson(a: Samples, b: Samples) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
+# How far a WebRTC receiver's jitter buffer may make the received timeline slip per `block_s`
+# (1 s) before a comparison stops following it: it stretches, shortens or conceals tens of ms at
+# a time when packets come late on a busy machine (measured: up to 160 ms in the first seconds).
+JITTER_DRIFT_S = 0.15
+
+
 def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floating], rate: int,
                         max_lag_s: float = 5.0, *, looped: bool = False,
-                        window_s: float = 0.02, min_overlap: float = 0.5) -> Alignment:
+                        window_s: float = 0.02, min_overlap: float = 0.5,
+                        drift_s: float = 0.0, block_s: float = 1.0) -> Alignment:
     """How well the received recording's energy envelope follows the sent clip's, at the best lag.
 
     Silence (or steady noise) before and after the received sound, as when a recording starts
@@ -136,6 +143,12 @@ def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floatin
 
     Pearson's correlation ignores gain and offset, so a quieter copy with steady noise still
     scores near 1; silence received gives 0.
+
+    `drift_s` (looped only) lets the alignment follow a received timeline that slips, as a
+    WebRTC receiver's jitter buffer makes it when packets come late (it stretches, shortens or
+    conceals sound to keep the delay low): after the best single lag, each `block_s` of the
+    received sound is aligned on its own, within ±`drift_s` of the block before it, and one
+    correlation is taken over all blocks. 0 keeps one rigid lag.
     """
     hop_s = window_s / 4
     env_s = envelope(sent, rate, window_s, hop_s)
@@ -162,10 +175,14 @@ def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floatin
         period = -(-sent_samples.size // hop)  # phases one hop apart cover the whole loop
         loops = (part.size + period + 4) * hop // sent_samples.size + 2
         tiled = envelope(np.tile(sent_samples, loops), rate, window_s, hop_s)
+        best_phase = 0
         for phase in range(period):  # received part[k] matches the loop at phase + k
             corr = _pearson(part, tiled[phase:phase + part.size])
             if corr > best_corr:
-                best_corr, best_lag = corr, first - phase
+                best_corr, best_lag, best_phase = corr, first - phase, phase
+        if drift_s > 0:
+            best_corr = _drifting(part, tiled, best_phase, round(block_s / hop_s),
+                                  round(drift_s / hop_s), period)
         loop_s = sent_samples.size / rate
         lag_s = best_lag * hop_s
         return Alignment((lag_s + loop_s / 2) % loop_s - loop_s / 2, best_corr)
@@ -197,6 +214,27 @@ def _tone_tracks(x: Samples, rate: int, freq_hz: float,
     amplitude = 2.0 * np.abs(baseband)
     rms = np.sqrt(np.maximum(np.convolve(x * x, kernel, mode="same"), 0.0))
     return amplitude, rms
+
+
+def _drifting(part: Samples, tiled: Samples, phase: int, block: int, drift: int,
+              period: int) -> float:
+    """The correlation of `part` with the tiled envelope when each block of `block` values may
+    slip up to `drift` values from the block before it (starting from `phase`)."""
+    warped = np.empty_like(part)
+    offset = phase + period  # room to slip backwards within the tiling
+    for start in range(0, part.size, block):
+        piece = part[start:start + block]
+        best, best_offset = -2.0, offset
+        for candidate in range(offset - drift, offset + drift + 1):
+            lo = candidate + start
+            if lo < 0 or lo + piece.size > tiled.size:
+                continue
+            corr = _pearson(piece, tiled[lo:lo + piece.size])
+            if corr > best:
+                best, best_offset = corr, candidate
+        offset = best_offset
+        warped[start:start + piece.size] = tiled[offset + start:offset + start + piece.size]
+    return _pearson(part, warped)
 
 
 def find_markers(samples: NDArray[np.floating], rate: int, freq_hz: float, *,

@@ -19,14 +19,15 @@ from typing import Any, TextIO
 from protocol.configfile import ConfigError
 from simulator.broker import is_fleet, sim_enrolments
 from simulator.processes import Entry, Recorder
-from simulator.runner import CONSOLE_USER, ConsoleStartError, RunResult, ScenarioRun, dumps
+from simulator.runner import CONSOLE_USER, ConsoleStartError, RunResult, ScenarioRun, dumps, heard
 from simulator.scenario import available, load_scenario
+from simulator.voice_answerer import HEARD as VOICE_HEARD
 
 SHOWN = {"setup", "button", "kill", "start", "broker", "problem", "error", "ack", "close",
          "alert", "duplicate", "event", "position", "ready", "link", "trigger", "feedback",
          "call_start", "call_end", "dock", "undock", "upload_started", "upload_progress",
          "upload", "segment_stored", "segment_refused", "live", "row", "ignore", "escalated",
-         "webhook"}
+         "webhook", "voice"}
 
 
 class TimelinePrinter:
@@ -126,7 +127,8 @@ def print_routing(result: RunResult) -> None:
 
 
 def print_console(console: dict[str, Any]) -> None:
-    """The console's line of the summary: where it was, and each row's time in the browser."""
+    """The console's lines of the summary: where it was, each row's time in the browser, and
+    each pillar's voice call as the operator on duty answered it."""
     print(f"\nconsole:   {console['url']} (user {console['user']})")
     if console["why_not"]:
         print(f"           no browser timed it: {console['why_not']}")
@@ -140,6 +142,26 @@ def print_console(console: dict[str, Any]) -> None:
                    if row["pressed_to_row_ms"] is not None else "")
         print(f"           {row['alert_id'][:8]}: row visible in {console['browser']} {pressed}"
               f"{row['stored_to_row_ms']:.0f} ms after it was stored")
+        if row.get("voice"):
+            print(f"           {'':8}  voice: {voice_line(row['voice'])}")
+    if console.get("voice_why_not"):
+        print(f"           nobody answered by voice: {console['voice_why_not']}")
+
+
+def voice_line(voice: dict[str, Any]) -> str:
+    """`connected 1.3 s after the press; the operator heard the caller (r=0.93), ...`"""
+    if voice["pressed_to_connected_ms"] is None:
+        return "NOT connected" + (f": {voice['error']}" if voice["error"] else "")
+    line = (f"connected {voice['pressed_to_connected_ms'] / 1000:.1f} s after the press; "
+            + heard("the operator", "the caller", voice["operator_heard_caller_r"]) + ", "
+            + heard("the caller", "the operator", voice["caller_heard_operator_r"]))
+    warp = voice.get("operator_receive")
+    r = voice["operator_heard_caller_r"]
+    if warp and r is not None and r < VOICE_HEARD:  # why, as far as the browser knows
+        line += (f"; meanwhile the operator's browser concealed {warp['concealed_ms']:.0f} ms, "
+                 f"cut {warp['removed_ms']:.0f} ms and stretched {warp['inserted_ms']:.0f} ms "
+                 "of the caller's sound (late packets: a busy machine)")
+    return line
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -279,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print one JSON object with the per-alert results and 'ok' (and "
                           "'console': its URL and, per alert, press/stored -> row visible in "
-                          "the browser, ms)")
+                          "the browser, ms, and for a pillar's alert 'voice': press -> voice "
+                          "connected, ms, and how well each side heard the other, "
+                          "operator_heard_caller_r and caller_heard_operator_r)")
     run.add_argument("--out", metavar="DIR", help="keep the run's files here (default: removed)")
     run.add_argument("--seed", type=int, default=1, help="seed for GPS noise and contact bounce")
     run.add_argument("--fleet", type=Path, metavar="DIR",
@@ -307,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-browser", action="store_true",
                      help="do not open the console in headless Chromium (by default it is, "
                           "when chromium, chromedriver and selenium are installed, to measure "
-                          "press -> row visible for each alert: the 'console' figures)")
+                          "press -> row visible for each alert: the 'console' figures; and a "
+                          "second one, an operator on duty whose microphone plays an espeak-ng "
+                          "voice, answers each pillar's SOS by voice at once: the 'voice' "
+                          "figures)")
     sub.add_parser("list", help="list the scenarios with their descriptions")
     from simulator.selftest import add_selftest_parser
 

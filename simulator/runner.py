@@ -2,6 +2,14 @@
 web console, GPS receivers on ptys, and virtual devices as real processes running the real
 firmware; optionally the console open in headless Chromium, timing each alert's row.
 
+Pillars and tokens have sound: their microphone plays the citizen's espeak-ng clip (a token's
+hears the scene), made once per run in the work directory (simulator/voice_media.py). With the
+browser, an operator on duty also answers each pillar's SOS by voice at once, in a second
+headless Chromium whose fake microphone plays the operator's clip (simulator/voice_answerer.py),
+and the run measures press -> voice connected and whether each side heard the other. The
+automatic operator closes such an alert only once the call has been measured: a conversation,
+like a button hold, is not compressed by `speed`.
+
 Times in a scenario are scenario seconds; `speed` compresses them (speed 4: four times faster).
 Physical things are not compressed: a button hold lasts as long as a thumb holds it, so a step
 never starts before the press before it has finished.
@@ -40,7 +48,7 @@ from control_center.web.accounts import Accounts
 from control_center.web.launch import RunningConsole, start_console
 from control_center.webhook import Delivery, WebhookTarget
 from protocol import utc_iso
-from simulator import console_watch
+from simulator import console_watch, voice_answerer
 from simulator.broker import HOST, PrivateBroker
 from simulator.console_watch import ROW_DEADLINE_S, ConsoleWatcher
 from simulator.device_config import render_device_toml
@@ -48,6 +56,8 @@ from simulator.gps_receiver import PtyGps, RouteReceiver
 from simulator.processes import DeviceProcess, Entry, Recorder
 from simulator.recordings import recording_results
 from simulator.scenario import DeviceSpec, Scenario, Step
+from simulator.voice_answerer import VoiceAnswer, VoiceAnswerer
+from simulator.voice_media import EspeakMissing, VoiceClip, citizen_wav, operator_wav
 from simulator.webhook_receiver import Notification, WebhookReceiver
 
 OPERATOR = "auto-operator"
@@ -60,6 +70,8 @@ WEBHOOK_NAME = "sim-receiver"
 # After the last alert is closed: how long the webhooks still queued (its `closed`) may take to
 # arrive before the run calls them undelivered (a delivery retried once waits 1 s).
 WEBHOOK_DRAIN_S = 10.0
+SPEAKER_WAV = "speaker.wav"  # a device with sound: its speaker plays into data_dir/speaker.wav
+# (firmware/voice/setup.py), here read to check the caller heard the operator
 
 
 @dataclass
@@ -106,6 +118,12 @@ class AutoOperator:
         self.close_delay_s = close_delay_s
         self._timers: list[threading.Timer] = []
         self._stopped = threading.Event()
+        self._holds: dict[str, threading.Event] = {}
+
+    def hold_close(self, alert_id: str, until: threading.Event) -> None:
+        """Close the alert no sooner than `until` is set (a voice call still being measured:
+        closing the alert ends the call)."""
+        self._holds[alert_id] = until
 
     def on_new_alert(self, alert_id: str) -> None:
         self._later(self.ack_delay_s, self._decide, alert_id, "ack")
@@ -124,6 +142,10 @@ class AutoOperator:
 
     def _decide(self, alert_id: str, decision: str) -> None:
         if self._stopped.is_set():
+            return
+        held = self._holds.get(alert_id)
+        if decision == "close" and held is not None and not held.is_set():
+            self._later(0.1, self._decide, alert_id, decision)  # the call is still on
             return
         issued = time.time()
         try:
@@ -201,6 +223,12 @@ class ScenarioRun:
         self.browser = browser
         self.watcher: ConsoleWatcher | None = None
         self._watcher_password = secrets.token_urlsafe(12)
+        self.answerer: VoiceAnswerer | None = None
+        self._answerer_password = secrets.token_urlsafe(12)
+        self.citizen: VoiceClip | None = None  # the devices' microphones (None: no sound)
+        self.operator_voice: VoiceClip | None = None  # the answering browser's microphone
+        self.no_sound: str | None = None  # why the devices have no sound, if they have none
+        self._speakers: dict[str, Path] = {}  # pillar with sound -> its speaker's WAV
         self._accounts(browser)
         self.operator = AutoOperator(self.center, self.recorder,
                                      scenario.operator_ack_delay_s / speed,
@@ -209,6 +237,7 @@ class ScenarioRun:
         self.devices: dict[str, DeviceProcess] = {}
         self._abort = threading.Event()
         self._rows: dict[str, float | None] = {}
+        self._answers: dict[str, VoiceAnswer] = {}
         self._stopped = False
 
     # -- routing, escalation, the webhook receiver ---------------------------------------------
@@ -293,11 +322,13 @@ class ScenarioRun:
 
     def _accounts(self, browser: bool) -> None:
         """The run's console accounts, in the centre's store file as `sos-center user add`
-        puts them: `operator` for a person, and `watcher` (auditor: it only looks) for the
-        browser. A work directory used before (--out) keeps them: new passwords then."""
+        puts them: `operator` for a person, and for the browsers `watcher` (auditor: it only
+        looks) and `duty` (operator: it answers the pillars' calls). A work directory used
+        before (--out) keeps them: new passwords then."""
         wanted = {CONSOLE_USER: ("operator", self.console_password)}
         if browser:
             wanted[console_watch.USER] = (console_watch.ROLE, self._watcher_password)
+            wanted[voice_answerer.USER] = (voice_answerer.ROLE, self._answerer_password)
         with Accounts(self.workdir / "center.sqlite") as accounts:
             for name, (role, password) in wanted.items():
                 user = accounts.user(name)
@@ -353,6 +384,77 @@ class ScenarioRun:
             self.recorder.add("sim", "setup", f"no browser watches the console: "
                               f"{watcher.why_not}")
 
+    def _open_answerer(self) -> None:
+        """Open the console in a second headless Chromium as the operator on duty, its
+        microphone playing the operator's clip (blocking: seconds), before the timeline."""
+        assert self.console is not None
+        if self.citizen is None or self.operator_voice is None:
+            self.answerer = None
+            self.recorder.add("sim", "setup", f"nobody answers by voice: {self.no_sound}")
+            return
+        answerer = VoiceAnswerer(self.console.url.replace("localhost", HOST),
+                                 self.console_config.cert_file, self.workdir / "browser-duty",
+                                 voice_answerer.USER, self._answerer_password,
+                                 operator_clip=self.operator_voice.path,
+                                 caller_clip=self.citizen.path, keep_dir=self.workdir / "voices",
+                                 on_step=self._voice_step)
+        self.answerer = answerer
+        answerer.open()
+        if answerer.active:
+            self.recorder.add("sim", "setup", f"{answerer.browser} (headless) has the console "
+                              f"open as '{answerer.user}' ({voice_answerer.ROLE}), its "
+                              f"microphone playing {self.operator_voice.path.name}: it answers "
+                              "each pillar's SOS by voice at once")
+        else:
+            self.recorder.add("sim", "setup", f"nobody answers by voice: {answerer.why_not}")
+
+    def _voice_step(self, alert_id: str, kind: str, data: dict[str, Any]) -> None:
+        """The answering browser's progress with a call: on the timeline."""
+        name = f"'{voice_answerer.USER}'"
+        match kind:
+            case "answered":
+                text = f"{name} clicked \"{data['label']}\" on {alert_id[:8]}"
+            case "connected":
+                pressed = self._pressed_wall(alert_id)
+                after = f", {data['connected_at_ms'] / 1000 - pressed:.1f} s after the press" \
+                    if pressed is not None else ""
+                text = f"voice call of {alert_id[:8]} connected{after}"
+            case "heard":
+                text = (f"voice call of {alert_id[:8]}: "
+                        + heard("the operator", "the caller", data["operator_heard_caller_r"])
+                        + ", " + heard("the caller", "the operator",
+                                       data["caller_heard_operator_r"]))
+            case _:
+                text = f"voice call of {alert_id[:8]} FAILED: {data.get('error')}"
+        at = data.get("connected_at_ms" if kind == "connected" else "clicked_at_ms")
+        wall = at / 1000 if isinstance(at, int | float) else None
+        self.recorder.add("console", "voice", text, wall=wall, alert_id=alert_id, step=kind,
+                          **{k: v for k, v in data.items() if k != "label"})
+
+    def _pressed_wall(self, alert_id: str) -> float | None:
+        """When the press that raised the alert was played (the recorder's press entry)."""
+        record = self.store.alert(alert_id)
+        if record is None:
+            return None
+        presses = [e for e in self.recorder.find(kind="press", device=record.device_id)
+                   if e.wall <= record.stored_at]
+        return presses[-1].wall if presses else None
+
+    def _make_voices(self) -> None:
+        """The citizen's and the operator's clips, made with espeak-ng in the work directory
+        (cached there by a hash of what shapes them). Without espeak-ng the devices have no
+        sound and nobody answers by voice: the run goes on and says why."""
+        try:
+            self.citizen = citizen_wav(self.workdir / "voices")
+            self.operator_voice = operator_wav(self.workdir / "voices")
+        except (EspeakMissing, OSError, ValueError) as exc:  # a failing espeak-ng, say
+            self.no_sound = f"no voice clips ({exc})"
+            self.recorder.add("sim", "setup", f"the devices have no sound: {self.no_sound}")
+            return
+        self.recorder.add("sim", "setup", f"sound: the devices' microphones play "
+                          f"{self.citizen.path.name} (the caller, espeak-ng)",
+                          clip=str(self.citizen.path))
+
     def _row_shown(self, alert_id: str, shown_ms: float | None) -> None:
         """The watcher saw (or gave up on) an alert's row: on the timeline at that moment."""
         if shown_ms is None:
@@ -378,8 +480,9 @@ class ScenarioRun:
                 rec.add("sim", "setup", f"evidence ingest on {self.ingest.url}/files/ "
                         "(tus, mutual TLS)")
             self._start_console()  # before the centre subscribes: it sees every event
+            self._make_voices()
             if self.browser:  # Chromium starts while the devices connect
-                opener = threading.Thread(target=self._open_watcher, name="console-opener",
+                opener = threading.Thread(target=self._open_browsers, name="console-opener",
                                           daemon=True)
                 opener.start()
             self._start_routing()  # before the centre: it notifies of the first alert
@@ -396,8 +499,14 @@ class ScenarioRun:
                 opener.join()
             self._play_timeline()
             rec.wait_for(lambda es: self._finished(), self._remaining())
+            if self.answerer is not None and not self._finished():
+                # A call still being measured holds its alert's close: give it its time.
+                self.answerer.answers(voice_answerer.ALLOWANCE_S)
+                rec.wait_for(lambda es: self._finished(), self._close_margin())
             rec.wait_for(lambda es: self._webhooks_settled(), WEBHOOK_DRAIN_S)
             self._rows = self._console_rows()
+            self._answers = self.answerer.answers(voice_answerer.ALLOWANCE_S) \
+                if self.answerer is not None else {}
             held = keep_running
         finally:
             if opener is not None:
@@ -410,6 +519,24 @@ class ScenarioRun:
         if not held:
             self.store.close()
         return result
+
+    def _open_browsers(self) -> None:
+        """The watcher's and (for a scenario with a pillar of ours) the answerer's Chromium,
+        started side by side."""
+        answering = None
+        if any(d.profile == "pillar" and d.id not in self.provisioned
+               for d in self.scenario.devices):
+            answering = threading.Thread(target=self._open_answerer, name="voice-opener",
+                                         daemon=True)
+            answering.start()
+        self._open_watcher()
+        if answering is not None:
+            answering.join()
+
+    def _close_margin(self) -> float:
+        """After the calls were measured: the automatic operator's close, applied on the
+        device and shown there (wall seconds)."""
+        return self.scenario.operator_close_delay_s / self.speed + 10.0
 
     def _start_routing(self) -> None:
         if self.routing is None:
@@ -436,6 +563,8 @@ class ScenarioRun:
         self.operator.stop()
         if self.watcher is not None:
             self.watcher.close()
+        if self.answerer is not None:
+            self.answerer.close()
 
     def _console_rows(self) -> dict[str, float | None]:
         """Alert id -> when its row appeared in the watcher's page (epoch ms, None: never)."""
@@ -464,6 +593,8 @@ class ScenarioRun:
         else:
             config = directory / "device.toml"
             config.write_text(self._device_config(spec, directory, port))
+            if self.citizen is not None and spec.profile == "pillar":
+                self._speakers[spec.id] = directory / "data" / SPEAKER_WAV
         process = DeviceProcess(spec.id, config, directory / "device.log", self.recorder,
                                 spec.battery, gps_port=port)
         self.devices[spec.id] = process
@@ -475,7 +606,8 @@ class ScenarioRun:
             broker=self.broker, gps_port=gps_port, surveyed=spec.surveyed,
             position_interval_s=max(1.0, 5.0 / self.speed), camera=spec.camera,
             segment_s=spec.segment_s / self.speed, preroll_s=min(30.0, 10.0 / self.speed),
-            upload_url=self.ingest.url if self.ingest and spec.camera else None)
+            upload_url=self.ingest.url if self.ingest and spec.camera else None,
+            microphone_wav=self.citizen.path.resolve() if self.citizen else None)
 
     def _play_timeline(self) -> None:
         self._t0 = time.monotonic()
@@ -575,6 +707,7 @@ class ScenarioRun:
                     self.watcher.watch(m["alert_id"], time.time())  # just stored
                 self.recorder.add("centre", "alert", alert_line(m) + self._routed_to(m),
                                   alert_id=m["alert_id"])
+                self._answer_by_voice(m["alert_id"], event.device_id)
                 self._operator_takes(m["alert_id"], event.device_id)
             else:
                 self.recorder.add("centre", "duplicate", f"duplicate of {m['alert_id'][:8]} "
@@ -606,6 +739,15 @@ class ScenarioRun:
         if record is None:
             return ""
         return f" -> {', '.join(record.desks) or '(no desk)'} (rule '{record.route_rule}')"
+
+    def _answer_by_voice(self, alert_id: str, device_id: str) -> None:
+        """A pillar with sound: the operator on duty answers its call at once, and the
+        automatic operator closes the alert only once the call has been measured."""
+        speaker = self._speakers.get(device_id)
+        if self.answerer is None or not self.answerer.active or speaker is None \
+                or self._pressed_with.get(device_id) == "ignore":  # nobody may take that one
+            return
+        self.operator.hold_close(alert_id, self.answerer.answer(alert_id, speaker))
 
     def _operator_takes(self, alert_id: str, device_id: str) -> None:
         """The automatic operator's answer to a new alert: at once (after its delay), or, for
@@ -758,8 +900,10 @@ class ScenarioRun:
     def _console_result(self, walls: dict[str, tuple[float | None, float]]) -> dict[str, Any]:
         """The `console` object: where it was, who may log in, and per alert (alert id ->
         (pressed, stored) epoch s: the recorder's press entry, as for `pressed_at`, and the
-        store's stored_at) how long after each its row appeared in the watcher's page; plus
-        "problems": a row not seen within ROW_DEADLINE_S of the alert being stored."""
+        store's stored_at) how long after each its row appeared in the watcher's page, and
+        for a pillar's the `voice` call the operator on duty answered (`voice_why_not`: why
+        there are none); plus "problems": a row not seen within ROW_DEADLINE_S of the alert
+        being stored, a call that did not connect."""
         watcher = self.watcher
         why_not = "not asked for (sos-sim run --no-browser)" if watcher is None \
             else watcher.why_not
@@ -770,15 +914,68 @@ class ScenarioRun:
                 problems.append(f"alert {alert_id[:8]}: its row did not appear in the "
                                 f"operator console's page within {ROW_DEADLINE_S:g} s of being "
                                 "stored")
-            rows.append({
+            row = {
                 "alert_id": alert_id,
                 "pressed_to_row_ms": _ms((shown / 1000) - pressed)
                 if shown is not None and pressed is not None else None,
                 "stored_to_row_ms": _ms(shown / 1000 - stored) if shown is not None else None,
-            })
+            }
+            answer = self._answers.get(alert_id)
+            if answer is not None:
+                row["voice"] = voice_figures(answer, pressed)
+                problems += voice_problems(alert_id, row["voice"])
+            rows.append(row)
         return {"url": self.console.url if self.console else None, "user": CONSOLE_USER,
                 "browser": watcher.browser if watcher is not None else None,
-                "why_not": why_not, "alerts": rows, "problems": problems}
+                "why_not": why_not, "alerts": rows, "voice_why_not": self._voice_why_not(),
+                "problems": problems}
+
+    def _voice_why_not(self) -> str | None:
+        """Why no pillar's call was answered by voice (None: the answerer was there, or the
+        scenario has no pillar of its own to answer)."""
+        if not self.browser:
+            return "not asked for (sos-sim run --no-browser)"
+        if self.no_sound is not None:
+            return self.no_sound
+        return self.answerer.why_not if self.answerer is not None else None
+
+
+def voice_figures(answer: VoiceAnswer, pressed: float | None) -> dict[str, Any]:
+    """A console row's `voice`: press -> voice connected (ms; the press as for
+    pressed_to_row_ms), the click -> connected, and how well each side's received sound
+    followed what the other sent (simulator/audio_compare.py); `error` if the call failed."""
+    connected = answer.connected_at_ms
+    return {
+        "pressed_to_connected_ms": round(connected - pressed * 1000, 1)
+        if connected is not None and pressed is not None else None,
+        "answered_to_connected_ms": round(connected - answer.clicked_at_ms, 1)
+        if connected is not None and answer.clicked_at_ms is not None else None,
+        "operator_heard_caller_r": answer.operator_heard_caller_r,
+        "caller_heard_operator_r": answer.caller_heard_operator_r,
+        # the page's jitter buffer while the operator listened: concealed, removed (to catch
+        # up) and inserted (to slow down) sound, ms; each time-warps what the operator heard
+        "operator_receive": answer.operator_receive,
+        "error": answer.error,
+    }
+
+
+def voice_problems(alert_id: str, voice: dict[str, Any]) -> list[str]:
+    """A call the operator on duty answered must connect. How well each side heard the other
+    is reported, not judged here: on a busy desktop (two cores running browsers, the device's
+    camera and its aiortc) the received sound is sometimes time-warped by late packets and
+    scores below voice_answerer.HEARD; tests/test_sim_voice.py holds the run to that bar."""
+    if voice["pressed_to_connected_ms"] is None:
+        return [f"alert {alert_id[:8]}: the operator's voice call did not connect"
+                + (f" ({voice['error']})" if voice["error"] else "")]
+    return []
+
+
+def heard(listener: str, speaker: str, r: float | None) -> str:
+    """"the operator heard the caller (r=0.93)", for the timeline and the summary."""
+    if r is None:
+        return f"whether {listener} heard {speaker} was not measured"
+    verb = "heard" if r >= voice_answerer.HEARD else "did NOT hear"
+    return f"{listener} {verb} {speaker} (r={r:.2f})"
 
 
 def scaled_routes(routes: RouteTable, speed: float) -> RouteTable:

@@ -14,7 +14,13 @@ import av
 import numpy as np
 import pytest
 
-from simulator.audio_compare import aligned_correlation, find_markers, latencies, read_wav
+from simulator.audio_compare import (
+    JITTER_DRIFT_S,
+    aligned_correlation,
+    find_markers,
+    latencies,
+    read_wav,
+)
 from simulator.voice_media import VoiceClip, citizen_wav, operator_wav
 
 pytestmark = pytest.mark.skipif(not shutil.which("espeak-ng"),
@@ -125,6 +131,29 @@ def test_a_clip_played_once_matches_though_other_sound_follows(citizen: VoiceCli
     found = aligned_correlation(message, as_received(received, delay_s=0.0), RATE)
     assert found.correlation >= 0.8
     assert found.lag_s == pytest.approx(1.0, abs=0.02)
+
+
+def jitter_buffered(sent: np.ndarray) -> np.ndarray:
+    """A looped clip as a WebRTC receiver's jitter buffer may hand it on from a busy sender:
+    120 ms cut out at 3 s (it caught up), 80 ms of silence put in at 6 s (it concealed)."""
+    x = np.tile(sent, 2)[30_000:430_000]
+    return np.concatenate([x[:144_000], x[149_760:288_000], np.zeros(3_840), x[288_000:]])
+
+
+def test_a_slipping_timeline_is_followed_with_drift(citizen: VoiceClip) -> None:
+    sent = read_wav(citizen.path)
+    received = jitter_buffered(sent)
+    assert aligned_correlation(sent, received, RATE, looped=True).correlation < 0.8
+    assert aligned_correlation(sent, received, RATE, looped=True,
+                               drift_s=JITTER_DRIFT_S).correlation >= 0.9
+
+
+def test_following_the_drift_does_not_make_other_speech_match(citizen: VoiceClip,
+                                                              operator: VoiceClip) -> None:
+    other = jitter_buffered(read_wav(operator.path))
+    match = aligned_correlation(read_wav(citizen.path), other, RATE, looped=True,
+                                drift_s=JITTER_DRIFT_S)
+    assert match.correlation < 0.6
 
 
 def test_received_silence_correlates_zero_and_holds_no_markers(citizen: VoiceClip) -> None:
