@@ -46,6 +46,7 @@ from protocol import (
     payload_digest,
     utc_iso,
 )
+from protocol.messages import MAX_PAYLOAD_BYTES
 from protocol.mqtt import BrokerConfig, make_client
 from protocol.signing import SignatureError, Signer, verify, window_error
 from protocol.topics import LIVE, all_devices, parse_device_topic, parse_live_topic
@@ -204,6 +205,9 @@ class CenterService:
             "operator": operator,
         })
         payload = encode(MessageKind.COMMAND, command)
+        if len(payload) > MAX_PAYLOAD_BYTES:  # the device would drop it unread
+            raise CommandError(f"the {fields['type']} is {len(payload)} bytes, more than a "
+                               f"device reads ({MAX_PAYLOAD_BYTES}); not sent")
         self.store.add_command(command, device_id, note)
         info = self._client.publish(Topics(device_id).command, payload, qos=1)
         kind = fields["type"]

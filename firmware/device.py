@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -295,9 +295,18 @@ class DeviceRuntime:
         )
         # The kiosk door's switch (docs/VOICE.md, "Tamper switch"): an event, never an SOS.
         tamper = config.tamper
-        self.tamper = None if tamper is None else TamperSwitch(
-            tamper.pin, self._events.put, debounce_s=tamper.debounce_s, pull_up=tamper.pull_up,
-            open_when_high=tamper.open_when_high, pin_factory=pin_factory, clock=clock)
+        self.tamper: TamperSwitch | None = None
+        self._optional_problems: dict[str, str] = {}  # parts that could not be set up at all
+        if tamper is not None:
+            try:
+                self.tamper = TamperSwitch(
+                    tamper.pin, self._events.put, debounce_s=tamper.debounce_s,
+                    pull_up=tamper.pull_up, open_when_high=tamper.open_when_high,
+                    pin_factory=pin_factory, clock=clock)
+            except Exception as exc:  # a busy or missing pin: the SOS path runs without it
+                self._optional_problems["tamper"] = f"door switch on pin {tamper.pin}: {exc}"
+                log.error("tamper: %s; running without the door switch",
+                          self._optional_problems["tamper"])
         # The microphone (docs/EVIDENCE.md "Sound"): opened once, shared by the recorder, the
         # live view and the voice call. `open_audio=False` (simulated hardware) never opens ALSA.
         self.audio_source: AudioSource | None = audio_source
@@ -360,8 +369,14 @@ class DeviceRuntime:
             status_payload=self._status_payload, receipt_keys=centre_keys,
         )
         # The voice call with the operator during an SOS: None without one.
-        self.voice = make_voice(config, self.audio_source, self._events.put,
-                                pin_factory=pin_factory, utc=utc_clock)
+        try:
+            self.voice = make_voice(config, self.audio_source, self._events.put,
+                                    pin_factory=pin_factory, utc=utc_clock)
+        except Exception as exc:  # lamps' pins busy, no speaker: the SOS path runs without voice
+            self._optional_problems["voice"] = f"the voice call could not be set up: {exc}"
+            log.error("voice: %s; running without it (offers are refused as unsupported)",
+                      self._optional_problems["voice"])
+            self.core.identity = replace(self.core.identity, voice=False)
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -456,12 +471,12 @@ class DeviceRuntime:
         self.button.close()
         if self.tamper is not None:
             self.tamper.close()
+        if self.voice is not None:  # the call ends (and the microphone is let go) first
+            self.voice.close()
         self.uplink.stop()
         if self.gps:
             self.gps.stop()
         self.feedback.close()
-        if self.voice is not None:
-            self.voice.close()
         self.outbox.close()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -506,10 +521,13 @@ class DeviceRuntime:
                 log.info("self-test %s", "passed" if self.selftest_summary["ok"] else "FAILED")
                 if self.uplink.connected:
                     self.uplink.publish_status()
-            case VoiceNews():
-                self._voice_news(item)
-            case DoorChanged():
-                self._door_changed(item)
+            case VoiceNews() | DoorChanged():
+                try:  # optional parts: nothing they do may end the device's loop
+                    self._voice_news(item) if isinstance(item, VoiceNews) \
+                        else self._door_changed(item)
+                except Exception:
+                    log.exception("internal: %s could not be handled; ignored",
+                                  type(item).__name__)
             case CommandReceived(payload):
                 try:
                     self._handle(CommandPayload(payload))
@@ -550,12 +568,8 @@ class DeviceRuntime:
                     self._record_call(call_id)
                 case RecordSos(alert_id, active):
                     self._record_sos(alert_id, active)
-                case VoiceOffer(alert_id, session, sdp, ice_servers) if self.voice:
-                    self.voice.offer(alert_id, session, sdp, ice_servers)
-                case VoiceHangup(session) if self.voice:
-                    self.voice.hangup(session)
-                case VoiceEnd() if self.voice:
-                    self.voice.alert_ended()
+                case VoiceOffer() | VoiceHangup() | VoiceEnd() if self.voice:
+                    self._voice_action(action)
 
     def _store(self, items: list[Outgoing], state: dict[str, Any]) -> None:
         try:
@@ -696,6 +710,21 @@ class DeviceRuntime:
         if self.uplink.connected:
             self.uplink.publish_status()
 
+    def _voice_action(self, action: VoiceOffer | VoiceHangup | VoiceEnd) -> None:
+        """Hand an offer, a hang-up or the alert's end to the voice call; its failure is
+        logged and changes nothing else (the SOS path never depends on voice)."""
+        assert self.voice is not None
+        try:
+            match action:
+                case VoiceOffer(alert_id, session, sdp, ice_servers):
+                    self.voice.offer(alert_id, session, sdp, ice_servers)
+                case VoiceHangup(session):
+                    self.voice.hangup(session)
+                case VoiceEnd():
+                    self.voice.alert_ended()
+        except Exception:
+            log.exception("internal: voice could not take %s; ignored", type(action).__name__)
+
     def _voice_news(self, item: VoiceNews) -> None:
         """The voice engine's answer, a call's state, a TURN fault: to the centre as events;
         a fault also goes into the status at once."""
@@ -746,7 +775,8 @@ class DeviceRuntime:
                  "gps": self.gps.problem() if self.gps else None,
                  "upload": self._upload_problem,
                  "voice": self.voice.fault if self.voice is not None else None,
-                 "microphone": self.audio_source.error if self.audio_source else None}
+                 "microphone": self.audio_source.error if self.audio_source else None,
+                 **self._optional_problems}
         return {part: reason[:200] for part, reason in found.items() if reason}
 
     def _count_camera_frames(self, wanted: int = 5, timeout_s: float = 5.0) -> int:
@@ -942,10 +972,8 @@ class DeviceRuntime:
         }
         if self.recorder is not None:
             status["recordings_waiting"] = self.recorder.store.waiting_for_upload()
-        if self.config.voice is not None:
-            status["voice"] = self.config.voice.mode
-        if self.config.voice is not None:
-            status["voice"] = self.config.voice.mode
+        if self.voice is not None:
+            status["voice"] = self.voice.engine.mode
         if self.selftest_summary is not None:
             status["selftest"] = self.selftest_summary
         door = self.tamper.state if self.tamper is not None else None

@@ -122,6 +122,7 @@ def _pearson(a: Samples, b: Samples) -> float:
 # (1 s) before a comparison stops following it: it stretches, shortens or conceals tens of ms at
 # a time when packets come late on a busy machine (measured: up to 160 ms in the first seconds).
 JITTER_DRIFT_S = 0.15
+MAX_TOTAL_DRIFT_S = 0.3  # ... and in all, from the best single lag
 
 
 def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floating], rate: int,
@@ -147,8 +148,9 @@ def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floatin
     `drift_s` (looped only) lets the alignment follow a received timeline that slips, as a
     WebRTC receiver's jitter buffer makes it when packets come late (it stretches, shortens or
     conceals sound to keep the delay low): after the best single lag, each `block_s` of the
-    received sound is aligned on its own, within ±`drift_s` of the block before it, and one
-    correlation is taken over all blocks. 0 keeps one rigid lag.
+    received sound is aligned on its own, within ±`drift_s` of the block before it and
+    ±`MAX_TOTAL_DRIFT_S` of that lag, and one correlation is taken over all blocks. 0 keeps one
+    rigid lag.
     """
     hop_s = window_s / 4
     env_s = envelope(sent, rate, window_s, hop_s)
@@ -182,7 +184,8 @@ def aligned_correlation(sent: NDArray[np.floating], received: NDArray[np.floatin
                 best_corr, best_lag, best_phase = corr, first - phase, phase
         if drift_s > 0:
             best_corr = _drifting(part, tiled, best_phase, round(block_s / hop_s),
-                                  round(drift_s / hop_s), period)
+                                  round(drift_s / hop_s), round(MAX_TOTAL_DRIFT_S / hop_s),
+                                  period)
         loop_s = sent_samples.size / rate
         lag_s = best_lag * hop_s
         return Alignment((lag_s + loop_s / 2) % loop_s - loop_s / 2, best_corr)
@@ -216,16 +219,17 @@ def _tone_tracks(x: Samples, rate: int, freq_hz: float,
     return amplitude, rms
 
 
-def _drifting(part: Samples, tiled: Samples, phase: int, block: int, drift: int,
+def _drifting(part: Samples, tiled: Samples, phase: int, block: int, drift: int, total: int,
               period: int) -> float:
     """The correlation of `part` with the tiled envelope when each block of `block` values may
-    slip up to `drift` values from the block before it (starting from `phase`)."""
+    slip up to `drift` values from the block before it, and `total` in all from `phase`."""
     warped = np.empty_like(part)
-    offset = phase + period  # room to slip backwards within the tiling
+    home = offset = phase + period  # room to slip backwards within the tiling
     for start in range(0, part.size, block):
         piece = part[start:start + block]
         best, best_offset = -2.0, offset
-        for candidate in range(offset - drift, offset + drift + 1):
+        for candidate in range(max(offset - drift, home - total),
+                               min(offset + drift, home + total) + 1):
             lo = candidate + start
             if lo < 0 or lo + piece.size > tiled.size:
                 continue

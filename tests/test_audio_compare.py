@@ -148,6 +148,22 @@ def test_a_slipping_timeline_is_followed_with_drift(citizen: VoiceClip) -> None:
                                drift_s=JITTER_DRIFT_S).correlation >= 0.9
 
 
+@pytest.mark.parametrize("scramble", ["reversed", "shuffled"])
+def test_following_the_drift_does_not_make_the_same_sounds_out_of_order_match(
+        citizen: VoiceClip, scramble: str) -> None:
+    """The clip's own sounds, reversed or in 0.5 s blocks shuffled: same loudness, no speech."""
+    sent = read_wav(citizen.path)
+    if scramble == "reversed":
+        other = sent[::-1].copy()
+    else:
+        blocks = np.array_split(sent, 20)
+        order = np.random.default_rng(7).permutation(len(blocks))
+        other = np.concatenate([blocks[i] for i in order])
+    received = np.tile(other, 2)[30_000:430_000]
+    match = aligned_correlation(sent, received, RATE, looped=True, drift_s=JITTER_DRIFT_S)
+    assert match.correlation < 0.8
+
+
 def test_following_the_drift_does_not_make_other_speech_match(citizen: VoiceClip,
                                                               operator: VoiceClip) -> None:
     other = jitter_buffered(read_wav(operator.path))

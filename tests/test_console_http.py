@@ -190,6 +190,27 @@ def test_a_supervisor_takes_over_an_alert_and_it_is_audited(rig: ConsoleRig,
                and e["taken_from"] == "alice" for e in lines)
 
 
+def test_only_the_operator_holding_an_alert_may_hang_up_its_call(rig: ConsoleRig,
+                                                                 alice: Client) -> None:
+    alert_id = raise_alert(rig, "tok-http-01")
+    assert alice.request("POST", f"/api/alerts/{alert_id}/claim", {})[0] == 200
+    bob = Client(rig)
+    bob.log_in("bob")
+    status, _, body = bob.request("POST", f"/api/alerts/{alert_id}/voice/hangup",
+                                  {"voice_session": "5e" * 16})
+    assert status == 409 and "alice" in body["error"]
+    assert rig.store.commands(alert_id) == []
+
+
+def test_a_voice_offer_that_is_not_an_ascii_sdp_is_refused_and_nothing_is_sent(
+        rig: ConsoleRig, alice: Client) -> None:
+    alert_id = raise_alert(rig, "tok-http-01")
+    for sdp in ("hello", "v=0\r\ns=\u00e9\r\n", "v=0\r\n" + "a" * 10_000):
+        status, _, body = alice.request("POST", f"/api/alerts/{alert_id}/voice", {"sdp": sdp})
+        assert status == 400 and "SDP" in body["error"]
+    assert rig.store.commands(alert_id) == []
+
+
 def test_a_closed_alert_cannot_be_acknowledged(rig: ConsoleRig, alice: Client) -> None:
     alert_id = raise_alert(rig, "tok-http-01")
     rig.store.mark(alert_id, "close", "another centre", at=time.time())

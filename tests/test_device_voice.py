@@ -130,7 +130,8 @@ def test_the_alert_ending_ends_the_call_and_darkens_the_lamps(
     assert voice.next_deadline() is None
 
 
-def test_a_turn_fault_is_reported_once_and_cleared(voice: DeviceVoice) -> None:
+def test_a_turn_fault_becomes_an_event_and_clears_with_a_restored_one(
+        voice: DeviceVoice) -> None:
     line = "voice: TURN server turn:turn.example:3478 not reachable (timed out after 3 s)"
     assert voice.news(VoiceFaultChanged(line), 1.0) == [("voice_fault", {"reason": line})]
     assert voice.fault == line

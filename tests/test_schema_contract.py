@@ -80,3 +80,20 @@ def test_an_alert_without_a_field_the_centre_stores_is_refused_by_the_schema() -
         message = {k: v for k, v in alert_message().items() if k != field}
         with pytest.raises(ProtocolError):
             decode(MessageKind.ALERT, json.dumps(message).encode())
+
+
+def test_the_largest_voice_offer_the_console_sends_fits_a_devices_message_limit() -> None:
+    """A browser's SDP at the console's limit (printable lines of 78 characters, as SDP is),
+    with two ICE server entries at their schema limits: a device reads it (16 KiB)."""
+    from control_center.web.voice_api import SDP_MAX
+    from protocol.messages import MAX_PAYLOAD_BYTES, MessageKind, encode
+
+    line = "a=candidate:" + "x" * 66 + "\r\n"
+    sdp = ("v=0\r\n" + line * SDP_MAX)[:SDP_MAX]
+    url = "turn:" + "t" * 189 + ":3478"
+    entry = {"urls": [url] * 4, "username": "u" * 200, "credential": "c" * 200}
+    command = {"v": 1, "command_id": "0f" * 16, "seq": 2**53 - 1, "type": "voice_offer",
+               "alert_id": "ab" * 16, "issued_at": "2026-12-03T10:00:00.000Z",
+               "operator": "o" * 64, "voice_session": "5e" * 16, "sdp": sdp,
+               "ice_servers": [entry, entry], "sig": "A" * 86 + "=="}
+    assert len(encode(MessageKind.COMMAND, command)) <= MAX_PAYLOAD_BYTES

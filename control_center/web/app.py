@@ -408,8 +408,10 @@ def _voice_offer(console: Console, request: Request) -> Response:
     session = _acting(console, request, "act")
     body = _json_sync(request)
     sdp = body.get("sdp")
-    if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp.encode()) > SDP_MAX:
-        raise HTTPException(400, f"give the browser's SDP offer (at most {SDP_MAX} bytes)")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0") or not sdp.isascii() \
+            or len(sdp) > SDP_MAX:
+        raise HTTPException(400, f"give the browser's SDP offer (ASCII, at most {SDP_MAX} "
+                                 "characters)")
     record = _record(console, request)
     if record.status == "closed":
         raise HTTPException(409, f"alert {record.alert_id[:8]} is closed")
@@ -440,7 +442,8 @@ def _voice_offer(console: Console, request: Request) -> Response:
 
 
 def _voice_hangup(console: Console, request: Request) -> Response:
-    """The operator leaves the call; the alert stays open (closing it ends the call too)."""
+    """The operator leaves the call; the alert stays open (closing it ends the call too). Only
+    the operator who holds the alert (whose call it is) may hang up."""
     session = _acting(console, request, "act")
     body = _json_sync(request)
     voice_session = body.get("voice_session")
@@ -449,6 +452,9 @@ def _voice_hangup(console: Console, request: Request) -> Response:
     record = _record(console, request)
     if record.status == "closed":  # the close ended the call on the device already
         return JSONResponse({"ended": "with the alert"})
+    if record.claimed_by != session.username:
+        raise HTTPException(409, f"alert {record.alert_id[:8]} is held by "
+                                 f"{record.claimed_by or 'nobody'}: only they can hang up")
     details = {"alert_id": record.alert_id, "voice_session": voice_session}
     command = _send(console, session.username, "voice_hangup", details, lambda: (
         console.commands.send_voice(record.alert_id, {"type": "voice_hangup",

@@ -24,7 +24,7 @@ from control_center.turn_credentials import ice_servers_for
 log = logging.getLogger("sos.center.voice")
 
 POLL_S = 0.2  # how often a waiting offer looks into the shared store
-SDP_MAX = 12_000  # the command schema's limit
+SDP_MAX = 10_000  # the command schema's limit
 SESSION = re.compile(r"[0-9a-f]{32}")
 
 

@@ -57,6 +57,7 @@ log = logging.getLogger("sos.voice")
 MIC_QUEUE_CHUNKS = 10  # 200 ms of microphone sound at most waits for the encoder
 SILENT_AFTER_S = 2.0  # two_way: no sound from the operator's side this long = interrupted
 TURN_PROBE_TIMEOUT_S = 3.0
+ANSWER_MAX = 10_000  # the voice_answer event's `sdp` limit (event.schema.json)
 CLIP_CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE
 CLIP_LEAD_S = 0.1  # the spoken message is handed to the speaker this far ahead of playing
 
@@ -134,6 +135,10 @@ class MicrophoneTrack(MediaStreamTrack):
         return frame
 
 
+class _Gone(Exception):
+    """The call being answered was ended meanwhile (a hang-up, the alert's end, a rejoin)."""
+
+
 @dataclass
 class _Call:
     alert_id: str
@@ -186,15 +191,25 @@ class VoiceEngine:
         return any(call.state == "connected" for call in list(self._calls.values()))
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """End every call, stop the loop and its thread, and let the speaker go."""
         if self._loop.is_closed():
             return
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._end_all("the device stopped"),
-                                             self._loop).result(timeout_s)
+            asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop).result(timeout_s)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self._loop.close()
+        if self._sink is not None:
+            self._sink.close()
+
+    async def _shut_down(self) -> None:
+        await self._end_all("the device stopped")
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+        await self._loop.shutdown_default_executor()
 
     def _submit(self, coro: Any) -> None:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -209,17 +224,22 @@ class VoiceEngine:
     # -- the call (on the voice loop) ------------------------------------------------------------
     async def _answer(self, alert_id: str, session: str, sdp: str,
                       ice_servers: list[dict[str, Any]]) -> None:
-        for old in list(self._calls):  # a rejoin: the operator's new offer replaces the call
-            await self._end(old, "replaced by a new offer (the operator rejoined)")
+        """The call is registered before the first await: a hang-up or the alert's end that
+        comes while it is being answered finds it, ends it, and the answer stops there."""
         config = RTCConfiguration(iceServers=[
             RTCIceServer(urls=server["urls"], username=server.get("username"),
                          credential=server.get("credential")) for server in ice_servers])
         pc = RTCPeerConnection(configuration=config)
         call = _Call(alert_id, session, pc, ice_servers, tasks=[])
+        old_calls = [old for old in self._calls if old != session]
         self._calls[session] = call
         pc.on("connectionstatechange", lambda: self._connection_changed(call))
         pc.on("track", lambda track: self._remote_track(call, track))
+        for old in old_calls:  # a rejoin: the operator's new offer replaces the call
+            await self._end(old, "replaced by a new offer (the operator rejoined)")
         try:
+            if self._calls.get(session) is not call:
+                raise _Gone
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             audio = [t for t in pc.getTransceivers() if t.kind == "audio"]
             if not audio:
@@ -231,9 +251,20 @@ class VoiceEngine:
             else:
                 audio[0].direction = "recvonly" if self._sink is not None else "inactive"
             await pc.setLocalDescription(await pc.createAnswer())
+            if self._calls.get(session) is not call:
+                raise _Gone
+            if len(pc.localDescription.sdp) > ANSWER_MAX:
+                raise ValueError(f"the answer's SDP is {len(pc.localDescription.sdp)} characters, "
+                                 f"more than an event carries ({ANSWER_MAX}): too many network "
+                                 "interfaces or candidates")
+        except _Gone:  # hung up or the alert ended meanwhile: that already said "ended"
+            await self._close_call(call)
+            return
         except Exception as exc:
             reason = f"could not answer the operator's offer: {exc}"
             log.error("voice: %s", reason)
+            if self._calls.get(session) is call:
+                del self._calls[session]
             await self._close_call(call)
             self._tell(VoiceStateChanged(alert_id, session, "failed", reason[:200]))
             return
