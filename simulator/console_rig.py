@@ -5,6 +5,7 @@ console over HTTPS, and accounts for each role."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from control_center.web.launch import RunningConsole, start_console
 from simulator.broker import HOST, PrivateBroker
 
 PASSWORD = "correct horse battery staple"
+RECHECK_S = 0.2
 USERS = {"alice": "operator", "bob": "operator", "sam": "supervisor", "audrey": "auditor"}
 
 
@@ -90,9 +92,14 @@ class ConsoleRig:
             self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 20.0) -> object:
-        """Until predicate() holds, re-checked whenever the centre learns something."""
+        """Until predicate() holds, re-checked whenever the centre learns something and every
+        RECHECK_S for what it does not announce (a console request's claim, say)."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            result = self._changed.wait_for(predicate, timeout)
+            result = predicate()
+            while not result and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(min(RECHECK_S, left))
+                result = predicate()
         assert result, f"timed out after {timeout} s waiting for {predicate}"
         return result
 

@@ -22,12 +22,62 @@ from simulator.console_watch import why_not_here
 BROWSER_MISSING = why_not_here()
 
 
-@pytest.mark.skipif(BROWSER_MISSING is not None, reason=str(BROWSER_MISSING))
-def test_json_reports_each_alerts_row_as_shown_in_the_browser() -> None:
+HEARD = 0.8  # the voice issue's bar: the received envelope follows the sent one this well
+CONNECTED_WITHIN_MS = 5000.0
+needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=str(BROWSER_MISSING))
+
+
+@pytest.fixture(scope="module")
+def pillar_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One `sos-sim run pillar-sos --json` with the console open in Chromium and an operator
+    on duty answering by voice; the tests below read different parts of its result."""
+    out = tmp_path_factory.mktemp("pillar-sos")
     done = subprocess.run([sys.executable, "-m", "simulator.cli", "run", "pillar-sos", "--json",
-                           "--speed", "4"], capture_output=True, text=True, timeout=240)
+                           "--speed", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
     assert done.stdout, done.stderr
-    result = json.loads(done.stdout)
+    return json.loads(done.stdout), out
+
+
+@needs_browser
+def test_the_pillar_scenario_ends_with_its_alert_stored_once_and_acknowledged(
+        pillar_run: tuple[dict, Path]) -> None:
+    result, _ = pillar_run
+    assert result["ok"], result["problems"]
+    (alert,) = result["alerts"]
+    assert alert["feedback"][:3] == ["sending", "delivered", "acknowledged"]
+    assert alert["latency_ms"] > 0 and alert["ack_latency_ms"] > 0
+    assert (alert["device_kind"], alert["position_source"]) == ("pillar", "surveyed")
+
+
+@needs_browser
+def test_the_operator_on_duty_answers_the_pillar_and_each_side_hears_the_other(
+        pillar_run: tuple[dict, Path]) -> None:
+    """`sos-sim run pillar-sos` sets up the voice call: the pillar's microphone plays an
+    espeak-ng citizen, an operator on duty in headless Chromium (its fake microphone playing an
+    espeak-ng operator) answers at once, and each side's received sound must follow what the
+    other sent (energy envelope correlation >= 0.8 after alignment)."""
+    result, out = pillar_run
+    console = result["console"]
+    assert console["why_not"] is None and console["voice_why_not"] is None
+    (row,) = console["alerts"]
+    voice = row["voice"]
+    assert voice["error"] is None
+    assert 0 < voice["answered_to_connected_ms"] < voice["pressed_to_connected_ms"] \
+        <= CONNECTED_WITHIN_MS
+    assert voice["operator_heard_caller_r"] >= HEARD, voice
+    assert voice["caller_heard_operator_r"] >= HEARD, voice
+    (alert,) = result["alerts"]
+    assert alert["decisions"] == {"ack": "applied", "voice_offer": "applied", "close": "applied"}
+    short = row["alert_id"][:8]  # what each side heard, kept for a person to listen to
+    assert (out / "voices" / f"{short}-operator-heard.wav").stat().st_size > 48_000
+    assert (out / "voices" / f"{short}-caller-heard.wav").stat().st_size > 48_000
+
+
+@needs_browser
+def test_json_reports_each_alerts_row_as_shown_in_the_browser(
+        pillar_run: tuple[dict, Path]) -> None:
+    result, _ = pillar_run
     assert result["ok"], result["problems"]
     console = result["console"]
     assert console["url"].startswith("https://localhost:")

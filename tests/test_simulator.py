@@ -23,18 +23,14 @@ def run_sim(scenario: str, speed: float) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("scenario", ["paramedic-sos", "pillar-sos"])
-def test_a_scenario_ends_with_every_alert_stored_once_and_acknowledged(scenario: str) -> None:
-    result = run_sim(scenario, speed=4)
+def test_a_scenario_ends_with_every_alert_stored_once_and_acknowledged() -> None:
+    """paramedic-sos here; pillar-sos (its surveyed position, its voice call) runs once, with
+    the console open in a browser, in tests/test_sim_console.py."""
+    result = run_sim("paramedic-sos", speed=4)
     assert result["ok"], result["problems"]
     (alert,) = result["alerts"]
     assert alert["feedback"][:3] == ["sending", "delivered", "acknowledged"]
     assert alert["latency_ms"] > 0 and alert["ack_latency_ms"] > 0
-
-
-def test_the_pillar_alert_carries_its_surveyed_position() -> None:
-    (alert,) = run_sim("pillar-sos", speed=4)["alerts"]
-    assert (alert["device_kind"], alert["position_source"]) == ("pillar", "surveyed")
 
 
 def test_outage_with_a_killed_device_still_delivers_exactly_once() -> None:

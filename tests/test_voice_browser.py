@@ -41,7 +41,7 @@ PILLAR = "pil-voice-01"
 TOKEN = "tok-voice-01"
 ANSWER_WITHIN_S = 1.0  # the spoken message plays this soon after the alert is delivered
 HEARD = 0.8  # the bar: the received envelope follows the sent one at least this well
-LISTEN_S = 8.0  # how much of the call each side records
+LISTEN_S = 6.0  # how much of the call each side records
 
 
 @pytest.fixture(scope="module")

@@ -257,14 +257,13 @@ class VoiceEngine:
                 raise ValueError(f"the answer's SDP is {len(pc.localDescription.sdp)} characters, "
                                  f"more than an event carries ({ANSWER_MAX}): too many network "
                                  "interfaces or candidates")
-        except _Gone:  # hung up or the alert ended meanwhile: that already said "ended"
-            await self._close_call(call)
-            return
         except Exception as exc:
+            if self._calls.get(session) is not call:  # hung up or the alert ended meanwhile
+                await self._close_call(call)  # (which said "ended" already)
+                return
             reason = f"could not answer the operator's offer: {exc}"
             log.error("voice: %s", reason)
-            if self._calls.get(session) is call:
-                del self._calls[session]
+            del self._calls[session]
             await self._close_call(call)
             self._tell(VoiceStateChanged(alert_id, session, "failed", reason[:200]))
             return
