@@ -96,6 +96,7 @@ class VoiceConfig:
     message_every_s: float  # ... and again this often until somebody does
     message_file: str | None  # None: the built-in message (firmware/voice/sounds/)
     reconnect_s: float  # a dropped call is waited for this long before it is reported failed
+    duplex: str  # "full", or "half": the microphone muted while the operator's voice plays
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,7 @@ def _voice(data: dict[str, Any], kind: str, config_file: str,
     return VoiceConfig(mode=mode, answer_within_s=float(voice["answer_within_s"]),
                        message_every_s=float(voice["message_every_s"]),
                        message_file=rel(voice.get("message_file")),
-                       reconnect_s=float(voice["reconnect_s"]))
+                       reconnect_s=float(voice["reconnect_s"]), duplex=voice["duplex"])
 
 
 def _camera(data: dict[str, Any], config_file: str) -> CameraConfig | None:

@@ -166,6 +166,7 @@ DEVICE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
     "voice.answer_within_s": lambda c: c.voice.answer_within_s,
     "voice.message_every_s": lambda c: c.voice.message_every_s,
     "voice.reconnect_s": lambda c: c.voice.reconnect_s,
+    "voice.duplex": lambda c: c.voice.duplex,
 }
 PROFILE_DEFAULTS: dict[str, Callable[[DeviceConfig], Any]] = {
     "button.pull_up": lambda c: c.button.pull_up,

@@ -43,6 +43,7 @@ PURE_CORES = {
     "firmware.uplink.upload_plan",
     "firmware.uplink.upload_machine",
     "firmware.voice.message",
+    "firmware.voice.duplex",
     "firmware.tamper.logic",
     "firmware.audio.pacing",
     "firmware.camera.avsync",

@@ -20,6 +20,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 import firmware.voice.engine as engine_module
 from firmware.audio.sink import WavFileSink
 from firmware.audio.source import WavAudioSource
+from firmware.voice.duplex import HalfDuplexGate
 from firmware.voice.engine import VoiceAnswer, VoiceEngine, VoiceNews, VoiceStateChanged
 from simulator.audio_compare import read_wav
 from simulator.voice_media import write_wav
@@ -178,3 +179,33 @@ def test_an_answer_too_big_for_an_event_fails_the_call_saying_so(
     engine.offer(ALERT, SESSION, asyncio.run(offer()), [])
     failed = next_news(news, VoiceStateChanged, session=SESSION)
     assert failed.state == "failed" and "more than an event carries" in failed.reason
+
+
+def test_half_duplex_mutes_the_microphone_while_the_operator_speaks(
+        microphone: WavAudioSource, news: queue.Queue[VoiceNews], tmp_path: Path) -> None:
+    """The operator's tone never stops here, so the pillar's microphone (its 1 kHz tone every
+    other second) must not be heard at all once the tone plays on the pillar's speaker."""
+    engine = VoiceEngine(mode="two_way", source=microphone,
+                         sink=WavFileSink(tmp_path / "speaker.wav"), on_news=news.put,
+                         duplex=HalfDuplexGate())
+    try:
+        async def call() -> list[av.AudioFrame]:
+            pc, heard = await operator_offer()
+            engine.offer(ALERT, SESSION, pc.localDescription.sdp, [])
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(None, next_news, news, VoiceAnswer)
+            await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
+            await loop.run_in_executor(None, lambda: next_news(news, VoiceStateChanged,
+                                                               state="connected"))
+            while sum(f.samples for f in heard) < 3 * RATE:
+                await asyncio.sleep(0.1)
+            await pc.close()
+            return heard
+
+        heard = asyncio.run(asyncio.wait_for(call(), 3 * WAIT_S))
+    finally:
+        engine.close()
+    pcm = np.concatenate([f.to_ndarray().reshape(-1)[::f.layout.nb_channels] for f in heard])
+    later = pcm[RATE:]  # after the first second: the operator's tone is playing by then
+    assert np.abs(later).max() < 50  # silence (Opus may leave a trace of noise)
+    assert read_wav(tmp_path / "speaker.wav").size > RATE  # the operator was heard, though

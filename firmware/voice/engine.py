@@ -50,6 +50,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from firmware.audio.sink import AudioSink
 from firmware.audio.source import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, AudioSource
+from firmware.voice.duplex import HalfDuplexGate, rms
 from firmware.voice.turn_probe import probe_turn
 
 log = logging.getLogger("sos.voice")
@@ -96,10 +97,13 @@ class MicrophoneTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, source: AudioSource) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: AudioSource,
+                 gate: HalfDuplexGate | None = None) -> None:
+        """`gate`: half-duplex; silence is sent while it keeps the microphone shut."""
         super().__init__()
         self._loop = loop
         self._source = source
+        self._gate = gate
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._pts = 0
         self._unsubscribe: Callable[[], None] | None = None
@@ -126,6 +130,8 @@ class MicrophoneTrack(MediaStreamTrack):
         if self._unsubscribe is None:  # the sender started: the call is connected
             self._unsubscribe = self._source.subscribe(self.feed)
         pcm = await self._queue.get()
+        if self._gate is not None and not self._gate.microphone_open(self._loop.time()):
+            pcm = bytes(len(pcm))  # half-duplex: the operator is speaking
         frame = av.AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
         frame.planes[0].update(pcm)
         frame.sample_rate = SAMPLE_RATE
@@ -155,7 +161,9 @@ class VoiceEngine:
     """Answers offers and runs the call. `mode`: "two_way" or "listen_in"."""
 
     def __init__(self, *, mode: str, source: AudioSource | None, sink: AudioSink | None,
-                 on_news: Callable[[VoiceNews], None], reconnect_s: float = 30.0) -> None:
+                 on_news: Callable[[VoiceNews], None], reconnect_s: float = 30.0,
+                 duplex: HalfDuplexGate | None = None) -> None:
+        """`duplex`: a half-duplex gate (two_way without echo cancellation), or None: full."""
         if mode not in ("two_way", "listen_in"):
             raise ValueError(f"voice mode must be two_way or listen_in, not {mode!r}")
         self.mode = mode
@@ -163,6 +171,7 @@ class VoiceEngine:
         self._sink = sink if mode == "two_way" else None
         self._on_news = on_news
         self._reconnect_s = reconnect_s
+        self._duplex = duplex if self._sink is not None else None
         self._calls: dict[str, _Call] = {}
         self._clip: asyncio.Task[None] | None = None
         self._fault: str | None = None
@@ -245,7 +254,7 @@ class VoiceEngine:
             if not audio:
                 raise ValueError("the offer has no audio")
             if self._source is not None:
-                call.mic = MicrophoneTrack(self._loop, self._source)
+                call.mic = MicrophoneTrack(self._loop, self._source, self._duplex)
                 audio[0].sender.replaceTrack(call.mic)
                 audio[0].direction = "sendrecv" if self._sink is not None else "sendonly"
             else:
@@ -298,7 +307,10 @@ class VoiceEngine:
             if self._sink is None:
                 continue
             for out in resampler.resample(frame):
-                self._sink.play(bytes(out.planes[0])[: out.samples * 2])
+                pcm = bytes(out.planes[0])[: out.samples * 2]
+                if self._duplex is not None:
+                    self._duplex.played(rms(pcm), self._loop.time())
+                self._sink.play(pcm)
 
     def _connection_changed(self, call: _Call) -> None:
         state = call.pc.connectionState

@@ -11,6 +11,7 @@ from firmware.audio.sink import open_audio_sink
 from firmware.audio.source import AudioSource
 from firmware.config import DeviceConfig
 from firmware.voice.device_voice import DeviceVoice
+from firmware.voice.duplex import HalfDuplexGate
 from firmware.voice.engine import VoiceEngine, VoiceNews
 from firmware.voice.lights import PillarLamps
 from firmware.voice.message import MessageSchedule
@@ -31,8 +32,9 @@ def make_voice(config: DeviceConfig, source: AudioSource | None,
     # A device whose microphone is a WAV file (the simulator) has a WAV file for a speaker.
     speaker_wav = config.data_dir / SPEAKER_WAV if audio.source == "wav" else None
     sink = open_audio_sink(audio, wav_path=speaker_wav) if two_way else None
+    gate = HalfDuplexGate() if two_way and voice.duplex == "half" else None
     engine = VoiceEngine(mode=voice.mode, source=source, sink=sink, on_news=report,
-                         reconnect_s=voice.reconnect_s)
+                         reconnect_s=voice.reconnect_s, duplex=gate)
     lights = getattr(config, "lights", None)
     lamps = (PillarLamps(lights.yellow_pin, lights.green_pin, pin_factory=pin_factory)
              if lights is not None else None)
