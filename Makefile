@@ -16,14 +16,14 @@ help: ## Show this help
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) and a pillar SOS; prints the operator console's URL and log-in (sos-sim run shift --console keeps it up)
+sim: venv sysdeps ## Simulate an ambulance shift (call, SOS, live view, upload) and a pillar SOS answered by voice; prints the operator console's URL and log-in (sos-sim run shift --console keeps it up)
 	$(VENV)/bin/sos-sim run shift
 	$(VENV)/bin/sos-sim run pillar-sos
 
-test: venv sysdeps interop ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins, a Node.js partner centre, headless Chromium)
+test: venv sysdeps interop ## Run the test suite (real Mosquitto, real ptys, gpiozero mock pins, a Node.js partner centre, headless Chromium, aiortc voice calls through coturn)
 	$(PY) -m pytest -q
 
-bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency, console (row visible, video playing)
+bench: venv sysdeps ## Benchmarks: SOS latency, evidence writer, upload goodput, live-view latency, console (row visible, video playing), voice (press to connected, mouth-to-ear), sound recording
 	$(PY) -m bench
 
 soak: venv sysdeps ## Long soak and fuzz variants of the tests (slow)
