@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +23,9 @@ def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
         yield running
 
 
+RECHECK_S = 0.2
+
+
 class CenterProbe:
     """A running control centre plus a way to wait for what it stores."""
 
@@ -37,9 +41,14 @@ class CenterProbe:
             self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 15.0) -> object:
-        """Wait until predicate() is truthy (re-checked whenever the centre learns something)."""
+        """Wait until predicate() is truthy: re-checked whenever the centre learns something,
+        and every RECHECK_S for what it does not announce (a log line, say)."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            result = self._changed.wait_for(predicate, timeout)
+            result = predicate()
+            while not result and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(min(RECHECK_S, left))
+                result = predicate()
         assert result, f"timed out after {timeout} s waiting for {predicate}"
         return result
 
