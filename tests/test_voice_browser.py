@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,11 +25,15 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from firmware.voice.device_voice import BUILT_IN_MESSAGE
 from simulator.audio_compare import JITTER_DRIFT_S, aligned_correlation, read_wav
 from simulator.broker import PrivateBroker
-from simulator.browser import chromium, is_blank, log_in, wait_until
-from simulator.console_rig import PASSWORD, ConsoleRig
+from simulator.browser import is_blank, wait_until
+from simulator.console_rig import ConsoleRig
 from simulator.voice_media import VoiceClip, citizen_wav, operator_wav
 from simulator.voice_probe import RATE, read_tap, start_tap
 from tests.helpers import Device
+from tests.voice_helpers import HEADSET, operator_page
+from tests.voice_helpers import click_talk as _click_talk
+from tests.voice_helpers import until as _until
+from tests.voice_helpers import voice_events as _voice_events
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("chromedriver") and shutil.which("espeak-ng")),
@@ -87,20 +89,9 @@ def pillar(rig: ConsoleRig, workdir: Path, citizen: VoiceClip) -> Iterator[Devic
     device.close()
 
 
-HEADSET = """document.getElementById("voice-audio").muted = true;"""
-# The operator wears a headset: the page's call audio is muted, so Chromium's echo canceller
-# gets no far-end signal and does not take the operator's voice for an echo to suppress while
-# the caller talks (headless Chromium has no acoustic path; seen: r 0.62-0.76 without this).
-# What the page receives is recorded from the call's stream itself, muted or not.
-
-
 @pytest.fixture(scope="module")
 def alice(rig: ConsoleRig, workdir: Path, operator_voice: VoiceClip) -> Iterator[WebDriver]:
-    driver = chromium(rig.cert_file, workdir / "profile-alice",
-                      microphone_wav=operator_voice.path)
-    log_in(driver, rig.url, "alice", PASSWORD)
-    wait_until(driver, lambda d: d.execute_script("return window.sosConsole.ready"))
-    driver.execute_script(HEADSET)
+    driver = operator_page(rig, workdir / "profile-alice", operator_voice.path)
     yield driver
     driver.quit()
 
@@ -111,31 +102,6 @@ def sos(rig: ConsoleRig, pillar: Device) -> str:
     alert_id = rig.wait_for(lambda: next(iter(rig.store.alerts()), None)).alert_id
     pillar.wait_kind("feedback", state="delivered")
     return alert_id
-
-
-def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """For what nobody announces (a WAV growing, a page's recording): looked at every 0.1 s,
-    as a person checking would, until it holds or `timeout` passes."""
-    done = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s: {what}"
-        done.wait(0.1)
-
-
-def _voice_events(rig: ConsoleRig, alert_id: str, state: str | None = None) -> list[dict]:
-    return [e for e in rig.store.voice_events(alert_id)
-            if state is None or e.get("voice_state") == state]
-
-
-def _click_talk(driver: WebDriver, alert_id: str) -> str:
-    """Select the alert and click its voice button, as the operator does; the button's label."""
-    driver.execute_script("window.sosConsole.select(arguments[0])", alert_id)
-    button = driver.find_element(By.ID, "voice-start")
-    wait_until(driver, lambda d: button.is_displayed() and button.is_enabled())
-    label = button.text
-    button.click()
-    return label
 
 
 def screenshot(driver: WebDriver, workdir: Path, name: str) -> None:

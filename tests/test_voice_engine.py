@@ -105,8 +105,10 @@ async def operator_offer() -> tuple[RTCPeerConnection, list[av.AudioFrame]]:
     return pc, heard
 
 
-def test_the_engine_answers_and_each_side_hears_the_other(
-        engine: VoiceEngine, news: queue.Queue[VoiceNews], tmp_path: Path) -> None:
+def listen(engine: VoiceEngine, news: queue.Queue[VoiceNews],
+           seconds: float = 3.0) -> list[av.AudioFrame]:
+    """Offer a call as the operator's peer, connect it, and keep `seconds` of what the device
+    sends."""
     async def call() -> list[av.AudioFrame]:
         pc, heard = await operator_offer()
         engine.offer(ALERT, SESSION, pc.localDescription.sdp, [])
@@ -115,18 +117,25 @@ def test_the_engine_answers_and_each_side_hears_the_other(
         await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
         await loop.run_in_executor(None, lambda: next_news(news, VoiceStateChanged,
                                                            state="connected"))
-        while sum(f.samples for f in heard) < 3 * RATE:  # 3 s of the device's microphone
-            await asyncio.sleep(0.1)
+        while sum(f.samples for f in heard) < seconds * RATE:
+            await asyncio.sleep(0.1)  # polls the peer's own list: nothing announces a frame
         await pc.close()
         return heard
 
-    heard = asyncio.run(asyncio.wait_for(call(), 3 * WAIT_S))
+    return asyncio.run(asyncio.wait_for(call(), 3 * WAIT_S))
+
+
+def test_the_engine_answers_and_each_side_hears_the_other(
+        engine: VoiceEngine, news: queue.Queue[VoiceNews], tmp_path: Path) -> None:
+    heard = listen(engine, news)
     pcm = np.concatenate([f.to_ndarray().reshape(-1)[::f.layout.nb_channels] for f in heard])
     levels = [np.abs(pcm[i:i + RATE // 10]).mean() for i in range(0, len(pcm), RATE // 10)]
     assert max(levels) > 20 * max(min(levels), 1)  # the tone's seconds and the silent ones
     played = read_wav(tmp_path / "speaker.wav")
-    spectrum = np.abs(np.fft.rfft(played[-RATE:]))
-    assert abs(np.argmax(spectrum) * RATE / RATE - 440) <= 2  # the operator's 440 Hz tone
+    last_second = played[-RATE:]
+    spectrum = np.abs(np.fft.rfft(last_second))
+    peak_hz = np.argmax(spectrum) * RATE / len(last_second)
+    assert abs(peak_hz - 440) <= 2  # the operator's 440 Hz tone
 
 
 class HeldPeer(RTCPeerConnection):
@@ -189,20 +198,7 @@ def test_half_duplex_mutes_the_microphone_while_the_operator_speaks(
                          sink=WavFileSink(tmp_path / "speaker.wav"), on_news=news.put,
                          duplex=HalfDuplexGate())
     try:
-        async def call() -> list[av.AudioFrame]:
-            pc, heard = await operator_offer()
-            engine.offer(ALERT, SESSION, pc.localDescription.sdp, [])
-            loop = asyncio.get_running_loop()
-            answer = await loop.run_in_executor(None, next_news, news, VoiceAnswer)
-            await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
-            await loop.run_in_executor(None, lambda: next_news(news, VoiceStateChanged,
-                                                               state="connected"))
-            while sum(f.samples for f in heard) < 3 * RATE:
-                await asyncio.sleep(0.1)
-            await pc.close()
-            return heard
-
-        heard = asyncio.run(asyncio.wait_for(call(), 3 * WAIT_S))
+        heard = listen(engine, news)
     finally:
         engine.close()
     pcm = np.concatenate([f.to_ndarray().reshape(-1)[::f.layout.nb_channels] for f in heard])

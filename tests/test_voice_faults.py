@@ -28,7 +28,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +43,16 @@ from firmware.audio.source import CHUNK_SAMPLES
 from firmware.voice.device_voice import BUILT_IN_MESSAGE
 from simulator.audio_compare import JITTER_DRIFT_S, aligned_correlation, read_wav
 from simulator.broker import PrivateBroker
-from simulator.browser import chromium, log_in, page_fetch, wait_until
-from simulator.console_rig import PASSWORD, ConsoleRig
+from simulator.browser import page_fetch, wait_until
+from simulator.console_rig import ConsoleRig
 from simulator.turn import HOST, TurnServer
 from simulator.voice_media import VoiceClip, citizen_wav, operator_wav
 from simulator.voice_probe import RATE
 from tests.helpers import Device
+from tests.voice_helpers import click_talk as _click_talk
+from tests.voice_helpers import operator_page
+from tests.voice_helpers import until as _until
+from tests.voice_helpers import voice_events as _voice_events
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("chromedriver") and shutil.which("espeak-ng")
@@ -103,20 +107,9 @@ def rig(workdir: Path, relay_only: VoiceSettings) -> Iterator[ConsoleRig]:
         running.stop()
 
 
-HEADSET = """document.getElementById("voice-audio").muted = true;"""
-# The operator wears a headset: the page's call audio is muted, so Chromium's echo canceller
-# gets no far-end signal and does not take the operator's voice for an echo to suppress while
-# the caller talks (headless Chromium has no acoustic path; seen: r 0.62-0.76 without this).
-# What the page receives is recorded from the call's stream itself, muted or not.
-
-
 @pytest.fixture(scope="module")
 def alice(rig: ConsoleRig, workdir: Path, operator_voice: VoiceClip) -> Iterator[WebDriver]:
-    driver = chromium(rig.cert_file, workdir / "profile-alice",
-                      microphone_wav=operator_voice.path)
-    log_in(driver, rig.url, "alice", PASSWORD)
-    wait_until(driver, lambda d: d.execute_script("return window.sosConsole.ready"))
-    driver.execute_script(HEADSET)
+    driver = operator_page(rig, workdir / "profile-alice", operator_voice.path)
     yield driver
     driver.quit()
 
@@ -140,30 +133,8 @@ def _sos(rig: ConsoleRig, pillar: Device) -> str:
     return alert_id
 
 
-def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """For what nobody announces (a WAV growing): looked at every 0.1 s until it holds or
-    `timeout` passes."""
-    done = threading.Event()
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s: {what}"
-        done.wait(0.1)
-
-
-def _voice_events(rig: ConsoleRig, alert_id: str, state: str | None = None) -> list[dict]:
-    return [e for e in rig.store.voice_events(alert_id)
-            if state is None or e.get("voice_state") == state]
-
-
 def _call_states(rig: ConsoleRig, alert_id: str) -> list[str]:
     return [e["voice_state"] for e in _voice_events(rig, alert_id) if "voice_state" in e]
-
-
-def _click_talk(driver: WebDriver, alert_id: str) -> None:
-    driver.execute_script("window.sosConsole.select(arguments[0])", alert_id)
-    button = driver.find_element(By.ID, "voice-start")
-    wait_until(driver, lambda d: button.is_displayed() and button.is_enabled())
-    button.click()
 
 
 def _page_state(driver: WebDriver) -> str:
